@@ -1,0 +1,1 @@
+"""Subcommands of the `compress` CLI; see compress/cli.py for the contract."""
