@@ -1,0 +1,163 @@
+"""Module paths of BERT-family encoders: BERT (bert-base, MiniLM), RoBERTa, DistilBERT, MPNet.
+
+All four are post-norm encoders with multi-head attention (no kv groups) and a two-projection FFN.
+Every path into a Hugging Face module of these models lives in this file. MPNet shares one relative
+position bias `[B, H, S, S]` across layers, so a slimmed MPNet layer keeps the indices of its heads
+and slices that bias (`SlicedBiasMPNetSelfAttention`); the indices are stored in config.json as
+`relative_attention_heads_per_layer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention
+
+from compress.arch.base import Adapter, EmptyAttention, LayerParts
+
+
+class BertAdapter(Adapter):
+    """BERT and RoBERTa (same layer layout; MiniLM is a BERT)."""
+
+    def layer_modules(self):
+        return list(self.model.base_model.encoder.layer)
+
+    def layer_parts(self, layer):
+        blk = self.layer_modules()[layer]
+        att = blk.attention.self
+        empty = isinstance(att, EmptyAttention)
+        return LayerParts(
+            q=None if empty else att.query, k=None if empty else att.key, v=None if empty else att.value,
+            o=blk.attention.output.dense, ffn_in=(blk.intermediate.dense,), ffn_out=blk.output.dense,
+            attn_norm=blk.attention.output.LayerNorm, ffn_norm=blk.output.LayerNorm,
+            num_heads=0 if empty else att.num_attention_heads, num_kv_heads=0 if empty else att.num_attention_heads,
+        )
+
+    def head_dim(self):
+        return self.config.hidden_size // self.config.num_attention_heads
+
+    def _set_layer_shape(self, layer, num_heads, num_kv_heads):
+        blk = self.layer_modules()[layer]
+        if num_heads == 0:
+            if not isinstance(blk.attention.self, EmptyAttention):
+                blk.attention.self = EmptyAttention(self.hidden_size(), None, num_outputs=2)
+            return
+        blk.attention.self.num_attention_heads = num_heads
+        blk.attention.self.all_head_size = num_heads * self.head_dim()
+
+    def classifier_prefixes(self):
+        return ("classifier.",)
+
+
+class DistilBertAdapter(Adapter):
+    def layer_modules(self):
+        return list(self.model.distilbert.transformer.layer)
+
+    def layer_parts(self, layer):
+        blk = self.layer_modules()[layer]
+        att = blk.attention
+        empty = isinstance(att, EmptyAttention)
+        return LayerParts(
+            q=None if empty else att.q_lin, k=None if empty else att.k_lin, v=None if empty else att.v_lin,
+            o=att.out_lin, ffn_in=(blk.ffn.lin1,), ffn_out=blk.ffn.lin2,
+            attn_norm=blk.sa_layer_norm, ffn_norm=blk.output_layer_norm,
+            num_heads=0 if empty else att.n_heads, num_kv_heads=0 if empty else att.n_heads,
+        )
+
+    def head_dim(self):
+        return self.config.dim // self.config.n_heads
+
+    def _set_layer_shape(self, layer, num_heads, num_kv_heads):
+        blk = self.layer_modules()[layer]
+        if num_heads == 0:
+            if not isinstance(blk.attention, EmptyAttention):
+                blk.attention = EmptyAttention(self.hidden_size(), blk.attention.out_lin, 2, o_name="out_lin")
+            return
+        blk.attention.n_heads = num_heads
+
+    def _config_filters(self):
+        return self.config.hidden_dim
+
+    def classifier_prefixes(self):
+        return ("classifier.", "pre_classifier.")
+
+
+class SlicedBiasMPNetSelfAttention(MPNetSelfAttention):
+    """MPNet self-attention for a layer that kept only some heads: slices the shared relative bias."""
+
+    def __init__(self, inner: MPNetSelfAttention, head_index):
+        nn.Module.__init__(self)
+        self.num_attention_heads, self.attention_head_size = inner.num_attention_heads, inner.attention_head_size
+        self.all_head_size = inner.all_head_size
+        self.q, self.k, self.v, self.o, self.dropout = inner.q, inner.k, inner.v, inner.o, inner.dropout
+        self.register_buffer("head_index", torch.as_tensor(head_index, dtype=torch.long), persistent=False)
+
+    def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
+        if position_bias is not None:
+            position_bias = position_bias[:, self.head_index.to(position_bias.device)]
+        return super().forward(hidden_states, attention_mask, position_bias, output_attentions)
+
+
+class MPNetAdapter(Adapter):
+    def layer_modules(self):
+        return list(self.model.mpnet.encoder.layer)
+
+    def layer_parts(self, layer):
+        blk = self.layer_modules()[layer]
+        att = blk.attention.attn
+        empty = isinstance(att, EmptyAttention)
+        return LayerParts(
+            q=None if empty else att.q, k=None if empty else att.k, v=None if empty else att.v, o=att.o,
+            ffn_in=(blk.intermediate.dense,), ffn_out=blk.output.dense,
+            attn_norm=blk.attention.LayerNorm, ffn_norm=blk.output.LayerNorm,
+            num_heads=0 if empty else att.num_attention_heads, num_kv_heads=0 if empty else att.num_attention_heads,
+        )
+
+    def head_dim(self):
+        return self.config.hidden_size // self.config.num_attention_heads
+
+    def _set_layer_shape(self, layer, num_heads, num_kv_heads):
+        blk = self.layer_modules()[layer]
+        if num_heads == 0:
+            if not isinstance(blk.attention.attn, EmptyAttention):
+                blk.attention.attn = EmptyAttention(self.hidden_size(), blk.attention.attn.o, num_outputs=1)
+            return
+        blk.attention.attn.num_attention_heads = num_heads
+        blk.attention.attn.all_head_size = num_heads * self.head_dim()
+
+    def _after_slim_layer(self, layer, keep_heads):
+        blk = self.layer_modules()[layer]
+        att = blk.attention.attn
+        if isinstance(att, EmptyAttention):
+            return
+        old = getattr(att, "head_index", torch.arange(self.config.num_attention_heads))
+        index = old[keep_heads]
+        blk.attention.attn = SlicedBiasMPNetSelfAttention(att, index)
+
+    def record_shapes(self):
+        super().record_shapes()
+        index = [self._head_index(i) for i in range(self.num_layers)]
+        full = list(range(self.config.num_attention_heads))
+        value = None if all(ix == full for ix in index) else index
+        if value is not None:
+            self.config.relative_attention_heads_per_layer = value
+        elif hasattr(self.config, "relative_attention_heads_per_layer"):
+            delattr(self.config, "relative_attention_heads_per_layer")
+
+    def _head_index(self, layer):
+        att = self.layer_modules()[layer].attention.attn
+        if isinstance(att, EmptyAttention):
+            return []
+        return getattr(att, "head_index", torch.arange(att.num_attention_heads)).tolist()
+
+    def resize_to_config(self):
+        index = getattr(self.config, "relative_attention_heads_per_layer", None)
+        if index is None:
+            return super().resize_to_config()
+        for i in range(self.num_layers):
+            filters = (getattr(self.config, "intermediate_size_per_layer", None) or self.num_filters())[i]
+            self.slim_layer(i, torch.as_tensor(index[i], dtype=torch.long), torch.arange(filters))
+
+    def classifier_prefixes(self):
+        return ("classifier.",)

@@ -1,0 +1,131 @@
+"""Configuration of the encoder pruner and the fine-tuner: one dataclass each, plus YAML recipes.
+
+A recipe (recipes/*.yaml) maps one-to-one onto the fields of `PruneConfig` or `FinetuneConfig`;
+unknown keys are an error. Precedence: dataclass defaults < recipe < command-line flags given
+explicitly (argparse defaults are `None`, meaning "not given"). The resolved config is written to
+`prune.json` next to the pruned model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compress.errors import UserError
+
+METHODS = ("fisher", "magnitude", "random")
+
+
+@dataclass
+class PruneConfig:
+    """Everything `compress prune` needs; see `compress prune --help` for the meaning of each field."""
+
+    model: str = ""
+    task: str = ""
+    output: str = ""
+    flops: float | None = None
+    latency_ms: float | None = None
+    method: str = "fisher"
+    num_samples: int | None = None  # None: the task's default (2048 for GLUE)
+    seed: int = 0
+    max_seq_length: int = 128
+    batch_size: int = 32
+    rearrange: bool = True
+    tune: bool = True
+    damp: float = 1.0
+    latency_batch_size: int = 32
+    data_dir: str | None = None
+    device: str = "auto"
+    eval: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> "PruneConfig":
+        _require_str(self, "model", "task", "output")
+        if (self.flops is None) == (self.latency_ms is None):
+            raise UserError("give exactly one constraint: --flops F or --latency-ms MS")
+        if self.flops is not None and not 0.0 < self.flops <= 1.0:
+            raise UserError(f"--flops must be in (0, 1], got {self.flops}")
+        if self.latency_ms is not None and not self.latency_ms > 0:
+            raise UserError(f"--latency-ms must be positive, got {self.latency_ms}")
+        if self.method not in METHODS:
+            raise UserError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        _require_positive(self, "max_seq_length", "batch_size", "latency_batch_size")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise UserError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.damp < 0:
+            raise UserError(f"damp must be >= 0, got {self.damp}")
+        return self
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything `compress finetune` needs."""
+
+    model: str = ""
+    task: str = ""
+    output: str = ""
+    epochs: float | None = None  # None: the task's default
+    max_steps: int | None = None
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    max_seq_length: int = 128
+    seed: int = 0
+    data_dir: str | None = None
+    device: str = "auto"
+    overwrite: bool = False
+
+    def validate(self) -> "FinetuneConfig":
+        _require_str(self, "model", "task", "output")
+        _require_positive(self, "batch_size", "max_seq_length")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UserError(f"--epochs must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if not self.learning_rate > 0:
+            raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
+        return self
+
+
+def _require_str(config, *names: str) -> None:
+    for name in names:
+        if not getattr(config, name):
+            raise UserError(f"missing required setting {name!r} (flag --{name.replace('_', '-')} or recipe key)")
+
+
+def _require_positive(config, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise UserError(f"{name} must be at least 1, got {getattr(config, name)}")
+
+
+def load_recipe(path: str | Path | None) -> dict[str, Any]:
+    """Read a YAML recipe into a dict (empty when no path)."""
+    if path is None:
+        return {}
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe {path} must be a mapping of setting: value")
+    return data
+
+
+def resolve(cls, recipe: dict[str, Any] | None = None, **overrides):
+    """Build a `cls` config from defaults, then the recipe, then the non-None overrides."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = dict(recipe or {})
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown recipe key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    values.update({k: v for k, v in overrides.items() if v is not None and k in known})
+    return cls(**values).validate()
