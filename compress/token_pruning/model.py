@@ -1,0 +1,197 @@
+"""Encoder forward that prunes tokens after every layer (Kim et al., "Learned Token Pruning for
+Transformers", KDD 2022).
+
+Importance of token j after layer l: the attention probability it receives, averaged over heads and
+over the (kept, non-padding) query positions. Tokens under the layer's threshold are pruned; [CLS]
+(position 0) never is, padding never counts. One model, four forwards (`mode`):
+  - "dense":  no pruning (the parent model, run through the same code);
+  - "soft":   training stage 1: mask m = sigmoid((importance - threshold_l) / T) multiplies into a
+              running mask M that scales the layer output and enters later attention as log M on keys,
+              so M in {0, 1} is exactly the hard forward;
+  - "masked": hard 0/1 masks, dropped tokens get -inf as keys (training stage 2; test reference);
+  - "drop":   inference: dropped tokens are removed (gather per sequence, re-padded to the longest
+              survivor in the batch), so time falls with the kept length.
+A threshold is applied after each layer but the last (pruning after the last layer changes neither
+the output, which reads [CLS] only, nor the cost), so there are num_hidden_layers - 1 of them.
+Shapes: B batch, S sequence, D hidden, h heads of the current layer, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compress.token_pruning import parts as P
+
+MODES = ("dense", "soft", "masked", "drop")
+
+
+@dataclass
+class PruningSpec:
+    """What a token-pruned checkpoint stores under config.json["token_pruning"]."""
+
+    rule: str = "threshold"  # "threshold" (learned) or "topk" (fixed keep ratio per layer, the baseline)
+    thresholds: list[float] = field(default_factory=list)  # [L - 1], applied after layers 0..L-2
+    keep_ratios: list[float] = field(default_factory=list)  # [L - 1], fraction of the input length
+    temperature: float = 1e-3
+
+    def validate(self, num_layers: int) -> None:
+        if self.rule not in ("threshold", "topk"):
+            raise ValueError(f"token pruning rule must be 'threshold' or 'topk', got {self.rule!r}")
+        values = self.thresholds if self.rule == "threshold" else self.keep_ratios
+        if len(values) != num_layers - 1:
+            raise ValueError(f"need {num_layers - 1} per-layer values for {self.rule}, got {len(values)}")
+        if self.rule == "threshold" and not all(0.0 <= t < 1.0 for t in values):
+            raise ValueError(f"thresholds must lie in [0, 1): {values}")
+        if self.rule == "topk" and not all(0.0 < r <= 1.0 for r in values):
+            raise ValueError(f"keep ratios must lie in (0, 1]: {values}")
+
+
+@dataclass
+class TokenPruningOutput:
+    logits: torch.Tensor  # [B, num_labels]
+    num_tokens: torch.Tensor  # [B, L] tokens each layer ran on (soft: expected count, sum of M)
+    mask_mean: torch.Tensor  # scalar: mean over examples and pruning layers of kept fraction
+    loss: torch.Tensor | None = None  # task loss only; the trainer adds lambda * mask_mean
+
+
+class TokenPruningModel(nn.Module):
+    """Wraps a HF sequence-classification encoder; `thresholds` is the only new parameter."""
+
+    def __init__(self, model: nn.Module, spec: PruningSpec):
+        super().__init__()
+        P.model_type(model)
+        self.model = model
+        self.parts = P.layer_parts(model)
+        spec.validate(len(self.parts))
+        self.spec = spec
+        self.head_dim = P.head_dim(model.config)
+        self.p_hidden, self.p_attn = P.dropout_probs(model.config)
+        self.thresholds = nn.Parameter(torch.tensor(spec.thresholds or [0.0] * (len(self.parts) - 1)))
+        self.mode = "drop"
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def current_spec(self) -> PruningSpec:
+        thresholds = [float(t) for t in self.thresholds.detach().cpu()] if self.spec.rule == "threshold" else []
+        return PruningSpec(self.spec.rule, thresholds, list(self.spec.keep_ratios), self.spec.temperature)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, mode=None):
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        x = P.embed(self.model, input_ids, token_type_ids)
+        run = self._run_soft if mode == "soft" else self._run_hard
+        x, num_tokens, fractions = run(x, valid, drop=(mode == "drop"), dense=(mode == "dense"))
+        logits = P.classify(self.model, x)
+        mask_mean = torch.stack(fractions).mean() if fractions else logits.new_zeros(())
+        return TokenPruningOutput(logits, num_tokens, mask_mean, self._task_loss(logits, labels))
+
+    def _run_hard(self, x, valid, drop: bool, dense: bool):
+        kept, lengths = valid, valid.sum(1)
+        positions = torch.arange(x.shape[1], device=x.device).expand_as(valid)
+        counts, fractions = [], []
+        for layer, parts in enumerate(self.parts):
+            x, probs = self._layer(parts, x, _key_bias(kept, x.dtype), positions)
+            counts.append(kept.sum(1))
+            if layer == len(self.parts) - 1 or dense or probs.shape[1] == 0:
+                continue
+            kept = self._decide(layer, importance(probs, kept.to(probs.dtype)), kept, lengths)
+            fractions.append((kept.sum(1) / lengths).mean())
+            if drop:
+                x, kept, positions = compact(x, kept, positions)
+        return x, torch.stack(counts, 1).to(x.dtype), fractions
+
+    def _run_soft(self, x, valid, drop: bool, dense: bool):
+        mask = valid.to(x.dtype)  # running soft mask M [B, S]
+        positions = torch.arange(x.shape[1], device=x.device).expand_as(valid)
+        lengths, counts, fractions = mask.sum(1), [], []
+        for layer, parts in enumerate(self.parts):
+            key_bias = torch.log(mask.clamp_min(1e-30))[:, None, None, :] + _key_bias(valid, x.dtype)
+            x, probs = self._layer(parts, x, key_bias, positions)
+            counts.append(mask.sum(1))
+            if layer == len(self.parts) - 1 or probs.shape[1] == 0:
+                continue
+            score = importance(probs, mask)
+            soft = torch.sigmoid((score - self.thresholds[layer]) / self.spec.temperature)
+            mask = mask * torch.cat([torch.ones_like(soft[:, :1]), soft[:, 1:]], dim=1)  # [CLS] stays
+            fractions.append((mask.sum(1) / lengths).mean())
+            x = x * mask[..., None]
+        return x, torch.stack(counts, 1), fractions
+
+    def _decide(self, layer: int, score, kept, lengths):
+        """Boolean keep mask [B, S] after `layer`; a subset of `kept` that always holds [CLS]."""
+        score = score.masked_fill(~kept, -math.inf)
+        score[:, 0] = math.inf
+        if self.spec.rule == "threshold":
+            return score >= self.thresholds[layer].detach()
+        k = torch.ceil(self.spec.keep_ratios[layer] * lengths.to(torch.float64)).long().clamp(min=1)
+        k = torch.minimum(k, kept.sum(1))
+        rank = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+        return rank < k[:, None]
+
+    def _layer(self, parts: P.LayerParts, x, key_bias, positions):
+        """One post-LN encoder layer; returns its output [B, S, D] and attention probs [B, h, S, S]."""
+        B, S, _ = x.shape
+        heads = parts.num_heads(self.head_dim)
+        q, k, v = (proj(x).view(B, S, heads, self.head_dim).transpose(1, 2) for proj in (parts.q, parts.k, parts.v))
+        scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # [B, h, S, S]
+        bias = P.position_bias(self.model, positions, x)
+        if bias is not None:
+            scores = scores + _heads_of(bias, parts, heads)
+        probs = torch.softmax(scores + key_bias, dim=-1)
+        context = F.dropout(probs, self.p_attn, self.training) @ v  # [B, h, S, d]
+        attn = parts.o(context.transpose(1, 2).reshape(B, S, heads * self.head_dim))
+        a = parts.attn_norm(x + F.dropout(attn, self.p_hidden, self.training))
+        y = parts.ffn_out(parts.act(parts.ffn_in(a)))
+        return parts.out_norm(a + F.dropout(y, self.p_hidden, self.training)), probs
+
+    def _task_loss(self, logits, labels):
+        if labels is None:
+            return None
+        if logits.shape[-1] == 1:
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+        return F.cross_entropy(logits, labels)
+
+
+def importance(probs: torch.Tensor, query_weight: torch.Tensor) -> torch.Tensor:
+    """Attention each key receives [B, S]: mean over heads, weighted mean over queries.
+
+    probs: [B, h, S, S] (query, key); query_weight: [B, S], 0 for padding and dropped tokens.
+    """
+    received = torch.einsum("bhqk,bq->bk", probs, query_weight) / probs.shape[1]
+    return received / query_weight.sum(1, keepdim=True).clamp_min(1e-9)
+
+
+def compact(x, keep, positions):
+    """Move kept tokens to the front (order preserved) and cut the batch to the longest survivor."""
+    lengths = keep.sum(1)
+    width = int(lengths.max())
+    order = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
+    x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+    kept = torch.arange(width, device=x.device)[None, :] < lengths[:, None]
+    return x, kept, positions.gather(1, order)
+
+
+def _key_bias(kept: torch.Tensor, dtype) -> torch.Tensor:
+    """Additive attention bias [B, 1, 1, S]: 0 on kept keys, the dtype's minimum elsewhere."""
+    bias = torch.zeros(kept.shape, dtype=dtype, device=kept.device)
+    return bias.masked_fill(~kept, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def _heads_of(bias: torch.Tensor, parts: P.LayerParts, heads: int) -> torch.Tensor:
+    """MPNet's shared bias has one slice per parent head; a slimmed layer keeps some of them."""
+    if bias.shape[1] == heads:
+        return bias
+    kept_heads = getattr(parts.q, "kept_heads", None)
+    if kept_heads is None:
+        raise ValueError(f"layer has {heads} heads but the position bias has {bias.shape[1]}; "
+                         "the slimmed MPNet must record which heads it kept")
+    return bias[:, kept_heads]
