@@ -1,0 +1,97 @@
+"""Picks the kernel backend once and exposes one API for both (the runtime imports only this).
+
+Backends: "triton" (kernels/cache.py, prefill.py, decode.py, norm.py) when CUDA and Triton are present,
+else "reference" (kernels/reference.py, plain torch, any device). Env KERNELS_BACKEND=triton|reference
+overrides the choice at import; tests call `set_backend`. Signatures are those of the brief's contract.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import SimpleNamespace
+
+import torch
+
+BACKENDS = ("triton", "reference")
+OPS = ("reshape_and_cache", "paged_prefill_attention", "paged_decode_attention", "rms_norm",
+       "rotary_embedding")
+
+
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def default_backend() -> str:
+    chosen = os.environ.get("KERNELS_BACKEND")
+    if chosen:
+        if chosen not in BACKENDS:
+            raise ValueError(f"KERNELS_BACKEND must be one of {BACKENDS}, got {chosen!r}")
+        return chosen
+    return "triton" if torch.cuda.is_available() and triton_available() else "reference"
+
+
+def load_backend(name: str) -> SimpleNamespace:
+    if name == "reference":
+        module = importlib.import_module("kernels.reference")
+        return SimpleNamespace(name=name, **{op: getattr(module, op + "_ref") for op in OPS})
+    if name != "triton":
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
+    ops = {}
+    for module_name, names in (("cache", ["reshape_and_cache"]),
+                               ("prefill", ["paged_prefill_attention"]),
+                               ("decode", ["paged_decode_attention"]),
+                               ("norm", ["rms_norm", "rotary_embedding"])):
+        module = importlib.import_module(f"kernels.{module_name}")
+        ops.update({op: getattr(module, op) for op in names})
+    return SimpleNamespace(name=name, **ops)
+
+
+_backend: SimpleNamespace | None = None
+
+
+def backend() -> SimpleNamespace:
+    global _backend
+    if _backend is None:
+        _backend = load_backend(default_backend())
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Switch every op to `name` ("triton" or "reference"); for tests and benchmarks."""
+    global _backend
+    _backend = load_backend(name)
+
+
+def backend_name() -> str:
+    return backend().name
+
+
+def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+    backend().reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *,
+                            max_seqlen_q: int, scale: float, sliding_window=None, softcap=None,
+                            out=None):
+    return backend().paged_prefill_attention(
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q=max_seqlen_q,
+        scale=scale, sliding_window=sliding_window, softcap=softcap, out=out)
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float,
+                           sliding_window=None, softcap=None, out=None):
+    return backend().paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
+                                            sliding_window=sliding_window, softcap=softcap, out=out)
+
+
+def rms_norm(x, weight, eps: float, residual=None, out=None):
+    return backend().rms_norm(x, weight, eps, residual=residual, out=out)
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache):
+    return backend().rotary_embedding(positions, q, k, cos_sin_cache)

@@ -1,0 +1,108 @@
+"""Fused Gemma RMSNorm (optionally with the residual add) and rotary embedding, one row per program.
+
+RMSNorm follows Gemma: the residual sum is formed in the activation dtype (as Hugging Face adds the
+residual stream), the norm runs in fp32 and multiplies by (1 + weight), then rounds once. Fusing the
+add saves one read and one write of the hidden state per norm (Gemma has four norms per layer).
+Rotary is rotate-half (NeoX / Hugging Face) over the whole head: q, k [T, H, D] rotated in place from
+a [max_position, D] fp32 table of cos (first D/2 columns) and sin (last D/2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import next_pow2
+
+
+@triton.jit
+def rms_norm_kernel(
+    x_ptr,                       # [T, H]
+    residual_ptr,                # [T, H] (read when HAS_RESIDUAL)
+    weight_ptr,                  # [H]
+    out_ptr,                     # [T, H]
+    sum_ptr,                     # [T, H] x + residual (written when HAS_RESIDUAL)
+    eps,
+    stride_x_t, stride_residual_t, stride_out_t, stride_sum_t,
+    HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    mask = h < HIDDEN
+    x = tl.load(x_ptr + row * stride_x_t + h, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_residual_t + h, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_sum_t + h, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
+    weight = tl.load(weight_ptr + h, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out_t + h, (xf * rstd * (1.0 + weight)).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def rms_norm(x, weight, eps: float, residual=None, out=None):
+    """Gemma RMSNorm of x [T, H] (or (norm(x + residual), x + residual) with a residual)."""
+    hidden = x.shape[-1]
+    x2 = x.reshape(-1, hidden)
+    out = torch.empty_like(x) if out is None else out
+    out2 = out.view(-1, hidden)
+    summed = torch.empty_like(x) if residual is not None else out
+    res2 = residual.reshape(-1, hidden) if residual is not None else x2
+    sum2 = summed.view(-1, hidden)
+    if x2.shape[0] > 0:
+        rms_norm_kernel[(x2.shape[0],)](
+            x2, res2, weight, out2, sum2, float(eps),
+            x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0),
+            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), HAS_RESIDUAL=residual is not None,
+            num_warps=4 if hidden <= 4096 else 8,
+        )
+    return out if residual is None else (out, summed)
+
+
+@triton.jit
+def rotary_embedding_kernel(
+    positions_ptr,               # [T] int64
+    q_ptr,                       # [T, Hq, D], rotated in place
+    k_ptr,                       # [T, Hkv, D], rotated in place
+    cos_sin_ptr,                 # [max_position, D] fp32: cos | sin
+    stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_cs_p,
+    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    i = tl.arange(0, BLOCK_HALF)
+    heads = tl.arange(0, BLOCK_HEADS)
+    i_mask = i < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs_p + i, mask=i_mask, other=0.0)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * stride_cs_p + HALF + i, mask=i_mask, other=0.0)[None, :]
+    for which in tl.static_range(2):
+        if which == 0:
+            base = q_ptr + token * stride_q_t + heads[:, None] * stride_q_h
+            mask = (heads[:, None] < NUM_Q_HEADS) & i_mask[None, :]
+        else:
+            base = k_ptr + token * stride_k_t + heads[:, None] * stride_k_h
+            mask = (heads[:, None] < NUM_K_HEADS) & i_mask[None, :]
+        x1 = tl.load(base + i[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF + i[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(base + i[None, :], (x1 * cos - x2 * sin).to(base.dtype.element_ty), mask=mask)
+        tl.store(base + HALF + i[None, :], (x2 * cos + x1 * sin).to(base.dtype.element_ty), mask=mask)
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache):
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place by their positions [T]; returns (q, k)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    if num_tokens == 0:
+        return q, k
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("rotary_embedding needs the head dimension contiguous")
+    half = head_dim // 2
+    rotary_embedding_kernel[(num_tokens,)](
+        positions, q, k, cos_sin_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=k.shape[1],
+        BLOCK_HEADS=next_pow2(max(num_q_heads, k.shape[1])), HALF=half, BLOCK_HALF=next_pow2(half),
+    )
+    return q, k

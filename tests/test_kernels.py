@@ -1,0 +1,121 @@
+"""Paged attention kernels (Triton) against their plain-torch references over a grid of shapes.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 on a small grid (pairwise coverage of the
+features); the full cartesian grid runs when CUDA is available or KERNELS_FULL_GRID=1. Inputs are fresh
+random values, unused and stale cache slots hold NaN, outputs are poisoned with NaN before each call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
+
+from kernels import decode, prefill, reference  # noqa: E402
+from kernels.testing import make_paged_problem, relative_error  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FULL_GRID = torch.cuda.is_available() or os.environ.get("KERNELS_FULL_GRID") == "1"
+NUM_HEADS = 8
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-3}
+
+# (group, head_dim, sliding_window, softcap): the CPU grid covers every value of each feature
+SMALL_GRID = [(1, 128, None, None), (2, 256, 24, 50.0), (4, 128, 40, None), (8, 256, None, 50.0)]
+FULL = list(itertools.product([1, 2, 4, 8], [128, 256], [None, 24], [None, 50.0]))
+GRID = FULL if FULL_GRID else SMALL_GRID
+DTYPES = [torch.bfloat16, torch.float16] if FULL_GRID else [torch.bfloat16]
+
+# Mixed context lengths that land on, just before and just after block boundaries (block_size 16).
+DECODE_CONTEXTS = [1, 15, 16, 17, 100, 257]
+PREFILL_CASES = [(0, 1), (0, 37), (16, 16), (47, 1), (5, 70), (130, 9)]  # (cached prefix, new tokens)
+
+
+def scale_for(head_dim, softcap):
+    """Scores of std ~sqrt(D) under a soft-cap, so tanh bends them (at std 1 a cap of 50 is a no-op)."""
+    return 1.0 if softcap is not None else head_dim ** -0.5
+
+
+def check(out, ref, dtype, label):
+    err = relative_error(out, ref)
+    diff = (out.double() - ref.double()).abs()
+    print(f"{label}: rel {err:.2e} max {diff.max():.2e} mean {diff.mean():.2e}")
+    assert err < TOLERANCE[dtype], f"{label}: relative error {err:.3e}"
+
+
+def run_decode(group, head_dim, window, softcap, dtype, contexts, block_size=16, first_block=0):
+    problem = make_paged_problem([c - 1 for c in contexts], [1] * len(contexts), num_heads=NUM_HEADS,
+                                 num_kv_heads=NUM_HEADS // group, head_dim=head_dim,
+                                 block_size=block_size, sliding_window=window, dtype=dtype,
+                                 device=DEVICE, first_block=first_block,
+                                 seed=group * 1000 + head_dim + (window or 0) + int(softcap or 0))
+    args = (problem.q, problem.k_cache, problem.v_cache, problem.block_tables, problem.seq_lens)
+    kwargs = dict(scale=scale_for(head_dim, softcap), sliding_window=window, softcap=softcap)
+    out = torch.full_like(problem.q, float("nan"))
+    decode.paged_decode_attention(*args, **kwargs, out=out)
+    ref = reference.paged_decode_attention_ref(*args, **kwargs)
+    check(out, ref, dtype, f"decode g{group} d{head_dim} w{window} cap{softcap} {dtype}")
+
+
+def run_prefill(group, head_dim, window, softcap, dtype, cases, block_size=16):
+    problem = make_paged_problem([c for c, _ in cases], [n for _, n in cases], num_heads=NUM_HEADS,
+                                 num_kv_heads=NUM_HEADS // group, head_dim=head_dim,
+                                 block_size=block_size, sliding_window=window, dtype=dtype,
+                                 device=DEVICE, seed=group * 999 + head_dim + (window or 3) + int(softcap or 0))
+    args = (problem.q, problem.k_cache, problem.v_cache, problem.block_tables, problem.cu_seqlens_q,
+            problem.seq_lens)
+    kwargs = dict(max_seqlen_q=problem.max_seqlen_q, scale=scale_for(head_dim, softcap), sliding_window=window,
+                  softcap=softcap)
+    out = torch.full_like(problem.q, float("nan"))
+    prefill.paged_prefill_attention(*args, **kwargs, out=out)
+    ref = reference.paged_prefill_attention_ref(*args, **kwargs)
+    check(out, ref, dtype, f"prefill g{group} d{head_dim} w{window} cap{softcap} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group,head_dim,window,softcap", GRID)
+def test_paged_decode_matches_reference(group, head_dim, window, softcap, dtype):
+    run_decode(group, head_dim, window, softcap, dtype, DECODE_CONTEXTS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group,head_dim,window,softcap", GRID)
+def test_paged_prefill_matches_reference(group, head_dim, window, softcap, dtype):
+    run_prefill(group, head_dim, window, softcap, dtype, PREFILL_CASES)
+
+
+def test_decode_single_split_and_odd_block_size():
+    """block_size 8 and a context of one tile: the kernel writes the output without the reduction."""
+    run_decode(2, 128, None, None, torch.float32, [3, 9, 40], block_size=8)
+
+
+def test_prefill_long_window_chunk_with_prefix():
+    """A chunk much longer than the window on top of a cached prefix: tiles skip stale blocks."""
+    run_prefill(4, 128, 16, 50.0, torch.bfloat16, [(64, 150), (3, 1)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_large_block_count_uses_int64_offsets(head_dim):
+    """Physical block ids past 2**31 / (block_size * Hkv * D): 32-bit offsets would wrap."""
+    first_block = 2 ** 31 // (16 * 4 * head_dim) + 17
+    run_decode(2, head_dim, None, 50.0, torch.bfloat16, [33, 200], first_block=first_block)
+    problem_cases = [(40, 30), (0, 5)]
+    run_prefill_high(head_dim, problem_cases, first_block)
+
+
+def run_prefill_high(head_dim, cases, first_block):
+    problem = make_paged_problem([c for c, _ in cases], [n for _, n in cases], num_heads=8,
+                                 num_kv_heads=4, head_dim=head_dim, device=DEVICE,
+                                 first_block=first_block)
+    args = (problem.q, problem.k_cache, problem.v_cache, problem.block_tables, problem.cu_seqlens_q,
+            problem.seq_lens)
+    kwargs = dict(max_seqlen_q=problem.max_seqlen_q, scale=0.1, sliding_window=None, softcap=None)
+    out = torch.full_like(problem.q, float("nan"))
+    prefill.paged_prefill_attention(*args, **kwargs, out=out)
+    check(out, reference.paged_prefill_attention_ref(*args, **kwargs), torch.bfloat16,
+          f"prefill int64 d{head_dim}")
