@@ -214,7 +214,7 @@ def decode(examples: list[dict], feats: QAFeatures, starts, ends, cfg: QAConfig,
     for ex, example in enumerate(examples):
         candidates = [best_span(starts[w], ends[w], feats.offsets[w], cfg) for w in windows[ex]]
         candidates = [c for c in candidates if c is not None]
-        score, lo, hi = max(candidates, default=(float("-inf"), 0, 0))
+        score, lo, hi = max(candidates, key=lambda c: c[0], default=(float("-inf"), 0, 0))
         spans[example["id"]] = example["context"][lo:hi]
         predictions[example["id"]] = spans[example["id"]]
         if v2:
