@@ -1,0 +1,156 @@
+"""Mask search under a FLOPs or latency budget (Kwon et al. 2022, Sec. 4.1): tensors in, masks out.
+
+Inputs are per-layer importance scores (diagonal Fisher for the paper's method, `[H_l]` and `[F_l]`,
+all >= 0) and a cost model; outputs are 0/1 masks of the same shapes. Never touches a model.
+
+FLOPs: maximise the total kept importance subject to sum(kept costs) <= budget. Items of equal cost
+are interchangeable except for their score, so the best choice of n items of one cost is the n best
+scores. `search_flops` enumerates every combination of counts over the distinct costs except the
+largest group, which is filled greedily with what budget is left: this is exact (for BERT there is
+one head cost and one filter cost, so it is a 1-D enumeration, as in the paper).
+Latency: attention latency is not linear in the head count, so `search_latency` solves the
+multiple-choice knapsack over layers (heads per layer, FFN width per layer on a grid) by dynamic
+programming on the budget discretised into bins (costs rounded up, so the result always fits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+MAX_COMBINATIONS = 5_000_000
+
+
+def search_flops(head_scores, filter_scores, head_cost, filter_cost, budget: float):
+    """Exact best masks with FLOPs <= budget. `*_cost[l]`: FLOPs of one head/filter of layer l."""
+    groups = _cost_groups(head_scores, filter_scores, head_cost, filter_cost)
+    fill = max(range(len(groups)), key=lambda g: len(groups[g][1]))
+    rest = [g for g in range(len(groups)) if g != fill]
+    counts = _count_grid([len(groups[g][1]) for g in rest])  # [C, len(rest)]
+    used = counts @ np.array([groups[g][0] for g in rest], dtype=np.float64) if rest else np.zeros(1)
+    value = sum((_prefix(groups[g][1])[counts[:, k]] for k, g in enumerate(rest)), np.zeros(len(counts)))
+    fill_cost, fill_items = groups[fill][0], groups[fill][1]
+    left = budget * (1 + 1e-12) - used
+    n_fill = np.clip(np.floor(left / fill_cost + 1e-9), 0, len(fill_items)).astype(np.int64)
+    value = np.where(left >= 0, value + _prefix(fill_items)[n_fill], -np.inf)
+    best = int(np.argmax(value))
+    if not np.isfinite(value[best]):
+        raise ValueError("budget too small for any mask")
+    chosen = {g: int(counts[best, k]) for k, g in enumerate(rest)}
+    chosen[fill] = int(n_fill[best])
+    return _masks_from_groups(groups, chosen, head_scores, filter_scores)
+
+
+def _cost_groups(head_scores, filter_scores, head_cost, filter_cost):
+    """[(cost, [(score, kind, layer, index)] sorted by score descending)] per distinct (kind, cost)."""
+    by_cost: dict[tuple, list] = {}
+    for kind, scores, costs in (("head", head_scores, head_cost), ("filter", filter_scores, filter_cost)):
+        for layer, (s, c) in enumerate(zip(scores, costs)):
+            for i, v in enumerate(torch.as_tensor(s).double().tolist()):
+                by_cost.setdefault((kind, float(c)), []).append((v, kind, layer, i))
+    return [(cost, sorted(items, key=lambda t: -t[0])) for (_, cost), items in by_cost.items()]
+
+
+def _prefix(items) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum([t[0] for t in items])])
+
+
+def _count_grid(sizes: list[int]) -> np.ndarray:
+    total = math.prod(n + 1 for n in sizes)
+    if total > MAX_COMBINATIONS:
+        raise ValueError(f"too many cost classes for the exact search ({total} combinations)")
+    if not sizes:
+        return np.zeros((1, 0), dtype=np.int64)
+    grids = np.meshgrid(*[np.arange(n + 1) for n in sizes], indexing="ij")
+    return np.stack([g.reshape(-1) for g in grids], axis=1)
+
+
+def _masks_from_groups(groups, chosen, head_scores, filter_scores):
+    heads = [torch.zeros(len(s)) for s in head_scores]
+    filters = [torch.zeros(len(s)) for s in filter_scores]
+    for g, n in chosen.items():
+        for _, kind, layer, i in groups[g][1][:n]:
+            (heads if kind == "head" else filters)[layer][i] = 1.0
+    return heads, filters
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros(len(scores))
+    if k > 0:
+        mask[torch.argsort(torch.as_tensor(scores).double(), descending=True, stable=True)[:k]] = 1.0
+    return mask
+
+
+def search_latency(head_scores, filter_scores, table, budget_ms: float, num_bins: int = 4000,
+                   width_step: int | None = None):
+    """Best masks whose summed layer latency (from `table`) is <= budget_ms."""
+    options = []  # per group: (costs[ms], values, counts)
+    for scores in head_scores:
+        counts = np.arange(len(scores) + 1)
+        options.append(([table.attention_ms[h] for h in counts], _sorted_prefix(scores), counts, "head"))
+    for scores in filter_scores:
+        n = len(scores)
+        step = width_step or max(1, n // 64)
+        counts = np.unique(np.append(np.arange(0, n + 1, step), n))
+        options.append(([table.ffn(f) for f in counts], _sorted_prefix(scores)[counts], counts, "filter"))
+    picks = _knapsack([(np.asarray(c), np.asarray(v)) for c, v, _, _ in options], budget_ms, num_bins)
+    heads = [top_k_mask(s, int(o[2][p])) for s, o, p in zip(head_scores, options, picks)]
+    filters = [top_k_mask(s, int(o[2][p])) for s, o, p in zip(filter_scores, options[len(head_scores):],
+                                                               picks[len(head_scores):])]
+    return heads, filters
+
+
+def _sorted_prefix(scores) -> np.ndarray:
+    s = np.sort(torch.as_tensor(scores).double().numpy())[::-1]
+    return np.concatenate([[0.0], np.cumsum(s)])
+
+
+def _knapsack(groups, budget: float, num_bins: int) -> list[int]:
+    """Multiple-choice knapsack: one option per group, max total value, total cost <= budget."""
+    if budget <= 0:
+        raise ValueError("latency budget leaves nothing for the encoder layers")
+    unit = budget / num_bins
+    best = np.full(num_bins + 1, -np.inf)
+    best[0] = 0.0
+    choice = []
+    for costs, values in groups:
+        bins = np.ceil(costs / unit - 1e-9).astype(np.int64)
+        new, arg = np.full_like(best, -np.inf), np.zeros(len(best), dtype=np.int64)
+        for o, (b, v) in enumerate(zip(bins, values)):
+            if b > num_bins:
+                continue
+            cand = np.full_like(best, -np.inf)
+            cand[b:] = best[: len(best) - b] + v
+            better = cand > new
+            new[better], arg[better] = cand[better], o
+        best = new
+        choice.append(arg)
+    b = int(np.argmax(best))
+    if not np.isfinite(best[b]):
+        raise ValueError("latency budget too small for any mask")
+    picks = []
+    for (costs, _), arg in zip(reversed(groups), reversed(choice)):
+        o = int(arg[b])
+        picks.append(o)
+        b -= int(np.ceil(costs[o] / unit - 1e-9))
+    return picks[::-1]
+
+
+def uniform_masks(head_scores, filter_scores, head_cost, filter_cost, budget: float):
+    """Baseline: the same keep ratio in every layer, ranked within each layer by the given scores."""
+    full = sum(len(s) * c for s, c in zip(head_scores, head_cost)) + sum(
+        len(s) * c for s, c in zip(filter_scores, filter_cost))
+    ratio = min(budget / full, 1.0)
+    k_heads = [math.floor(ratio * len(s) + 0.5) for s in head_scores]
+    left = budget - sum(k * c for k, c in zip(k_heads, head_cost))
+    if left < 0:
+        k_heads = [math.floor(ratio * len(s)) for s in head_scores]
+        left = budget - sum(k * c for k, c in zip(k_heads, head_cost))
+    ffn_full = sum(len(s) * c for s, c in zip(filter_scores, filter_cost))
+    f_ratio = min(max(left / ffn_full, 0.0), 1.0) if ffn_full else 0.0
+    k_filters = [math.floor(f_ratio * len(s) + 1e-9) for s in filter_scores]
+    heads = [top_k_mask(s, k) for s, k in zip(head_scores, k_heads)]
+    filters = [top_k_mask(s, k) for s, k in zip(filter_scores, k_filters)]
+    return heads, filters

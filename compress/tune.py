@@ -1,0 +1,153 @@
+"""Mask tuning by layer-wise least squares (Kwon et al. 2022, Sec. 4.3).
+
+After the search fixes which heads and filters stay, their mask values are tuned so that each
+pruned layer reproduces the dense model's output. Layers are tuned in order, attention then FFN,
+each with the already-tuned earlier layers in place. For a branch with kept units K:
+- reconstruction point: the input of the norm after the branch (see compress/arch/base.py), the
+  dense ("teacher") value T and the pruned ("student") value S on the same calibration tokens;
+- unit k's contribution A_k `[tokens, hidden]` is its slice of the output projection applied to its
+  slice of the projection input; S = S_rest + sum_k m_k A_k, so with b = T - S_rest,
+  min_m ||sum_k m_k A_k - b||^2 + lam ||m - 1||^2,  lam = damp * 1e-2 * mean(diag(A^T A)),
+  solved from the normal equations (fp64, torch, on the model's device). The damping pulls the
+  scales toward the binary mask (which is feasible), so the reconstruction error never rises.
+Statistics are accumulated batch by batch (Gram matrix `[K, K]`, never the `[tokens, hidden, K]` A).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+class _Stop(Exception):
+    """Raised inside a hook to end a forward pass once the layer of interest has been seen."""
+
+
+def tune_masks(model, adapter, batches, head_masks, filter_masks, device, damp: float = 1.0,
+               progress: bool = True):
+    """Tuned (real-valued) masks, same shapes as the 0/1 inputs, plus per-layer errors before/after."""
+    heads = [m.clone().float().to(device) for m in head_masks]
+    filters = [m.clone().float().to(device) for m in filter_masks]
+    report = []
+    for layer in tqdm(range(adapter.num_layers), desc="tune", unit="layer", disable=not progress):
+        targets = _teacher_targets(model, adapter, batches, layer, device)
+        entry = {}
+        for branch, masks in (("attention", heads), ("ffn", filters)):
+            stats = _student_stats(model, adapter, batches, layer, branch, heads, filters, targets, device)
+            masks[layer], entry[branch] = _solve(stats, masks[layer], damp)
+        report.append(entry)
+    return [m.cpu() for m in heads], [m.cpu() for m in filters], report
+
+
+def _valid(batch, device) -> torch.Tensor:
+    return batch["attention_mask"].to(device).bool()
+
+
+def _run(model, batch, device) -> None:
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    try:
+        model(**inputs)
+    except _Stop:
+        pass
+
+
+@torch.no_grad()
+def _teacher_targets(model, adapter, batches, layer, device):
+    """Dense-model inputs of layer `layer`'s two norms, valid tokens only, per batch."""
+    parts, out = adapter.layer_parts(layer), []
+    for batch in batches:
+        grab, valid = {}, _valid(batch, device)
+
+        def at_attn(mod, args):
+            grab["attention"] = args[0][valid].float()
+
+        def at_ffn(mod, args):
+            grab["ffn"] = args[0][valid].float()
+            raise _Stop
+
+        hooks = [parts.attn_norm.register_forward_pre_hook(at_attn), parts.ffn_norm.register_forward_pre_hook(at_ffn)]
+        try:
+            _run(model, batch, device)
+        finally:
+            for h in hooks:
+                h.remove()
+        out.append(grab)
+    return out
+
+
+@torch.no_grad()
+def _student_stats(model, adapter, batches, layer, branch, heads, filters, targets, device):
+    """Gram matrix, right-hand side and squared norms for one branch of `layer` under the current masks."""
+    parts = adapter.layer_parts(layer)
+    proj, norm = (parts.o, parts.attn_norm) if branch == "attention" else (parts.ffn_out, parts.ffn_norm)
+    mask = (heads if branch == "attention" else filters)[layer]
+    keep = mask.nonzero().flatten()
+    stats = {"gram": 0.0, "rhs": 0.0, "b2": 0.0, "err": 0.0, "keep": keep}
+    for batch, target in zip(batches, targets):
+        grab, valid = {}, _valid(batch, device)
+
+        def at_proj(mod, args):
+            grab["x"] = args[0][valid].float()
+
+        def at_norm(mod, args):
+            grab["s"] = args[0][valid].float()
+            raise _Stop
+
+        hooks = [proj.register_forward_pre_hook(at_proj, prepend=True), norm.register_forward_pre_hook(at_norm)]
+        try:
+            with adapter.masks(heads, filters):
+                _run(model, batch, device)
+        finally:
+            for h in hooks:
+                h.remove()
+        if "x" not in grab:  # layer has no units of this kind left
+            continue
+        _accumulate(stats, _contributions(grab["x"], proj.weight.float(), keep, branch, parts), mask[keep],
+                    grab["s"], target[branch])
+    return stats
+
+
+def _contributions(x, weight, keep, branch, parts):
+    """Per-unit contributions `[n, K, hidden]` (heads) or the factors (act `[n, K]`, W `[hidden, K]`) (filters)."""
+    if branch == "attention":
+        n, heads = x.shape[0], parts.num_heads
+        ctx = x.view(n, heads, -1)[:, keep]  # [n, K, D]
+        w = weight.view(weight.shape[0], heads, -1)[:, keep]  # [hidden, K, D]
+        return torch.einsum("nkd,okd->nko", ctx, w)
+    return x[:, keep], weight[:, keep]
+
+
+def _accumulate(stats, contrib, m, s, t):
+    if isinstance(contrib, tuple):
+        act, w = contrib
+        current = (act * m) @ w.T
+        b = t - (s - current)
+        gram = (act.T @ act) * (w.T @ w)
+        rhs = ((b @ w) * act).sum(0)
+    else:
+        current = torch.einsum("nko,k->no", contrib, m)
+        b = t - (s - current)
+        gram = torch.einsum("nko,njo->kj", contrib, contrib)
+        rhs = torch.einsum("nko,no->k", contrib, b)
+    stats["gram"] = stats["gram"] + gram.double()
+    stats["rhs"] = stats["rhs"] + rhs.double()
+    stats["b2"] += float(b.double().pow(2).sum())
+    stats["err"] += float((s - t).double().pow(2).sum())
+
+
+def _solve(stats, mask, damp):
+    """Damped least-squares scales for the kept units; errors before/after for the report."""
+    keep = stats["keep"]
+    if len(keep) == 0 or not torch.is_tensor(stats["gram"]):
+        return mask, {"error_before": stats["err"], "error_after": stats["err"]}
+    gram, rhs = stats["gram"], stats["rhs"]
+    lam = damp * 1e-2 * float(gram.diagonal().mean()) + 1e-12
+    eye = torch.eye(len(keep), dtype=gram.dtype, device=gram.device)
+    prior = mask[keep].double()
+    scales = torch.linalg.solve(gram + lam * eye, rhs + lam * prior)
+    after = float(scales @ gram @ scales - 2 * scales @ rhs) + stats["b2"]
+    if after > stats["err"]:  # only by rounding; keep the binary mask then
+        return mask, {"error_before": stats["err"], "error_after": stats["err"]}
+    tuned = mask.clone()
+    tuned[keep] = scales.to(tuned.dtype)
+    return tuned, {"error_before": stats["err"], "error_after": max(after, 0.0)}
