@@ -1,0 +1,196 @@
+"""Paged KV memory: fixed-size blocks, per-sequence block tables, sharing and freeing (PagedAttention).
+
+KV groups: layers that share an attention span share block tables. Group key None is full (global)
+attention; an int key is a sliding window of that many tokens (counting the current one, as in Hugging
+Face). Every layer has its own cache tensor of its own KV width, so pruned layers pay only for their heads.
+- Sliding groups free blocks wholly outside the window of every future query; their table entry
+  becomes -1 (never read by the attention kernels).
+- Prefix caching: a full block is hashed with its whole prefix (hash chain); a freed block keeps its hash
+  and stays reusable until the pool evicts it (least recently freed first).
+- Copy-on-write: `fork` shares every block; appending into a shared, partly filled block copies it first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from serve.sequence import Sequence
+
+FREED = -1
+
+
+class BlockPool:
+    """Reference-counted blocks of one KV group, with the hash -> block map of cached full blocks."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.ref_counts = [0] * num_blocks
+        self.free: deque[int] = deque(range(num_blocks))
+        self.evictable: OrderedDict[int, None] = OrderedDict()   # refcount 0 but still cached
+        self.hash_to_block: dict[int, int] = {}
+        self.block_to_hash: dict[int, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free) + len(self.evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    def allocate(self) -> int:
+        if self.free:
+            block = self.free.popleft()
+        else:
+            block, _ = self.evictable.popitem(last=False)
+            del self.hash_to_block[self.block_to_hash.pop(block)]
+        self.ref_counts[block] = 1
+        return block
+
+    def acquire(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.evictable[block]
+        self.ref_counts[block] += 1
+
+    def release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            if block in self.block_to_hash:
+                self.evictable[block] = None
+            else:
+                self.free.append(block)
+
+    def register(self, block: int, block_hash: int) -> None:
+        if block_hash not in self.hash_to_block and block not in self.block_to_hash:
+            self.hash_to_block[block_hash] = block
+            self.block_to_hash[block] = block_hash
+
+
+class BlockManager:
+    def __init__(self, num_blocks: dict[int | None, int], block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.pools = {key: BlockPool(n) for key, n in num_blocks.items()}
+        self.enable_prefix_caching = enable_prefix_caching
+
+    # ---- sizing -------------------------------------------------------------------------------
+    def _blocks_to_add(self, seq: Sequence, key, num_new: int) -> int:
+        table = seq.block_tables.get(key, [])
+        needed = -(-(seq.num_computed_tokens + num_new) // self.block_size) - len(table)
+        return max(needed, 0) + int(self._needs_copy(seq, key))
+
+    def _needs_copy(self, seq: Sequence, key) -> bool:
+        index, offset = divmod(seq.num_computed_tokens, self.block_size)
+        table = seq.block_tables.get(key, [])
+        return offset > 0 and index < len(table) and self.pools[key].ref_counts[table[index]] > 1
+
+    def can_append(self, seq: Sequence, num_new: int) -> bool:
+        return all(self._blocks_to_add(seq, key, num_new) <= pool.num_free for key, pool in self.pools.items())
+
+    def append_slots(self, seq: Sequence, num_new: int) -> list[tuple]:
+        """Give `seq` blocks for `num_new` more tokens; returns (group, src, dst) block copies to do first."""
+        copies = []
+        for key, pool in self.pools.items():
+            table = seq.block_tables.setdefault(key, [])
+            if self._needs_copy(seq, key):
+                index = seq.num_computed_tokens // self.block_size
+                new_block = pool.allocate()
+                copies.append((key, table[index], new_block))
+                pool.release(table[index])
+                table[index] = new_block
+            while len(table) * self.block_size < seq.num_computed_tokens + num_new:
+                table.append(pool.allocate())
+        return copies
+
+    # ---- prefix caching -----------------------------------------------------------------------
+    def _update_hashes(self, seq: Sequence, num_tokens: int) -> None:
+        size = self.block_size
+        while (len(seq.block_hashes) + 1) * size <= num_tokens:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else 0
+            seq.block_hashes.append(hash((parent, tuple(seq.token_ids[i * size:(i + 1) * size]))))
+
+    def _first_needed_block(self, key, num_computed: int) -> int:
+        if key is None:
+            return 0
+        return max(0, num_computed - key + 1) // self.block_size
+
+    def find_cached_prefix(self, seq: Sequence) -> int:
+        """Number of leading full blocks whose KV every group still holds (at least one token is left)."""
+        if not self.enable_prefix_caching:
+            return 0
+        self._update_hashes(seq, seq.num_tokens)
+        num_blocks = (seq.num_tokens - 1) // self.block_size
+        for count in range(num_blocks, 0, -1):
+            if all(self._holds(pool, key, seq.block_hashes, count) for key, pool in self.pools.items()):
+                return count
+        return 0
+
+    def _holds(self, pool: BlockPool, key, hashes: list[int], count: int) -> bool:
+        first = self._first_needed_block(key, count * self.block_size)
+        return all(h in pool.hash_to_block for h in hashes[first:count])
+
+    def can_allocate(self, seq: Sequence, num_cached_blocks: int, num_new: int) -> bool:
+        total = -(-(num_cached_blocks * self.block_size + num_new) // self.block_size)
+        for key, pool in self.pools.items():
+            first = self._first_needed_block(key, num_cached_blocks * self.block_size)
+            hits = [pool.hash_to_block[h] for h in seq.block_hashes[first:num_cached_blocks]]
+            revived = sum(pool.ref_counts[b] == 0 for b in hits)
+            if total - len(hits) - first + revived > pool.num_free:
+                return False
+        return True
+
+    def allocate(self, seq: Sequence, num_cached_blocks: int, num_new: int) -> None:
+        """Take the cached prefix blocks, then fresh blocks for `num_new` tokens after them."""
+        for key, pool in self.pools.items():
+            first = self._first_needed_block(key, num_cached_blocks * self.block_size)
+            table = [FREED] * first
+            for h in seq.block_hashes[first:num_cached_blocks]:
+                block = pool.hash_to_block[h]
+                pool.acquire(block)
+                table.append(block)
+            seq.block_tables[key] = table
+        seq.num_computed_tokens = num_cached_blocks * self.block_size
+        seq.num_registered_blocks = num_cached_blocks
+        self.append_slots(seq, num_new)
+
+    # ---- after a step, fork, free -------------------------------------------------------------
+    def commit(self, seq: Sequence) -> None:
+        """Cache the newly completed blocks and free sliding-window blocks no future query can see."""
+        if self.enable_prefix_caching:
+            self._update_hashes(seq, seq.num_computed_tokens)
+            num_full = seq.num_computed_tokens // self.block_size
+            for key, pool in self.pools.items():
+                table = seq.block_tables[key]
+                for i in range(seq.num_registered_blocks, num_full):
+                    if table[i] != FREED:
+                        pool.register(table[i], seq.block_hashes[i])
+            seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
+        for key, pool in self.pools.items():
+            table = seq.block_tables[key]
+            for i in range(self._first_needed_block(key, seq.num_computed_tokens)):
+                if table[i] != FREED:
+                    pool.release(table[i])
+                    table[i] = FREED
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        for key, pool in self.pools.items():
+            child.block_tables[key] = list(parent.block_tables[key])
+            for block in child.block_tables[key]:
+                if block != FREED:
+                    pool.acquire(block)
+
+    def free(self, seq: Sequence) -> None:
+        # Tail blocks first, so eviction (oldest first) keeps the more shareable leading blocks longest.
+        for key, pool in self.pools.items():
+            for block in reversed(seq.block_tables.get(key, [])):
+                if block != FREED:
+                    pool.release(block)
+        seq.block_tables = {}
+        seq.num_computed_tokens = 0
+        seq.num_registered_blocks = 0
+
+    def num_used_blocks(self) -> int:
+        return sum(pool.num_used for pool in self.pools.values())
+
+    def num_total_blocks(self) -> int:
+        return sum(pool.num_blocks for pool in self.pools.values())

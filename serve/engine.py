@@ -1,0 +1,193 @@
+"""The engine loop and the offline API: `LLM(path).generate(prompts, SamplingParams(...))`.
+
+One `step()`: scheduler.schedule -> model_runner.run (logits of the sequences that finish a prompt or
+decode) -> scheduler.advance (KV bookkeeping) -> fork requests with n > 1 -> sampler -> append tokens,
+detokenize, check EOS / stop strings / max_tokens -> RequestOutput for every request that moved.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from serve.block_manager import BlockManager
+from serve.config import EngineConfig
+from serve.detokenizer import IncrementalDetokenizer
+from serve.metrics import Metrics
+from serve.model_runner import ModelRunner
+from serve.outputs import CompletionOutput, RequestOutput
+from serve.sampler import sample
+from serve.sampling_params import SamplingParams
+from serve.scheduler import Scheduler
+from serve.sequence import Sequence
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} has no usable tokenizer ({str(err).splitlines()[0]})") from None
+
+
+def eos_token_ids(path: str, spec_eos: list[int], tokenizer) -> set[int]:
+    ids = set(spec_eos)
+    gen_file = Path(path) / "generation_config.json"
+    if gen_file.is_file():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model)
+        self.runner = ModelRunner(config)
+        self.max_model_len = self.runner.max_model_len
+        self.eos_token_ids = eos_token_ids(config.model, self.runner.spec.eos_token_ids, self.tokenizer)
+        self.block_manager = BlockManager(self.runner.block_plan, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.metrics = Metrics()
+        self._ids = itertools.count()
+
+    # ---- requests -----------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        return list(prompt) if isinstance(prompt, list) else self.tokenizer(prompt)["input_ids"]
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError with an OpenAI-style message for a request this engine cannot serve."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.runner.spec.vocab_size for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.runner.spec.vocab_size})")
+        if params.n > self.config.max_n:
+            raise ValueError(f"n={params.n} is over the limit of {self.config.max_n}")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens={params.max_tokens} plus the {len(prompt_ids)} prompt tokens is past "
+                             f"this model's context of {self.max_model_len}")
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        request_id = request_id or f"req-{next(self._ids)}"
+        prompt_ids = self.tokenize(prompt)
+        self.check_request(prompt_ids, params)
+        seq = Sequence(request_id, prompt_ids, params)
+        self._init_seq(seq)
+        self.requests[request_id] = [seq]
+        self.scheduler.add(seq)
+        self.metrics.prompt_tokens += len(prompt_ids)
+        return request_id
+
+    def _init_seq(self, seq: Sequence) -> None:
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids[:seq.num_prompt_tokens],
+                                                 seq.params.skip_special_tokens)
+        for token in seq.output_token_ids:
+            seq.detokenizer.add(token)
+        seq.generator = None
+        if seq.params.seed is not None:
+            seq.generator = torch.Generator(self.runner.device).manual_seed(seq.params.seed + seq.sample_index)
+
+    def abort_request(self, request_id: str) -> None:
+        if self.requests.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+            self.metrics.aborted += 1
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+        logits = self.runner.run(batch)
+        self.scheduler.advance(batch)
+        rows = list(range(len(sampling)))
+        for row, seq in enumerate(list(sampling)):
+            if not seq.forked:
+                children = self._fork(seq)
+                sampling += children
+                rows += [row] * len(children)
+        tokens, logprobs = sample(logits[rows], sampling) if sampling else ([], [])
+        for seq, token, logprob in zip(sampling, tokens, logprobs):
+            self._append(seq, token, logprob)
+        self.metrics.num_steps += 1
+        return [self._output(rid) for rid in dict.fromkeys(s.request_id for s in batch.seqs)]
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        children = self.scheduler.fork(parent)
+        for child in children:
+            self._init_seq(child)
+        self.requests[parent.request_id] += children
+        return children
+
+    def _append(self, seq: Sequence, token: int, logprob: dict | None) -> None:
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        self.metrics.generation_tokens += 1
+        seq.detokenizer.add(token)
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.metrics.finished += 1
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return "stop"
+        text = seq.detokenizer.text
+        for stop in params.stop:
+            index = text.find(stop, max(0, len(text) - 64 - len(stop)))
+            if index >= 0:
+                seq.detokenizer.text = text[:index]
+                return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, request_id: str) -> RequestOutput:
+        seqs = sorted(self.requests[request_id], key=lambda s: s.sample_index)
+        outputs = [CompletionOutput(s.sample_index, _visible_text(s), s.output_token_ids, s.finish_reason,
+                                    s.logprobs) for s in seqs]
+        finished = all(s.is_finished for s in seqs) and len(seqs) == seqs[0].params.n
+        if finished:
+            del self.requests[request_id]
+        return RequestOutput(request_id, seqs[0].token_ids[:seqs[0].num_prompt_tokens], outputs, finished)
+
+
+def _visible_text(seq: Sequence) -> str:
+    """Text that can be shown now: while running, hold back what might start a stop string."""
+    text = seq.detokenizer.text
+    if seq.is_finished or not seq.params.stop:
+        return text
+    return text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
+
+
+class LLM:
+    """Offline batch generation: `LLM(path).generate(prompts, SamplingParams(...))`."""
+
+    def __init__(self, model: str, **config):
+        self.engine = LLMEngine(EngineConfig(model=str(model), **config))
+
+    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
+        """prompts: a string, a token-id list, or a list of either; one RequestOutput each, in order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = params or SamplingParams()
+        ids = [self.engine.add_request(p, params) for p in prompts]
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    done[output.request_id] = output
+        return [done[i] for i in ids]

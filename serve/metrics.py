@@ -1,0 +1,40 @@
+"""Serving counters and their Prometheus text exposition (GET /metrics).
+
+Counters accumulate in the engine; gauges (running/waiting requests, KV blocks) are read from the
+scheduler and block manager when the page is rendered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Metrics:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished: int = 0
+    aborted: int = 0
+    num_steps: int = 0
+
+
+def _line(name: str, kind: str, help_text: str, value) -> str:
+    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n{name} {value}\n"
+
+
+def render(engine) -> str:
+    """Prometheus text format (version 0.0.4) of the engine's state."""
+    scheduler, blocks, m = engine.scheduler, engine.block_manager, engine.metrics
+    rows = [
+        ("serve_requests_running", "gauge", "Sequences in the running batch.", len(scheduler.running)),
+        ("serve_requests_waiting", "gauge", "Sequences waiting to be scheduled.", len(scheduler.waiting)),
+        ("serve_kv_blocks_used", "gauge", "KV cache blocks in use (all groups).", blocks.num_used_blocks()),
+        ("serve_kv_blocks_total", "gauge", "KV cache blocks (all groups).", blocks.num_total_blocks()),
+        ("serve_prompt_tokens_total", "counter", "Prompt tokens received.", m.prompt_tokens),
+        ("serve_generation_tokens_total", "counter", "Tokens generated.", m.generation_tokens),
+        ("serve_sequences_finished_total", "counter", "Sequences finished.", m.finished),
+        ("serve_requests_aborted_total", "counter", "Requests aborted (client gone or cancelled).", m.aborted),
+        ("serve_preemptions_total", "counter", "Sequences preempted for recomputation.", scheduler.num_preemptions),
+        ("serve_engine_steps_total", "counter", "Engine steps run.", m.num_steps),
+    ]
+    return "".join(_line(*row) for row in rows)

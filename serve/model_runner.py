@@ -1,0 +1,85 @@
+"""Runs one scheduled step: packs the batch into tensors, runs the model, returns logits to sample.
+
+Per step: `input_ids [T]`, `positions [T]`, attention metadata (cu_seqlens_q [B+1], seq_lens [B], and per
+KV group a slot_mapping [T] and block_tables [B, M]) built on the host in one pass and copied to the
+device; copy-on-write block copies run first; logits are computed only for the sequences that sample.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from serve.attention import AttentionMetadata, GroupMetadata, select_backend
+from serve.config import EngineConfig
+from serve.kv_cache import allocate_caches, check_plan, plan_blocks
+from serve.models.loader import load_model
+from serve.scheduler import ScheduledBatch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model, self.spec = load_model(config.model, self.device, self.dtype)
+        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        self.backend = select_backend(config.attention_backend, self.device)
+        self.block_plan = plan_blocks(self.spec, config, self.max_model_len, self.dtype, self.device)
+        check_plan(self.block_plan, config, self.max_model_len)
+        self.kv_caches, self.kv_stacks = allocate_caches(self.spec, self.block_plan, config, self.dtype, self.device)
+
+    def _tensor(self, values, dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """(input_ids [T], positions [T], metadata, rows [N] of the tokens whose logits are sampled)."""
+        block_size = self.config.block_size
+        ids, positions, cu, lens, rows = [], [], [0], [], []
+        slots = {key: [] for key in self.block_plan}
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            for key, table in seq.block_tables.items():
+                slots[key] += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            cu.append(cu[-1] + num_new)
+            lens.append(end)
+            if batch.samples(i):
+                rows.append(cu[-1] - 1)
+        groups = {key: GroupMetadata(self._tensor(slots[key], torch.int64), self._block_tables(batch, key))
+                  for key in self.block_plan}
+        meta = AttentionMetadata(cu_seqlens_q=self._tensor(cu, torch.int32), seq_lens=self._tensor(lens, torch.int32),
+                                 max_seqlen_q=max(batch.num_new_tokens),
+                                 is_decode=all(n == 1 for n in batch.num_new_tokens), groups=groups)
+        return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), meta, self._tensor(rows, torch.int64)
+
+    def _block_tables(self, batch: ScheduledBatch, key) -> torch.Tensor:
+        tables = [seq.block_tables[key] for seq in batch.seqs]
+        width = max(len(t) for t in tables)
+        return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
+
+    def copy_blocks(self, copies: list[tuple]) -> None:
+        """Copy-on-write: duplicate a shared block in every layer of its group before writing into it."""
+        for key, src, dst in copies:
+            for stack in self.kv_stacks[key]:
+                stack[:, :, dst] = stack[:, :, src]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits [N, vocab] (fp32) for the sequences of `batch` that sample this step, in batch order."""
+        self.copy_blocks(batch.copies)
+        input_ids, positions, meta, rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
+        return self.model.compute_logits(hidden[rows])

@@ -1,0 +1,145 @@
+"""The runtime's own Gemma 2 / Gemma 3 text decoder over packed tokens and a paged KV cache.
+
+Inputs are packed: `input_ids [T]`, `positions [T]` for all sequences of a step; attention goes
+through the backend with explicit metadata (serve/attention.py). Numerics follow Hugging Face:
+embedding times sqrt(hidden) rounded to the compute dtype; RMSNorm in fp32 with (1 + weight); four
+norms per layer; scale query_pre_attn_scalar ** -0.5; attention and final-logit tanh soft-capping;
+Gemma 3 QK-norm and separate RoPE bases for sliding (local) and full (global) layers; tanh-GELU GeGLU;
+tied embeddings. Layer shapes come per layer from `GemmaSpec` (slimmed models are uneven; a layer with
+0 heads contributes only its output bias, one with 0 filters only zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serve.attention import AttentionBackend, AttentionMetadata
+from serve.models.gemma_config import GemmaSpec
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, factor: float, dtype):
+    """cos, sin [T, D] in the HF layout (frequencies repeated twice), computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions.float()[:, None] * (inv_freq / factor)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, spec: GemmaSpec, layer: int):
+        super().__init__()
+        hidden, d = spec.hidden_size, spec.head_dim
+        self.num_heads = spec.num_attention_heads[layer]
+        self.num_kv_heads = spec.num_key_value_heads[layer]
+        self.head_dim = d
+        self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=spec.attention_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=spec.attention_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=spec.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=spec.attention_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+        self.qk_norm = spec.qk_norm
+        self.scale = spec.query_pre_attn_scalar ** -0.5
+        self.sliding_window = spec.sliding_windows[layer]
+        self.softcap = spec.attn_logit_softcapping
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache, backend: AttentionBackend):
+        num_tokens = x.shape[0]
+        if self.num_heads == 0:
+            return self.o_proj(x.new_zeros(num_tokens, 0))
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)        # [T, Hq, D]
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)     # [T, Hkv, D]
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.sliding_window,
+                              scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, spec: GemmaSpec, layer: int):
+        super().__init__()
+        hidden, eps = spec.hidden_size, spec.rms_norm_eps
+        self.self_attn = GemmaAttention(spec, layer)
+        self.mlp = GemmaMLP(hidden, spec.intermediate_size[layer])
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps)
+
+    def forward(self, x, cos, sin, meta, kv_cache, backend):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache, backend)
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, spec: GemmaSpec):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(spec, i) for i in range(spec.num_hidden_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class GemmaForCausalLM(nn.Module):
+    """Parameter names match the HF checkpoint (`model.layers.N...`, `lm_head` when untied)."""
+
+    def __init__(self, spec: GemmaSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = GemmaModel(spec)
+        if not spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches: list, backend) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden]."""
+        x = self.model.embed_tokens(input_ids)
+        x = x * torch.tensor(self.spec.hidden_size ** 0.5, dtype=x.dtype)
+        rope = {}
+        for i, layer in enumerate(self.model.layers):
+            key = (self.spec.rope_theta[i], self.spec.rope_linear_factor[i])
+            if key not in rope:
+                rope[key] = rope_cos_sin(positions, self.spec.head_dim, *key, x.dtype)
+            x = layer(x, *rope[key], meta, kv_caches[i], backend)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> fp32 logits [N, vocab], soft-capped when the config says so."""
+        weight = self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
+        logits = F.linear(hidden, weight).float()
+        cap = self.spec.final_logit_softcapping
+        return logits if cap is None else cap * torch.tanh(logits / cap)

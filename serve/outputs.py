@@ -1,0 +1,22 @@
+"""What the engine hands back per request after a step: the text and tokens of each of its samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str                      # complete characters only; a possible stop-string prefix is held back
+    token_ids: list[int]
+    finish_reason: str | None      # None while running; "stop", "length" or "abort"
+    logprobs: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool

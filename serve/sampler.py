@@ -1,0 +1,73 @@
+"""Token sampling for a batch of rows with per-row settings, with one host transfer per step.
+
+logits [N, V] fp32 (already soft-capped). Greedy rows take the argmax; the others are scaled by their
+temperature, cut by top-k then top-p (keeping at least one token), and sampled with the exponential
+race (argmax of p / E, E ~ Exp(1)), which lets rows with their own seed draw from their own generator.
+Log-probabilities are of the model's distribution (before temperature), as the OpenAI API reports them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from serve.sequence import Sequence
+
+
+def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    ks = torch.tensor([k if k > 0 else logits.shape[1] for k in top_k], device=logits.device)
+    ks = ks.clamp(max=logits.shape[1])
+    kth = logits.sort(dim=1, descending=True).values.gather(1, (ks - 1)[:, None])
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    ps = torch.tensor(top_p, device=logits.device)[:, None]
+    sorted_logits, order = logits.sort(dim=1, descending=True)
+    probs = sorted_logits.softmax(dim=1)
+    drop = probs.cumsum(dim=1) - probs > ps        # mass before this token already reaches top_p
+    drop[:, 0] = False
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def _noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    noise = torch.empty_like(probs).exponential_()
+    for i, seq in enumerate(seqs):
+        if getattr(seq, "generator", None) is not None:
+            noise[i].exponential_(generator=seq.generator)
+    return noise
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
+    """Next token per row, and per row {token: logprob, ...top alternatives} when logprobs was asked."""
+    params = [seq.params for seq in seqs]
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    tokens = logits.argmax(dim=1)
+    if not bool(greedy.all()):
+        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
+        scaled = logits / temps[:, None]
+        if any(p.top_k > 0 for p in params):
+            scaled = _apply_top_k(scaled, [p.top_k for p in params])
+        if any(p.top_p < 1 for p in params):
+            scaled = _apply_top_p(scaled, [p.top_p for p in params])
+        probs = scaled.softmax(dim=1)
+        tokens = torch.where(greedy, tokens, (probs / _noise(probs, seqs)).argmax(dim=1))
+    token_list = tokens.tolist()      # the step's one host sync
+    return token_list, _logprobs(logits, token_list, params)
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int], params) -> list[dict | None]:
+    wanted = [p.logprobs for p in params]
+    if all(w is None for w in wanted):
+        return [None] * len(tokens)
+    logp = logits.log_softmax(dim=1)
+    top = logp.topk(max(w or 0 for w in wanted) or 1, dim=1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    top_ids, top_vals = top.indices.tolist(), top.values.tolist()
+    result = []
+    for i, w in enumerate(wanted):
+        if w is None:
+            result.append(None)
+            continue
+        entry = {"token": tokens[i], "logprob": chosen[i], "top": list(zip(top_ids[i][:w], top_vals[i][:w]))}
+        result.append(entry)
+    return result
