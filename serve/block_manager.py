@@ -71,6 +71,7 @@ class BlockManager:
         self.block_size = block_size
         self.pools = {key: BlockPool(n) for key, n in num_blocks.items()}
         self.enable_prefix_caching = enable_prefix_caching
+        self.num_copies = 0       # copy-on-write block copies so far
 
     # ---- sizing -------------------------------------------------------------------------------
     def _blocks_to_add(self, seq: Sequence, key, num_new: int) -> int:
@@ -95,6 +96,7 @@ class BlockManager:
                 index = seq.num_computed_tokens // self.block_size
                 new_block = pool.allocate()
                 copies.append((key, table[index], new_block))
+                self.num_copies += 1
                 pool.release(table[index])
                 table[index] = new_block
             while len(table) * self.block_size < seq.num_computed_tokens + num_new:

@@ -35,6 +35,8 @@ def render(engine) -> str:
         ("serve_sequences_finished_total", "counter", "Sequences finished.", m.finished),
         ("serve_requests_aborted_total", "counter", "Requests aborted (client gone or cancelled).", m.aborted),
         ("serve_preemptions_total", "counter", "Sequences preempted for recomputation.", scheduler.num_preemptions),
+        ("serve_prefix_cache_hit_tokens_total", "counter", "Prompt tokens read from the prefix cache.",
+         scheduler.num_cached_tokens),
         ("serve_engine_steps_total", "counter", "Engine steps run.", m.num_steps),
     ]
     return "".join(_line(*row) for row in rows)

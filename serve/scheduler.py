@@ -39,6 +39,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_cached_tokens = 0      # prompt tokens served from the prefix cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -83,6 +84,7 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, cached, num_new):
                 break
             self.block_manager.allocate(seq, cached, num_new)
+            self.num_cached_tokens += seq.num_computed_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self._add_to_batch(batch, seq, num_new)
