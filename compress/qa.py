@@ -153,17 +153,21 @@ def featurize(examples: list[dict], tokenizer, cfg: QAConfig, train: bool, progr
     return feats
 
 
-def span_loss(start_logits, end_logits, start_positions, end_positions) -> torch.Tensor:
-    """Mean of the start and end cross-entropies over the window positions ([B, S] logits)."""
-    return 0.5 * (F.cross_entropy(start_logits.float(), start_positions)
-                  + F.cross_entropy(end_logits.float(), end_positions))
+def span_loss(start_logits, end_logits, start_positions, end_positions, reduction: str = "mean") -> torch.Tensor:
+    """Half the sum of the start and end cross-entropies over window positions ([B, S] logits).
+
+    `reduction="sum"` adds the per-window losses: the Fisher needs each window's own gradient.
+    """
+    return 0.5 * (F.cross_entropy(start_logits.float(), start_positions, reduction=reduction)
+                  + F.cross_entropy(end_logits.float(), end_positions, reduction=reduction))
 
 
-def batch_span_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def batch_span_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """The span loss of a QA model on a batch carrying start/end positions."""
     inputs = {k: v for k, v in batch.items() if k not in ("start_positions", "end_positions")}
     out = model(**inputs)
-    return span_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"])
+    return span_loss(out.start_logits, out.end_logits, batch["start_positions"], batch["end_positions"],
+                     reduction)
 
 
 @torch.no_grad()
