@@ -10,6 +10,9 @@ from compress.errors import UserError
 
 @dataclass
 class TokenPruningConfig:
+    model: str = ""
+    task: str = ""
+    output: str = ""
     rule: str = "threshold"  # "threshold" = learned token pruning; "topk" = fixed-ratio baseline
     mask_lambda: float = 0.1  # weight of the mean-mask (FLOPs proxy) term; the paper uses 0.01-0.2
     temperature: float = 1e-3  # of the soft mask sigmoid((importance - threshold) / T)
@@ -25,8 +28,13 @@ class TokenPruningConfig:
     batch_size: int = 32
     max_seq_length: int = 128
     seed: int = 0
+    data_dir: str | None = None
+    device: str = "auto"
+    overwrite: bool = False
 
     def validate(self) -> "TokenPruningConfig":
+        for name in ("model", "task", "output"):
+            _check(bool(getattr(self, name)), f"missing required setting {name!r} (flag --{name} or recipe key)")
         _check(self.rule in ("threshold", "topk"), f"rule must be 'threshold' or 'topk', got {self.rule!r}")
         _check(_finite(self.mask_lambda) and self.mask_lambda >= 0, f"--lambda must be >= 0, got {self.mask_lambda}")
         _check(_finite(self.temperature) and self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")

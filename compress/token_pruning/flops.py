@@ -35,7 +35,7 @@ def model_shape(model) -> EncoderShape:
     """The shape a (possibly slimmed) model really has, read from its weights."""
     config, layers = model.config, P.layer_parts(model)
     d = P.head_dim(config)
-    heads = tuple(p.num_heads(d) for p in layers)
+    heads = tuple(p.num_heads for p in layers)
     return EncoderShape(layers[0].o.out_features, d, heads, tuple(p.ffn_in.out_features for p in layers))
 
 

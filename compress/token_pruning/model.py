@@ -140,18 +140,25 @@ class TokenPruningModel(nn.Module):
     def _layer(self, parts: P.LayerParts, x, key_bias, positions):
         """One post-LN encoder layer; returns its output [B, S, D] and attention probs [B, h, S, S]."""
         B, S, _ = x.shape
-        heads = parts.num_heads(self.head_dim)
+        heads = parts.num_heads
+        if heads == 0:  # the branch is just the output projection's bias
+            attn, probs = parts.o(x.new_zeros(B, S, 0)), x.new_zeros(B, 0, S, S)
+            return self._finish_layer(parts, x, attn), probs
         q, k, v = (proj(x).view(B, S, heads, self.head_dim).transpose(1, 2) for proj in (parts.q, parts.k, parts.v))
         scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # [B, h, S, S]
         bias = P.position_bias(self.model, positions, x)
         if bias is not None:
-            scores = scores + _heads_of(bias, parts, heads)
+            scores = scores + (bias if parts.bias_heads is None else bias[:, parts.bias_heads])
         probs = torch.softmax(scores + key_bias, dim=-1)
         context = F.dropout(probs, self.p_attn, self.training) @ v  # [B, h, S, d]
         attn = parts.o(context.transpose(1, 2).reshape(B, S, heads * self.head_dim))
+        return self._finish_layer(parts, x, attn), probs
+
+    def _finish_layer(self, parts: P.LayerParts, x, attn):
+        """Residual + norm around attention, then the FFN with its residual + norm."""
         a = parts.attn_norm(x + F.dropout(attn, self.p_hidden, self.training))
         y = parts.ffn_out(parts.act(parts.ffn_in(a)))
-        return parts.out_norm(a + F.dropout(y, self.p_hidden, self.training)), probs
+        return parts.out_norm(a + F.dropout(y, self.p_hidden, self.training))
 
     def _task_loss(self, logits, labels):
         if labels is None:
@@ -184,14 +191,3 @@ def _key_bias(kept: torch.Tensor, dtype) -> torch.Tensor:
     """Additive attention bias [B, 1, 1, S]: 0 on kept keys, the dtype's minimum elsewhere."""
     bias = torch.zeros(kept.shape, dtype=dtype, device=kept.device)
     return bias.masked_fill(~kept, torch.finfo(dtype).min)[:, None, None, :]
-
-
-def _heads_of(bias: torch.Tensor, parts: P.LayerParts, heads: int) -> torch.Tensor:
-    """MPNet's shared bias has one slice per parent head; a slimmed layer keeps some of them."""
-    if bias.shape[1] == heads:
-        return bias
-    kept_heads = getattr(parts.q, "kept_heads", None)
-    if kept_heads is None:
-        raise ValueError(f"layer has {heads} heads but the position bias has {bias.shape[1]}; "
-                         "the slimmed MPNet must record which heads it kept")
-    return bias[:, kept_heads]

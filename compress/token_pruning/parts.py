@@ -1,11 +1,12 @@
 """Where each supported encoder keeps its pieces, for the token-dropping forward in `model.py`.
 
-This is the one file of the token pruner that knows Hugging Face module paths (BERT and MiniLM,
-RoBERTa, DistilBERT, MPNet). All four are post-LayerNorm encoders with the same layer shape:
+Layers come from the head/filter pruner's architecture adapters (`compress.arch`, the owner of
+module paths); this file adds what they do not cover: the embeddings, the task head and MPNet's
+relative position bias (BERT and MiniLM, RoBERTa, DistilBERT, MPNet). All four are post-LayerNorm
+encoders with the same layer shape:
     a = LN1(x + O(attention(Q x, K x, V x)));  y = LN2(a + W2 act(W1 a))
-so a layer is described by its modules (`LayerParts`) and one generic forward runs them all.
-Head counts are read from the weight shapes, never from the config, so models slimmed by
-`compress prune` (uneven heads per layer, possibly zero) work unchanged.
+so one generic forward runs them all. Head counts are read from the weight shapes, never from the
+config, so models slimmed by `compress prune` (uneven heads per layer, possibly zero) work unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from transformers.activations import ACT2FN
+
+from compress.arch import get_adapter
 from compress.errors import UserError
 
 SUPPORTED = ("bert", "roberta", "distilbert", "mpnet")
@@ -22,20 +26,19 @@ SUPPORTED = ("bert", "roberta", "distilbert", "mpnet")
 
 @dataclass
 class LayerParts:
-    """The modules of one encoder layer (shapes: q/k/v/o are [heads * head_dim] wide)."""
+    """One encoder layer as the token-dropping forward runs it (q/k/v are None with 0 heads)."""
 
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    q: nn.Linear | None  # [heads * head_dim] outputs
+    k: nn.Linear | None
+    v: nn.Linear | None
     o: nn.Linear
-    attn_norm: nn.LayerNorm
+    attn_norm: nn.Module
     ffn_in: nn.Linear
     act: nn.Module
     ffn_out: nn.Linear
-    out_norm: nn.LayerNorm
-
-    def num_heads(self, head_dim: int) -> int:
-        return self.q.out_features // head_dim
+    out_norm: nn.Module
+    num_heads: int
+    bias_heads: list[int] | None = None  # MPNet: which heads of the shared position bias it kept
 
 
 def model_type(model: nn.Module) -> str:
@@ -63,32 +66,21 @@ def dropout_probs(config) -> tuple[float, float]:
 
 
 def layer_parts(model: nn.Module) -> list[LayerParts]:
-    kind, base = model_type(model), base_model(model)
-    if kind == "distilbert":
-        return [_distilbert_parts(layer) for layer in base.transformer.layer]
-    if kind == "mpnet":
-        return [_mpnet_parts(layer) for layer in base.encoder.layer]
-    return [_bert_parts(layer) for layer in base.encoder.layer]
-
-
-def _bert_parts(layer) -> LayerParts:
-    att = layer.attention
-    return LayerParts(att.self.query, att.self.key, att.self.value, att.output.dense, att.output.LayerNorm,
-                      layer.intermediate.dense, layer.intermediate.intermediate_act_fn,
-                      layer.output.dense, layer.output.LayerNorm)
-
-
-def _distilbert_parts(layer) -> LayerParts:
-    att, ffn = layer.attention, layer.ffn
-    return LayerParts(att.q_lin, att.k_lin, att.v_lin, att.out_lin, layer.sa_layer_norm,
-                      ffn.lin1, ffn.activation, ffn.lin2, layer.output_layer_norm)
-
-
-def _mpnet_parts(layer) -> LayerParts:
-    att = layer.attention.attn
-    return LayerParts(att.q, att.k, att.v, att.o, layer.attention.LayerNorm,
-                      layer.intermediate.dense, layer.intermediate.intermediate_act_fn,
-                      layer.output.dense, layer.output.LayerNorm)
+    """Every layer's parts, via the head/filter pruner's architecture adapter (compress.arch)."""
+    model_type(model)
+    adapter = get_adapter(model)
+    config = model.config
+    act = ACT2FN[getattr(config, "hidden_act", None) or config.activation]
+    layers = []
+    for i in range(adapter.num_layers):
+        p = adapter.layer_parts(i)
+        heads = 0 if p.q is None else p.q.out_features // head_dim(config)
+        bias_heads = adapter._head_index(i) if config.model_type == "mpnet" else None
+        if bias_heads is not None and len(bias_heads) == config.num_attention_heads:
+            bias_heads = None  # all heads kept, in order
+        layers.append(LayerParts(p.q, p.k, p.v, p.o, p.attn_norm, p.ffn_in[0], act, p.ffn_out, p.ffn_norm,
+                                 heads, bias_heads))
+    return layers
 
 
 def embed(model: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
