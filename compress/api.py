@@ -1,0 +1,48 @@
+"""The Python API, mirroring the CLI: `prune`, `finetune`, `load`, `evaluate`.
+
+Keyword arguments are the fields of `compress.config.PruneConfig` / `FinetuneConfig` (the same
+names as the flags, with underscores); `recipe=` reads a YAML recipe first, and keywords override it.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def prune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, recipe=None, progress=True,
+          **settings) -> dict:
+    """Prune `model` for `task` into `output`; returns the prune.json record.
+
+    Example: `compress.prune("runs/minilm-sst2", "sst2", "pruned/", flops=0.5)`.
+    """
+    from compress.config import PruneConfig, load_recipe, resolve
+    from compress.prune import prune as run
+
+    config = resolve(PruneConfig, load_recipe(recipe), model=str(model), task=task, output=str(output), **settings)
+    return run(config, progress=progress)
+
+
+def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, recipe=None, **settings) -> dict:
+    """Fine-tune `model` on `task` into `output`; returns the finetune.json summary."""
+    from compress.config import FinetuneConfig, load_recipe, resolve
+    from compress.finetune import finetune as run
+
+    config = resolve(FinetuneConfig, load_recipe(recipe), model=str(model), task=task, output=str(output), **settings)
+    return run(config)
+
+
+def load(path: str | os.PathLike, device: str = "cpu"):
+    """A plain Hugging Face torch model from a fine-tuned or slimmed directory (uneven layers allowed)."""
+    from compress.modeling import load as run
+
+    return run(path, device=device)
+
+
+def evaluate(path: str | os.PathLike, task: str, data_dir=None, device: str = "auto") -> dict:
+    """Dev-set metrics (percent) of the model in `path` on `task`."""
+    from compress.evaluation import evaluate as run
+    from compress.modeling import load_tokenizer, resolve
+    from compress.tasks import get_task
+
+    local = resolve(path)
+    return run(load(local), load_tokenizer(local), get_task(task), data_dir, device)

@@ -1,0 +1,119 @@
+"""Sequence-classification / regression fine-tuning (`compress finetune`), needed because the
+encoders available offline are not fine-tuned.
+
+Standard recipe: AdamW, linear warmup then linear decay, dynamic padding, seeded shuffling; bf16
+autocast on GPU. The output directory (written atomically) holds the model, tokenizer and
+`finetune.json` (resolved config, steps, final loss, seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from compress import batching, modeling
+from compress.config import FinetuneConfig
+from compress.errors import UserError
+from compress.evaluation import autocast, pick_device
+from compress.fisher import task_loss
+from compress.outputs import atomic_output_dir, check_output_dir
+from compress.tasks import resolve_data_dir, get_task, load_split
+
+
+def load_for_finetune(path, task):
+    """The model at `path` with a (possibly new) head sized for `task`."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = modeling.read_config(path)
+    if modeling.has_task_head(config) and config.num_labels != task.num_labels:
+        raise UserError(f"model {path} has {config.num_labels} labels but task {task.name} has {task.num_labels}")
+    kind = "regression" if task.is_regression else "single_label_classification"
+    config.num_labels, config.problem_type = task.num_labels, kind
+    if task.labels:
+        config.id2label = {i: name for i, name in enumerate(task.labels)}
+        config.label2id = {name: i for i, name in enumerate(task.labels)}
+    config.compress_task = task.name
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"cannot load model {path}: {str(err).splitlines()[0][:160]}") from None
+    return model
+
+
+def finetune(config: FinetuneConfig) -> dict:
+    """Fine-tune `config.model` on `config.task`; returns the summary written to finetune.json."""
+    config.validate()
+    check_output_dir(config.output, config.overwrite)
+    resolve_data_dir(config.data_dir)
+    task = get_task(config.task)
+    path = modeling.resolve(config.model)
+    train = load_split(task, "train", config.data_dir)
+    tokenizer = modeling.load_tokenizer(path)
+    model = load_for_finetune(path, task)
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
+    losses = train_loop(model, tokenizer, train, config, device)
+    summary = {"model": str(config.model), "task": task.name, "steps": len(losses),
+               "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
+               "seconds": round(time.perf_counter() - t0, 2), "config": dataclasses.asdict(config)}
+    with atomic_output_dir(config.output, config.overwrite) as tmp:
+        modeling.save(model.cpu(), tokenizer, tmp)
+        (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def train_loop(model, tokenizer, train, config: FinetuneConfig, device) -> list[float]:
+    features = batching.encode(tokenizer, train, config.max_seq_length)
+    per_epoch = math.ceil(len(features) / config.batch_size)
+    epochs = config.epochs if config.epochs is not None else get_task(config.task).default_epochs
+    total = config.max_steps or max(1, math.ceil(epochs * per_epoch))
+    model.to(device).train()
+    optimizer, scheduler = _optimizer(model, config, total)
+    losses, step, pad = [], 0, batching.pad_id_of(tokenizer)
+    with tqdm(total=total, desc="finetune", unit="step") as bar:
+        while step < total:
+            for batch in batching.batches(features, config.batch_size, pad, shuffle=True, seed=config.seed + step):
+                loss = _step(model, batch, device, optimizer, scheduler)
+                losses.append(loss)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if step >= total:
+                    break
+    model.eval()
+    return losses
+
+
+def _optimizer(model, config: FinetuneConfig, total: int):
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
+    warmup = int(config.warmup_ratio * total)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _step(model, batch, device, optimizer, scheduler) -> float:
+    batch = batching.to_device(batch, device)
+    labels = batch.pop("labels")
+    with autocast(device):
+        logits = model(**batch).logits
+    loss = task_loss(logits, labels) / labels.shape[0]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss)

@@ -1,0 +1,172 @@
+"""The post-training pruning pipeline for encoders (`compress prune`), Kwon et al. 2022 end to end.
+
+load model -> calibration batches -> mask gradients (Fisher) -> search under the cost model ->
+rearrange -> tune (least squares) -> slim -> save. Masks travel between the stages; only
+`compress.arch` touches module paths. Baselines (`method` magnitude/random) replace the first three
+stages by per-layer ranking at a uniform keep ratio and skip rearrangement and tuning.
+Everything is written atomically into the output directory, with `prune.json` recording how.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+
+import torch
+
+from compress import batching, cost, modeling, search
+from compress.arch import get_adapter
+from compress.config import PruneConfig
+from compress.errors import UserError
+from compress.evaluation import evaluate, pick_device
+from compress.outputs import atomic_output_dir, check_output_dir
+from compress.tasks import resolve_data_dir, calibration_sample, get_task, load_split
+
+
+class Phases:
+    """Seconds spent per pipeline phase."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def prune(config: PruneConfig, progress: bool = True) -> dict:
+    """Run the pipeline; returns the record also written to `<output>/prune.json`."""
+    config.validate()
+    if config.method != "fisher" and config.flops is None:
+        raise UserError(f"--method {config.method} needs --flops (the baselines have no latency search)")
+    check_output_dir(config.output, config.overwrite)
+    resolve_data_dir(config.data_dir)
+    task, phases, device = get_task(config.task), Phases(), pick_device(config.device)
+    with phases("load"):
+        model, tokenizer, path = _load(config, task)
+        calib = _calibration(config, task, tokenizer)
+    adapter = get_adapter(model.to(device))
+    parent_shape = (adapter.num_heads(), adapter.num_filters())
+    record = {"model": str(config.model), "source_dir": str(path), "task": task.name}
+    if config.eval:
+        with phases("eval_before"):
+            record["eval_before"] = evaluate(model, tokenizer, task, config.data_dir, device, progress=progress)
+    heads, filters, flops_model = _masks(config, adapter, model, calib, device, phases, progress, record)
+    with phases("slim"):
+        from compress.slim import slim_model
+
+        slim_model(adapter, heads, filters)
+    if config.eval:
+        with phases("eval_after"):
+            record["eval_after"] = evaluate(model, tokenizer, task, config.data_dir, device, progress=progress)
+    record.update(_shape_record(adapter, flops_model, config, phases, parent_shape))
+    with atomic_output_dir(config.output, config.overwrite) as tmp:
+        modeling.save(model.cpu(), tokenizer, tmp, record)
+    return record
+
+
+def _load(config, task):
+    path = modeling.resolve(config.model)
+    model = modeling.load(path)
+    if model.config.num_labels != task.num_labels:
+        raise UserError(f"model {config.model} has {model.config.num_labels} labels but task {task.name} "
+                        f"has {task.num_labels}")
+    return model, modeling.load_tokenizer(path), path
+
+
+def _calibration(config, task, tokenizer) -> dict:
+    train = load_split(task, "train", config.data_dir)
+    n = config.num_samples or task.default_num_samples
+    features = batching.encode(tokenizer, calibration_sample(train, n, config.seed), config.max_seq_length)
+    pad = batching.pad_id_of(tokenizer)
+    return {"batches": list(batching.batches(features, config.batch_size, pad)),
+            "seq_len": batching.mean_length(features), "num_samples": len(features)}
+
+
+def _masks(config, adapter, model, calib, device, phases, progress, record):
+    """Search (and for Fisher: rearrange and tune) the masks; fills `record` with what it did."""
+    from compress import baselines, fisher, rearrange, tune
+
+    flops_model = cost.flops_model(adapter, calib["seq_len"])
+    full = flops_model.flops_counts(adapter.num_heads(), adapter.num_filters())
+    if config.method != "fisher":
+        with phases("search"):
+            scores = (baselines.magnitude_scores(adapter) if config.method == "magnitude"
+                      else baselines.random_scores(adapter, config.seed))
+            return (*search.uniform_masks(*scores, flops_model.head_cost, flops_model.filter_cost,
+                                          config.flops * full), flops_model)
+    with phases("fisher"):
+        head_grads, filter_grads = fisher.mask_gradients(model, adapter, calib["batches"], device, progress)
+    with phases("search"):
+        heads, filters = _search(config, adapter, model, calib, flops_model, full, head_grads, filter_grads, record)
+    if config.rearrange:
+        with phases("rearrange"):
+            heads, filters = rearrange.rearrange(heads, head_grads), rearrange.rearrange(filters, filter_grads)
+    if config.tune:
+        with phases("tune"):
+            heads, filters, record["tune"] = tune.tune_masks(model, adapter, calib["batches"], heads, filters,
+                                                             device, config.damp, progress)
+    return heads, filters, flops_model
+
+
+def _search(config, adapter, model, calib, flops_model, full, head_grads, filter_grads, record):
+    from compress.fisher import fisher_diagonal
+
+    head_scores, filter_scores = fisher_diagonal(head_grads), fisher_diagonal(filter_grads)
+    if config.flops is not None:
+        return search.search_flops(head_scores, filter_scores, flops_model.head_cost, flops_model.filter_cost,
+                                   config.flops * full)
+    table = _latency_table(config, adapter, model, calib)
+    record["latency_table"] = dataclasses.asdict(table)
+    budget = config.latency_ms - table.overhead_ms
+    if budget <= 0:
+        raise UserError(f"--latency-ms {config.latency_ms} is below the unprunable part of the model "
+                        f"({table.overhead_ms:.2f} ms at batch {config.latency_batch_size})")
+    return search.search_latency(head_scores, filter_scores, table, budget)
+
+
+def _latency_table(config, adapter, model, calib):
+    """Per-layer latency table plus the measured time of everything outside the layers."""
+    device = next(model.parameters()).device
+    seq, batch = max(1, round(calib["seq_len"])), config.latency_batch_size
+    table = cost.measure_latency_table(adapter.hidden_size(), adapter.head_dim(), max(adapter.num_heads()),
+                                       max(adapter.num_filters()), batch, seq, device)
+    ids = torch.randint(5, 100, (batch, seq), device=device)
+    with torch.inference_mode():
+        total = cost._timer(device)(lambda: model(input_ids=ids), 3)
+    layers = sum(table.layer_ms(h, f) for h, f in zip(adapter.num_heads(), adapter.num_filters()))
+    table.overhead_ms = max(total - layers, 0.0)
+    table.meta["dense_ms"] = total
+    return table
+
+
+def _shape_record(adapter, flops_model, config, phases, parent_shape) -> dict:
+    heads, filters = adapter.num_heads(), adapter.num_filters()
+    before = flops_model.flops_counts(*parent_shape)
+    after = flops_model.flops_counts(heads, filters)
+    constraint = {"flops": config.flops} if config.flops is not None else {"latency_ms": config.latency_ms}
+    return {"method": config.method, "constraint": constraint, "seq_len": round(flops_model.seq_len, 2),
+            "flops_before": before, "flops_after": after, "flops_ratio": after / before,
+            "num_attention_heads_per_layer": heads, "intermediate_size_per_layer": filters,
+            "seconds": dict(phases.seconds, total=round(sum(phases.seconds.values()), 3)),
+            "recipe": dataclasses.asdict(config)}
+
+
+def format_summary(record: dict) -> str:
+    """The end-of-run summary: FLOPs kept, per-layer shapes, time per phase, dev metric before/after."""
+    lines = [f"pruned {record['model']} on {record['task']} ({record['method']}, {record['constraint']})",
+             f"  FLOPs kept: {100 * record['flops_ratio']:.1f}% ({record['flops_after'] / 1e9:.2f} of "
+             f"{record['flops_before'] / 1e9:.2f} GFLOPs per example at seq len {record['seq_len']})",
+             f"  heads per layer:   {record['num_attention_heads_per_layer']}",
+             f"  filters per layer: {record['intermediate_size_per_layer']}",
+             "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())]
+    for key in ("eval_before", "eval_after"):
+        if key in record:
+            values = ", ".join(f"{k} {v:.2f}" for k, v in record[key].items() if k != "num_examples")
+            lines.append(f"  dev {key.split('_')[1]}: {values}")
+    return "\n".join(lines)
