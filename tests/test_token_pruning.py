@@ -191,6 +191,11 @@ def test_cli_end_to_end(tiny_run, capsys):
     assert 0 < record["dev_after"]["flops_ratio"] <= 1.0 and record["dev_before"]["flops_ratio"] == 1.0
     assert isinstance(io.load(out), TokenPruningModel)
     assert "FLOPs ratio" in capsys.readouterr().out
+    from compress.token_pruning.pipeline import evaluate_dir
+
+    result = evaluate_dir(out, "sst2", data_dir)  # what `compress eval` reports for token-pruned models
+    assert result["accuracy"] == pytest.approx(record["dev_after"]["accuracy"])
+    assert result["flops_ratio"] == pytest.approx(record["dev_after"]["flops_ratio"]) and result["num_examples"] == 16
 
 
 @pytest.mark.parametrize("flag, value", [("--lambda", -0.1), ("--temperature", 0), ("--final-threshold", 1.5),

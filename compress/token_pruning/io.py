@@ -72,27 +72,7 @@ def load(path: str | Path, device=None) -> TokenPruningModel:
 
 
 def load_plain(path: str | Path):
-    """The HF model in `path` with its per-layer shapes, via the core loader when it is there."""
-    try:
-        from compress.modeling import load_plain as core_load_plain
-    except ImportError:
-        return _load_plain_fallback(path)
-    return core_load_plain(path)
+    """The plain HF model in `path`, with its per-layer shapes (the core loader, compress.modeling)."""
+    from compress.modeling import load as load_model
 
-
-def _load_plain_fallback(path: str | Path):
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from compress.arch import get_adapter
-
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_config(config)
-    get_adapter(model).resize_to_config()
-    weights = Path(path) / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{path} has no model.safetensors")
-    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
-    if [k for k in missing if "position_ids" not in k] or unexpected:
-        raise UserError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval()
+    return load_model(Path(path))

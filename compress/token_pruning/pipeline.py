@@ -7,7 +7,6 @@ FLOPs ratio of the token-dropping forward (against the parent architecture on th
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
@@ -28,11 +27,9 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 
 def load_for_task(model_dir: str, task):
     """(plain HF model, tokenizer, its directory), checked to be an encoder with `task`'s head."""
-    from transformers import AutoTokenizer
+    from compress.modeling import load_tokenizer, resolve
 
-    from compress.hub import resolve_model
-
-    path = Path(resolve_model(model_dir))
+    path = resolve(model_dir)
     config = io.read_config(path)
     kind = config.get("model_type")
     if kind not in P.SUPPORTED:
@@ -43,7 +40,7 @@ def load_for_task(model_dir: str, task):
     if num_labels != task.num_labels:
         raise UserError(f"{path} predicts {num_labels} label(s) but task {task.name} has {task.num_labels}")
     model = io.load(path).model if io.CONFIG_KEY in config else io.load_plain(path)
-    return model, AutoTokenizer.from_pretrained(path), path
+    return model, load_tokenizer(path), path
 
 
 def initial_spec(cfg: TokenPruningConfig, num_layers: int) -> PruningSpec:
@@ -55,16 +52,33 @@ def initial_spec(cfg: TokenPruningConfig, num_layers: int) -> PruningSpec:
 def evaluate(model: TokenPruningModel, task, features: list[dict], pad_id: int, batch_size: int = 64,
              device=None, mode: str = "drop") -> dict:
     """Dev metric(s), mean FLOPs ratio (vs. the parent on the full input) and mean tokens per layer."""
-    from evals.glue import compute_metrics
+    from compress.metrics import compute
 
     device = device or next(model.parameters()).device
     logits, labels, tokens = predict(model, features, pad_id, batch_size, device, mode=mode)
     preds = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
-    result = dict(compute_metrics(task.name, preds.numpy(), labels.numpy()))
+    result = compute(task.metrics, preds.numpy(), labels.numpy())  # percent, as `compress eval` reports
     shape, parent = flops.model_shape(model.model), flops.parent_shape(model.config)
     result["flops_ratio"] = float(flops.flops_ratio(tokens, shape, parent).mean())
     result["token_flops_ratio"] = float(flops.flops_ratio(tokens, shape, shape).mean())
     result["tokens_per_layer"] = [round(float(t), 2) for t in tokens.mean(0)]
+    return result
+
+
+def evaluate_dir(path, task_name: str, data_dir=None, device="auto", batch_size: int = 64,
+                 max_seq_length: int = 128) -> dict[str, float]:
+    """`compress eval` for a token-pruned directory: metrics, FLOPs ratios and `num_examples`."""
+    from compress.batching import encode, pad_id_of
+    from compress.modeling import load_tokenizer
+    from compress.tasks import get_task, load_split
+
+    task, device = get_task(task_name), resolve_device(device)
+    model, tokenizer = io.load(path, device), load_tokenizer(path)
+    examples = load_split(task, "dev", data_dir)
+    features = encode(tokenizer, examples, max_seq_length)
+    result = evaluate(model, task, features, pad_id_of(tokenizer), batch_size, device)
+    result.pop("tokens_per_layer")
+    result["num_examples"] = len(examples)
     return result
 
 

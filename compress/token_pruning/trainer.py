@@ -120,5 +120,5 @@ def _inputs(batch: dict) -> dict:
 
 def _accumulate(stats: StageStats, out) -> None:
     stats.steps += 1
-    stats.loss += (float(out.loss) - stats.loss) / stats.steps
-    stats.mask_mean += (float(out.mask_mean) - stats.mask_mean) / stats.steps
+    stats.loss += (float(out.loss.detach()) - stats.loss) / stats.steps
+    stats.mask_mean += (float(out.mask_mean.detach()) - stats.mask_mean) / stats.steps
