@@ -47,8 +47,8 @@ def eos_token_ids(path: str, spec_eos: list[int], tokenizer) -> set[int]:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.tokenizer = load_tokenizer(config.model)
         self.runner = ModelRunner(config)
+        self.tokenizer = load_tokenizer(config.model)
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = eos_token_ids(config.model, self.runner.spec.eos_token_ids, self.tokenizer)
         self.block_manager = BlockManager(self.runner.block_plan, config.block_size, config.enable_prefix_caching)

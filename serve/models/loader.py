@@ -46,11 +46,14 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} has no *.safetensors weights")
     tensors = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                hf_name = _hf_name(name)
-                if hf_name is not None:
-                    tensors[hf_name] = f.get_tensor(name)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    hf_name = _hf_name(name)
+                    if hf_name is not None:
+                        tensors[hf_name] = f.get_tensor(name)
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"cannot read {file.name}: {err}") from None
     return tensors
 
 

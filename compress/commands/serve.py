@@ -1,0 +1,47 @@
+"""`compress serve`: an OpenAI-compatible HTTP server for a dense or slimmed Gemma 2 / Gemma 3 model."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Paged-KV serving (continuous batching, prefix caching) of Gemma 2/3.")
+    p.add_argument("model", metavar="DIR_OR_NAME", help="model directory, offline name (gemma-3-270m) or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--kv-cache-memory", default=None, metavar="FRACTION_OR_GB",
+                   help="KV cache size: a fraction of free memory (0.9) or GB (4GB); default 0.9 on GPU, 0.25 on CPU")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    p.add_argument("--served-model-name", default=None, help="model name clients use (default: the directory name)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from compress.errors import UserError
+    from compress.hub import resolve_model
+    from serve.config import EngineConfig, parse_memory
+    from serve.engine import LLMEngine
+    from serve.server import serve_forever
+
+    path = resolve_model(args.model)
+    try:
+        memory = None if args.kv_cache_memory is None else parse_memory(args.kv_cache_memory)
+        config = EngineConfig(model=str(path), max_model_len=args.max_model_len, block_size=args.block_size,
+                              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                              kv_cache_memory=memory, device=args.device, dtype=args.dtype,
+                              enable_prefix_caching=not args.no_prefix_caching)
+        engine = LLMEngine(config)
+    except ValueError as err:
+        raise UserError(f"cannot serve {args.model}: {err}") from None
+    name = args.served_model_name or (args.model if not Path(args.model).is_dir() else Path(path).name)
+    serve_forever(engine, name, args.host, args.port, args.api_key)
+    return 0
