@@ -24,8 +24,13 @@ from kernels import decode, prefill
 from kernels.reference import gather_kv
 from kernels.testing import make_paged_problem, relative_error
 
-DECODE_SWEEP = [(64, 4, 2, 2.0), (64, 4, 3, 2.0), (32, 4, 3, 4.0), (64, 8, 3, 2.0), (128, 8, 2, 2.0),
-                (64, 4, 2, 4.0)]
+# decode: (BLOCK_N, num_warps, num_stages, programs per SM); prefill: (BLOCK_M, BLOCK_N, warps, stages)
+DECODE_SWEEP = [(64, 4, 2, 2.0), (64, 4, 2, 1.0), (64, 4, 2, 4.0), (64, 4, 3, 2.0), (32, 4, 3, 2.0),
+                (32, 4, 4, 4.0), (32, 2, 3, 4.0), (16, 4, 4, 4.0), (128, 8, 2, 2.0), (64, 8, 2, 2.0)]
+PREFILL_SWEEP = {256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3),
+                       (128, 32, 8, 3)],
+                 128: [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3),
+                       (128, 32, 8, 3), (128, 64, 8, 3)]}
 
 
 @dataclass
@@ -53,18 +58,38 @@ CASES = [
 ]
 
 
-def time_ms(fn, iters: int) -> float:
-    for _ in range(5):
+def capture(fn, reps: int):
+    """A CUDA graph of `reps` calls of fn (device time without Python launch overhead), else None."""
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        return graph
+    except Exception as error:  # e.g. a compiled callable that re-guards during capture
+        print(f"graph capture failed ({type(error).__name__}: {error}); timing eagerly", file=sys.stderr)
+        torch.cuda.synchronize()
+        return None
+
+
+def time_ms(fn, iters: int, reps: int = 10) -> float:
+    """Median ms per call over `iters` event-timed replays of a graph holding `reps` calls."""
+    for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    graph = capture(fn, reps)
+    run, per = (graph.replay, reps) if graph is not None else (fn, 1)
+    for _ in range(3):
+        run()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / per)
     return statistics.median(times)
 
 
@@ -142,6 +167,7 @@ def bench_case(case: Case, iters: int, copy_gbs: float) -> list[dict]:
     scale = case.head_dim ** -0.5
     q = dense_q(case, problem)
     num_bytes, flops = work(case, q, k)
+    torch.cuda.synchronize()
     reference = flex(case, q, k, v, scale)().transpose(1, 2).reshape(problem.q.shape)
     err = relative_error(ours(case, problem, scale)(), reference)
     rows = []
@@ -154,6 +180,21 @@ def bench_case(case: Case, iters: int, copy_gbs: float) -> list[dict]:
         rows.append({"case": case.name, "impl": impl, "us": ms * 1e3, "gbs": gbs,
                      "pct": 100 * gbs / copy_gbs, "tflops": flops / ms / 1e9,
                      "err": err if impl == "triton paged" else None})
+    return rows
+
+
+def sweep_prefill(case: Case, iters: int) -> list[dict]:
+    problem, k, _ = build(case)
+    _, flops = work(case, dense_q(case, problem), k)
+    key = 128 if case.head_dim <= 128 else 256
+    saved = prefill.PREFILL_CONFIG[key]
+    rows = []
+    for config in PREFILL_SWEEP[key]:
+        prefill.PREFILL_CONFIG[key] = config
+        ms = time_ms(ours(case, problem, case.head_dim ** -0.5), iters)
+        rows.append({"case": case.name, "impl": "BM{} BN{} w{} s{}".format(*config), "us": ms * 1e3,
+                     "gbs": 0.0, "pct": 0.0, "tflops": flops / ms / 1e9, "err": None})
+    prefill.PREFILL_CONFIG[key] = saved
     return rows
 
 
@@ -199,6 +240,7 @@ def main(argv=None) -> int:
         print(table(rows[-3:]), flush=True)
     if args.sweep:
         rows += sweep_decode(CASES[0], args.iters, copy_gbs)
+        rows += sweep_prefill(CASES[5], args.iters) + sweep_prefill(CASES[7], args.iters)
     device = torch.cuda.get_device_name()
     text = (f"# Paged attention kernels on {device}\n\n"
             f"torch {torch.__version__}, triton {__import__('triton').__version__}; "

@@ -23,6 +23,38 @@ from kernels.common import dot_upcast, next_pow2, scores_to_log2
 
 
 @triton.jit
+def prefill_tile(q, q_pos, m_i, l_i, acc, start, kv_hi, table, k_base, v_base, qk_scale, softcap,
+                 window, stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot, d, d_mask,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr):
+    """One KV tile [start, start + BLOCK_N) of the online softmax; MASKED applies causal/window/length."""
+    pos = start + tl.arange(0, BLOCK_N)
+    valid = pos < kv_hi
+    block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    slot = pos % BLOCK_SIZE
+    kv_mask = valid[:, None] & d_mask[None, :]
+    k_off = block * stride_kc_block + slot * stride_kc_slot
+    k = tl.load(k_base + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v_off = block * stride_vc_block + slot * stride_vc_slot
+    v = tl.load(v_base + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = scores_to_log2(tl.dot(q, tl.trans(k)), qk_scale, softcap, USE_SOFTCAP)
+    if MASKED:
+        allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (q_pos[:, None] - pos[None, :] < window)
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def paged_prefill_kernel(
     q_ptr,                       # [T, Hq, D]
     k_cache_ptr, v_cache_ptr,    # [num_blocks, BLOCK_SIZE, Hkv, D]
@@ -72,41 +104,47 @@ def paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table = block_tables_ptr + b.to(tl.int64) * stride_bt_b
-    for start in range(kv_lo, kv_hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        valid = pos < kv_hi
-        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        slot = pos % BLOCK_SIZE
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k_off = block * stride_kc_block + slot * stride_kc_slot + kv_head * stride_kc_head
-        k = tl.load(k_cache_ptr + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v_off = block * stride_vc_block + slot * stride_vc_slot + kv_head * stride_vc_head
-        v = tl.load(v_cache_ptr + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = scores_to_log2(tl.dot(q, tl.trans(k)), qk_scale, softcap, USE_SOFTCAP)
-        allowed = valid[None, :] & (pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            allowed = allowed & (q_pos[:, None] - pos[None, :] < window)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    k_base = k_cache_ptr + kv_head * stride_kc_head
+    v_base = v_cache_ptr + kv_head * stride_vc_head
+    # Tiles every row sees whole (past the window's trailing edge for the tile's last query, at or
+    # before its first query) skip the per-element mask: most tiles of a long prefill.
+    first_q = context + q_tile * BLOCK_Q
+    full_from = kv_lo
+    if USE_WINDOW:
+        last_q = kv_hi - 1
+        full_from = tl.maximum(kv_lo, last_q - window + 1)
+    full_lo = kv_lo + tl.cdiv(full_from - kv_lo, BLOCK_N) * BLOCK_N
+    full_hi = full_lo + tl.maximum(first_q + 1 - full_lo, 0) // BLOCK_N * BLOCK_N
+    full_hi = tl.maximum(full_hi, full_lo)
+    for start in range(kv_lo, tl.minimum(full_lo, kv_hi), BLOCK_N):
+        m_i, l_i, acc = prefill_tile(
+            q, q_pos, m_i, l_i, acc, start, kv_hi, table, k_base, v_base, qk_scale, softcap, window,
+            stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot, d, d_mask,
+            BLOCK_SIZE, BLOCK_N, True, USE_SOFTCAP, USE_WINDOW, UPCAST)
+    for start in range(full_lo, full_hi, BLOCK_N):
+        m_i, l_i, acc = prefill_tile(
+            q, q_pos, m_i, l_i, acc, start, kv_hi, table, k_base, v_base, qk_scale, softcap, window,
+            stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot, d, d_mask,
+            BLOCK_SIZE, BLOCK_N, False, USE_SOFTCAP, USE_WINDOW, UPCAST)
+    for start in range(tl.maximum(full_hi, full_lo), kv_hi, BLOCK_N):
+        m_i, l_i, acc = prefill_tile(
+            q, q_pos, m_i, l_i, acc, start, kv_hi, table, k_base, v_base, qk_scale, softcap, window,
+            stride_kc_block, stride_kc_slot, stride_vc_block, stride_vc_slot, d, d_mask,
+            BLOCK_SIZE, BLOCK_N, True, USE_SOFTCAP, USE_WINDOW, UPCAST)
 
     acc = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     dst = out_ptr + q_rows[:, None] * stride_out_t + heads[:, None] * stride_out_h + d[None, :]
     tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
-def prefill_blocks(group: int, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M rows, BLOCK_N kv tokens, num_warps) sized so q, K, V tiles and acc fit on chip."""
-    block_m = max(64 if head_dim > 128 else 128, next_pow2(group))
-    block_n = 32 if head_dim > 128 else 64
-    return block_m, block_n, 8 if head_dim > 128 else 4
+# (BLOCK_M rows, BLOCK_N kv tokens, num_warps, num_stages) by head_dim; sized so the q, K, V tiles and
+# the fp32 accumulator fit on chip. evals/bench_kernels.py --sweep times alternatives.
+PREFILL_CONFIG = {128: (128, 64, 8, 2), 256: (64, 32, 8, 2)}
+
+
+def prefill_blocks(group: int, head_dim: int) -> tuple[int, int, int, int]:
+    block_m, block_n, warps, stages = PREFILL_CONFIG[128 if head_dim <= 128 else 256]
+    return max(block_m, next_pow2(group)), block_n, warps, stages
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *,
@@ -120,7 +158,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq
     if num_tokens == 0 or batch == 0:
         return out
     group = num_heads // num_kv_heads
-    block_m, block_n, warps = prefill_blocks(group, head_dim)
+    block_m, block_n, warps, stages = prefill_blocks(group, head_dim)
     block_q = block_m // group
     grid = (triton.cdiv(max_seqlen_q, block_q), batch, num_kv_heads)
     paged_prefill_kernel[grid](
@@ -135,6 +173,6 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq
         HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None,
-        UPCAST=dot_upcast(q.dtype), num_warps=warps, num_stages=2,
+        UPCAST=dot_upcast(q.dtype), num_warps=warps, num_stages=stages,
     )
     return out
