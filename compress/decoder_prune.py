@@ -1,0 +1,192 @@
+"""Post-training pruning of Gemma 2/3 decoders: the encoder pipeline's stages with LM-loss calibration.
+
+load -> calibration windows (compress.calib) -> LM-loss mask gradients (compress.lm_scores) ->
+GQA-aware search under the decoder cost model (compress.gqa, compress.decoder_cost) -> GQA-shaped
+rearrangement -> least-squares mask tuning of each branch before its post-norm, in fp32
+(compress.tune) -> slim (compress.slim) -> save (compress.modeling.save). Only compress.arch.gemma
+knows module paths. Baselines (`method` magnitude / activation) replace the Fisher by their scores
+and skip rearrangement, but go through the same search, tuning and slimming, so a comparison at the
+same FLOPs isolates the importance criterion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from compress.errors import UserError
+
+METHODS = ("fisher", "magnitude", "activation")
+
+
+@dataclass
+class DecoderPruneConfig:
+    """Everything `compress prune` needs for a decoder (no --task)."""
+
+    model: str = ""
+    output: str = ""
+    flops: float | None = None  # fraction of the non-embedding FLOPs to keep
+    method: str = "fisher"
+    calib: str | None = None
+    data_dir: str | None = None
+    num_samples: int = 128
+    seq_len: int = 512
+    context_len: int = 2048  # the cost model's prefill length (sliding windows bound attention)
+    batch_size: int = 4
+    seed: int = 0
+    rearrange: bool = True
+    tune: bool = True
+    damp: float = 1.0
+    device: str = "auto"
+    dtype: str = "float32"
+    overwrite: bool = False
+
+    def validate(self) -> "DecoderPruneConfig":
+        if not self.model or not self.output:
+            raise UserError("decoder pruning needs --model and -o/--output")
+        if self.flops is None or not 0.0 < self.flops <= 1.0:
+            raise UserError(f"--flops must be in (0, 1], got {self.flops}")
+        if self.method not in METHODS:
+            raise UserError(f"unknown --method {self.method!r} for a decoder; choose one of {', '.join(METHODS)}")
+        for name in ("num_samples", "batch_size", "context_len"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        return self
+
+
+def prune_decoder(config: DecoderPruneConfig, progress: bool = True) -> dict:
+    """Run the decoder pipeline and save; returns the record also written to `<output>/prune.json`."""
+    from compress.outputs import check_output_dir
+
+    config.validate()
+    check_output_dir(config.output, config.overwrite)
+    model, tokenizer, record = run_pipeline(config, progress)
+    save_pruned(model, tokenizer, record, config)
+    return record
+
+
+def run_pipeline(config: DecoderPruneConfig, progress: bool = True):
+    """The slimmed model (in memory), its tokenizer and the record; nothing is written."""
+    from compress.prune import Phases
+
+    config.validate()
+    phases, device = Phases(), _device(config.device)
+    with phases("load"):
+        model, tokenizer, path = load_decoder(config.model, device, getattr(torch, config.dtype))
+    with phases("calibration"):
+        calib = _calibration(config, model, tokenizer)
+    adapter = _adapter(model)
+    record = {"model": config.model, "source_dir": str(path), "task": "language-modelling",
+              "calibration": calib["source"], "num_samples": len(calib["ids"])}
+    parent = (adapter.num_heads(), adapter.num_kv_heads(), adapter.num_filters())
+    heads, filters, cost = select_masks(config, adapter, model, calib["batches"], device, phases, progress, record)
+    with phases("slim"):
+        from compress.slim import slim_model
+
+        slim_model(adapter, heads, filters)
+    record.update(shape_record(adapter, cost, parent, config, phases))
+    return model, tokenizer, record
+
+
+def save_pruned(model, tokenizer, record: dict, config: DecoderPruneConfig) -> None:
+    from compress import modeling
+    from compress.outputs import atomic_output_dir
+
+    with atomic_output_dir(config.output, config.overwrite) as tmp:
+        modeling.save(model.cpu(), tokenizer, tmp, record)
+
+
+def load_decoder(name: str, device, dtype=torch.float32):
+    from compress import modeling
+    from compress.arch.gemma import MODEL_TYPES, load_causal_lm
+
+    path = modeling.resolve(name)
+    config = modeling.read_config(path)
+    if config.model_type not in MODEL_TYPES:
+        raise UserError(f"model type {config.model_type!r} is not a supported decoder (supported: {', '.join(MODEL_TYPES)})")
+    model = load_causal_lm(path, dtype=dtype).to(device).eval()
+    return model, modeling.load_tokenizer(path), path
+
+
+def _adapter(model):
+    from compress.arch.gemma import GemmaAdapter
+
+    return GemmaAdapter(model)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _calibration(config, model, tokenizer) -> dict:
+    from compress.calib import resolve_calibration
+
+    calib = resolve_calibration(model, tokenizer, config.calib, config.data_dir, config.num_samples,
+                                config.seq_len, config.seed)
+    ids = calib.input_ids
+    batches = [{"input_ids": ids[i:i + config.batch_size], "attention_mask": torch.ones_like(ids[i:i + config.batch_size])}
+               for i in range(0, len(ids), config.batch_size)]
+    return {"ids": ids, "batches": batches, "source": calib.source}
+
+
+def select_masks(config, adapter, model, batches, device, phases, progress, record):
+    """Scores -> GQA search -> (rearrange) -> (tune); returns masks and the cost model."""
+    from compress import baselines, decoder_cost, gqa, lm_scores, tune
+
+    cost = decoder_cost.decoder_cost(adapter, config.context_len)
+    groups = [h // k for h, k in zip(adapter.num_heads(), adapter.num_kv_heads())]
+    with phases("scores" if config.method != "fisher" else "fisher"):
+        if config.method == "fisher":
+            head_grads, filter_grads, record["calibration_loss"] = lm_scores.lm_mask_gradients(
+                model, adapter, batches, device, progress)
+            head_scores, filter_scores = [g.pow(2).mean(0) for g in head_grads], [g.pow(2).mean(0) for g in filter_grads]
+        elif config.method == "magnitude":
+            head_scores, filter_scores = baselines.magnitude_scores(adapter)
+        else:
+            head_scores, filter_scores = lm_scores.activation_scores(model, adapter, batches, device, progress)
+    with phases("search"):
+        heads, filters = gqa.search_gqa(head_scores, filter_scores, cost, config.flops * cost.dense_flops(), groups)
+    if config.method == "fisher" and config.rearrange:
+        with phases("rearrange"):
+            from compress.rearrange import rearrange
+
+            heads = gqa.rearrange_gqa(heads, head_grads, groups)
+            filters = rearrange(filters, filter_grads)
+    if config.tune:
+        with phases("tune"):
+            heads, filters, report = tune.tune_masks(model, adapter, batches, heads, filters, device, config.damp, progress)
+            record["tune"] = report
+    return heads, filters, cost
+
+
+def shape_record(adapter, cost, parent, config, phases) -> dict:
+    heads, kv, filters = adapter.num_heads(), adapter.num_kv_heads(), adapter.num_filters()
+    before, after = cost.flops(*parent), cost.flops(heads, kv, filters)
+    return {"method": config.method, "constraint": {"flops": config.flops}, "context_len": config.context_len,
+            "flops_before": before, "flops_after": after, "flops_ratio": after / before,
+            "lm_head_flops": cost.lm_head_flops,
+            "num_attention_heads_per_layer": heads, "num_key_value_heads_per_layer": kv,
+            "intermediate_size_per_layer": filters,
+            "seconds": dict(phases.seconds, total=round(sum(phases.seconds.values()), 3)),
+            "recipe": dataclasses.asdict(config)}
+
+
+def format_summary(record: dict) -> str:
+    lines = [f"pruned {record['model']} with the language-modelling loss ({record['method']}, {record['constraint']})",
+             f"  calibration: {record['calibration']} ({record['num_samples']} windows)",
+             f"  non-embedding FLOPs kept: {100 * record['flops_ratio']:.1f}% ({record['flops_after'] / 1e9:.1f} of "
+             f"{record['flops_before'] / 1e9:.1f} GFLOPs at context {record['context_len']}); "
+             f"LM head (not pruned): {record['lm_head_flops'] / 1e9:.1f} GFLOPs",
+             f"  query heads per layer: {record['num_attention_heads_per_layer']}",
+             f"  kv heads per layer:    {record['num_key_value_heads_per_layer']}",
+             f"  filters per layer:     {record['intermediate_size_per_layer']}",
+             "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())]
+    return "\n".join(lines)
