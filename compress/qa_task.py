@@ -2,61 +2,86 @@
 
 The classification tasks of compress.tasks give `(text_a, text_b, label)` examples and batches with
 `labels`; a QA task gives windows (compress.qa) and batches with `start_positions`/`end_positions`,
-its model has a span head (`AutoModelForQuestionAnswering`) and its loss is the span loss. This
-module is the bridge: the data of each stage (training windows, a seeded calibration sample of
-windows, the dev evaluation) and the model checks, so the commands only branch on `is_qa_task`.
+its model has a span head (`...ForQuestionAnswering`, two logits per token, so `num_labels` = 2)
+and its loss is the span loss. `compress.tasks.get_task` returns a `QATask` for these names; the
+commands branch on `task.is_qa` and call the functions here: fine-tuning, the calibration windows
+of the pruner, and the dev evaluation.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import random
-from pathlib import Path
+import time
+from dataclasses import dataclass
+
+import torch
 
 from compress.errors import UserError
 from compress.qa import QAConfig, QAFeatures, batch_span_loss, featurize
 
-QA_TASKS = ("squad", "squad_v2")
-ALIASES = {"squad1": "squad", "squad-v1.1": "squad", "squad2": "squad_v2", "squad-v2": "squad_v2",
-           "squad_v2.0": "squad_v2"}
-# Defaults of the BERT SQuAD recipe (2 epochs) and of the pruning paper's calibration sample size.
-DEFAULT_EPOCHS = 2.0
-DEFAULT_NUM_SAMPLES = 2048
+ALIASES = {"squad1": "squad", "squad-v1.1": "squad", "squad2": "squad_v2", "squad-v2": "squad_v2"}
+# What the GLUE-sized defaults of FinetuneConfig/PruneConfig mean for QA: "not set, use 384".
+GLUE_SEQ_LENGTH = 128
 
 
-def qa_task_name(name: str) -> str | None:
-    """The canonical QA task name for `name`, or None when it is not a QA task."""
-    key = ALIASES.get(name.lower(), name.lower())
-    return key if key in QA_TASKS else None
+@dataclass(frozen=True)
+class QATask:
+    """A SQuAD task, duck-typed like compress.tasks.Task where the commands read it."""
+
+    name: str
+    version: str
+    metrics: tuple[str, ...] = ("exact_match", "f1")
+    num_labels: int = 2  # start and end logits
+    default_num_samples: int = 2048  # calibration windows, as the paper's 2,048 examples
+    default_epochs: float = 2.0  # the BERT SQuAD recipe
+    max_seq_length: int = 384
+    is_qa: bool = True
+    is_regression: bool = False
 
 
-def is_qa_task(name) -> bool:
-    return qa_task_name(getattr(name, "name", name)) is not None
+QA_TASKS = {"squad": QATask("squad", "v1.1"), "squad_v2": QATask("squad_v2", "v2.0")}
 
 
-def qa_config(max_seq_length: int | None = None, doc_stride: int | None = None) -> QAConfig:
-    """The windowing config: the SQuAD defaults unless a command gives its own sequence length."""
-    cfg = QAConfig()
+def get_qa_task(name: str) -> QATask | None:
+    """The QA task called `name`, or None when it is not one."""
+    return QA_TASKS.get(ALIASES.get(name.lower(), name.lower()))
+
+
+def is_qa_task(task) -> bool:
+    return getattr(task, "is_qa", False) or (isinstance(task, str) and get_qa_task(task) is not None)
+
+
+def qa_config(max_seq_length: int | None = None, model=None) -> QAConfig:
+    """Windows of `max_seq_length` tokens (384 when unset or left at the GLUE default).
+
+    The stride and the question cap scale with the window: 128 and 64 at 384, as in the BERT recipe.
+    With a `model`, the default never exceeds its position table (a small model still evaluates).
+    """
+    length = 384 if max_seq_length in (None, GLUE_SEQ_LENGTH) else max_seq_length
+    if max_seq_length in (None, GLUE_SEQ_LENGTH) and model is not None:
+        length = min(length, getattr(model.config, "max_position_embeddings", length))
     try:
-        return QAConfig(max_length=max_seq_length or cfg.max_length,
-                        doc_stride=cfg.doc_stride if doc_stride is None else doc_stride,
-                        max_question_tokens=min(cfg.max_question_tokens, (max_seq_length or cfg.max_length) // 3))
+        return QAConfig(max_length=length, doc_stride=length // 3, max_question_tokens=min(64, length // 3))
     except ValueError as err:
-        raise UserError(str(err)) from None
+        raise UserError(f"--max-seq-length {length} is too short for question answering ({err})") from None
 
 
-def check_qa_model(path: Path, config: dict, need_head: bool = True) -> None:
-    """A one-line error unless the checkpoint is an encoder with (when `need_head`) a span head."""
-    arch = config.get("architectures") or []
-    if need_head and not any(a.endswith("ForQuestionAnswering") for a in arch):
-        raise UserError(f"{path} has no question-answering head ({', '.join(arch) or 'no architecture'}); "
-                        f"fine-tune it first: compress finetune --model {path} --task squad -o DIR")
-
-
-def load_qa_model(path, device="cpu"):
-    """A `...ForQuestionAnswering` model from a directory (a fresh span head if it has none)."""
+def load_qa_model(path):
+    """A `...ForQuestionAnswering` model from a directory; a new span head (with a note) if it has none."""
     from transformers import AutoModelForQuestionAnswering
 
-    return AutoModelForQuestionAnswering.from_pretrained(path).to(device)
+    from compress import modeling
+
+    config = modeling.read_config(path)
+    if not any(a.endswith("ForQuestionAnswering") for a in getattr(config, "architectures", None) or []):
+        print(f"note: {path} has no question-answering head; a new one is initialised")
+    try:
+        return AutoModelForQuestionAnswering.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"cannot load model {path}: {str(err).splitlines()[0][:160]}") from None
 
 
 def train_features(task: str, tokenizer, data_dir=None, cfg: QAConfig | None = None,
@@ -102,3 +127,76 @@ def dev_metrics(model, tokenizer, task: str, data_dir=None, batch_size: int = 32
 
     examples = load_squad(task, "dev", data_dir)[: limit or None]
     return evaluate_model(model, tokenizer, task, examples, cfg, batch_size, progress)["metrics"]
+
+
+def calibration(config, task: QATask, tokenizer, progress: bool = True) -> dict:
+    """The pruner's calibration data (`compress.prune._calibration`'s dict) from training windows."""
+    n = config.num_samples or task.default_num_samples
+    batches = calibration_batches(task.name, tokenizer, n, config.seed, config.batch_size, config.data_dir,
+                                  qa_config(config.max_seq_length), progress)
+    return {"batches": batches, "seq_len": mean_window_length(batches),
+            "num_samples": sum(len(b["input_ids"]) for b in batches)}
+
+
+def evaluate(model, tokenizer, task: QATask, data_dir=None, device="auto", batch_size: int = 64,
+             max_seq_length: int | None = None, progress: bool = True) -> dict[str, float]:
+    """Dev metrics in compress.evaluation.evaluate's form: percentages plus `num_examples`."""
+    from compress.evaluation import pick_device
+
+    device = pick_device(device) if isinstance(device, str) else device
+    metrics = dev_metrics(model.to(device), tokenizer, task.name, data_dir, batch_size,
+                          qa_config(max_seq_length, model), progress=progress)
+    keep = {k: float(v) for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_thresh")}
+    return dict(keep, num_examples=metrics["total"])
+
+
+def finetune(config, task: QATask) -> dict:
+    """`compress finetune` for a QA task: span loss on training windows, the recipe of compress.finetune."""
+    from compress import modeling
+    from compress.evaluation import pick_device
+    from compress.outputs import atomic_output_dir, check_output_dir
+
+    check_output_dir(config.output, config.overwrite)
+    path = modeling.resolve(config.model)
+    tokenizer = modeling.load_tokenizer(path)
+    model = load_qa_model(path)
+    feats = train_features(task.name, tokenizer, config.data_dir, qa_config(config.max_seq_length, model))
+    torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
+    losses = train_loop(model, feats, config, task, pick_device(config.device))
+    summary = {"model": str(config.model), "task": task.name, "steps": len(losses), "windows": len(feats),
+               "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
+               "seconds": round(time.perf_counter() - t0, 2), "config": dataclasses.asdict(config)}
+    with atomic_output_dir(config.output, config.overwrite) as tmp:
+        modeling.save(model.cpu(), tokenizer, tmp)
+        (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def train_loop(model, feats: QAFeatures, config, task: QATask, device) -> list[float]:
+    """AdamW with warmup and linear decay over shuffled window batches (compress.finetune's schedule)."""
+    from tqdm.auto import tqdm
+
+    from compress.evaluation import autocast
+    from compress.finetune import _optimizer
+
+    per_epoch = math.ceil(len(feats) / config.batch_size)
+    total = config.max_steps or max(1, math.ceil((config.epochs or task.default_epochs) * per_epoch))
+    model.to(device).train()
+    optimizer, scheduler = _optimizer(model, config, total)
+    losses = []
+    with tqdm(total=total, desc="finetune", unit="step") as bar:
+        while len(losses) < total:
+            order = random.Random(config.seed + len(losses)).sample(range(len(feats)), len(feats))
+            for batch in feats.batches(config.batch_size, order):
+                with autocast(device):
+                    loss = batch_span_loss(model, {k: v.to(device) for k, v in batch.items()})
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.update(1), bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if len(losses) >= total:
+                    break
+    model.eval()
+    return losses

@@ -106,23 +106,16 @@ def _finite(x: float) -> float | None:
 
 def load_qa_model(model_dir, device: str = "auto"):
     """(model, tokenizer) for a QA model directory (dense, fine-tuned or slimmed) or model name."""
-    import torch
-    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+    from compress import modeling
+    from compress.evaluation import pick_device
 
-    from compress.hub import resolve_model
-
-    path = resolve_model(str(model_dir))
-    try:
-        from compress import load  # slimmed checkpoints have uneven layers
-        model = load(path)
-    except ImportError:
-        model = AutoModelForQuestionAnswering.from_pretrained(path)
-    if not hasattr(model, "qa_outputs") and "QuestionAnswering" not in type(model).__name__:
+    path = modeling.resolve(model_dir)
+    arch = getattr(modeling.read_config(path), "architectures", None) or []
+    if not any(a.endswith("ForQuestionAnswering") for a in arch):
         raise UserError(f"{path} has no question-answering head; fine-tune it first: "
                         f"compress finetune --model {model_dir} --task squad -o DIR")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device), AutoTokenizer.from_pretrained(path)
+    model = modeling.load(path)  # strict loading, uneven (slimmed) layers included
+    return model.to(pick_device(device)), modeling.load_tokenizer(path)
 
 
 def evaluate_dir(model_dir, task: str, data_dir=None, split: str = "dev", limit: int | None = None,
@@ -135,10 +128,26 @@ def evaluate_dir(model_dir, task: str, data_dir=None, split: str = "dev", limit:
     return result
 
 
+def run_eval_command(args) -> int:
+    """`compress eval DIR --task squad|squad_v2` (flags of compress/commands/eval.py)."""
+    from compress.qa_task import get_qa_task, qa_config
+
+    task = get_qa_task(args.task).name
+    examples = load_squad(task, "dev", args.data_dir)
+    model, tokenizer = load_qa_model(args.model, args.device or "auto")
+    result = evaluate_model(model, tokenizer, task, examples, qa_config(args.max_seq_length, model),
+                            args.batch_size)
+    result.update(model=str(args.model), split="dev", num_examples=len(examples))
+    print(format_table(result))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def format_table(result: dict) -> str:
     """A two-column text table of the metrics of one `evaluate_*` result."""
     metrics = result["metrics"]
-    rows = [(k, f"{v:.2f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
+    rows = [(k, f"{v:.2f}" if isinstance(v, float) else "-" if v is None else str(v)) for k, v in metrics.items()]
     width = max(len(k) for k, _ in rows)
     head = f"{result['task']} {result.get('split', 'dev')} ({result.get('model', 'model')})"
     return "\n".join([head] + [f"  {k:<{width}}  {v:>10}" for k, v in rows])
@@ -182,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N questions")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=384)
-    p.add_argument("--doc-stride", type=int, default=128, help="context tokens shared by consecutive windows")
+    p.add_argument("--doc-stride", type=int, help="context tokens shared by consecutive windows "
+                   "(default: a third of --max-length, 128 at 384; questions are cut to min(64, that))")
     p.add_argument("--max-answer-length", type=int, default=30)
     p.add_argument("--null-threshold", type=float, default=0.0, help="v2.0: answer '' above this no-answer score")
     p.add_argument("--device", default="auto")
@@ -201,8 +211,10 @@ def run(args) -> dict:
         if not args.model:
             raise UserError("give a model directory (or --score DATASET PREDICTIONS)")
         try:
-            cfg = QAConfig(args.max_length, args.doc_stride, args.max_answer_length,
-                           null_threshold=args.null_threshold)
+            third = args.max_length // 3
+            cfg = QAConfig(args.max_length, third if args.doc_stride is None else args.doc_stride,
+                           args.max_answer_length, null_threshold=args.null_threshold,
+                           max_question_tokens=min(64, third))
         except ValueError as err:
             raise UserError(str(err)) from None
         result = evaluate_dir(args.model, args.task, args.data_dir, args.split, args.limit,

@@ -179,3 +179,45 @@ def test_config_is_validated():
         QAConfig(max_length=48, doc_stride=40, max_question_tokens=16)
     with pytest.raises(ValueError, match="no room"):
         QAConfig(max_length=32, max_question_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_qa_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("qa") / "tiny"
+    tiny_qa_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_finetune_prune_eval_through_the_cli(tiny_qa_dir, tmp_path, capsys):
+    from compress.cli import main
+
+    data = ["--data-dir", str(FIXTURES), "--max-seq-length", "48", "--batch-size", "8"]
+    ft, pruned, out = tmp_path / "ft", tmp_path / "pruned", tmp_path / "eval.json"
+    assert main(["finetune", "--model", str(tiny_qa_dir), "--task", "squad_v2", "--max-steps", "2",
+                 "-o", str(ft), *data]) == 0
+    summary = json.loads((ft / "finetune.json").read_text())
+    assert summary["task"] == "squad_v2" and summary["steps"] == 2 and summary["windows"] > 21
+    assert main(["prune", "--model", str(ft), "--task", "squad_v2", "--flops", "0.5", "--num-samples", "16",
+                 "-o", str(pruned), *data]) == 0
+    record = json.loads((pruned / "prune.json").read_text())
+    assert record["flops_ratio"] <= 0.5 + 1e-6 and sum(record["num_attention_heads_per_layer"]) < 8
+    config = json.loads((pruned / "config.json").read_text())
+    assert config["architectures"] == ["BertForQuestionAnswering"]
+    assert main(["eval", str(pruned), "--task", "squad_v2", "--data-dir", str(FIXTURES), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["metrics"]["total"] == 15 and result["metrics"]["NoAns_total"] == 4
+    assert set(result["predictions"]) == {ex["id"] for ex in load_squad("squad_v2", "dev", FIXTURES)}
+    assert "HasAns_f1" in capsys.readouterr().out
+
+
+def test_cli_errors_for_qa(tiny_qa_dir, tmp_path, capsys):
+    from compress.cli import main
+
+    no_head = tmp_path / "encoder"
+    tiny_qa_model(len(fixture_tokenizer())).base_model.save_pretrained(no_head)
+    fixture_tokenizer().save_pretrained(no_head)
+    assert main(["eval", str(no_head), "--task", "squad", "--data-dir", str(FIXTURES)]) == 2
+    assert "no question-answering head" in capsys.readouterr().err
+    assert main(["eval", str(tiny_qa_dir), "--task", "squad", "--data-dir", str(tmp_path)]) == 2
+    assert "dev split not found" in capsys.readouterr().err
