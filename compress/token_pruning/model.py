@@ -173,8 +173,10 @@ def importance(probs: torch.Tensor, query_weight: torch.Tensor) -> torch.Tensor:
 
     probs: [B, h, S, S] (query, key); query_weight: [B, S], 0 for padding and dropped tokens.
     """
-    received = torch.einsum("bhqk,bq->bk", probs, query_weight) / probs.shape[1]
-    return received / query_weight.sum(1, keepdim=True).clamp_min(1e-9)
+    with torch.autocast(probs.device.type, enabled=False):  # thresholds are ~1e-2: keep fp32 under bf16
+        probs, query_weight = probs.float(), query_weight.float()
+        received = torch.einsum("bhqk,bq->bk", probs, query_weight) / probs.shape[1]
+        return received / query_weight.sum(1, keepdim=True).clamp_min(1e-9)
 
 
 def compact(x, keep, positions):

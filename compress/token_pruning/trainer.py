@@ -5,7 +5,8 @@ thresholds with their own Adam optimizer and learning rate (they live on the sca
 probability, ~1/sequence length, far from the weights' scale). Stage "hard": thresholds frozen,
 tokens under them dropped (masked formulation, so a batch keeps its shape), the weights fine-tuned.
 The top-k baseline has nothing to learn in the soft stage and runs the hard stage only.
-`predict` runs the real token-dropping forward and returns what `flops.py` needs.
+`predict` runs the real token-dropping forward and returns what `flops.py` needs. On CUDA both run
+under bf16 autocast (as the core's fine-tuning and evaluation do); importances stay fp32.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compress.batching import batches, to_device
+from compress.evaluation import autocast
 from compress.token_pruning.config import TokenPruningConfig
 from compress.token_pruning.model import TokenPruningModel
 
@@ -52,7 +54,8 @@ def train_stage(model: TokenPruningModel, features: list[dict], pad_id: int, cfg
     optimizers, scheduler = _optimizers(model, cfg, soft, total)
     with tqdm(total=total, desc=f"token-prune {stage}", unit="step") as bar:
         for batch in _cycle(features, pad_id, cfg, device, total):
-            out = model(**_inputs(batch), labels=batch["labels"], mode="soft" if soft else "masked")
+            with autocast(device):
+                out = model(**_inputs(batch), labels=batch["labels"], mode="soft" if soft else "masked")
             loss = out.loss + cfg.mask_lambda * out.mask_mean if soft else out.loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.model.parameters(), 1.0)
@@ -80,7 +83,8 @@ def predict(model: TokenPruningModel, features: list[dict], pad_id: int, batch_s
     num_batches = math.ceil(len(features) / batch_size)
     for batch in tqdm(batches(features, batch_size, pad_id), total=num_batches, desc=desc, leave=False):
         batch = to_device(batch, device)
-        out = model(**_inputs(batch), mode=mode)
+        with autocast(device):
+            out = model(**_inputs(batch), mode=mode)
         logits.append(out.logits.float().cpu())
         labels.append(batch["labels"].cpu())
         tokens.append(out.num_tokens.float().cpu())
