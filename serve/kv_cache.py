@@ -50,7 +50,9 @@ def memory_budget(config: EngineConfig, device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * (0.9 if value is None else value))
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(available * (0.25 if value is None else value))
+    if value is None:     # host RAM is shared with everything else: stay modest unless told otherwise
+        return min(int(available * 0.25), 2 * 2**30)
+    return int(available * value)
 
 
 def plan_blocks(spec, config: EngineConfig, max_model_len: int, dtype, device) -> dict[int | None, int]:

@@ -11,7 +11,7 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--kv-cache-memory", default=None, metavar="FRACTION_OR_GB",
-                   help="KV cache size: a fraction of free memory (0.9) or GB (4GB); default 0.9 on GPU, 0.25 on CPU")
+                   help="KV cache size: a fraction of free memory (0.9) or GB (4GB); default 0.9 on GPU, min(0.25, 2GB) on CPU")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")

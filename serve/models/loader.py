@@ -8,6 +8,7 @@ ValueError with one line saying which file or tensor is wrong.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,7 +75,8 @@ def _check_and_fill(model: GemmaForCausalLM, tensors: dict[str, torch.Tensor]) -
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[GemmaForCausalLM, GemmaSpec]:
     path = Path(path)
     spec = spec_from_config(read_config(path))
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")   # pruned-away layers
         model = GemmaForCausalLM(spec)
     tensors = _check_and_fill(model, _read_tensors(path))
     tensors = {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
