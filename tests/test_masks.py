@@ -1,0 +1,77 @@
+"""Masks as the currency between stages: all-ones masks are the identity, the Fisher is per example,
+rearrangement never raises its objective."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compress import fisher, rearrange  # noqa: E402
+from compress.arch import get_adapter  # noqa: E402
+from _tiny import KINDS, tiny_inputs, tiny_model  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_ones_masks_leave_outputs_unchanged(kind):
+    model = tiny_model(kind)
+    adapter = get_adapter(model)
+    x = tiny_inputs()
+    with torch.no_grad():
+        ref = model(**x).logits
+        with adapter.masks(*adapter.ones_masks()):
+            out = model(**x).logits
+        with adapter.masks(*adapter.ones_masks()):
+            pass
+        after = model(**x).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(after, ref, rtol=0, atol=0)  # hooks are removed on exit
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_zero_head_mask_changes_outputs(kind):
+    model = tiny_model(kind)
+    adapter = get_adapter(model)
+    heads, filters = adapter.ones_masks()
+    heads[0][1] = 0.0
+    x = tiny_inputs()
+    with torch.no_grad():
+        ref = model(**x).logits
+        with adapter.masks(heads, filters):
+            out = model(**x).logits
+    assert (out - ref).abs().max() > 1e-4
+
+
+def test_per_example_mask_gradients_match_single_example_gradients():
+    model = tiny_model("bert")
+    adapter = get_adapter(model)
+    x = tiny_inputs(batch=3)
+    labels = torch.tensor([0, 1, 1])
+    batch = dict(x, labels=labels)
+    head_grads, filter_grads = fisher.mask_gradients(model, adapter, [batch], "cpu", progress=False)
+    assert head_grads[0].shape == (3, 4) and filter_grads[1].shape == (3, 128)
+    one = {k: v[2:3] for k, v in batch.items()}
+    single_heads, single_filters = fisher.mask_gradients(model, adapter, [one], "cpu", progress=False)
+    torch.testing.assert_close(head_grads[1][2], single_heads[1][0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(filter_grads[0][2], single_filters[0][0], rtol=1e-4, atol=1e-6)
+    assert float(head_grads[0].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rearrangement_never_raises_objective_and_keeps_counts(seed):
+    g = torch.Generator().manual_seed(seed)
+    grads = torch.randn(40, 24, generator=g) * torch.rand(24, generator=g)
+    fisher_block = rearrange.block_fisher(grads)
+    mask = torch.zeros(24)
+    mask[torch.randperm(24, generator=g)[:10]] = 1.0
+    new = rearrange.rearrange_layer(mask, fisher_block)
+    assert int(new.sum()) == 10
+    assert rearrange.objective(new, fisher_block) <= rearrange.objective(mask, fisher_block) + 1e-12
+
+
+def test_rearrangement_finds_the_optimum_of_a_diagonal_fisher():
+    fisher_block = torch.diag(torch.tensor([5.0, 1.0, 4.0, 0.5, 3.0]))
+    mask = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0])  # prunes the two most important units
+    new = rearrange.rearrange_layer(mask, fisher_block)
+    assert new.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]

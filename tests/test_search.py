@@ -1,0 +1,90 @@
+"""The mask search meets its budget and is exact for the FLOPs cost model (checked by brute force)."""
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compress import cost, search  # noqa: E402
+from compress.arch import get_adapter  # noqa: E402
+from _tiny import tiny_model  # noqa: E402
+
+
+def _brute_force(head_scores, filter_scores, head_cost, filter_cost, budget):
+    items = [(float(s), head_cost[l]) for l, hs in enumerate(head_scores) for s in hs]
+    items += [(float(s), filter_cost[l]) for l, fs in enumerate(filter_scores) for s in fs]
+    best = 0.0
+    for keep in itertools.product((0, 1), repeat=len(items)):
+        c = sum(k * i[1] for k, i in zip(keep, items))
+        if c <= budget + 1e-9:
+            best = max(best, sum(k * i[0] for k, i in zip(keep, items)))
+    return best
+
+
+def _kept_value(masks, scores):
+    return sum(float((m * s).sum()) for m, s in zip(masks, scores))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("head_cost,filter_cost", [([5.0, 5.0], [2.0, 2.0]), ([7.0, 4.0], [3.0, 2.0])])
+def test_flops_search_is_exact_on_tiny_cases(seed, head_cost, filter_cost):
+    g = torch.Generator().manual_seed(seed)
+    heads = [torch.rand(2, generator=g), torch.rand(2, generator=g)]
+    filters = [torch.rand(3, generator=g), torch.rand(3, generator=g)]
+    full = 2 * sum(head_cost) + 3 * sum(filter_cost)
+    for ratio in (0.2, 0.45, 0.7, 1.0):
+        hm, fm = search.search_flops(heads, filters, head_cost, filter_cost, ratio * full)
+        used = sum(float(m.sum()) * c for m, c in zip(hm, head_cost)) + sum(
+            float(m.sum()) * c for m, c in zip(fm, filter_cost))
+        assert used <= ratio * full + 1e-9
+        got = _kept_value(hm, heads) + _kept_value(fm, filters)
+        assert got == pytest.approx(_brute_force(heads, filters, head_cost, filter_cost, ratio * full), abs=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.75])
+def test_flops_search_meets_budget_on_a_model(ratio):
+    adapter = get_adapter(tiny_model("bert"))
+    model = cost.flops_model(adapter, seq_len=37.5)
+    g = torch.Generator().manual_seed(1)
+    heads = [torch.rand(h, generator=g) for h in adapter.num_heads()]
+    filters = [torch.rand(f, generator=g) for f in adapter.num_filters()]
+    full = model.flops_counts(adapter.num_heads(), adapter.num_filters())
+    hm, fm = search.search_flops(heads, filters, model.head_cost, model.filter_cost, ratio * full)
+    kept = model.flops(hm, fm)
+    assert kept <= ratio * full * (1 + 1e-9)
+    unkept = [c for m, c in zip(hm, model.head_cost) if (m == 0).any()]
+    unkept += [c for m, c in zip(fm, model.filter_cost) if (m == 0).any()]
+    assert all(c > ratio * full - kept for c in unkept)  # scores are positive: nothing that fits is left out
+
+
+def test_flops_model_matches_a_hand_count():
+    adapter = get_adapter(tiny_model("bert"))  # hidden 64, 4 heads of 16, 128 filters
+    model = cost.flops_model(adapter, seq_len=10)
+    assert model.head_cost[0] == 4 * 2 * 10 * 64 * 16 + 2 * 2 * 10 * 10 * 16
+    assert model.filter_cost[0] == 2 * 2 * 10 * 64
+
+
+def test_latency_search_meets_budget_and_prefers_important_units():
+    table = cost.LatencyTable(attention_ms=[0.0, 1.0, 1.5, 2.0, 2.5], ffn_widths=[0, 64, 128], ffn_ms=[0.0, 1.0, 2.0])
+    g = torch.Generator().manual_seed(0)
+    heads = [torch.rand(4, generator=g) for _ in range(2)]
+    filters = [torch.rand(128, generator=g) for _ in range(2)]
+    heads[1] *= 100  # layer 1's heads matter most
+    budget = 4.0
+    hm, fm = search.search_latency(heads, filters, table, budget)
+    used = sum(table.layer_ms(int(h.sum()), int(f.sum())) for h, f in zip(hm, fm))
+    assert used <= budget + 1e-9
+    assert int(hm[1].sum()) == 4
+
+
+def test_uniform_baseline_meets_budget():
+    head_cost, filter_cost = [100.0, 100.0], [3.0, 3.0]
+    scores = ([torch.rand(4), torch.rand(4)], [torch.rand(128), torch.rand(128)])
+    full = 8 * 100 + 256 * 3
+    hm, fm = search.uniform_masks(*scores, head_cost, filter_cost, 0.5 * full)
+    used = sum(float(m.sum()) * 100 for m in hm) + sum(float(m.sum()) * 3 for m in fm)
+    assert used <= 0.5 * full
+    assert [int(m.sum()) for m in hm] == [2, 2]
