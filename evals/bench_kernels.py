@@ -25,12 +25,10 @@ from kernels.reference import gather_kv
 from kernels.testing import make_paged_problem, relative_error
 
 # decode: (BLOCK_N, num_warps, num_stages, programs per SM); prefill: (BLOCK_M, BLOCK_N, warps, stages)
-DECODE_SWEEP = [(64, 4, 2, 2.0), (64, 4, 2, 1.0), (64, 4, 2, 4.0), (64, 4, 3, 2.0), (32, 4, 3, 2.0),
-                (32, 4, 4, 4.0), (32, 2, 3, 4.0), (16, 4, 4, 4.0), (128, 8, 2, 2.0), (64, 8, 2, 2.0)]
-PREFILL_SWEEP = {256: [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3),
-                       (128, 32, 8, 3)],
-                 128: [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3),
-                       (128, 32, 8, 3), (128, 64, 8, 3)]}
+DECODE_SWEEP = [(32, 4, 3, 2.0), (32, 4, 3, 1.0), (32, 4, 3, 4.0), (64, 4, 2, 2.0), (32, 4, 2, 2.0),
+                (32, 8, 3, 2.0)]
+PREFILL_SWEEP = {256: [(128, 64, 8, 2), (128, 64, 4, 2), (64, 64, 4, 2), (128, 32, 4, 3)],
+                 128: [(128, 128, 8, 2), (128, 128, 4, 2), (64, 128, 4, 3), (128, 64, 8, 2)]}
 
 
 @dataclass
@@ -72,12 +70,12 @@ def capture(fn, reps: int):
         return None
 
 
-def time_ms(fn, iters: int, reps: int = 10) -> float:
+def time_ms(fn, iters: int, reps: int = 10, graph: bool = True) -> float:
     """Median ms per call over `iters` event-timed replays of a graph holding `reps` calls."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    graph = capture(fn, reps)
+    graph = capture(fn, reps) if graph else None
     run, per = (graph.replay, reps) if graph is not None else (fn, 1)
     for _ in range(3):
         run()
@@ -96,7 +94,8 @@ def time_ms(fn, iters: int, reps: int = 10) -> float:
 def copy_bandwidth_gbs(iters: int) -> float:
     src = torch.randn(512 * 2 ** 20, device="cuda", dtype=torch.bfloat16)  # 1 GiB
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), iters)
+    # eager: a captured copy becomes a graph memcpy node, measured 17% slower on the H100
+    ms = time_ms(lambda: dst.copy_(src), iters, graph=False)
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 

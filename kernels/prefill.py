@@ -139,7 +139,7 @@ def paged_prefill_kernel(
 
 # (BLOCK_M rows, BLOCK_N kv tokens, num_warps, num_stages) by head_dim; sized so the q, K, V tiles and
 # the fp32 accumulator fit on chip. evals/bench_kernels.py --sweep times alternatives.
-PREFILL_CONFIG = {128: (128, 64, 8, 2), 256: (64, 32, 8, 2)}
+PREFILL_CONFIG = {128: (128, 128, 8, 2), 256: (128, 64, 8, 2)}  # best of the H100 sweep
 
 
 def prefill_blocks(group: int, head_dim: int) -> tuple[int, int, int, int]:
