@@ -68,7 +68,7 @@ class FinetuneConfig:
     output: str = ""
     epochs: float | None = None  # None: the task's default
     max_steps: int | None = None
-    learning_rate: float = 5e-5
+    learning_rate: float | None = None  # None: the task's default (5e-5 for GLUE)
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     batch_size: int = 32
@@ -85,7 +85,7 @@ class FinetuneConfig:
             raise UserError(f"--epochs must be positive, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"--max-steps must be at least 1, got {self.max_steps}")
-        if not self.learning_rate > 0:
+        if self.learning_rate is not None and not self.learning_rate > 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
         return self
 

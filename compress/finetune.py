@@ -51,6 +51,9 @@ def finetune(config: FinetuneConfig) -> dict:
     check_output_dir(config.output, config.overwrite)
     resolve_data_dir(config.data_dir)
     task = get_task(config.task)
+    if getattr(task, "is_qa", False):  # SQuAD: span loss on windows (compress.qa_task)
+        from compress.qa_task import finetune as finetune_qa
+        return finetune_qa(config, task)
     path = modeling.resolve(config.model)
     train = load_split(task, "train", config.data_dir)
     tokenizer = modeling.load_tokenizer(path)
@@ -94,7 +97,8 @@ def _optimizer(model, config: FinetuneConfig, total: int):
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate)
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=config.learning_rate or get_task(config.task).default_learning_rate)
     warmup = int(config.warmup_ratio * total)
 
     def schedule(step: int) -> float:

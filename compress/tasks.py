@@ -33,6 +33,7 @@ class Task:
     hf_name: tuple[str, ...] = ()  # (config, split-of-dev, text fields...)
     default_num_samples: int = 2048
     default_epochs: float = 3.0
+    default_learning_rate: float = 5e-5
     extra: dict = field(default_factory=dict)
 
     @property
@@ -62,6 +63,7 @@ TASKS: dict[str, Task] = {
         Task("rte", 2, ("accuracy",), "RTE", (1, 2, 3), labels=_NLI,
              hf_name=("rte", "validation", "sentence1", "sentence2")),
         Task("bbc-news", 5, ("accuracy",), default_num_samples=256, default_epochs=1.0,
+             default_learning_rate=2e-4,
              labels=("business", "entertainment", "politics", "sports", "tech")),
     )
 }
@@ -71,7 +73,11 @@ ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "bbc": "bbc-news"
 def get_task(name: str) -> Task:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in TASKS:
-        raise UserError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        from compress.qa_task import QA_TASKS, get_qa_task  # squad, squad_v2: extractive QA
+
+        if get_qa_task(key) is not None:
+            return get_qa_task(key)
+        raise UserError(f"unknown task {name!r}; known tasks: {', '.join([*TASKS, *QA_TASKS])}")
     return TASKS[key]
 
 

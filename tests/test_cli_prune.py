@@ -1,0 +1,110 @@
+"""CLI end to end on a tiny model and task (finetune -> prune -> eval) and every bad input of issue 2:
+one line on stderr, exit code 2, nothing written or overwritten."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compress import modeling  # noqa: E402
+from compress.cli import main  # noqa: E402
+from _tiny import save_tiny_model_dir, write_tiny_sst2  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = write_tiny_sst2(root / "data")
+    save_tiny_model_dir(root / "base", "bert", with_head=False)
+    ft = root / "ft"
+    assert main(["finetune", "--model", str(root / "base"), "--task", "sst2", "--data-dir", str(data),
+                 "-o", str(ft), "--max-steps", "20", "--learning-rate", "1e-3", "--batch-size", "16"]) == 0
+    return root, data, ft
+
+
+def test_finetune_prune_eval_end_to_end(work, capsys):
+    root, data, ft = work
+    out = root / "pruned"
+    assert main(["prune", "--model", str(ft), "--task", "sst2", "--data-dir", str(data), "-o", str(out),
+                 "--flops", "0.5", "--num-samples", "64", "--eval"]) == 0
+    summary = capsys.readouterr().out
+    assert "FLOPs kept" in summary and "dev before" in summary and "dev after" in summary
+    record = json.loads((out / "prune.json").read_text())
+    assert record["flops_ratio"] <= 0.5 + 1e-9
+    assert set(record["seconds"]) >= {"fisher", "search", "rearrange", "tune", "slim"}
+    assert record["recipe"]["flops"] == 0.5
+    assert modeling.load(out).config.num_attention_heads_per_layer == record["num_attention_heads_per_layer"]
+    assert main(["eval", str(out), "--task", "sst2", "--data-dir", str(data), "--json", str(root / "m.json")]) == 0
+    metrics = json.loads((root / "m.json").read_text())["metrics"]
+    assert metrics["accuracy"] == pytest.approx(record["eval_after"]["accuracy"])
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_baselines_meet_the_same_budget(work, method):
+    root, data, ft = work
+    out = root / f"pruned-{method}"
+    assert main(["prune", "--model", str(ft), "--task", "sst2", "--data-dir", str(data), "-o", str(out),
+                 "--flops", "0.6", "--num-samples", "32", "--method", method]) == 0
+    assert json.loads((out / "prune.json").read_text())["flops_ratio"] <= 0.6 + 1e-9
+
+
+def test_recipe_maps_onto_config_and_flags_override(work, tmp_path):
+    root, data, ft = work
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {ft}\ntask: sst2\nflops: 0.3\nnum_samples: 32\ntune: false\ndata_dir: {data}\n")
+    out = tmp_path / "out"
+    assert main(["prune", "--recipe", str(recipe), "--flops", "0.7", "-o", str(out)]) == 0
+    record = json.loads((out / "prune.json").read_text())
+    assert record["recipe"]["flops"] == 0.7 and record["recipe"]["tune"] is False
+    assert "tune" not in record["seconds"]
+
+
+def _bad(work, tmp_path, capsys, argv, message):
+    root, data, ft = work
+    argv = [a.format(ft=ft, data=data, root=root, tmp=tmp_path) for a in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temp dir left
+
+
+PRUNE = ["prune", "--task", "sst2", "--data-dir", "{data}", "-o", "{tmp}/out"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["prune", "--model", "no-such-model-xyz", "--task", "sst2", "-o", "{tmp}/out", "--flops", "0.5"], "unknown model"),
+    (PRUNE[:2] + ["imagenet"] + PRUNE[3:] + ["--model", "{ft}", "--flops", "0.5"], "unknown task"),
+    (PRUNE + ["--model", "{ft}", "--flops", "0"], "--flops must be in (0, 1]"),
+    (PRUNE + ["--model", "{ft}", "--flops", "1.5"], "--flops must be in (0, 1]"),
+    (PRUNE + ["--model", "{root}/base", "--flops", "0.5"], "no sequence-classification head"),
+    (["prune", "--task", "mnli", "--data-dir", "{data}", "-o", "{tmp}/out", "--model", "{ft}", "--flops", "0.5"],
+     "has 2 labels but task mnli has 3"),
+    (["prune", "--task", "sst2", "--data-dir", "{tmp}/missing", "-o", "{tmp}/out", "--model", "{ft}", "--flops", "0.5"],
+     "does not exist"),
+])
+def test_bad_inputs_exit_2_with_one_line(work, tmp_path, capsys, argv, message):
+    _bad(work, tmp_path, capsys, argv, message)
+
+
+def test_existing_output_needs_overwrite(work, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    _bad(work, tmp_path, capsys, PRUNE + ["--model", "{ft}", "--flops", "0.5"], "--overwrite")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_corrupt_and_partial_checkpoints(work, tmp_path, capsys):
+    import shutil
+
+    root, data, ft = work
+    bad = tmp_path / "bad"
+    shutil.copytree(ft, bad)
+    weights = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(weights[:1000])
+    _bad(work, tmp_path, capsys, PRUNE + ["--model", str(bad), "--flops", "0.5"], "corrupt or incomplete")
+    (bad / "model.safetensors").unlink()
+    _bad(work, tmp_path, capsys, PRUNE + ["--model", str(bad), "--flops", "0.5"], "no model.safetensors")
