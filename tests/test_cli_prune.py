@@ -108,3 +108,17 @@ def test_corrupt_and_partial_checkpoints(work, tmp_path, capsys):
     _bad(work, tmp_path, capsys, PRUNE + ["--model", str(bad), "--flops", "0.5"], "corrupt or incomplete")
     (bad / "model.safetensors").unlink()
     _bad(work, tmp_path, capsys, PRUNE + ["--model", str(bad), "--flops", "0.5"], "no model.safetensors")
+
+
+def test_shipped_recipes_map_onto_the_config():
+    from compress.config import FinetuneConfig, PruneConfig, load_recipe, resolve
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        cls = FinetuneConfig if "finetune" in path.name else PruneConfig
+        if not ("minilm" in path.name or "mpnet" in path.name):
+            continue  # other subsystems' recipes
+        config = resolve(cls, load_recipe(path))
+        assert config.model and config.task
+        assert path.read_text().startswith("#")  # header comment with the command
