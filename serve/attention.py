@@ -120,25 +120,25 @@ class ReferenceBackend(AttentionBackend):
 
 
 class TritonBackend(AttentionBackend):
-    """The Triton kernels of kernels/ (issue 5), imported only when chosen."""
+    """The Triton kernels of kernels/ (issue 5), imported only when chosen (same signatures)."""
 
     name = "triton"
 
     def __init__(self):
-        import kernels
-        self.reshape_and_cache = kernels.reshape_and_cache
-        self.paged_prefill_attention = kernels.paged_prefill_attention
-        self.paged_decode_attention = kernels.paged_decode_attention
+        from kernels.dispatch import load_backend
+        ops = load_backend("triton")
+        self.reshape_and_cache = ops.reshape_and_cache
+        self.paged_prefill_attention = ops.paged_prefill_attention
+        self.paged_decode_attention = ops.paged_decode_attention
 
 
 def triton_available() -> bool:
     try:
-        import kernels  # noqa: F401
         import triton  # noqa: F401
+        from kernels.dispatch import load_backend  # noqa: F401
     except ImportError:
         return False
-    return all(hasattr(kernels, n) for n in ("reshape_and_cache", "paged_prefill_attention",
-                                             "paged_decode_attention"))
+    return True
 
 
 def select_backend(name: str, device: torch.device) -> AttentionBackend:

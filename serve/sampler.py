@@ -42,7 +42,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     params = [seq.params for seq in seqs]
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     tokens = logits.argmax(dim=1)
-    if not bool(greedy.all()):
+    if not all(p.greedy for p in params):
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
         scaled = logits / temps[:, None]
         if any(p.top_k > 0 for p in params):

@@ -49,6 +49,8 @@ def _prompt_ids(engine: LLMEngine, parsed: ParsedRequest) -> list[int]:
     if parsed.messages is None:
         return engine.tokenize(parsed.prompt)
     tokenizer = engine.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
     try:
         text = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True, tokenize=False)
     except Exception as err:  # jinja errors (e.g. a template that rejects a role) are the client's to fix
