@@ -37,6 +37,7 @@ class DecoderPruneConfig:
     batch_size: int = 4
     seed: int = 0
     rearrange: bool = True
+    max_filter_swaps: int = 128  # per layer; a Gemma layer has thousands of filters and each swap is O(F^2)
     tune: bool = True
     damp: float = 1.0
     device: str = "auto"
@@ -139,31 +140,45 @@ def _calibration(config, model, tokenizer) -> dict:
 
 def select_masks(config, adapter, model, batches, device, phases, progress, record):
     """Scores -> GQA search -> (rearrange) -> (tune); returns masks and the cost model."""
-    from compress import baselines, decoder_cost, gqa, lm_scores, tune
+    scores = compute_scores(config.method, adapter, model, batches, device, phases, progress, record)
+    return masks_from_scores(config, adapter, model, batches, scores, device, phases, progress, record)
+
+
+def compute_scores(method, adapter, model, batches, device, phases, progress, record) -> dict:
+    """Per-layer head and filter scores of `method` (and, for Fisher, the per-window mask gradients)."""
+    from compress import baselines, lm_scores
+
+    with phases("fisher" if method == "fisher" else "scores"):
+        if method == "fisher":
+            head_grads, filter_grads, record["calibration_loss"] = lm_scores.lm_mask_gradients(
+                model, adapter, batches, device, progress)
+            return {"heads": [g.pow(2).mean(0) for g in head_grads], "filters": [g.pow(2).mean(0) for g in filter_grads],
+                    "head_grads": head_grads, "filter_grads": filter_grads}
+        if method == "magnitude":
+            heads, filters = baselines.magnitude_scores(adapter)
+        else:
+            heads, filters = lm_scores.activation_scores(model, adapter, batches, device, progress)
+    return {"heads": heads, "filters": filters}
+
+
+def masks_from_scores(config, adapter, model, batches, scores, device, phases, progress, record):
+    """Search under the GQA rule, rearrange (Fisher only), tune; returns masks and the cost model."""
+    from compress import decoder_cost, gqa, tune
+    from compress.rearrange import block_fisher, rearrange_layer
 
     cost = decoder_cost.decoder_cost(adapter, config.context_len)
     groups = [h // k for h, k in zip(adapter.num_heads(), adapter.num_kv_heads())]
-    with phases("scores" if config.method != "fisher" else "fisher"):
-        if config.method == "fisher":
-            head_grads, filter_grads, record["calibration_loss"] = lm_scores.lm_mask_gradients(
-                model, adapter, batches, device, progress)
-            head_scores, filter_scores = [g.pow(2).mean(0) for g in head_grads], [g.pow(2).mean(0) for g in filter_grads]
-        elif config.method == "magnitude":
-            head_scores, filter_scores = baselines.magnitude_scores(adapter)
-        else:
-            head_scores, filter_scores = lm_scores.activation_scores(model, adapter, batches, device, progress)
     with phases("search"):
-        heads, filters = gqa.search_gqa(head_scores, filter_scores, cost, config.flops * cost.dense_flops(), groups)
-    if config.method == "fisher" and config.rearrange:
+        heads, filters = gqa.search_gqa(scores["heads"], scores["filters"], cost, config.flops * cost.dense_flops(), groups)
+    if "head_grads" in scores and config.rearrange:
         with phases("rearrange"):
-            from compress.rearrange import rearrange
-
-            heads = gqa.rearrange_gqa(heads, head_grads, groups)
-            filters = rearrange(filters, filter_grads)
+            heads = gqa.rearrange_gqa(heads, scores["head_grads"], groups)
+            filters = [rearrange_layer(m, block_fisher(g), config.max_filter_swaps)
+                       for m, g in zip(filters, scores["filter_grads"])]
     if config.tune:
         with phases("tune"):
-            heads, filters, report = tune.tune_masks(model, adapter, batches, heads, filters, device, config.damp, progress)
-            record["tune"] = report
+            heads, filters, record["tune"] = tune.tune_masks(model, adapter, batches, heads, filters, device,
+                                                             config.damp, progress)
     return heads, filters, cost
 
 
@@ -190,3 +205,36 @@ def format_summary(record: dict) -> str:
              f"  filters per layer:     {record['intermediate_size_per_layer']}",
              "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# glue for `compress prune` (the command module calls these when no --task is given)
+
+DECODER_FLAGS = ("model", "output", "flops", "method", "calib", "data_dir", "num_samples", "seq_len", "context_len",
+                 "batch_size", "seed", "rearrange", "tune", "damp", "device", "dtype", "overwrite")
+
+
+def add_decoder_flags(parser) -> None:
+    """The flags only decoder pruning has (the shared ones are in compress/commands/prune.py)."""
+    parser.add_argument("--calib", help="decoder calibration text: a .txt/.txt.gz file or a directory of them "
+                                        "(default: the shared Wikipedia sample's head, else text sampled from the model)")
+    parser.add_argument("--seq-len", type=int, help="decoder calibration window in tokens, BOS included (default 512)")
+    parser.add_argument("--context-len", type=int, help="context length of the decoder FLOPs model (default 2048)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="decoder weights while pruning")
+
+
+def run_from_args(args) -> int:
+    """`compress prune` without --task: prune a decoder with the LM loss and print the summary."""
+    values = {k: getattr(args, k) for k in DECODER_FLAGS if getattr(args, k, None) is not None}
+    record = prune_decoder(DecoderPruneConfig(**values).validate())
+    print(format_summary(record))
+    print(f"  saved to {values['output']}")
+    return 0
+
+
+def is_decoder(name_or_dir: str) -> bool:
+    """Whether `name_or_dir` names a model this module prunes (used by `compress prune` to dispatch)."""
+    from compress import modeling
+    from compress.arch.gemma import MODEL_TYPES
+
+    return modeling.read_config(modeling.resolve(name_or_dir)).model_type in MODEL_TYPES

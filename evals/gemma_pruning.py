@@ -1,0 +1,192 @@
+"""Gemma decoder pruning results: perplexity of dense vs pruned at several FLOPs, three criteria, one run.
+
+For each FLOPs fraction (of the non-embedding FLOPs at --context-len) and each method (Fisher with
+rearrangement and tuning; magnitude and activation-norm baselines with the same GQA search, tuning
+and slimming), prune a fresh copy of the dense model, then measure perplexity on held-out Wikipedia
+(the articles calibration did not use) and on a held-out novel, time every phase, and record greedy
+continuations of fixed prompts. Calibration windows and each method's scores are computed once and
+shared by all FLOPs levels (their time is reported once). Writes `<out>.md` and `<out>.json`.
+
+GPU (the reported run):
+  python -m evals.gemma_pruning --model gemma-3-270m --data-dir ../shared/data
+CPU check (small, minutes):
+  python -m evals.gemma_pruning --quick --data-dir ../shared/data --out /tmp/gemma_quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = ("The history of the city begins", "It is a truth universally acknowledged that",
+           "The river flows north through")
+NOVEL = "austen/persuasion.txt.gz"  # not used for calibration (that is Wikipedia's head)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--data-dir", default=None, help="shared data dir with text/ (default $COMPRESS_DATA_DIR)")
+    p.add_argument("--flops", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6])
+    p.add_argument("--methods", nargs="+", default=["fisher", "magnitude", "activation"])
+    p.add_argument("--num-samples", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--context-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--ppl-seq-len", type=int, default=512)
+    p.add_argument("--ppl-max-windows", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="evals/results/gemma_pruning")
+    p.add_argument("--quick", action="store_true", help="tiny CPU configuration to validate the script")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.flops, args.num_samples, args.seq_len, args.batch_size = [0.8], 8, 128, 4
+        args.ppl_seq_len, args.ppl_max_windows, args.max_new_tokens = 128, 8, 12
+    return args
+
+
+def heldout_sets(tokenizer, data_dir: Path, args) -> dict:
+    from compress.calib import CALIB_FRACTION, bos_token_id
+    from evals.perplexity import heldout_ids, make_windows
+
+    bos = bos_token_id(tokenizer)
+    wiki = heldout_ids(tokenizer, data_dir / "text" / "wikipedia_sample.txt.gz", tail=1 - CALIB_FRACTION)
+    novel = heldout_ids(tokenizer, data_dir / "text" / NOVEL)
+    return {name: make_windows(ids, bos, args.ppl_seq_len, args.ppl_max_windows)
+            for name, ids in (("wikipedia (held-out articles)", wiki), (f"novel ({Path(NOVEL).stem})", novel))}
+
+
+def evaluate(model, tokenizer, sets, args) -> dict:
+    from evals.perplexity import perplexity
+
+    device = next(model.parameters()).device
+    result = {"perplexity": {name: round(perplexity(model, w, args.batch_size)["perplexity"], 3)
+                             for name, w in sets.items()}, "continuations": []}
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        result["continuations"].append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return result
+
+
+def run(args) -> dict:
+    from compress import decoder_prune as dp
+    from compress.calib import wikipedia_path
+    from compress.prune import Phases
+
+    wiki = wikipedia_path(args.data_dir)
+    if wiki is None:
+        sys.exit("needs the shared text data: pass --data-dir DIR or set COMPRESS_DATA_DIR")
+    data_dir = wiki.parents[1]
+    base = dp.DecoderPruneConfig(model=args.model, output="-", flops=1.0, data_dir=str(data_dir),
+                                 num_samples=args.num_samples, seq_len=args.seq_len, context_len=args.context_len,
+                                 batch_size=args.batch_size, device=args.device).validate()
+    shared = Phases()
+    with shared("load"):
+        dense, tokenizer, _ = dp.load_decoder(args.model, dp._device(args.device))
+    with shared("calibration"):
+        calib = dp._calibration(base, dense, tokenizer)
+    sets = heldout_sets(tokenizer, data_dir, args)
+    with shared("eval_dense"):
+        rows = [{"method": "dense", "flops": 1.0, **evaluate(dense, tokenizer, sets, args)}]
+    scores = {}
+    for method in args.methods:
+        record = {}
+        scores[method] = dp.compute_scores(method, dp._adapter(dense), dense, calib["batches"],
+                                           next(dense.parameters()).device, shared, True, record)
+    for flops in args.flops:
+        for method in args.methods:
+            rows.append(prune_one(dense, tokenizer, calib, scores[method], base, method, flops, sets, args))
+            print(json.dumps({k: rows[-1][k] for k in ("method", "flops", "perplexity")}), flush=True)
+    return {"rows": rows, "shared_seconds": shared.seconds, "calibration": calib["source"],
+            "settings": vars(args), "device": device_name(dense), "command": command_line()}
+
+
+def prune_one(dense, tokenizer, calib, scores, base, method, flops, sets, args) -> dict:
+    from compress import decoder_prune as dp
+    from compress.prune import Phases
+    from compress.slim import slim_model
+
+    model, phases, record = copy.deepcopy(dense), Phases(), {}
+    config = dp.DecoderPruneConfig(**{**vars(base), "method": method, "flops": flops})
+    adapter = dp._adapter(model)
+    parent = (adapter.num_heads(), adapter.num_kv_heads(), adapter.num_filters())
+    heads, filters, cost = dp.masks_from_scores(config, adapter, model, calib["batches"], scores,
+                                                next(model.parameters()).device, phases, True, record)
+    with phases("slim"):
+        slim_model(adapter, heads, filters)
+    shape = dp.shape_record(adapter, cost, parent, config, phases)
+    result = evaluate(model, tokenizer, sets, args)
+    keep = ("flops_ratio", "num_attention_heads_per_layer", "num_key_value_heads_per_layer",
+            "intermediate_size_per_layer", "seconds")
+    del model
+    return {"method": method, "flops": flops, **{k: shape[k] for k in keep}, **result}
+
+
+def device_name(model) -> str:
+    device = next(model.parameters()).device
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def command_line() -> str:
+    return "python -m evals.gemma_pruning " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    rows, sets = result["rows"], list(result["rows"][0]["perplexity"])
+    s = result["settings"]
+    lines = [f"# Gemma pruning: {s['model']}", "", f"Command: `{result['command']}`", "",
+             f"Device: {result['device']}. Calibration: {result['calibration']}, {s['num_samples']} windows of "
+             f"{s['seq_len']} tokens. FLOPs are of the non-embedding FLOPs at context {s['context_len']} "
+             f"(the LM head is not pruned). Perplexity: BOS + {s['ppl_seq_len'] - 1} tokens per window, "
+             f"at most {s['ppl_max_windows']} windows per text. Every pruned model: GQA-shaped search, "
+             "least-squares tuning, slimming; Fisher also rearranges.", "",
+             "| FLOPs | method | " + " | ".join(f"ppl {n}" for n in sets) + " | FLOPs kept | q heads | kv heads | "
+             "filters | seconds (search/rearrange/tune/slim) |",
+             "|---" * (7 + len(sets)) + "|"]
+    for r in rows:
+        ppl = " | ".join(f"{r['perplexity'][n]:.2f}" for n in sets)
+        if r["method"] == "dense":
+            lines.append(f"| 1.0 | dense | {ppl} | 100% | | | | |")
+            continue
+        sec = r["seconds"]
+        secs = "/".join(f"{sec.get(k, 0):.1f}" for k in ("search", "rearrange", "tune", "slim"))
+        lines.append(f"| {r['flops']} | {r['method']} | {ppl} | {100 * r['flops_ratio']:.1f}% | "
+                     f"{sum(r['num_attention_heads_per_layer'])} | {sum(r['num_key_value_heads_per_layer'])} | "
+                     f"{sum(r['intermediate_size_per_layer'])} | {secs} |")
+    lines += ["", "Shared phases (once per run, seconds): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in result["shared_seconds"].items()), "",
+              "## Greedy continuations", ""]
+    for i, prompt in enumerate(PROMPTS):
+        lines.append(f"**{prompt}**")
+        lines.append("")
+        for r in rows:
+            text = r["continuations"][i].replace("\n", " ").replace("|", "/")
+            lines.append(f"- {r['method']} @ {r['flops']}: {text}")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    result = run(args)
+    result["total_seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, out.with_suffix(".md"))
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
