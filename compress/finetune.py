@@ -120,4 +120,4 @@ def _step(model, batch, device, optimizer, scheduler) -> float:
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())

@@ -1,0 +1,164 @@
+"""Regenerate evals/results/glue_pruning.{md,json,png}: dense vs pruned GLUE dev metrics, baselines, speed.
+
+For each model and task: fine-tune the dense model (or reuse it), then prune it at each FLOPs
+target with the paper's method (fisher) and the two baselines (magnitude, random; same FLOPs, same
+slimming), evaluate every model on the dev split, and time each slimmed model against its dense
+parent at batch 32 and batch 1, sequence length 128 (CUDA events with bf16 autocast on GPU,
+perf_counter in fp32 on CPU). Resumable: every finished step is kept in `--work` (models) and in
+`--work/state.json` (numbers); rerun the same command to continue.
+
+The command that produced the committed table (on the GPU machine, ../shared/data beside the repo):
+    python evals/glue_pruning.py --models minilm mpnet-base --tasks sst2 mrpc stsb rte \
+        --data-dir ../shared/data --work runs/glue_pruning
+Smoke test on CPU:  python evals/glue_pruning.py --models minilm --tasks rte --flops 0.5 \
+        --methods fisher --finetune-steps 20 --num-samples 64 --data-dir ../shared/data --work /tmp/gp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["minilm", "mpnet-base"])
+    p.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "stsb", "rte"])
+    p.add_argument("--flops", nargs="+", type=float, default=[0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--methods", nargs="+", default=["fisher", "magnitude", "random"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--work", default="runs/glue_pruning", help="models and state.json (resumable)")
+    p.add_argument("--out", default=str(RESULTS / "glue_pruning"), help="output path without suffix")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--learning-rate", type=float, default=5e-5)
+    p.add_argument("--finetune-steps", type=int, default=None, help="cap fine-tuning steps (smoke tests)")
+    p.add_argument("--num-samples", type=int, default=2048)
+    p.add_argument("--latency-devices", nargs="+", default=None, help="default: cuda and cpu if cuda, else cpu")
+    p.add_argument("--latency-reps", type=int, default=20)
+    p.add_argument("--latency-seq", type=int, default=128)
+    return p.parse_args(argv)
+
+
+class State:
+    """Numbers computed so far, saved after every step so that a rerun skips them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+        self.path.write_text(json.dumps(self.data, indent=1))
+        return value
+
+
+def dense_model(args, state, model, task, work):
+    from compress.config import FinetuneConfig
+    from compress.finetune import finetune
+
+    out = work / f"{Path(model).name}-{task}" / "dense"
+    if not (out / "model.safetensors").is_file():
+        finetune(FinetuneConfig(model=model, task=task, output=str(out), epochs=args.epochs,
+                                max_steps=args.finetune_steps, learning_rate=args.learning_rate,
+                                data_dir=args.data_dir, overwrite=True))
+    return out
+
+
+def pruned_model(args, state, dense, task, method, flops):
+    from compress.config import PruneConfig
+    from compress.prune import prune
+
+    out = dense.parent / f"{method}-{flops:g}"
+    key = f"{out}:prune"
+    if state.get(key) is None or not (out / "model.safetensors").is_file():
+        record = prune(PruneConfig(model=str(dense), task=task, output=str(out), flops=flops, method=method,
+                                   num_samples=args.num_samples, data_dir=args.data_dir, overwrite=True))
+        state.put(key, {"seconds": record["seconds"], "flops_ratio": record["flops_ratio"],
+                        "heads": record["num_attention_heads_per_layer"],
+                        "filters": record["intermediate_size_per_layer"]})
+    return out
+
+
+def dev_metrics(args, state, path, task):
+    from compress import modeling
+    from compress.evaluation import evaluate
+    from compress.tasks import get_task
+
+    key = f"{path}:eval"
+    if state.get(key) is None:
+        model = modeling.load(path)
+        state.put(key, evaluate(model, modeling.load_tokenizer(path), get_task(task), args.data_dir, progress=False))
+    return state.get(key)
+
+
+def latency_ms(args, state, path, device, batch):
+    """Mean milliseconds of `latency_reps` forwards (after warm-up) at [batch, latency_seq]."""
+    import torch
+
+    from compress import modeling
+    from compress.cost import _timer
+    from compress.evaluation import autocast
+
+    key = f"{path}:latency:{device}:{batch}"
+    if state.get(key) is None:
+        dev = torch.device(device)
+        model = modeling.load(path, device=dev)
+        ids = torch.randint(0, model.config.vocab_size, (batch, args.latency_seq), device=dev)
+        with torch.inference_mode(), autocast(dev):
+            for _ in range(3):
+                model(input_ids=ids)
+            state.put(key, _timer(dev)(lambda: model(input_ids=ids), args.latency_reps))
+    return state.get(key)
+
+
+def run(args) -> dict:
+    import torch
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    state = State(work / "state.json")
+    devices = args.latency_devices or (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
+    rows = []
+    for model in args.models:
+        for task in args.tasks:
+            t0 = time.perf_counter()
+            dense = dense_model(args, state, model, task, work)
+            base = {"model": model, "task": task, "dense": dev_metrics(args, state, dense, task),
+                    "dense_latency": {f"{d}:b{b}": latency_ms(args, state, dense, d, b) for d in devices for b in (32, 1)}}
+            for flops in args.flops:
+                for method in args.methods:
+                    path = pruned_model(args, state, dense, task, method, flops)
+                    lat = {f"{d}:b{b}": latency_ms(args, state, path, d, b) for d in devices for b in (32, 1)}
+                    rows.append(dict(base, method=method, flops=flops, metrics=dev_metrics(args, state, path, task),
+                                     prune=state.get(f"{path}:prune"),
+                                     speedup={k: base["dense_latency"][k] / v for k, v in lat.items()}))
+            print(f"{model} {task}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return {"command": " ".join(["python", "evals/glue_pruning.py"] + sys.argv[1:]), "devices": _device_names(devices),
+            "latency_seq": args.latency_seq, "rows": rows}
+
+
+def _device_names(devices):
+    import platform
+
+    import torch
+
+    names = {}
+    for d in devices:
+        names[d] = torch.cuda.get_device_name() if d == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
+    return names
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    from glue_pruning_report import write_report
+
+    args = parse_args()
+    write_report(run(args), Path(args.out))
