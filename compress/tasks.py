@@ -62,7 +62,7 @@ TASKS: dict[str, Task] = {
              hf_name=("qnli", "validation", "question", "sentence")),
         Task("rte", 2, ("accuracy",), "RTE", (1, 2, 3), labels=_NLI,
              hf_name=("rte", "validation", "sentence1", "sentence2")),
-        Task("bbc-news", 5, ("accuracy",), default_num_samples=256, default_epochs=1.0,
+        Task("bbc-news", 5, ("accuracy",), default_num_samples=128, default_epochs=1.0,
              default_learning_rate=2e-4,
              labels=("business", "entertainment", "politics", "sports", "tech")),
     )

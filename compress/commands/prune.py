@@ -18,7 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--flops", type=float, help="fraction of the prunable FLOPs to keep, in (0, 1]")
     p.add_argument("--latency-ms", type=float, help="latency budget in ms on this device at --latency-batch-size")
     p.add_argument("--method", choices=("fisher", "magnitude", "random"), help="mask selection (default fisher)")
-    p.add_argument("--num-samples", type=int, help="calibration examples (default: 2048; bbc-news 256)")
+    p.add_argument("--num-samples", type=int, help="calibration examples (default: 2048; bbc-news 128)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
     p.add_argument("--max-seq-length", type=int, help="truncate inputs to this many tokens (default 128)")
     p.add_argument("--batch-size", type=int, help="calibration batch size (default 32)")
