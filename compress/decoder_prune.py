@@ -3,7 +3,7 @@
 load -> calibration windows (compress.calib) -> LM-loss mask gradients (compress.lm_scores) ->
 GQA-aware search under the decoder cost model (compress.gqa, compress.decoder_cost) -> GQA-shaped
 rearrangement -> least-squares mask tuning of each branch before its post-norm, in fp32
-(compress.tune) -> slim (compress.slim) -> save (compress.modeling.save). Only compress.arch.gemma
+(compress.decoder_tune, layer-local) -> slim (compress.slim) -> save (compress.modeling.save). Only compress.arch.gemma
 knows module paths. Baselines (`method` magnitude / activation) replace the Fisher by their scores
 and skip rearrangement, but go through the same search, tuning and slimming, so a comparison at the
 same FLOPs isolates the importance criterion.
@@ -163,7 +163,8 @@ def compute_scores(method, adapter, model, batches, device, phases, progress, re
 
 def masks_from_scores(config, adapter, model, batches, scores, device, phases, progress, record):
     """Search under the GQA rule, rearrange (Fisher only), tune; returns masks and the cost model."""
-    from compress import decoder_cost, gqa, tune
+    from compress import decoder_cost, gqa
+    from compress.decoder_tune import tune_masks_layerwise
     from compress.rearrange import block_fisher, rearrange_layer
 
     cost = decoder_cost.decoder_cost(adapter, config.context_len)
@@ -177,8 +178,8 @@ def masks_from_scores(config, adapter, model, batches, scores, device, phases, p
                        for m, g in zip(filters, scores["filter_grads"])]
     if config.tune:
         with phases("tune"):
-            heads, filters, record["tune"] = tune.tune_masks(model, adapter, batches, heads, filters, device,
-                                                             config.damp, progress)
+            heads, filters, record["tune"] = tune_masks_layerwise(model, adapter, batches, heads, filters, device,
+                                                                  config.damp, progress)
     return heads, filters, cost
 
 

@@ -271,3 +271,22 @@ def test_calibration_windows_and_perplexity(tmp_path):
         logp = model(input_ids=ppl_windows).logits[:, :-1].log_softmax(-1)
     nll = -logp.gather(-1, ppl_windows[:, 1:, None]).mean()
     assert result["num_tokens"] == 21 and result["perplexity"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+
+
+def test_layerwise_tuning_equals_the_generic_tuning(kind):
+    from compress.decoder_tune import tune_masks_layerwise
+    from compress.tune import tune_masks
+
+    model = _model(kind)
+    adapter = GemmaAdapter(model)
+    heads, filters = _gqa_masks(adapter)
+    heads, filters = [(m != 0).float() for m in heads], [(m != 0).float() for m in filters]
+    ids = _ids(4, 16)
+    batches = [{"input_ids": ids[i:i + 2], "attention_mask": torch.ones_like(ids[i:i + 2])} for i in (0, 2)]
+    h1, f1, r1 = tune_masks(model, adapter, batches, heads, filters, "cpu", progress=False)
+    h2, f2, r2 = tune_masks_layerwise(model, adapter, batches, heads, filters, "cpu", progress=False)
+    for a, b in zip(h1 + f1, h2 + f2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(a, m) for a, m in zip(h2 + f2, heads + filters))  # tuning changed something
+    for e in r2:
+        assert e["ffn"]["error_after"] <= e["ffn"]["error_before"] * (1 + 1e-6)
