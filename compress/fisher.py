@@ -29,17 +29,23 @@ def mask_gradients(model, adapter, batches, device, progress: bool = True):
     heads, filters = [[] for _ in adapter.num_heads()], [[] for _ in adapter.num_filters()]
     for batch in tqdm(batches, desc="fisher", unit="batch", disable=not progress):
         batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        b = labels.shape[0]
+        labels = batch.pop("labels", None)  # None: a QA batch (start/end positions, compress.qa_task)
+        b = batch["input_ids"].shape[0]
         hm = [torch.ones(b, h, device=device, requires_grad=True) for h in adapter.num_heads()]
         fm = [torch.ones(b, f, device=device, requires_grad=True) for f in adapter.num_filters()]
         with adapter.masks(hm, fm):
-            loss = task_loss(model(**batch).logits, labels)
+            loss = task_loss(model(**batch).logits, labels) if labels is not None else _span_loss(model, batch)
         grads = torch.autograd.grad(loss, hm + fm, allow_unused=True)
         for store, m, g in zip(heads + filters, hm + fm, grads):
             store.append((g if g is not None else torch.zeros_like(m)).detach().float().cpu())
     model.zero_grad(set_to_none=True)
     return [torch.cat(g) for g in heads], [torch.cat(g) for g in filters]
+
+
+def _span_loss(model, batch):
+    from compress.qa_task import summed_span_loss
+
+    return summed_span_loss(model, batch)
 
 
 def fisher_diagonal(grads: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ import torch
 from compress.errors import UserError
 
 CLASSIFIER_ARCH_SUFFIX = "ForSequenceClassification"
+QA_ARCH_SUFFIX = "ForQuestionAnswering"  # span heads (compress.qa_task)
 
 
 def resolve(name_or_dir: str | os.PathLike) -> Path:
@@ -37,7 +38,7 @@ def read_config(path: Path):
 
 
 def has_task_head(config) -> bool:
-    return any(a.endswith(CLASSIFIER_ARCH_SUFFIX) for a in (getattr(config, "architectures", None) or []))
+    return any(a.endswith((CLASSIFIER_ARCH_SUFFIX, QA_ARCH_SUFFIX)) for a in (getattr(config, "architectures", None) or []))
 
 
 def load(path: str | os.PathLike, device="cpu"):
@@ -51,7 +52,11 @@ def load(path: str | os.PathLike, device="cpu"):
     if not has_task_head(config):
         raise UserError(f"model {path} has no sequence-classification head; fine-tune it first with `compress finetune`")
     state = read_weights(path)
-    model = AutoModelForSequenceClassification.from_config(config)  # real init: fills non-persistent buffers
+    from transformers import AutoModelForQuestionAnswering
+
+    is_qa = any(a.endswith(QA_ARCH_SUFFIX) for a in config.architectures)
+    auto = AutoModelForQuestionAnswering if is_qa else AutoModelForSequenceClassification
+    model = auto.from_config(config)  # real init: fills non-persistent buffers
     try:
         get_adapter(model).resize_to_config()
     except (IndexError, ValueError, RuntimeError) as err:

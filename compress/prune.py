@@ -80,6 +80,9 @@ def _load(config, task):
 
 
 def _calibration(config, task, tokenizer) -> dict:
+    if getattr(task, "is_qa", False):  # SQuAD: labelled windows (compress.qa_task)
+        from compress.qa_task import calibration
+        return calibration(config, task, tokenizer)
     train = load_split(task, "train", config.data_dir)
     n = config.num_samples or task.default_num_samples
     features = batching.encode(tokenizer, calibration_sample(train, n, config.seed), config.max_seq_length)

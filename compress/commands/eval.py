@@ -26,6 +26,9 @@ def run(args) -> int:
     from compress.tasks import get_task, resolve_data_dir
 
     task = get_task(args.task)
+    if getattr(task, "is_qa", False):  # SQuAD: table, predictions and JSON from evals/squad.py
+        from evals.squad import run_eval_command
+        return run_eval_command(args)
     resolve_data_dir(args.data_dir)
     path = modeling.resolve(args.model)
     model, tokenizer = modeling.load(path), modeling.load_tokenizer(path)
