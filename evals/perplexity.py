@@ -103,6 +103,21 @@ def load_lm(model_dir: str, device: str = "auto"):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
+def run_eval_command(args) -> int:
+    """`compress eval DIR --perplexity PATH [--json OUT]`: print (and save) the perplexity of DIR."""
+    from pathlib import Path
+
+    from compress.hub import resolve_model
+
+    model, tokenizer = load_lm(str(resolve_model(args.model)), getattr(args, "device", None) or "auto")
+    result = run_args(model, tokenizer, args)
+    print(f"perplexity {result['perplexity']:.3f} on {result['text']} ({result['num_tokens']} tokens, "
+          f"{result['num_windows']} windows of {result['seq_len']})")
+    if getattr(args, "json_out", None):
+        Path(args.json_out).write_text(json.dumps({"model": str(args.model), "perplexity": result}, indent=2) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="model directory or name")

@@ -290,3 +290,16 @@ def test_layerwise_tuning_equals_the_generic_tuning(kind):
     assert any(not torch.equal(a, m) for a, m in zip(h2 + f2, heads + filters))  # tuning changed something
     for e in r2:
         assert e["ffn"]["error_after"] <= e["ffn"]["error_before"] * (1 + 1e-6)
+
+
+def test_perplexity_cli_on_a_saved_model(tmp_path, capsys):
+    from evals import perplexity
+
+    model, tok = _model("gemma3"), _tokenizer()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(" ".join(WORDS * 3))
+    assert perplexity.main([str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"), "--ppl-seq-len", "8",
+                            "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_windows"] == len(WORDS) * 3 // 7 and 1.0 < result["perplexity"] < 10 * len(WORDS)
