@@ -99,6 +99,7 @@ class BlockManager:
                 self.num_copies += 1
                 pool.release(table[index])
                 table[index] = new_block
+                seq.block_table_version += 1
             while len(table) * self.block_size < seq.num_computed_tokens + num_new:
                 table.append(pool.allocate())
         return copies
@@ -151,6 +152,7 @@ class BlockManager:
                 pool.acquire(block)
                 table.append(block)
             seq.block_tables[key] = table
+        seq.block_table_version += 1
         seq.num_computed_tokens = num_cached_blocks * self.block_size
         seq.num_registered_blocks = num_cached_blocks
         self.append_slots(seq, num_new)
@@ -188,6 +190,7 @@ class BlockManager:
                 if block != FREED:
                     pool.release(block)
         seq.block_tables = {}
+        seq.block_table_version += 1
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
 

@@ -24,6 +24,9 @@ class EngineConfig:
     device: str = "auto"                    # "auto": cuda when available, else cpu
     dtype: str = "auto"                     # "auto": bfloat16 on cuda, float32 on cpu
     attention_backend: str = "auto"         # "auto" | "reference" | "triton"
+    fast_path: str = "auto"                 # fused projections/norms/rope + bucketed decode; auto: on cuda
+    enforce_eager: bool = False             # True: never capture CUDA graphs (decode runs eagerly)
+    max_graph_batch: int | None = None      # largest decode batch captured (default: max_num_seqs)
     seed: int = 0
 
     def __post_init__(self):
@@ -36,6 +39,10 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.fast_path not in ("auto", "on", "off"):
+            raise ValueError(f"fast_path must be auto, on or off, got {self.fast_path!r}")
+        if self.max_graph_batch is not None and self.max_graph_batch < 1:
+            raise ValueError(f"max_graph_batch must be at least 1, got {self.max_graph_batch}")
         if self.attention_backend not in ("auto", "reference", "triton"):
             raise ValueError(f"attention_backend must be auto, reference or triton, got {self.attention_backend!r}")
 

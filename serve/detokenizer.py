@@ -19,6 +19,19 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
+        self.num_added = 0
+
+    def add_all(self, token_ids: list[int]) -> None:
+        """The text of adding each token in turn, with two decodes (for callers that need only the end)."""
+        if not token_ids:
+            return
+        self.ids += token_ids
+        self.num_added += len(token_ids)
+        prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full_text = self._decode(self.ids[self.prefix_offset:]).rstrip("\ufffd")
+        if len(full_text) > len(prefix_text):
+            self.text += full_text[len(prefix_text):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -26,6 +39,7 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; returns the newly complete text (possibly empty)."""
         self.ids.append(token_id)
+        self.num_added += 1
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full_text = self._decode(self.ids[self.prefix_offset:])
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):

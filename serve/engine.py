@@ -56,6 +56,9 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}
         self.metrics = Metrics()
         self._ids = itertools.count()
+        # False (offline batches): text is decoded once at the end and step() reports only finished
+        # requests, which keeps per-token host work off the decode loop.
+        self.stream_outputs = True
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -117,11 +120,14 @@ class LLMEngine:
                 children = self._fork(seq)
                 sampling += children
                 rows += [row] * len(children)
-        tokens, logprobs = sample(logits[rows], sampling) if sampling else ([], [])
+        if rows != list(range(logits.shape[0])):
+            logits = logits[rows]     # forks share their parent's row; decode steps skip this gather
+        tokens, logprobs = sample(logits, sampling) if sampling else ([], [])
         for seq, token, logprob in zip(sampling, tokens, logprobs):
             self._append(seq, token, logprob)
         self.metrics.num_steps += 1
-        return [self._output(rid) for rid in dict.fromkeys(s.request_id for s in batch.seqs)]
+        moved = dict.fromkeys(s.request_id for s in batch.seqs if self.stream_outputs or s.is_finished)
+        return [self._output(rid) for rid in moved if rid in self.requests]
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         children = self.scheduler.fork(parent)
@@ -135,9 +141,11 @@ class LLMEngine:
         if logprob is not None:
             seq.logprobs.append(logprob)
         self.metrics.generation_tokens += 1
-        seq.detokenizer.add(token)
+        if self.stream_outputs or seq.params.stop:
+            seq.detokenizer.add(token)
         reason = self._finish_reason(seq, token)
         if reason is not None:
+            seq.detokenizer.add_all(seq.output_token_ids[seq.detokenizer.num_added:])
             self.scheduler.finish(seq, reason)
             self.metrics.finished += 1
 
@@ -178,6 +186,7 @@ class LLM:
 
     def __init__(self, model: str, **config):
         self.engine = LLMEngine(EngineConfig(model=str(model), **config))
+        self.engine.stream_outputs = False
 
     def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
         """prompts: a string, a token-id list, or a list of either; one RequestOutput each, in order."""

@@ -3,6 +3,9 @@
 Per step: `input_ids [T]`, `positions [T]`, attention metadata (cu_seqlens_q [B+1], seq_lens [B], and per
 KV group a slot_mapping [T] and block_tables [B, M]) built on the host in one pass and copied to the
 device; copy-on-write block copies run first; logits are computed only for the sequences that sample.
+The fast path (on CUDA by default, `fast_path="on"` elsewhere) fuses the model's projections and norms
+and sends pure decode steps through serve/cuda_graphs.py (CUDA graphs on the GPU, the same padded
+persistent buffers eagerly elsewhere); prefill and mixed steps run eagerly through `prepare`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 
 from serve.attention import AttentionMetadata, GroupMetadata, select_backend
 from serve.config import EngineConfig
+from serve.cuda_graphs import DecodeGraphs
 from serve.kv_cache import allocate_caches, check_plan, plan_blocks
 from serve.models.loader import load_model
 from serve.scheduler import ScheduledBatch
@@ -39,6 +43,16 @@ class ModelRunner:
         self.block_plan = plan_blocks(self.spec, config, self.max_model_len, self.dtype, self.device)
         check_plan(self.block_plan, config, self.max_model_len)
         self.kv_caches, self.kv_stacks = allocate_caches(self.spec, self.block_plan, config, self.dtype, self.device)
+        self.decode_graphs = self._init_fast_path() if self._fast_path_on() else None
+
+    def _fast_path_on(self) -> bool:
+        return self.config.fast_path == "on" or (self.config.fast_path == "auto" and self.device.type == "cuda")
+
+    def _init_fast_path(self) -> DecodeGraphs:
+        self.model.fuse(self.max_model_len)
+        use_graphs = self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name == "triton"
+        max_batch = min(self.config.max_graph_batch or self.config.max_num_seqs, self.config.max_num_seqs)
+        return DecodeGraphs(self, max_batch, use_graphs)
 
     def _tensor(self, values, dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
@@ -76,10 +90,16 @@ class ModelRunner:
             for stack in self.kv_stacks[key]:
                 stack[:, :, dst] = stack[:, :, src]
 
+    def _is_pure_decode(self, batch: ScheduledBatch) -> bool:
+        return (len(batch) <= self.decode_graphs.max_batch and all(n == 1 for n in batch.num_new_tokens)
+                and all(batch.samples(i) for i in range(len(batch))))
+
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [N, vocab] (fp32) for the sequences of `batch` that sample this step, in batch order."""
         self.copy_blocks(batch.copies)
+        if self.decode_graphs is not None and self._is_pure_decode(batch):
+            return self.decode_graphs.run(batch.seqs)
         input_ids, positions, meta, rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
         return self.model.compute_logits(hidden[rows])

@@ -40,9 +40,9 @@ def _noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
     """Next token per row, and per row {token: logprob, ...top alternatives} when logprobs was asked."""
     params = [seq.params for seq in seqs]
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     tokens = logits.argmax(dim=1)
     if not all(p.greedy for p in params):
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
         scaled = logits / temps[:, None]
         if any(p.top_k > 0 for p in params):

@@ -1,0 +1,142 @@
+"""Decode on the fast path: metadata packed into one pinned host buffer, one non-blocking copy to the
+device, and the whole model step (embedding to soft-capped logits) replayed from a CUDA graph captured
+ahead of time per batch-size bucket (the ahead-of-time idea of Nimble; the bucketing of vLLM).
+
+A decode batch of B sequences runs the graph of the smallest bucket >= B; rows past B are padding:
+token 0 at position 0, seq_len 1, slot -1 (nothing written), block-table entry 0 (a valid block, so
+the kernels read real memory). Block tables have a fixed width (the blocks of max_model_len tokens), so
+every graph sees the same shapes. Each sequence keeps a numpy copy of its
+block tables (`Sequence.table_cache`), refreshed only when a table grew or an entry was replaced, so
+packing a step costs a few microseconds per sequence. Entries of sliding-window blocks freed since the
+copy was made stay stale there; the kernels never read blocks outside the window (team contract).
+
+Packed int32 layout (host and device): ids [M] | positions [M] | seq_lens [M] | per group: slots [M] |
+per group: block_tables [M, W_g]; M = the largest bucket. Inside the graph the int64 views the model
+needs are cast from it, so one memcpy moves a step's metadata. Without CUDA graphs (CPU, or
+`enforce_eager`) the same packing and padding run eagerly, which is how CPU tests cover this file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from serve.attention import AttentionMetadata, GroupMetadata
+from serve.kv_cache import blocks_per_seq
+
+
+def graph_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 to 32, of 16 to 128, of 32 beyond: few graphs, and padding
+    never more than doubles a batch or adds 32 rows."""
+    sizes, size = [], 1
+    while size <= max_batch:
+        sizes.append(size)
+        size = size * 2 if size < 8 else size + (8 if size < 32 else 16 if size < 128 else 32)
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_batch: int, use_graphs: bool):
+        self.runner = runner
+        self.block_size = runner.config.block_size
+        self.buckets = graph_buckets(max_batch)
+        self.max_batch = m = self.buckets[-1]
+        self.keys = list(runner.block_plan)
+        # logical block index, not live blocks: a sliding table keeps FREED entries in front
+        self.widths = {k: blocks_per_seq(None, runner.config, runner.max_model_len) for k in self.keys}
+        size = m * (3 + len(self.keys)) + m * sum(self.widths.values())
+        pin = runner.device.type == "cuda"
+        self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
+        self.device_buf = torch.zeros(size, dtype=torch.int32, device=runner.device)
+        self.np = self._views(self.host.numpy())
+        self.dev = self._views(self.device_buf)
+        dev = runner.device
+        self.ids = torch.zeros(m, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(m, dtype=torch.int64, device=dev)
+        self.slots = {k: torch.full((m,), -1, dtype=torch.int64, device=dev) for k in self.keys}
+        self.cu_seqlens = torch.arange(m + 1, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        if use_graphs:
+            self.capture()
+
+    def _views(self, flat) -> dict:
+        m, views, offset = self.max_batch, {}, 0
+        for name in ["ids", "positions", "seq_lens"] + [("slots", k) for k in self.keys]:
+            views[name], offset = flat[offset:offset + m], offset + m
+        for k in self.keys:
+            w = self.widths[k]
+            views[("tables", k)], offset = flat[offset:offset + m * w].reshape(m, w), offset + m * w
+        return views
+
+    # ---- host side: pack one step ---------------------------------------------------------------
+    def _table(self, seq, key) -> np.ndarray:
+        table = seq.block_tables[key]
+        cached = seq.table_cache.get(key)
+        if cached is None or cached[0] != seq.block_table_version or cached[1] != len(table):
+            cached = (seq.block_table_version, len(table), np.asarray(table, dtype=np.int32))
+            seq.table_cache[key] = cached
+        return cached[2]
+
+    def pack(self, seqs) -> int:
+        """Write the step's metadata into the pinned buffer; returns the bucket to replay."""
+        num, views, block_size = len(seqs), self.np, self.block_size
+        bucket = next(b for b in self.buckets if b >= num)
+        ids, positions, lens = views["ids"], views["positions"], views["seq_lens"]
+        for i, seq in enumerate(seqs):
+            pos = seq.num_computed_tokens
+            ids[i], positions[i], lens[i] = seq.token_ids[pos], pos, pos + 1
+            for key in self.keys:
+                table = self._table(seq, key)
+                views[("tables", key)][i, :len(table)] = table
+                views[("slots", key)][i] = seq.block_tables[key][pos // block_size] * block_size + pos % block_size
+        ids[num:bucket], positions[num:bucket], lens[num:bucket] = 0, 0, 1
+        for key in self.keys:
+            views[("slots", key)][num:bucket] = -1
+            views[("tables", key)][num:bucket, 0] = 0
+        return bucket
+
+    # ---- device side: one model step over persistent buffers ------------------------------------
+    def _step(self, bucket: int) -> torch.Tensor:
+        """The captured region: cast the packed metadata, run the model, return logits [bucket, V]."""
+        runner, dev = self.runner, self.dev
+        self.ids[:bucket].copy_(dev["ids"][:bucket])
+        self.positions[:bucket].copy_(dev["positions"][:bucket])
+        groups = {}
+        for key in self.keys:
+            self.slots[key][:bucket].copy_(dev[("slots", key)][:bucket])
+            groups[key] = GroupMetadata(self.slots[key][:bucket], dev[("tables", key)][:bucket])
+        meta = AttentionMetadata(cu_seqlens_q=self.cu_seqlens[:bucket + 1], seq_lens=dev["seq_lens"][:bucket],
+                                 max_seqlen_q=1, is_decode=True, groups=groups)
+        hidden = runner.model(self.ids[:bucket], self.positions[:bucket], meta, runner.kv_caches, runner.backend)
+        return runner.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Largest bucket first, all graphs in one memory pool (each later graph reuses its space)."""
+        self.np["seq_lens"][:] = 1
+        for key in self.keys:
+            self.np[("slots", key)][:] = -1
+        self.device_buf.copy_(self.host)
+        pool = None
+        for bucket in reversed(self.buckets):
+            for _ in range(2):                 # compile Triton variants and warm cuBLAS outside the capture
+                self._step(bucket)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bucket] = self._step(bucket)
+            pool = graph.pool()
+            self.graphs[bucket] = graph
+        torch.cuda.synchronize()
+
+    def run(self, seqs) -> torch.Tensor:
+        """Logits [B, V] fp32 of a pure decode batch (one new token per sequence, every one sampling)."""
+        bucket = self.pack(seqs)
+        self.device_buf.copy_(self.host, non_blocking=True)
+        if bucket in self.graphs:
+            self.graphs[bucket].replay()
+            return self.outputs[bucket][:len(seqs)]
+        return self._step(bucket)[:len(seqs)]
