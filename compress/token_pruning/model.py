@@ -10,7 +10,8 @@ over the (kept, non-padding) query positions. Tokens under the layer's threshold
               so M in {0, 1} is exactly the hard forward;
   - "masked": hard 0/1 masks, dropped tokens get -inf as keys (training stage 2; test reference);
   - "drop":   inference: dropped tokens are removed (gather per sequence, re-padded to the longest
-              survivor in the batch), so time falls with the kept length.
+              survivor in the batch for attention; projections and FFN run on the packed real tokens),
+              so time falls with the kept length.
 A threshold is applied after each layer but the last (pruning after the last layer changes neither
 the output, which reads [CLS] only, nor the cost), so there are num_hidden_layers - 1 of them.
 Shapes: B batch, S sequence, D hidden, h heads of the current layer, L layers.
@@ -99,7 +100,7 @@ class TokenPruningModel(nn.Module):
         positions = torch.arange(x.shape[1], device=x.device).expand_as(valid)
         counts, fractions = [], []
         for layer, parts in enumerate(self.parts):
-            x, probs = self._layer(parts, x, _key_bias(kept, x.dtype), positions)
+            x, probs = self._layer(parts, x, _key_bias(kept, x.dtype), positions, packed=kept if drop else None)
             counts.append(kept.sum(1))
             if layer == len(self.parts) - 1 or dense or probs.shape[1] == 0:
                 continue
@@ -137,22 +138,42 @@ class TokenPruningModel(nn.Module):
         rank = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
         return rank < k[:, None]
 
-    def _layer(self, parts: P.LayerParts, x, key_bias, positions):
-        """One post-LN encoder layer; returns its output [B, S, D] and attention probs [B, h, S, S]."""
+    def _layer(self, parts: P.LayerParts, x, key_bias, positions, packed=None):
+        """One post-LN encoder layer; returns its output [B, S, D] and attention probs [B, h, S, S].
+
+        With `packed` (a [B, S] mask of real tokens) every position-wise part (projections, norms,
+        FFN) runs on the T real tokens only, so its cost follows the kept lengths, not the padding;
+        only the attention itself works on the re-padded [B, h, S, S] layout.
+        """
         B, S, _ = x.shape
+        tokens = x if packed is None else x[packed]  # [B, S, D] or [T, D]
         heads = parts.num_heads
         if heads == 0:  # the branch is just the output projection's bias
-            attn, probs = parts.o(x.new_zeros(B, S, 0)), x.new_zeros(B, 0, S, S)
-            return self._finish_layer(parts, x, attn), probs
-        q, k, v = (proj(x).view(B, S, heads, self.head_dim).transpose(1, 2) for proj in (parts.q, parts.k, parts.v))
-        scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # [B, h, S, S]
-        bias = P.position_bias(self.model, positions, x)
-        if bias is not None:
-            scores = scores + (bias if parts.bias_heads is None else bias[:, parts.bias_heads])
-        probs = torch.softmax(scores + key_bias, dim=-1)
-        context = F.dropout(probs, self.p_attn, self.training) @ v  # [B, h, S, d]
-        attn = parts.o(context.transpose(1, 2).reshape(B, S, heads * self.head_dim))
-        return self._finish_layer(parts, x, attn), probs
+            attn, probs = parts.o(tokens.new_zeros(*tokens.shape[:-1], 0)), x.new_zeros(B, 0, S, S)
+        else:
+            q, k, v = (self._split_heads(proj(tokens), packed, B, S) for proj in (parts.q, parts.k, parts.v))
+            scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # [B, h, S, S]
+            bias = P.position_bias(self.model, positions, x)
+            if bias is not None:
+                scores = scores + (bias if parts.bias_heads is None else bias[:, parts.bias_heads])
+            probs = torch.softmax(scores + key_bias, dim=-1)
+            context = F.dropout(probs, self.p_attn, self.training) @ v  # [B, h, S, d]
+            context = context.transpose(1, 2).reshape(B, S, heads * self.head_dim)
+            attn = parts.o(context if packed is None else context[packed])
+        out = self._finish_layer(parts, tokens, attn)
+        if packed is None:
+            return out, probs
+        full = out.new_zeros(B, S, out.shape[-1])
+        full[packed] = out
+        return full, probs
+
+    def _split_heads(self, y, packed, B: int, S: int):
+        """[B, S, h*d] or packed [T, h*d] -> [B, h, S, d] (padding rows zero)."""
+        if packed is not None:
+            full = y.new_zeros(B, S, y.shape[-1])
+            full[packed] = y
+            y = full
+        return y.view(B, S, -1, self.head_dim).transpose(1, 2)
 
     def _finish_layer(self, parts: P.LayerParts, x, attn):
         """Residual + norm around attention, then the FFN with its residual + norm."""
