@@ -105,9 +105,15 @@ def run_pair(args, store: Store, model_name: str, task: str) -> None:
         if "eval" in args.stages and path.is_dir() and store.get("runs", key) is None:
             store.put("runs", key, evaluate(args, path, task))
         if "throughput" in args.stages and path.is_dir():
-            device_key = f"{device_name(args.device)}/{key}"
-            if store.get("throughput", device_key) is None:
-                store.put("throughput", device_key, throughput(args, path, task))
+            measure_throughput(args, store, key, path, task, packed_only=False)
+            if name == "dense":  # control: our forward with nothing pruned (gains from packing alone)
+                measure_throughput(args, store, f"{label}/{task}/dense-packed", path, task, packed_only=True)
+
+
+def measure_throughput(args, store: Store, key: str, path: Path, task: str, packed_only: bool) -> None:
+    device_key = f"{device_name(args.device)}/{key}"
+    if store.get("throughput", device_key) is None:
+        store.put("throughput", device_key, throughput(args, path, task, packed_only))
 
 
 def build_dense_and_pruned(args, model_name: str, task: str, dense: Path, pruned: Path) -> None:
@@ -199,8 +205,9 @@ def device_name(device: str) -> str:
 
 
 @torch.inference_mode()
-def throughput(args, path: Path, task: str) -> dict:
-    """Examples per second over dev batches of 32 (plain HF forward for models without token pruning)."""
+def throughput(args, path: Path, task: str, packed_only: bool = False) -> dict:
+    """Examples per second over dev batches of 32 (plain HF forward for models without token pruning;
+    with `packed_only`, the token-dropping forward with zero thresholds: it removes padding only)."""
     from compress.batching import batches, to_device
     from compress.evaluation import autocast
     from compress.modeling import load
@@ -209,7 +216,10 @@ def throughput(args, path: Path, task: str) -> dict:
 
     device = resolve_device(args.device)
     _, features, pad = dev_features(path, task, args.data_dir)
-    model = io.load(path, device) if io.is_token_pruned(path) else load(path, device)
+    if packed_only:
+        model, _ = load_any(path, device)
+    else:
+        model = io.load(path, device) if io.is_token_pruned(path) else load(path, device)
     data = [to_device(b, device) for b in batches(features, 32, pad)][: args.throughput_batches]
     inputs = [{k: v for k, v in b.items() if k != "labels"} for b in data]
     timings = []
@@ -238,7 +248,10 @@ def render(data: dict, args) -> str:
              "    python evals/token_pruning.py --work /tmp/tp-work --data-dir ../shared/data",
              "    python evals/token_pruning.py --work /tmp/tp-work --data-dir ../shared/data --stages throughput --device cpu",
              "", "FLOPs ratio: against the dense parent on the full input (per example, averaged over the dev set).",
-             "Throughput: dev examples/s at batch 32, at most 128 tokens; speedup against `dense` on the same device.", ""]
+             "ltp-L: learned token pruning with lambda L; topk-L: fixed top-k schedule whose dev FLOPs match ltp-L,",
+             "same hard-stage fine-tuning; pruned60: `compress prune --flops 0.6`; pruned60+X: X applied to pruned60.",
+             "Throughput: dev examples/s at batch 32, at most 128 tokens; speedup against `dense` (HF forward) on the",
+             "same device; bf16 autocast on CUDA, fp32 on CPU.", ""]
     pairs = sorted({tuple(k.split("/")[:2]) for k in data["runs"]})
     for model_name, task in pairs:
         lines += [f"## {model_name} / {task}", "",
@@ -250,6 +263,10 @@ def render(data: dict, args) -> str:
             metric = ", ".join(f"{k} {run[k]:.2f}" for k in run if k not in _NOT_METRICS)
             cells = [_speed(data, d, prefix, name) for d in devices]
             lines.append(f"| {name} | {metric} | {run['flops_ratio']:.3f} | {run['tokens_per_layer']} | " + " | ".join(cells) + " |")
+            if name == "dense":
+                cells = [_speed(data, d, prefix, "dense-packed") for d in devices]
+                lines.append("| dense, our forward, nothing pruned (padding removal only) | = dense | 1.000 | - | "
+                             + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
