@@ -66,7 +66,7 @@ def test_fast_path_preemption_and_prefix_cache(tmp_path):
 
 
 GPU_SCRIPT = """
-import sys, torch
+import sys
 sys.path.insert(0, {tests!r})
 from serve_fixtures import gemma2_config, gemma3_config, hf_greedy, random_model, random_prompts, save_model
 from serve import LLM, SamplingParams
@@ -75,7 +75,7 @@ prompts = random_prompts([3, 30, 12, 21, 9, 17, 40, 5])
 for name, config in (("gemma2", gemma2_config()), ("gemma3", gemma3_config())):
     model = random_model(config, seed=3)
     path = save_model(model, {path!r} + name)
-    hf = [hf_greedy(model.cuda(), torch.tensor(p).tolist(), 12) for p in prompts]
+    hf = [hf_greedy(model, p, 12) for p in prompts]     # fp32 on the CPU
     def run(**kw):
         llm = LLM(path, block_size=4, max_num_batched_tokens=32, max_num_seqs=8, dtype="float32", **kw)
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params)], llm.engine.runner

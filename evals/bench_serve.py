@@ -1,0 +1,264 @@
+"""Serving benchmark of the runtime in serve/ (issue 5): offline throughput, batch-1 decode against its
+bandwidth floor, online latency over HTTP, and Hugging Face baselines in the same run.
+
+Workload (defaults): 256 seeded random prompts, lengths uniform in 128..1024 tokens, 256 output tokens
+each, EOS ignored, greedy. Models: a directory, or a public Gemma shape with seeded random bf16 weights
+(evals/serve_models.py: gemma-2-2b, gemma-3-1b, gemma-3-4b, gemma-3-270m), optionally with a slimmed
+sibling (`--slim 0.6`: heads halved, filters cut to 0.6 of the layer FLOPs) timed next to its parent.
+Batch-1 floor: bytes one decode step must read (every weight once, the embedding as the output
+projection, plus the KV each layer attends to) over the measured device-to-device copy bandwidth.
+
+  python evals/bench_serve.py offline --model gemma-2-2b --compare hf --slim 0.6
+  python evals/bench_serve.py online --model gemma-2-2b --rate 8
+  python evals/bench_serve.py suite --out evals/results/serve_gpu.md      # everything, GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_serve_report import write_report  # noqa: E402
+from serve_models import SHAPES, build  # noqa: E402
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_prompts(num: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(num)]
+
+
+def copy_bandwidth_gbs(num_bytes: int = 2**30) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 20 eager copies)."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * num_bytes / statistics.median(times[5:]) / 1e9
+
+
+def resolve(args, name: str, slim: float | None = None) -> tuple[Path, dict]:
+    if name in SHAPES:
+        return build(name, Path(args.workdir), "cuda" if torch.cuda.is_available() else "cpu", slim)
+    if slim is not None:
+        raise ValueError("--slim needs a shape name (the slimmed sibling is cut from its random weights)")
+    return Path(name), json.loads((Path(name) / "config.json").read_text())
+
+
+def _vocab_size(name: str) -> int:
+    if name in SHAPES:
+        return SHAPES[name]["vocab_size"]
+    config = json.loads((Path(name) / "config.json").read_text())
+    return config.get("text_config", config)["vocab_size"]
+
+
+def make_llm(path, args, results: dict):
+    """The engine on its default (fast) path; if CUDA-graph capture fails, eager decode, noted as an error."""
+    from serve import LLM
+    kw = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False)
+    try:
+        return LLM(str(path), **kw)
+    except RuntimeError as err:
+        results.setdefault("errors", []).append(f"{path}: graphs failed, eager decode: {err}"[:400])
+        gc.collect()
+        torch.cuda.empty_cache()
+        return LLM(str(path), enforce_eager=True, **kw)
+
+
+def run_offline(llm, prompts, output_len: int, name: str) -> dict:
+    from serve import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))   # warm-up
+    sync()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    sync()
+    seconds = time.perf_counter() - start
+    return {"name": name, "seconds": seconds, "requests": len(prompts), "prompt_tokens": sum(map(len, prompts)),
+            "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
+
+
+def floor_bytes(llm, context: int) -> tuple[int, int]:
+    """(weight bytes, KV bytes) one batch-1 decode step at `context` tokens must read."""
+    model, spec = llm.engine.runner.model, llm.engine.runner.spec
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv = 0
+    for i, window in enumerate(spec.sliding_windows):
+        span = context if window is None else min(context, window)
+        kv += 2 * spec.num_key_value_heads[i] * spec.head_dim * span * model.model.embed_tokens.weight.element_size()
+    return weights, kv
+
+
+def run_latency(llm, vocab: int, copy_gbs: float, prompt_len: int = 512, output_len: int = 128) -> dict:
+    """Batch-1 decode: engine step wall time, graph replay time (events), and the floor."""
+    from serve import SamplingParams
+    engine = llm.engine
+    prompt = make_prompts(1, prompt_len, prompt_len, vocab, seed=7)[0]
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True))
+    steps = []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - start)
+    step_s = statistics.median(steps[1:])
+    replay_s = float("nan")
+    graphs = engine.runner.decode_graphs
+    if graphs is not None and 1 in graphs.graphs:
+        replay_s = _time_replay(graphs.graphs[1])
+    weights, kv = floor_bytes(llm, prompt_len + output_len // 2)
+    floor_s = (weights + kv) / (copy_gbs * 1e9)
+    return {"step_ms": step_s * 1e3, "replay_ms": replay_s * 1e3, "floor_ms": floor_s * 1e3,
+            "weight_gb": weights / 1e9, "kv_mb": kv / 1e6, "context": prompt_len + output_len // 2}
+
+
+def _time_replay(graph, reps: int = 50) -> float:
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000 / reps
+
+
+def free(llm) -> None:
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def bench_model(args, name: str, results: dict, prompts, slim: float | None = None, latency: bool = True) -> None:
+    path, config = resolve(args, name, slim)
+    label = name if slim is None else f"{name} slimmed (FLOPs {slim})"
+    start = time.perf_counter()
+    llm = make_llm(path, args, results)
+    init_s = time.perf_counter() - start
+    row = run_offline(llm, prompts, args.output_len, label)
+    row["init_s"] = init_s
+    results["offline"].append(row)
+    print(json.dumps(row), flush=True)
+    if args.compare == "hf" and slim is None and not results["hf"]:
+        subset = prompts[:args.hf_requests]
+        results["hf"].append(run_offline(llm, subset, args.output_len, f"serve ({name}, same {len(subset)} prompts)"))
+    if latency:
+        prompt_len, output_len = min(512, args.max_model_len // 2), min(128, args.max_model_len // 4)
+        lat = {"model": label, **run_latency(llm, config["vocab_size"], results["copy_gbs"], prompt_len, output_len)}
+        results["latency"].append(lat)
+        print(json.dumps(lat), flush=True)
+    free(llm)
+
+
+def bench_hf(args, name: str, results: dict, prompts) -> None:
+    from bench_serve_hf import hf_generate_batch, hf_padded_generate
+    path, _ = resolve(args, name)
+    subset = prompts[:args.hf_requests]
+    for fn in (hf_generate_batch, hf_padded_generate):
+        try:
+            row = fn(path, subset, args.output_len)
+        except Exception as err:  # a baseline failing must not lose the rest of the run
+            row = {"name": fn.__name__, "error": f"{type(err).__name__}: {err}"[:300]}
+        results["hf"].append(row)
+        print(json.dumps(row), flush=True)
+
+
+def bench_online(args, name: str, results: dict, prompts) -> None:
+    from bench_serve_online import run_online
+    path, _ = resolve(args, name)
+    server_args = ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens",
+                   str(args.max_num_batched_tokens), "--max-model-len", str(args.max_model_len),
+                   "--no-prefix-caching"]
+    row = {"model": name, **run_online(path, name, prompts[:args.online_requests], args.output_len, args.rate,
+                                       server_args, args.seed)}
+    results["online"].append(row)
+    print(json.dumps(row), flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "args": vars(args),
+               "copy_gbs": copy_bandwidth_gbs() if torch.cuda.is_available() else float("nan"),
+               "offline": [], "latency": [], "hf": [], "online": []}
+    models = args.model or (["gemma-2-2b", "gemma-3-1b", "gemma-3-4b", "gemma-3-270m"] if args.mode == "suite"
+                            else ["gemma-2-2b"])
+    vocab = min(_vocab_size(m) for m in models)
+    prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, vocab, args.seed)
+    steps = plan(args, models)
+    for label, fn in steps:
+        try:
+            fn(results, prompts)
+        except Exception as err:  # report what ran; say what failed
+            results.setdefault("errors", []).append(f"{label}: {type(err).__name__}: {err}"[:400])
+            print("FAILED", label, repr(err)[:400], flush=True)
+        if args.out:
+            write_report(results, args.out)
+    print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=1))
+    return 0
+
+
+def plan(args, models: list[str]) -> list:
+    steps = []
+    first = models[0]
+    if args.mode in ("offline", "suite"):
+        steps.append((f"offline {first}", lambda r, p: bench_model(args, first, r, p)))
+        if args.compare == "hf":
+            steps.append((f"hf {first}", lambda r, p: bench_hf(args, first, r, p)))
+        if args.slim:
+            steps.append((f"slim {first}", lambda r, p: bench_model(args, first, r, p, slim=args.slim)))
+        for name in models[1:]:
+            steps.append((f"offline {name}", lambda r, p, n=name: bench_model(args, n, r, p)))
+    if args.mode in ("online", "suite"):
+        steps.append((f"online {first}", lambda r, p: bench_online(args, first, r, p)))
+    return steps
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=["offline", "online", "suite"])
+    p.add_argument("--model", action="append", help="shape name or model directory (repeatable)")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--min-prompt", type=int, default=128)
+    p.add_argument("--max-prompt", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare", choices=["hf"], default=None, help="also run Hugging Face baselines")
+    p.add_argument("--hf-requests", type=int, default=None, help="HF runs on the first N prompts (default all)")
+    p.add_argument("--slim", type=float, default=None, help="also time a slimmed sibling at this FLOPs ratio")
+    p.add_argument("--rate", type=float, default=8.0, help="online: Poisson arrival rate (requests/s)")
+    p.add_argument("--online-requests", type=int, default=128)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--kv-cache-memory", type=float, default=None)
+    p.add_argument("--workdir", default="/tmp/bench_serve_models", help="where random checkpoints are written")
+    p.add_argument("--out", default=None, help="write the markdown report here")
+    args = p.parse_args(argv)
+    args.hf_requests = args.hf_requests or args.num_requests
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Online serving benchmark: Poisson arrivals against the real `compress serve` HTTP server.
+
+Starts the server process on 127.0.0.1, sends streaming `/v1/completions` requests (token-id prompts,
+`ignore_eos`) with exponential inter-arrival gaps at `rate` requests/s, and records per request the
+time to first token (TTFT), the gaps between streamed chunks (ITL) and the time per output token
+after the first (TPOT = (latency - TTFT) / (tokens - 1)). Reports mean / p50 / p99 of each, in ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(path, port: int, server_args: list[str], timeout: float = 300) -> subprocess.Popen:
+    import urllib.request
+    cmd = [sys.executable, "-m", "compress", "serve", str(path), "--port", str(port), *server_args]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited:\n" + proc.stdout.read()[-3000:])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not come up in time")
+
+
+async def _one(session, url: str, model: str, prompt: list[int], output_len: int) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    start = time.perf_counter()
+    stamps = []
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if line.startswith("data:") and line != "data: [DONE]":
+                if json.loads(line[5:])["choices"]:
+                    stamps.append(time.perf_counter())
+    return {"start": start, "stamps": stamps}
+
+
+async def _drive(port: int, model: str, prompts, output_len: int, rate: float, seed: int) -> tuple[list, float]:
+    import aiohttp
+    rng = random.Random(seed)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        tasks, begin = [], time.perf_counter()
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(_one(session, url, model, prompt, output_len)))
+            await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+    return results, time.perf_counter() - begin
+
+
+def _stats(values) -> dict:
+    arr = np.asarray(values, dtype=float) * 1000.0
+    return {"mean": float(arr.mean()), "p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99))}
+
+
+def summarize(results: list[dict], seconds: float) -> dict:
+    ttft = [r["stamps"][0] - r["start"] for r in results if r["stamps"]]
+    itl = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
+    tpot = [(r["stamps"][-1] - r["stamps"][0]) / (len(r["stamps"]) - 1) for r in results if len(r["stamps"]) > 1]
+    chunks = sum(len(r["stamps"]) for r in results)
+    return {"requests": len(results), "seconds": seconds, "chunks_per_s": chunks / seconds,
+            "ttft_ms": _stats(ttft), "tpot_ms": _stats(tpot), "itl_ms": _stats(itl)}
+
+
+def run_online(path, model_name: str, prompts, output_len: int, rate: float, server_args: list[str],
+               seed: int = 0) -> dict:
+    port = free_port()
+    proc = start_server(path, port, ["--served-model-name", model_name, *server_args])
+    try:
+        results, seconds = asyncio.run(_drive(port, model_name, prompts, output_len, rate, seed))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return {"rate": rate, **summarize(results, seconds)}

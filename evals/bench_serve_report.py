@@ -1,0 +1,88 @@
+"""Markdown report of evals/bench_serve.py: one table per mode, ratios against the first row, the command.
+
+Also writes the raw results as JSON next to the markdown (same stem, .json).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _rate(row: dict, key: str) -> float:
+    return row[key] / row["seconds"] if row.get("seconds") else float("nan")
+
+
+def _throughput_rows(rows: list[dict], base: dict | None) -> list[str]:
+    lines = ["| run | requests | seconds | requests/s | output tok/s | total tok/s | vs first row |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | failed: {row['error']} | | | | | |")
+            continue
+        out = _rate(row, "output_tokens")
+        total = (row["prompt_tokens"] + row["output_tokens"]) / row["seconds"]
+        ratio = out / _rate(base, "output_tokens") if base else 1.0
+        lines.append(f"| {row['name']} | {row['requests']} | {row['seconds']:.2f} | {row['requests'] / row['seconds']:.2f}"
+                     f" | {out:,.0f} | {total:,.0f} | {ratio:.2f}x |")
+    return lines
+
+
+def _hf_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    ours = rows[0]
+    lines = ["", "## Against Hugging Face (same prompts, same run)", ""] + _throughput_rows(rows, None)
+    lines.append("")
+    for row in rows[1:]:
+        if "error" not in row and row.get("output_tokens"):
+            ratio = _rate(ours, "output_tokens") / _rate(row, "output_tokens")
+            lines.append(f"- serve / {row['name']}: **{ratio:.1f}x** output tokens/s")
+    return lines
+
+
+def _latency_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Batch-1 decode against its bandwidth floor", "",
+             "| model | context | weights (GB) | KV read (MB) | floor (ms) | graph replay (ms) | replay / floor |"
+             " engine step (ms) | step / floor |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['context']} | {r['weight_gb']:.2f} | {r['kv_mb']:.1f} | {r['floor_ms']:.3f}"
+                     f" | {r['replay_ms']:.3f} | {r['replay_ms'] / r['floor_ms']:.2f}x | {r['step_ms']:.3f}"
+                     f" | {r['step_ms'] / r['floor_ms']:.2f}x |")
+    return lines
+
+
+def _online_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Online (Poisson arrivals, streaming over HTTP)", "",
+             "| model | rate (req/s) | requests | metric | mean (ms) | p50 (ms) | p99 (ms) |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
+            s = r[metric]
+            lines.append(f"| {r['model']} | {r['rate']} | {r['requests']} | {metric[:-3].upper()} | {s['mean']:.1f}"
+                         f" | {s['p50']:.1f} | {s['p99']:.1f} |")
+    return lines
+
+
+def render(results: dict) -> str:
+    offline = results["offline"]
+    lines = [f"# Serving benchmark on {results['device']}", "",
+             f"torch {results['torch']}; device-to-device copy {results['copy_gbs']:.0f} GB/s (read + write).", "",
+             f"Command: `{results['command']}`", "", "## Offline throughput", ""]
+    lines += _throughput_rows(offline, offline[0] if offline else None)
+    lines += _hf_lines(results["hf"]) + _latency_lines(results["latency"]) + _online_lines(results["online"])
+    if results.get("errors"):
+        lines += ["", "## Failed steps", ""] + [f"- {e}" for e in results["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render(results))
+    path.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
