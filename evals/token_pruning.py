@@ -148,11 +148,11 @@ def dev_features(path: Path, task: str, data_dir):
 def load_any(path: Path, device):
     """A token-pruned model as is; a plain one wrapped with no pruning (same forward, dense mode)."""
     from compress.modeling import load
-    from compress.token_pruning import io
+    from compress.token_pruning import checkpoint
     from compress.token_pruning.model import PruningSpec, TokenPruningModel
 
-    if io.is_token_pruned(path):
-        return io.load(path, device), "drop"
+    if checkpoint.is_token_pruned(path):
+        return checkpoint.load(path, device), "drop"
     model = load(path, device)
     layers = len(flops.model_shape(model).num_heads)
     return TokenPruningModel(model, PruningSpec(thresholds=[0.0] * (layers - 1))).to(device).eval(), "dense"
@@ -211,7 +211,7 @@ def throughput(args, path: Path, task: str, packed_only: bool = False) -> dict:
     from compress.batching import batches, to_device
     from compress.evaluation import autocast
     from compress.modeling import load
-    from compress.token_pruning import io
+    from compress.token_pruning import checkpoint
     from compress.token_pruning.pipeline import resolve_device
 
     device = resolve_device(args.device)
@@ -219,7 +219,7 @@ def throughput(args, path: Path, task: str, packed_only: bool = False) -> dict:
     if packed_only:
         model, _ = load_any(path, device)
     else:
-        model = io.load(path, device) if io.is_token_pruned(path) else load(path, device)
+        model = checkpoint.load(path, device) if checkpoint.is_token_pruned(path) else load(path, device)
     data = [to_device(b, device) for b in batches(features, 32, pad)][: args.throughput_batches]
     inputs = [{k: v for k, v in b.items() if k != "labels"} for b in data]
     timings = []

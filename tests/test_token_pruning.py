@@ -10,7 +10,7 @@ import torch
 
 from _tiny import KINDS, save_tiny_model_dir, tiny_config, tiny_inputs, tiny_model, tiny_tokenizer, write_tiny_sst2
 from compress.cli import main
-from compress.token_pruning import flops, io
+from compress.token_pruning import checkpoint, flops
 from compress.token_pruning.model import PruningSpec, TokenPruningModel
 
 
@@ -158,10 +158,10 @@ def test_save_load_round_trip(tmp_path, kind):
     adapter.slim_layer(0, [0, 3], torch.arange(64))
     adapter.record_shapes()
     pruner = TokenPruningModel(model, PruningSpec(thresholds=[0.07], temperature=5e-4)).eval()
-    io.save(pruner, tiny_tokenizer(), tmp_path, {"note": "test"})
+    checkpoint.save(pruner, tiny_tokenizer(), tmp_path, {"note": "test"})
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["token_pruning"]["thresholds"] == [pytest.approx(0.07)]
-    loaded = io.load(tmp_path)
+    loaded = checkpoint.load(tmp_path)
     assert isinstance(loaded, TokenPruningModel) and loaded.spec.temperature == 5e-4
     inputs = tiny_inputs(seq=14)
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_cli_end_to_end(tiny_run, capsys):
     record = json.loads((out / "token_prune.json").read_text())
     assert [s["steps"] for s in record["stages"]] == [2, 2]
     assert 0 < record["dev_after"]["flops_ratio"] <= 1.0 and record["dev_before"]["flops_ratio"] == 1.0
-    assert isinstance(io.load(out), TokenPruningModel)
+    assert isinstance(checkpoint.load(out), TokenPruningModel)
     assert "FLOPs ratio" in capsys.readouterr().out
     from compress.token_pruning.pipeline import evaluate_dir
 
@@ -223,3 +223,27 @@ def test_cli_rejects_bad_models(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
         assert not out.exists() and not list(tmp_path.glob(f".out-{model_dir.name}*"))
+
+
+@pytest.fixture
+def saved_pruned(tmp_path):
+    pruner = TokenPruningModel(tiny_model("bert"), PruningSpec(thresholds=[0.08])).eval()
+    checkpoint.save(pruner, tiny_tokenizer(), tmp_path / "tp", {})
+    return tmp_path / "tp", write_tiny_sst2(tmp_path / "data", num_train=8, num_dev=8)
+
+
+@pytest.mark.xfail(reason="needs the dispatch in compress/api.py load() (owned by the lead/core; patch in issue 6 "
+                          "report)", strict=True)
+def test_compress_load_returns_the_token_dropping_model(saved_pruned):
+    import compress
+
+    assert isinstance(compress.load(saved_pruned[0]), TokenPruningModel)
+
+
+@pytest.mark.xfail(reason="needs the dispatch in compress/commands/eval.py (owned by the core; patch in issue 6 "
+                          "report)", strict=True)
+def test_compress_eval_reports_flops_ratio(saved_pruned, capsys):
+    path, data_dir = saved_pruned
+    capsys.readouterr()
+    assert main(["eval", str(path), "--task", "sst2", "--data-dir", str(data_dir)]) == 0
+    assert "flops_ratio" in capsys.readouterr().out

@@ -6,11 +6,11 @@ Transformers", KDD 2022), with real token dropping at inference.
 - `flops.py`: per-example FLOPs from the kept lengths (the head/filter pruner's cost terms);
 - `trainer.py`: soft stage (thresholds learned, own optimizer) and hard stage (thresholds frozen);
 - `pipeline.py`: `token_prune(config)` (the `compress token-prune` command) and evaluation;
-- `io.py`: checkpoints = the slimmed-checkpoint contract + config.json["token_pruning"].
+- `checkpoint.py`: checkpoints = the slimmed-checkpoint contract + config.json["token_pruning"].
 """
 
 from compress.token_pruning.config import TokenPruningConfig
-from compress.token_pruning.io import is_token_pruned, load
+from compress.token_pruning.checkpoint import is_token_pruned, load
 from compress.token_pruning.model import PruningSpec, TokenPruningModel
 from compress.token_pruning.pipeline import evaluate_dir, token_prune
 

@@ -12,7 +12,7 @@ import torch
 
 from compress.errors import UserError
 from compress.outputs import atomic_output_dir, check_output_dir
-from compress.token_pruning import flops, io
+from compress.token_pruning import checkpoint, flops
 from compress.token_pruning import parts as P
 from compress.token_pruning.config import TokenPruningConfig, initial_thresholds, topk_keep_ratios
 from compress.token_pruning.model import PruningSpec, TokenPruningModel
@@ -30,7 +30,7 @@ def load_for_task(model_dir: str, task):
     from compress.modeling import load_tokenizer, resolve
 
     path = resolve(model_dir)
-    config = io.read_config(path)
+    config = checkpoint.read_config(path)
     kind = config.get("model_type")
     if kind not in P.SUPPORTED:
         raise UserError(f"token pruning needs a BERT-family encoder ({', '.join(P.SUPPORTED)}); {path} is {kind!r}")
@@ -39,7 +39,7 @@ def load_for_task(model_dir: str, task):
     num_labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
     if num_labels != task.num_labels:
         raise UserError(f"{path} predicts {num_labels} label(s) but task {task.name} has {task.num_labels}")
-    model = io.load(path).model if io.CONFIG_KEY in config else io.load_plain(path)
+    model = checkpoint.load(path).model if checkpoint.CONFIG_KEY in config else checkpoint.load_plain(path)
     return model, load_tokenizer(path), path
 
 
@@ -73,7 +73,7 @@ def evaluate_dir(path, task_name: str, data_dir=None, device="auto", batch_size:
     from compress.tasks import get_task, load_split
 
     task, device = get_task(task_name), resolve_device(device)
-    model, tokenizer = io.load(path, device), load_tokenizer(path)
+    model, tokenizer = checkpoint.load(path, device), load_tokenizer(path)
     examples = load_split(task, "dev", data_dir)
     features = encode(tokenizer, examples, max_seq_length)
     result = evaluate(model, task, features, pad_id_of(tokenizer), batch_size, device)
@@ -110,7 +110,7 @@ def token_prune(cfg: TokenPruningConfig) -> dict:
     record = dict(source=str(source), task=task.name, config=cfg.to_dict(), spec=vars(model.current_spec()),
                   dev_before=before, dev_after=after, stages=stages, seconds=timings)
     with atomic_output_dir(cfg.output, cfg.overwrite) as tmp:
-        io.save(model, tokenizer, tmp, record, source_dir=source)
+        checkpoint.save(model, tokenizer, tmp, record, source_dir=source)
     return record
 
 
