@@ -158,7 +158,14 @@ def compute_scores(method, adapter, model, batches, device, phases, progress, re
             heads, filters = baselines.magnitude_scores(adapter)
         else:
             heads, filters = lm_scores.activation_scores(model, adapter, batches, device, progress)
-    return {"heads": heads, "filters": filters}
+    # Unlike the Fisher (a loss change for heads and filters alike), these scores have different scales
+    # for heads and filters; mean 1 per kind lets the global search weigh one against the other.
+    return {"heads": _unit_mean(heads), "filters": _unit_mean(filters)}
+
+
+def _unit_mean(scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    mean = torch.cat([s.float() for s in scores]).mean().clamp_min(1e-30)
+    return [s.float() / mean for s in scores]
 
 
 def masks_from_scores(config, adapter, model, batches, scores, device, phases, progress, record):

@@ -46,10 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="evals/results/gemma_pruning")
     p.add_argument("--quick", action="store_true", help="tiny CPU configuration to validate the script")
+    p.add_argument("--cpu-table", action="store_true", help="the reduced configuration of the committed CPU table")
     args = p.parse_args(argv)
     if args.quick:
         args.flops, args.num_samples, args.seq_len, args.batch_size = [0.8], 8, 128, 4
         args.ppl_seq_len, args.ppl_max_windows, args.max_new_tokens = 128, 8, 12
+    if args.cpu_table:
+        args.num_samples, args.seq_len, args.batch_size = 32, 96, 8
+        args.ppl_seq_len, args.ppl_max_windows, args.max_new_tokens = 256, 8, 16
     return args
 
 
@@ -61,7 +65,7 @@ def heldout_sets(tokenizer, data_dir: Path, args) -> dict:
     wiki = heldout_ids(tokenizer, data_dir / "text" / "wikipedia_sample.txt.gz", tail=1 - CALIB_FRACTION)
     novel = heldout_ids(tokenizer, data_dir / "text" / NOVEL)
     return {name: make_windows(ids, bos, args.ppl_seq_len, args.ppl_max_windows)
-            for name, ids in (("wikipedia (held-out articles)", wiki), (f"novel ({Path(NOVEL).stem})", novel))}
+            for name, ids in (("wikipedia (held-out articles)", wiki), (f"novel ({Path(NOVEL).name.split('.')[0]})", novel))}
 
 
 def evaluate(model, tokenizer, sets, args) -> dict:
@@ -102,12 +106,14 @@ def run(args) -> dict:
         record = {}
         scores[method] = dp.compute_scores(method, dp._adapter(dense), dense, calib["batches"],
                                            next(dense.parameters()).device, shared, True, record)
+    result = {"rows": rows, "shared_seconds": shared.seconds, "calibration": calib["source"],
+              "settings": vars(args), "device": device_name(dense), "command": command_line()}
     for flops in args.flops:
         for method in args.methods:
             rows.append(prune_one(dense, tokenizer, calib, scores[method], base, method, flops, sets, args))
             print(json.dumps({k: rows[-1][k] for k in ("method", "flops", "perplexity")}), flush=True)
-    return {"rows": rows, "shared_seconds": shared.seconds, "calibration": calib["source"],
-            "settings": vars(args), "device": device_name(dense), "command": command_line()}
+            write_results(result, Path(args.out))  # after every row: a long CPU run keeps what it finished
+    return result
 
 
 def prune_one(dense, tokenizer, calib, scores, base, method, flops, sets, args) -> dict:
@@ -162,6 +168,8 @@ def write_markdown(result: dict, path: Path) -> None:
         lines.append(f"| {r['flops']} | {r['method']} | {ppl} | {100 * r['flops_ratio']:.1f}% | "
                      f"{sum(r['num_attention_heads_per_layer'])} | {sum(r['num_key_value_heads_per_layer'])} | "
                      f"{sum(r['intermediate_size_per_layer'])} | {secs} |")
+    if "total_seconds" not in result:
+        lines += ["", "(run in progress or interrupted: the rows above are those finished)"]
     lines += ["", "Shared phases (once per run, seconds): "
               + ", ".join(f"{k} {v:.1f}" for k, v in result["shared_seconds"].items()), "",
               "## Greedy continuations", ""]
@@ -180,12 +188,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     result = run(args)
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
+    write_results(result, Path(args.out))
+    print(f"wrote {Path(args.out).with_suffix('.md')} and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
+def write_results(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(result, out.with_suffix(".md"))
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
-    return 0
 
 
 if __name__ == "__main__":
