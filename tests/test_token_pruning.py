@@ -247,3 +247,16 @@ def test_compress_eval_reports_flops_ratio(saved_pruned, capsys):
     capsys.readouterr()
     assert main(["eval", str(path), "--task", "sst2", "--data-dir", str(data_dir)]) == 0
     assert "flops_ratio" in capsys.readouterr().out
+
+
+def test_token_prune_recipes_resolve():
+    from pathlib import Path
+
+    from compress.config import load_recipe, resolve
+    from compress.token_pruning import TokenPruningConfig
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*token-prune*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        config = resolve(TokenPruningConfig, load_recipe(recipe), mask_lambda=0.2)
+        assert config.mask_lambda == 0.2 and config.task
