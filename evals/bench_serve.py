@@ -224,10 +224,10 @@ def plan(args, models: list[str]) -> list:
     first = models[0]
     if args.mode in ("offline", "suite"):
         steps.append((f"offline {first}", lambda r, p: bench_model(args, first, r, p)))
-        if args.compare == "hf":
-            steps.append((f"hf {first}", lambda r, p: bench_hf(args, first, r, p)))
         if args.slim:
             steps.append((f"slim {first}", lambda r, p: bench_model(args, first, r, p, slim=args.slim)))
+        if args.compare == "hf":
+            steps.append((f"hf {first}", lambda r, p: bench_hf(args, first, r, p)))
     if args.mode in ("online", "suite"):
         steps.append((f"online {first}", lambda r, p: bench_online(args, first, r, p)))
     if args.mode in ("offline", "suite"):
