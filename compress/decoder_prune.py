@@ -233,10 +233,13 @@ def add_decoder_flags(parser) -> None:
 
 def run_from_args(args) -> int:
     """`compress prune` without --task: prune a decoder with the LM loss and print the summary."""
+    from compress.config import load_recipe, resolve
+
     values = {k: getattr(args, k) for k in DECODER_FLAGS if getattr(args, k, None) is not None}
-    record = prune_decoder(DecoderPruneConfig(**values).validate())
+    config = resolve(DecoderPruneConfig, load_recipe(getattr(args, "recipe", None)), **values)
+    record = prune_decoder(config)
     print(format_summary(record))
-    print(f"  saved to {values['output']}")
+    print(f"  saved to {config.output}")
     return 0
 
 
