@@ -100,8 +100,12 @@ def gguf_to_hf(gguf_path: Path, out: Path) -> None:
     kwargs = {"gguf_file": gguf_path.name}
     tokenizer = AutoTokenizer.from_pretrained(out, **kwargs)
     quantized = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kwargs)
-    # transformers refuses to save a model it loaded from GGUF; a fresh model of the same config can.
-    model = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
+    # transformers refuses to save a model it loaded from GGUF; a fresh model of the same config can,
+    # once the config no longer says "gguf" (else every later load would treat the weights as quantized).
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
     del quantized
