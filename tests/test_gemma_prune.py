@@ -303,3 +303,16 @@ def test_perplexity_cli_on_a_saved_model(tmp_path, capsys):
                             "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_windows"] == len(WORDS) * 3 // 7 and 1.0 < result["perplexity"] < 10 * len(WORDS)
+
+
+def test_sliding_window_from_either_config_style():
+    from types import SimpleNamespace
+
+    from compress.arch.gemma import sliding_window
+
+    explicit = SimpleNamespace(sliding_window=512, layer_types=["sliding_attention", "full_attention"], model_type="gemma3_text")
+    pattern = SimpleNamespace(sliding_window=512, sliding_window_pattern=6, model_type="gemma3_text")
+    gemma2_old = SimpleNamespace(sliding_window=4096, model_type="gemma2")
+    assert [sliding_window(explicit, i) for i in range(2)] == [512, None]
+    assert [sliding_window(pattern, i) for i in range(6)] == [512] * 5 + [None]
+    assert [sliding_window(gemma2_old, i) for i in range(2)] == [4096, None]
