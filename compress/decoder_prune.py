@@ -4,8 +4,8 @@ load -> calibration windows (compress.calib) -> LM-loss mask gradients (compress
 GQA-aware search under the decoder cost model (compress.gqa, compress.decoder_cost) -> GQA-shaped
 rearrangement -> least-squares mask tuning of each branch before its post-norm, in fp32
 (compress.decoder_tune, layer-local) -> slim (compress.slim) -> save (compress.modeling.save). Only compress.arch.gemma
-knows module paths. Baselines (`method` magnitude / activation) replace the Fisher by their scores
-and skip rearrangement, but go through the same search, tuning and slimming, so a comparison at the
+knows module paths. Baselines (`method` magnitude / activation / activation-mlp, the last pruning
+MLP filters only) replace the Fisher by their scores and skip rearrangement, but go through the same search, tuning and slimming, so a comparison at the
 same FLOPs isolates the importance criterion.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from compress.errors import UserError
 
-METHODS = ("fisher", "magnitude", "activation")
+METHODS = ("fisher", "magnitude", "activation", "activation-mlp")
 
 
 @dataclass
@@ -160,7 +160,10 @@ def compute_scores(method, adapter, model, batches, device, phases, progress, re
             heads, filters = lm_scores.activation_scores(model, adapter, batches, device, progress)
     # Unlike the Fisher (a loss change for heads and filters alike), these scores have different scales
     # for heads and filters; mean 1 per kind lets the global search weigh one against the other.
-    return {"heads": _unit_mean(heads), "filters": _unit_mean(filters)}
+    heads, filters = _unit_mean(heads), _unit_mean(filters)
+    if method == "activation-mlp":  # the variant that prunes MLP filters only: heads outrank everything
+        heads = [torch.full_like(h, 1e9) for h in heads]
+    return {"heads": heads, "filters": filters}
 
 
 def _unit_mean(scores: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--data-dir", default=None, help="shared data dir with text/ (default $COMPRESS_DATA_DIR)")
     p.add_argument("--flops", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6])
-    p.add_argument("--methods", nargs="+", default=["fisher", "magnitude", "activation"])
+    p.add_argument("--methods", nargs="+", default=["fisher", "magnitude", "activation", "activation-mlp"])
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--context-len", type=int, default=2048)
@@ -154,7 +154,10 @@ def write_markdown(result: dict, path: Path) -> None:
              f"{s['seq_len']} tokens. FLOPs are of the non-embedding FLOPs at context {s['context_len']} "
              f"(the LM head is not pruned). Perplexity: BOS + {s['ppl_seq_len'] - 1} tokens per window, "
              f"at most {s['ppl_max_windows']} windows per text. Every pruned model: GQA-shaped search, "
-             "least-squares tuning, slimming; Fisher also rearranges.", "",
+             "least-squares tuning, slimming; Fisher also rearranges. Baselines: magnitude = L2 norm of a unit's "
+             "weights; activation = Wanda-style |W| x ||X|| summed over a unit's output-projection columns "
+             "(FLAP-like structured variant); both normalised to mean 1 per unit kind so that one global search "
+             "ranks heads against filters; activation-mlp = the same scores, MLP filters only (all heads kept).", "",
              "| FLOPs | method | " + " | ".join(f"ppl {n}" for n in sets) + " | FLOPs kept | q heads | kv heads | "
              "filters | seconds (search/rearrange/tune/slim) |",
              "|---" * (7 + len(sets)) + "|"]
