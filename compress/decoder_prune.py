@@ -159,16 +159,16 @@ def compute_scores(method, adapter, model, batches, device, phases, progress, re
         else:
             heads, filters = lm_scores.activation_scores(model, adapter, batches, device, progress)
     # Unlike the Fisher (a loss change for heads and filters alike), these scores have different scales
-    # for heads and filters; mean 1 per kind lets the global search weigh one against the other.
-    heads, filters = _unit_mean(heads), _unit_mean(filters)
-    if method == "activation-mlp":  # the variant that prunes MLP filters only: heads outrank everything
-        heads = [torch.full_like(h, 1e9) for h in heads]
-    return {"heads": heads, "filters": filters}
+    # for heads and filters: `masks_from_scores` rescales them per kind (see `_per_flop`).
+    return {"heads": heads, "filters": filters, "per_kind": True, "keep_heads": method == "activation-mlp"}
 
 
-def _unit_mean(scores: list[torch.Tensor]) -> list[torch.Tensor]:
+def _per_flop(scores: list[torch.Tensor], unit_cost: list[float]) -> list[torch.Tensor]:
+    """Scores divided by their kind's mean and multiplied by the unit's FLOPs: a unit of average score is
+    worth exactly the FLOPs it costs, whatever its kind, so the search trades heads against filters by
+    how far each is above or below its own kind's average."""
     mean = torch.cat([s.float() for s in scores]).mean().clamp_min(1e-30)
-    return [s.float() / mean for s in scores]
+    return [s.float() / mean * c for s, c in zip(scores, unit_cost)]
 
 
 def masks_from_scores(config, adapter, model, batches, scores, device, phases, progress, record):
@@ -179,8 +179,13 @@ def masks_from_scores(config, adapter, model, batches, scores, device, phases, p
 
     cost = decoder_cost.decoder_cost(adapter, config.context_len)
     groups = [h // k for h, k in zip(adapter.num_heads(), adapter.num_kv_heads())]
+    head_scores, filter_scores = scores["heads"], scores["filters"]
+    if scores.get("per_kind"):
+        head_scores, filter_scores = _per_flop(head_scores, cost.q_cost), _per_flop(filter_scores, cost.filter_cost)
+    if scores.get("keep_heads"):  # the MLP-only variant: every head outranks every filter
+        head_scores = [torch.full_like(h, 1e6 * cost.dense_flops()) for h in head_scores]
     with phases("search"):
-        heads, filters = gqa.search_gqa(scores["heads"], scores["filters"], cost, config.flops * cost.dense_flops(), groups)
+        heads, filters = gqa.search_gqa(head_scores, filter_scores, cost, config.flops * cost.dense_flops(), groups)
     if "head_grads" in scores and config.rearrange:
         with phases("rearrange"):
             heads = gqa.rearrange_gqa(heads, scores["head_grads"], groups)

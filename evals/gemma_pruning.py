@@ -156,7 +156,7 @@ def write_markdown(result: dict, path: Path) -> None:
              f"at most {s['ppl_max_windows']} windows per text. Every pruned model: GQA-shaped search, "
              "least-squares tuning, slimming; Fisher also rearranges. Baselines: magnitude = L2 norm of a unit's "
              "weights; activation = Wanda-style |W| x ||X|| summed over a unit's output-projection columns "
-             "(FLAP-like structured variant); both normalised to mean 1 per unit kind so that one global search "
+             "(FLAP-like structured variant); both rescaled per unit kind (score / kind mean x unit FLOPs) so that one global search "
              "ranks heads against filters; activation-mlp = the same scores, MLP filters only (all heads kept).", "",
              "| FLOPs | method | " + " | ".join(f"ppl {n}" for n in sets) + " | FLOPs kept | q heads | kv heads | "
              "filters | seconds (search/rearrange/tune/slim) |",

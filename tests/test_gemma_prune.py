@@ -316,3 +316,21 @@ def test_sliding_window_from_either_config_style():
     assert [sliding_window(explicit, i) for i in range(2)] == [512, None]
     assert [sliding_window(pattern, i) for i in range(6)] == [512] * 5 + [None]
     assert [sliding_window(gemma2_old, i) for i in range(2)] == [4096, None]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "activation", "activation-mlp"])
+def test_baselines_meet_the_budget_with_gqa_shapes(method, tmp_path):
+    from compress.decoder_prune import DecoderPruneConfig, run_pipeline
+
+    model, tok = _model("gemma2"), _tokenizer()
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    (tmp_path / "c.txt").write_text(" ".join(WORDS * 20))
+    config = DecoderPruneConfig(model=str(tmp_path / "dense"), output="-", flops=0.7, method=method, num_samples=4,
+                                seq_len=16, context_len=32, calib=str(tmp_path / "c.txt"), tune=False, device="cpu")
+    _, _, record = run_pipeline(config, progress=False)
+    assert record["flops_after"] <= 0.7 * record["flops_before"] * (1 + 1e-9)
+    heads, kv = record["num_attention_heads_per_layer"], record["num_key_value_heads_per_layer"]
+    assert all(h == k == 0 or h % k == 0 for h, k in zip(heads, kv))
+    if method == "activation-mlp":
+        assert heads == [4, 4]
