@@ -334,3 +334,12 @@ def test_baselines_meet_the_budget_with_gqa_shapes(method, tmp_path):
     assert all(h == k == 0 or h % k == 0 for h, k in zip(heads, kv))
     if method == "activation-mlp":
         assert heads == [4, 4]
+
+
+def test_no_local_text_calibrates_on_model_samples(monkeypatch):
+    from compress import calib
+
+    monkeypatch.delenv("COMPRESS_DATA_DIR", raising=False)
+    result = calib.resolve_calibration(_model("gemma3"), _tokenizer(), None, None, num_samples=3, seq_len=10, seed=0)
+    assert result.input_ids.shape == (3, 10) and (result.input_ids[:, 0] == 2).all()
+    assert "sampled from the dense model" in result.source
