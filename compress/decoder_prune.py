@@ -4,8 +4,8 @@ load -> calibration windows (compress.calib) -> LM-loss mask gradients (compress
 GQA-aware search under the decoder cost model (compress.gqa, compress.decoder_cost) -> GQA-shaped
 rearrangement -> least-squares mask tuning of each branch before its post-norm, in fp32
 (compress.decoder_tune, layer-local) -> slim (compress.slim) -> save (compress.modeling.save). Only compress.arch.gemma
-knows module paths. Baselines (`method` magnitude / activation / activation-mlp, the last pruning
-MLP filters only) replace the Fisher by their scores and skip rearrangement, but go through the same search, tuning and slimming, so a comparison at the
+knows module paths. `fisher-mlp` is the Fisher pipeline restricted to MLP filters (an ablation).
+Baselines (`method` magnitude / activation / activation-mlp, the last pruning MLP filters only) replace the Fisher by their scores and skip rearrangement, but go through the same search, tuning and slimming, so a comparison at the
 same FLOPs isolates the importance criterion.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from compress.errors import UserError
 
-METHODS = ("fisher", "magnitude", "activation", "activation-mlp")
+METHODS = ("fisher", "fisher-mlp", "magnitude", "activation", "activation-mlp")
 
 
 @dataclass
@@ -148,12 +148,12 @@ def compute_scores(method, adapter, model, batches, device, phases, progress, re
     """Per-layer head and filter scores of `method` (and, for Fisher, the per-window mask gradients)."""
     from compress import baselines, lm_scores
 
-    with phases("fisher" if method == "fisher" else "scores"):
-        if method == "fisher":
+    with phases("fisher" if method.startswith("fisher") else "scores"):
+        if method.startswith("fisher"):
             head_grads, filter_grads, record["calibration_loss"] = lm_scores.lm_mask_gradients(
                 model, adapter, batches, device, progress)
             return {"heads": [g.pow(2).mean(0) for g in head_grads], "filters": [g.pow(2).mean(0) for g in filter_grads],
-                    "head_grads": head_grads, "filter_grads": filter_grads}
+                    "head_grads": head_grads, "filter_grads": filter_grads, "keep_heads": method == "fisher-mlp"}
         if method == "magnitude":
             heads, filters = baselines.magnitude_scores(adapter)
         else:
@@ -182,7 +182,7 @@ def masks_from_scores(config, adapter, model, batches, scores, device, phases, p
     head_scores, filter_scores = scores["heads"], scores["filters"]
     if scores.get("per_kind"):
         head_scores, filter_scores = _per_flop(head_scores, cost.q_cost), _per_flop(filter_scores, cost.filter_cost)
-    if scores.get("keep_heads"):  # the MLP-only variant: every head outranks every filter
+    if scores.get("keep_heads"):  # the MLP-only variants: every head outranks every filter
         head_scores = [torch.full_like(h, 1e6 * cost.dense_flops()) for h in head_scores]
     with phases("search"):
         heads, filters = gqa.search_gqa(head_scores, filter_scores, cost, config.flops * cost.dense_flops(), groups)

@@ -157,7 +157,8 @@ def write_markdown(result: dict, path: Path) -> None:
              "least-squares tuning, slimming; Fisher also rearranges. Baselines: magnitude = L2 norm of a unit's "
              "weights; activation = Wanda-style |W| x ||X|| summed over a unit's output-projection columns "
              "(FLAP-like structured variant); both rescaled per unit kind (score / kind mean x unit FLOPs) so that one global search "
-             "ranks heads against filters; activation-mlp = the same scores, MLP filters only (all heads kept).", "",
+             "ranks heads against filters; activation-mlp = the same scores, MLP filters only (all heads kept); fisher-mlp (ablation, when "
+             "listed) = the Fisher pipeline restricted to MLP filters.", "",
              "| FLOPs | method | " + " | ".join(f"ppl {n}" for n in sets) + " | FLOPs kept | q heads | kv heads | "
              "filters | seconds (search/rearrange/tune/slim) |",
              "|---" * (7 + len(sets)) + "|"]

@@ -318,7 +318,7 @@ def test_sliding_window_from_either_config_style():
     assert [sliding_window(gemma2_old, i) for i in range(2)] == [4096, None]
 
 
-@pytest.mark.parametrize("method", ["magnitude", "activation", "activation-mlp"])
+@pytest.mark.parametrize("method", ["magnitude", "activation", "activation-mlp", "fisher-mlp"])
 def test_baselines_meet_the_budget_with_gqa_shapes(method, tmp_path):
     from compress.decoder_prune import DecoderPruneConfig, run_pipeline
 
@@ -332,7 +332,7 @@ def test_baselines_meet_the_budget_with_gqa_shapes(method, tmp_path):
     assert record["flops_after"] <= 0.7 * record["flops_before"] * (1 + 1e-9)
     heads, kv = record["num_attention_heads_per_layer"], record["num_key_value_heads_per_layer"]
     assert all(h == k == 0 or h % k == 0 for h, k in zip(heads, kv))
-    if method == "activation-mlp":
+    if method.endswith("-mlp"):
         assert heads == [4, 4]
 
 
