@@ -39,7 +39,7 @@ def load_for_finetune(path, task):
         config.label2id = {name: i for i, name in enumerate(task.labels)}
     config.compress_task = task.name
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)  # fp32 master weights, whatever the checkpoint dtype
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"cannot load model {path}: {str(err).splitlines()[0][:160]}") from None
     return model

@@ -80,7 +80,7 @@ def load_qa_model(path):
     if not any(a.endswith("ForQuestionAnswering") for a in getattr(config, "architectures", None) or []):
         print(f"note: {path} has no question-answering head; a new one is initialised")
     try:
-        return AutoModelForQuestionAnswering.from_pretrained(path)
+        return AutoModelForQuestionAnswering.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"cannot load model {path}: {str(err).splitlines()[0][:160]}") from None
 

@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--latency-devices", nargs="+", default=None, help="default: cuda and cpu if cuda, else cpu")
     p.add_argument("--latency-reps", type=int, default=20)
     p.add_argument("--latency-seq", type=int, default=128)
+    p.add_argument("--report-only", action="store_true",
+                   help="tabulate the numbers saved in --work/state.json, compute nothing (e.g. after a GPU run)")
     return p.parse_args(argv)
 
 
@@ -93,7 +95,7 @@ def dev_metrics(args, state, path, task):
     from compress.tasks import get_task
 
     key = f"{path}:eval"
-    if state.get(key) is None:
+    if state.get(key) is None and not args.report_only:
         model = modeling.load(path)
         state.put(key, evaluate(model, modeling.load_tokenizer(path), get_task(task), args.data_dir, progress=False))
     return state.get(key)
@@ -108,7 +110,7 @@ def latency_ms(args, state, path, device, batch):
     from compress.evaluation import autocast
 
     key = f"{path}:latency:{device}:{batch}"
-    if state.get(key) is None:
+    if state.get(key) is None and not args.report_only:
         dev = torch.device(device)
         model = modeling.load(path, device=dev)
         ids = torch.randint(0, model.config.vocab_size, (batch, args.latency_seq), device=dev)
@@ -117,6 +119,16 @@ def latency_ms(args, state, path, device, batch):
                 model(input_ids=ids)
             state.put(key, _timer(dev)(lambda: model(input_ids=ids), args.latency_reps))
     return state.get(key)
+
+
+def _done(state, path, devices) -> bool:
+    """Whether every number of `path` is saved: a fresh machine then needs none of its files."""
+    keys = [f"{path}:eval"] + [f"{path}:latency:{d}:{b}" for d in devices for b in (32, 1)]
+    return all(state.get(k) is not None for k in keys)
+
+
+def _latencies(args, state, path, devices):
+    return {f"{d}:b{b}": latency_ms(args, state, path, d, b) for d in devices for b in (32, 1)}
 
 
 def run(args) -> dict:
@@ -130,18 +142,30 @@ def run(args) -> dict:
     for model in args.models:
         for task in args.tasks:
             t0 = time.perf_counter()
-            dense = dense_model(args, state, model, task, work)
+            dense = work / f"{Path(model).name}-{task}" / "dense"
+            pruned = {(f, m): dense.parent / f"{m}-{f:g}" for f in args.flops for m in args.methods}
+            finished = all(_done(state, p, devices) and state.get(f"{p}:prune") for p in [dense, *pruned.values()])
+            if not (finished or args.report_only):
+                dense_model(args, state, model, task, work)
+            if dev_metrics(args, state, dense, task) is None:  # --report-only and not run yet
+                continue
             base = {"model": model, "task": task, "dense": dev_metrics(args, state, dense, task),
-                    "dense_latency": {f"{d}:b{b}": latency_ms(args, state, dense, d, b) for d in devices for b in (32, 1)}}
-            for flops in args.flops:
-                for method in args.methods:
-                    path = pruned_model(args, state, dense, task, method, flops)
-                    lat = {f"{d}:b{b}": latency_ms(args, state, path, d, b) for d in devices for b in (32, 1)}
-                    rows.append(dict(base, method=method, flops=flops, metrics=dev_metrics(args, state, path, task),
-                                     prune=state.get(f"{path}:prune"),
-                                     speedup={k: base["dense_latency"][k] / v for k, v in lat.items()}))
+                    "dense_latency": _latencies(args, state, dense, devices)}
+            for (flops, method), path in pruned.items():
+                if not (_done(state, path, devices) and state.get(f"{path}:prune") or args.report_only):
+                    pruned_model(args, state, dense, task, method, flops)
+                lat = _latencies(args, state, path, devices)
+                if dev_metrics(args, state, path, task) is None:
+                    continue
+                rows.append(dict(base, method=method, flops=flops, metrics=dev_metrics(args, state, path, task),
+                                 prune=state.get(f"{path}:prune"),
+                                 speedup={k: base["dense_latency"][k] / v for k, v in lat.items()
+                                          if v and base["dense_latency"][k]}))
             print(f"{model} {task}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    return {"command": " ".join(["python", "evals/glue_pruning.py"] + sys.argv[1:]), "devices": _device_names(devices),
+    names = state.get("devices") or {}
+    if not args.report_only:
+        names = state.put("devices", {**names, **_device_names(devices)})
+    return {"command": " ".join(["python", "evals/glue_pruning.py"] + sys.argv[1:]), "devices": names,
             "latency_seq": args.latency_seq, "rows": rows}
 
 
