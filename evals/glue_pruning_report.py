@@ -55,8 +55,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     pairs = sorted({(r["model"], r["task"]) for r in result["rows"]})
-    fig, axes = plt.subplots(1, max(len(pairs), 1), figsize=(4 * max(len(pairs), 1), 3.2), squeeze=False)
-    for ax, (model, task) in zip(axes[0], pairs):
+    models = list(dict.fromkeys(m for m, _ in pairs)) or [None]
+    ncols = max(sum(m == model for m, _ in pairs) for model in models) if pairs else 1
+    fig, axes = plt.subplots(len(models), ncols, figsize=(4 * ncols, 3.2 * len(models)), squeeze=False)
+    slots = [axes[models.index(m)][[p for p in pairs if p[0] == m].index((m, t))] for m, t in pairs]
+    for ax, (model, task) in zip(slots, pairs):
         rows = [r for r in result["rows"] if r["model"] == model and r["task"] == task]
         first = lambda m: next(v for k, v in m.items() if k != "num_examples")  # noqa: E731
         ax.axhline(first(rows[0]["dense"]), color="gray", linestyle="--", label="dense")
