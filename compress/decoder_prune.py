@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
 from compress.errors import UserError
+
+# torch is imported inside the functions: `compress --help` registers the decoder flags from here.
 
 METHODS = ("fisher", "fisher-mlp", "magnitude", "activation", "activation-mlp")
 
@@ -49,6 +49,8 @@ class DecoderPruneConfig:
             raise UserError("decoder pruning needs --model and -o/--output")
         if self.flops is None or not 0.0 < self.flops <= 1.0:
             raise UserError(f"--flops must be in (0, 1], got {self.flops}")
+        if self.calib is not None and not str(self.calib).strip():
+            raise UserError("--calib is empty; give a .txt/.txt.gz file or directory, or omit it")
         if self.method not in METHODS:
             raise UserError(f"unknown --method {self.method!r} for a decoder; choose one of {', '.join(METHODS)}")
         for name in ("num_samples", "batch_size", "context_len"):
@@ -67,6 +69,9 @@ def prune_decoder(config: DecoderPruneConfig, progress: bool = True) -> dict:
 
     config.validate()
     check_output_dir(config.output, config.overwrite)
+    if config.calib:  # a missing or empty file fails now, not after loading the model
+        from compress.calib import read_text
+        read_text(config.calib)
     model, tokenizer, record = run_pipeline(config, progress)
     save_pruned(model, tokenizer, record, config)
     return record
@@ -75,6 +80,8 @@ def prune_decoder(config: DecoderPruneConfig, progress: bool = True) -> dict:
 def run_pipeline(config: DecoderPruneConfig, progress: bool = True):
     """The slimmed model (in memory), its tokenizer and the record; nothing is written."""
     from compress.prune import Phases
+
+    import torch
 
     config.validate()
     phases, device = Phases(), _device(config.device)
@@ -103,7 +110,10 @@ def save_pruned(model, tokenizer, record: dict, config: DecoderPruneConfig) -> N
         modeling.save(model.cpu(), tokenizer, tmp, record)
 
 
-def load_decoder(name: str, device, dtype=torch.float32):
+def load_decoder(name: str, device, dtype=None):
+    """The model (eval mode, float32 unless `dtype`), its tokenizer and its local directory."""
+    import torch
+
     from compress import modeling
     from compress.arch.gemma import MODEL_TYPES, load_causal_lm
 
@@ -111,7 +121,7 @@ def load_decoder(name: str, device, dtype=torch.float32):
     config = modeling.read_config(path)
     if config.model_type not in MODEL_TYPES:
         raise UserError(f"model type {config.model_type!r} is not a supported decoder (supported: {', '.join(MODEL_TYPES)})")
-    model = load_causal_lm(path, dtype=dtype).to(device).eval()
+    model = load_causal_lm(path, dtype=dtype or torch.float32).to(device).eval()
     return model, modeling.load_tokenizer(path), path
 
 
@@ -121,13 +131,17 @@ def _adapter(model):
     return GemmaAdapter(model)
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str) -> "torch.device":
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
 def _calibration(config, model, tokenizer) -> dict:
+    import torch
+
     from compress.calib import resolve_calibration
 
     calib = resolve_calibration(model, tokenizer, config.calib, config.data_dir, config.num_samples,
@@ -163,16 +177,20 @@ def compute_scores(method, adapter, model, batches, device, phases, progress, re
     return {"heads": heads, "filters": filters, "per_kind": True, "keep_heads": method == "activation-mlp"}
 
 
-def _per_flop(scores: list[torch.Tensor], unit_cost: list[float]) -> list[torch.Tensor]:
+def _per_flop(scores: list["torch.Tensor"], unit_cost: list[float]) -> list["torch.Tensor"]:
     """Scores divided by their kind's mean and multiplied by the unit's FLOPs: a unit of average score is
     worth exactly the FLOPs it costs, whatever its kind, so the search trades heads against filters by
     how far each is above or below its own kind's average."""
+    import torch
+
     mean = torch.cat([s.float() for s in scores]).mean().clamp_min(1e-30)
     return [s.float() / mean * c for s, c in zip(scores, unit_cost)]
 
 
 def masks_from_scores(config, adapter, model, batches, scores, device, phases, progress, record):
     """Search under the GQA rule, rearrange (Fisher only), tune; returns masks and the cost model."""
+    import torch
+
     from compress import decoder_cost, gqa
     from compress.decoder_tune import tune_masks_layerwise
     from compress.rearrange import block_fisher, rearrange_layer

@@ -18,7 +18,7 @@ import argparse
 import json
 import math
 
-import torch
+# torch is imported inside the functions: `compress --help` registers this module's flags.
 
 
 def add_args(parser: argparse.ArgumentParser, flag: str = "--perplexity") -> None:
@@ -60,20 +60,23 @@ def make_windows(stream: torch.Tensor, bos_id: int, seq_len: int, max_windows: i
         count = min(count, max_windows)
     if count == 0:
         raise UserError(f"held-out text has {len(stream)} tokens, fewer than one window of {seq_len}")
+    import torch
+
     rows = stream[: count * body].view(count, body)
     return torch.cat([torch.full((count, 1), bos_id, dtype=torch.long), rows], dim=1)
 
 
-@torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity") -> dict:
     """Perplexity of `model` on `[W, L]` windows: predictions of positions 1..L-1 of each window."""
+    import torch
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, leave=False):
         ids = windows[start:start + batch_size].to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()  # [B, L-1, V]
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, :-1].float()  # [B, L-1, V]
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
         total_nll += nll.item()
         total_tokens += ids[:, 1:].numel()
@@ -94,6 +97,7 @@ def run_args(model, tokenizer, args) -> dict:
 
 def load_lm(model_dir: str, device: str = "auto"):
     """A causal LM and its tokenizer from a dense or slimmed directory (via `compress.load` when present)."""
+    import torch
     from transformers import AutoTokenizer
 
     from compress.arch.gemma import load_causal_lm
