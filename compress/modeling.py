@@ -1,5 +1,8 @@
 """Loading and saving sequence-classification encoders, including slimmed (uneven) checkpoints.
 
+Gemma decoders are loaded by `compress.arch.gemma.load_causal_lm` (same contract, causal LM head);
+`load` dispatches to it on the config's model type.
+
 `load(DIR)` builds the Hugging Face class from config.json, resizes each layer to the per-layer
 shapes the config records (`num_attention_heads_per_layer`, `intermediate_size_per_layer`; see the
 checkpoint contract in the team brief) and loads the safetensors weights strictly: a checkpoint
@@ -42,13 +45,15 @@ def has_task_head(config) -> bool:
 
 
 def load(path: str | os.PathLike, device="cpu"):
-    """A fine-tuned or slimmed sequence-classification model from `path` (eval mode)."""
+    """A fine-tuned or slimmed model from `path` (eval mode): a task-head encoder, or a Gemma causal LM."""
     from transformers import AutoModelForSequenceClassification
 
-    from compress.arch import get_adapter
+    from compress.arch import gemma, get_adapter
 
     path = resolve(path)
     config = read_config(path)
+    if config.model_type in gemma.MODEL_TYPES:
+        return gemma.load_causal_lm(path).to(device).eval()
     if not has_task_head(config):
         raise UserError(f"model {path} has no sequence-classification head; fine-tune it first with `compress finetune`")
     state = read_weights(path)

@@ -14,6 +14,9 @@ ADAPTERS = {
     "roberta": ("compress.arch.bert", "BertAdapter"),
     "distilbert": ("compress.arch.bert", "DistilBertAdapter"),
     "mpnet": ("compress.arch.bert", "MPNetAdapter"),
+    "gemma2": ("compress.arch.gemma", "GemmaAdapter"),
+    "gemma3_text": ("compress.arch.gemma", "GemmaAdapter"),
+    "gemma3": ("compress.arch.gemma", "GemmaAdapter"),
 }
 
 
