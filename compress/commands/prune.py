@@ -1,9 +1,18 @@
-"""`compress prune`: Fisher post-training pruning of heads and filters into a smaller dense encoder."""
+"""`compress prune`: Fisher post-training pruning of heads and filters into a smaller dense model.
+
+With `--task`, an encoder fine-tuned on that task (compress.prune); without it, a Gemma decoder
+pruned with the language-modelling loss (compress.decoder_prune).
+"""
 
 from __future__ import annotations
 
+from compress import decoder_prune
 from compress.commands._common import add_data_flags, overrides
+from compress.errors import UserError
 
+DECODER_METHODS = ("activation", "activation-mlp", "fisher-mlp")  # the encoder pruner has no such criterion
+ENCODER_ONLY = ("latency_ms", "max_seq_length", "eval")
+DECODER_ONLY = ("calib", "seq_len", "context_len", "dtype")
 FIELDS = ("model", "task", "output", "flops", "latency_ms", "method", "num_samples", "seed", "max_seq_length",
           "batch_size", "damp", "data_dir", "device", "eval", "overwrite", "rearrange", "tune")
 
@@ -12,16 +21,21 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("prune", help="prune heads and FFN filters after training (Kwon et al. 2022)",
                               description="Fisher-based post-training pruning: mask search under a FLOPs or "
                                           "latency budget, rearrangement, least-squares mask tuning, slimming.")
-    p.add_argument("--model", help="fine-tuned model: local directory, offline name or hub id")
-    p.add_argument("--task", help="task the model was fine-tuned on (its train split is the calibration data)")
+    p.add_argument("--model", help="fine-tuned encoder or Gemma decoder: local directory, offline name or hub id")
+    p.add_argument("--task", help="task the encoder was fine-tuned on (its train split is the calibration data); "
+                                  "omit it for a decoder")
     p.add_argument("-o", "--output", help="output directory (written atomically)")
     p.add_argument("--flops", type=float, help="fraction of the prunable FLOPs to keep, in (0, 1]")
     p.add_argument("--latency-ms", type=float, help="latency budget in ms on this device at --latency-batch-size")
-    p.add_argument("--method", choices=("fisher", "magnitude", "random"), help="mask selection (default fisher)")
-    p.add_argument("--num-samples", type=int, help="calibration examples (default: 2048; bbc-news 128)")
+    p.add_argument("--method", choices=("fisher", "magnitude", "random") + DECODER_METHODS,
+                   help="mask selection (default fisher; random is encoder-only, "
+                        f"{', '.join(DECODER_METHODS)} decoder-only)")
+    p.add_argument("--num-samples", type=int,
+                   help="calibration examples (default: 2048; bbc-news 128) or decoder windows (default 128)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
-    p.add_argument("--max-seq-length", type=int, help="truncate inputs to this many tokens (default 128)")
-    p.add_argument("--batch-size", type=int, help="calibration batch size (default 32)")
+    p.add_argument("--max-seq-length", type=int,
+                   help="truncate inputs to this many tokens (default: the task's, 128; SQuAD 384)")
+    p.add_argument("--batch-size", type=int, help="calibration batch size (default 32; decoders 4)")
     p.add_argument("--damp", type=float, help="damping of the least-squares mask tuning (default 1.0)")
     p.add_argument("--no-rearrange", dest="rearrange", action="store_false", default=None,
                    help="skip the mask rearrangement")
@@ -29,6 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--eval", action="store_true", default=None, help="report the dev metric before and after")
     p.add_argument("--recipe", help="YAML file whose keys are these settings; flags override it")
     add_data_flags(p)
+    decoder_prune.add_decoder_flags(p)
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
     p.set_defaults(func=run)
 
@@ -37,8 +52,22 @@ def run(args) -> int:
     from compress.config import PruneConfig, load_recipe, resolve
     from compress.prune import format_summary, prune
 
-    config = resolve(PruneConfig, load_recipe(args.recipe), **overrides(args, FIELDS))
+    recipe = load_recipe(args.recipe)
+    model = args.model or recipe.get("model")
+    if not (args.task or recipe.get("task")) and model and decoder_prune.is_decoder(model):
+        _reject(args, ENCODER_ONLY, "an encoder (with --task)")
+        return decoder_prune.run_from_args(args)
+    _reject(args, DECODER_ONLY, "a decoder (without --task)")
+    if args.method in DECODER_METHODS:
+        raise UserError(f"--method {args.method} is for decoders only; an encoder takes fisher, magnitude or random")
+    config = resolve(PruneConfig, recipe, **overrides(args, FIELDS))
     record = prune(config)
     print(format_summary(record))
     print(f"  saved to {config.output}")
     return 0
+
+
+def _reject(args, names, kind: str) -> None:
+    given = [n for n in names if getattr(args, n, None) is not None]
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')} applies only to {kind}")
