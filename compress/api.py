@@ -32,17 +32,25 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
 
 
 def load(path: str | os.PathLike, device: str = "cpu"):
-    """A plain Hugging Face torch model from a fine-tuned or slimmed directory (uneven layers allowed)."""
-    from compress.modeling import load as run
+    """A plain Hugging Face torch model from a fine-tuned or slimmed directory (uneven layers allowed);
+    a slimmed Gemma loads as its causal LM, a token-pruned directory as its token-dropping model."""
+    from compress import token_pruning
+    from compress.modeling import load as run, resolve
 
-    return run(path, device=device)
+    local = resolve(path)
+    if token_pruning.is_token_pruned(local):
+        return token_pruning.load(local, device)
+    return run(local, device=device)
 
 
 def evaluate(path: str | os.PathLike, task: str, data_dir=None, device: str = "auto") -> dict:
-    """Dev-set metrics (percent) of the model in `path` on `task`."""
+    """Dev-set metrics (percent) of the model in `path` on `task` (and FLOPs ratios when token-pruned)."""
+    from compress import token_pruning
     from compress.evaluation import evaluate as run
     from compress.modeling import load_tokenizer, resolve
     from compress.tasks import get_task
 
     local = resolve(path)
+    if token_pruning.is_token_pruned(local):
+        return token_pruning.evaluate_dir(local, task, data_dir, device)
     return run(load(local), load_tokenizer(local), get_task(task), data_dir, device)

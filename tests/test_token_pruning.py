@@ -232,16 +232,12 @@ def saved_pruned(tmp_path):
     return tmp_path / "tp", write_tiny_sst2(tmp_path / "data", num_train=8, num_dev=8)
 
 
-@pytest.mark.xfail(reason="needs the dispatch in compress/api.py load() (owned by the lead/core; patch in issue 6 "
-                          "report)", strict=True)
 def test_compress_load_returns_the_token_dropping_model(saved_pruned):
     import compress
 
     assert isinstance(compress.load(saved_pruned[0]), TokenPruningModel)
 
 
-@pytest.mark.xfail(reason="needs the dispatch in compress/commands/eval.py (owned by the core; patch in issue 6 "
-                          "report)", strict=True)
 def test_compress_eval_reports_flops_ratio(saved_pruned, capsys):
     path, data_dir = saved_pruned
     capsys.readouterr()

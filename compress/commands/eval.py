@@ -1,4 +1,5 @@
-"""`compress eval`: dev-set metrics of a fine-tuned or pruned model (GLUE's official metrics)."""
+"""`compress eval`: dev-set metrics of a fine-tuned or pruned encoder (GLUE's official metrics, SQuAD's EM/F1,
+plus the average FLOPs ratio of a token-pruned model), or the perplexity of a decoder on held-out text."""
 
 from __future__ import annotations
 
@@ -6,37 +7,69 @@ from compress.commands._common import add_data_flags
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a model on a task's dev split",
-                              description="Dev-set evaluation with GLUE's official metrics.")
+    from evals.perplexity import main_args
+
+    p = subparsers.add_parser("eval", help="evaluate a model on a task's dev split or on held-out text",
+                              description="Dev-set evaluation with GLUE's official metrics (--task), or "
+                                          "perplexity of a causal LM (--perplexity PATH).")
     p.add_argument("model", metavar="DIR", help="model directory (or offline name / hub id)")
-    p.add_argument("--task", required=True, help="cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte or bbc-news")
+    p.add_argument("--task", help="cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, bbc-news, squad or squad_v2")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="also write the metrics to this JSON file")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--max-seq-length", type=int, default=None, help="default: the task's (128; SQuAD 384)")
     add_data_flags(p)
+    main_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import json
-    from pathlib import Path
-
-    from compress import modeling
-    from compress.evaluation import evaluate
+    from compress import modeling, token_pruning
+    from compress.errors import UserError
     from compress.tasks import get_task, resolve_data_dir
 
+    if args.perplexity and args.task:
+        raise UserError("give --task (dev-set metrics) or --perplexity (held-out text), not both")
+    if args.perplexity:
+        from compress.decoder_prune import is_decoder
+        from evals.perplexity import run_eval_command
+
+        if not is_decoder(args.model):
+            raise UserError(f"--perplexity needs a Gemma decoder; {args.model} is not one (use --task for an encoder)")
+        return run_eval_command(args)
+    if not args.task:
+        raise UserError("give --task TASK (an encoder's dev set) or --perplexity PATH (a decoder's held-out text)")
     task = get_task(args.task)
     if getattr(task, "is_qa", False):  # SQuAD: table, predictions and JSON from evals/squad.py
         from evals.squad import run_eval_command
         return run_eval_command(args)
     resolve_data_dir(args.data_dir)
     path = modeling.resolve(args.model)
+    if token_pruning.is_token_pruned(path):
+        result = token_pruning.evaluate_dir(path, task.name, args.data_dir, args.device or "auto", args.batch_size,
+                                            args.max_seq_length or task.max_seq_length)
+    else:
+        result = _evaluate(path, task, args)
+    _report(result, task, args)
+    return 0
+
+
+def _evaluate(path, task, args) -> dict:
+    from compress import modeling
+    from compress.evaluation import evaluate
+
     model, tokenizer = modeling.load(path), modeling.load_tokenizer(path)
-    result = evaluate(model, tokenizer, task, args.data_dir, args.device or "auto", args.batch_size,
-                      args.max_seq_length)
+    return evaluate(model, tokenizer, task, args.data_dir, args.device or "auto", args.batch_size,
+                    args.max_seq_length)
+
+
+def _report(result: dict, task, args) -> None:
+    """One line of metrics (a token-pruned model's average FLOPs ratios included); the JSON when asked."""
+    import json
+    from pathlib import Path
+
+    digits = {k: 3 if k.endswith("flops_ratio") else 2 for k in result}  # ratios in [0, 1], metrics in percent
     print(f"{task.name} dev ({result['num_examples']} examples): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "num_examples"))
+          + ", ".join(f"{k} {v:.{digits[k]}f}" for k, v in result.items() if k != "num_examples"))
     if args.json_out:
         out = {"model": str(args.model), "task": task.name, "metrics": result}
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
-    return 0
