@@ -30,7 +30,7 @@ class PruneConfig:
     method: str = "fisher"
     num_samples: int | None = None  # None: the task's default (2048 for GLUE)
     seed: int = 0
-    max_seq_length: int = 128
+    max_seq_length: int | None = None  # None: the task's default (128 for GLUE, 384 for SQuAD)
     batch_size: int = 32
     rearrange: bool = True
     tune: bool = True
@@ -72,7 +72,7 @@ class FinetuneConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     batch_size: int = 32
-    max_seq_length: int = 128
+    max_seq_length: int | None = None  # None: the task's default (128 for GLUE, 384 for SQuAD)
     seed: int = 0
     data_dir: str | None = None
     device: str = "auto"
@@ -97,8 +97,9 @@ def _require_str(config, *names: str) -> None:
 
 
 def _require_positive(config, *names: str) -> None:
+    """Each named setting, when set (None means "the default"), is at least 1."""
     for name in names:
-        if getattr(config, name) < 1:
+        if getattr(config, name) is not None and getattr(config, name) < 1:
             raise UserError(f"{name} must be at least 1, got {getattr(config, name)}")
 
 

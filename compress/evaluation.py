@@ -42,14 +42,14 @@ def predict(model, features, batch_size, pad_id, device, is_regression, progress
 
 
 def evaluate(model, tokenizer, task: Task, data_dir=None, device="auto", batch_size=64,
-             max_seq_length=128, examples=None, progress=True) -> dict[str, float]:
-    """The task's dev metrics (percent) for `model`, plus `num_examples`."""
+             max_seq_length=None, examples=None, progress=True) -> dict[str, float]:
+    """The task's dev metrics (percent) for `model`, plus `num_examples` (None length: the task's default)."""
     if getattr(task, "is_qa", False):  # SQuAD: windows, span decoding, EM/F1 (compress.qa_task)
         from compress.qa_task import evaluate as evaluate_qa
         return evaluate_qa(model, tokenizer, task, data_dir, device, batch_size, max_seq_length, progress)
     device = pick_device(device) if isinstance(device, str) else device
     examples = examples if examples is not None else load_split(task, "dev", data_dir)
-    features = batching.encode(tokenizer, examples, max_seq_length)
+    features = batching.encode(tokenizer, examples, max_seq_length or task.max_seq_length)
     model = model.to(device).eval()
     preds = predict(model, features, batch_size, batching.pad_id_of(tokenizer), device, task.is_regression, progress)
     result = metrics.compute(task.metrics, preds, [e[2] for e in examples])

@@ -72,9 +72,10 @@ def finetune(config: FinetuneConfig) -> dict:
 
 
 def train_loop(model, tokenizer, train, config: FinetuneConfig, device) -> list[float]:
-    features = batching.encode(tokenizer, train, config.max_seq_length)
+    task = get_task(config.task)
+    features = batching.encode(tokenizer, train, config.max_seq_length or task.max_seq_length)
     per_epoch = math.ceil(len(features) / config.batch_size)
-    epochs = config.epochs if config.epochs is not None else get_task(config.task).default_epochs
+    epochs = config.epochs if config.epochs is not None else task.default_epochs
     total = config.max_steps or max(1, math.ceil(epochs * per_epoch))
     model.to(device).train()
     optimizer, scheduler = _optimizer(model, config, total)

@@ -85,7 +85,8 @@ def _calibration(config, task, tokenizer) -> dict:
         return calibration(config, task, tokenizer)
     train = load_split(task, "train", config.data_dir)
     n = config.num_samples or task.default_num_samples
-    features = batching.encode(tokenizer, calibration_sample(train, n, config.seed), config.max_seq_length)
+    features = batching.encode(tokenizer, calibration_sample(train, n, config.seed),
+                               config.max_seq_length or task.max_seq_length)
     pad = batching.pad_id_of(tokenizer)
     return {"batches": list(batching.batches(features, config.batch_size, pad)),
             "seq_len": batching.mean_length(features), "num_samples": len(features)}

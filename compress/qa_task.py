@@ -23,8 +23,6 @@ from compress.errors import UserError
 from compress.qa import QAConfig, QAFeatures, batch_span_loss, featurize
 
 ALIASES = {"squad1": "squad", "squad-v1.1": "squad", "squad2": "squad_v2", "squad-v2": "squad_v2"}
-# What the GLUE-sized defaults of FinetuneConfig/PruneConfig mean for QA: "not set, use 384".
-GLUE_SEQ_LENGTH = 128
 
 
 @dataclass(frozen=True)
@@ -56,13 +54,13 @@ def is_qa_task(task) -> bool:
 
 
 def qa_config(max_seq_length: int | None = None, model=None) -> QAConfig:
-    """Windows of `max_seq_length` tokens (384 when unset or left at the GLUE default).
+    """Windows of `max_seq_length` tokens (None: QATask.max_seq_length, 384).
 
     The stride and the question cap scale with the window: 128 and 64 at 384, as in the BERT recipe.
     With a `model`, the default never exceeds its position table (a small model still evaluates).
     """
-    length = 384 if max_seq_length in (None, GLUE_SEQ_LENGTH) else max_seq_length
-    if max_seq_length in (None, GLUE_SEQ_LENGTH) and model is not None:
+    length = max_seq_length or QATask.max_seq_length
+    if max_seq_length is None and model is not None:
         length = min(length, getattr(model.config, "max_position_embeddings", length))
     try:
         return QAConfig(max_length=length, doc_stride=length // 3, max_question_tokens=min(64, length // 3))

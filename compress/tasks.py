@@ -34,6 +34,7 @@ class Task:
     default_num_samples: int = 2048
     default_epochs: float = 3.0
     default_learning_rate: float = 5e-5
+    max_seq_length: int = 128  # tokens per example when --max-seq-length is not given
     extra: dict = field(default_factory=dict)
 
     @property

@@ -189,6 +189,18 @@ def tiny_qa_dir(tmp_path_factory, tokenizer):
     return path
 
 
+def test_window_length_defaults_to_the_task_and_an_explicit_one_is_honoured():
+    from types import SimpleNamespace
+
+    from compress.config import FinetuneConfig, PruneConfig
+    from compress.qa_task import qa_config
+
+    assert FinetuneConfig().max_seq_length is None and PruneConfig().max_seq_length is None
+    assert qa_config(None).max_length == 384 and qa_config(128).max_length == 128
+    small = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+    assert qa_config(None, small).max_length == 64 and qa_config(48, small).max_length == 48
+
+
 def test_finetune_prune_eval_through_the_cli(tiny_qa_dir, tmp_path, capsys):
     from compress.cli import main
 

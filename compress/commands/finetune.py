@@ -19,7 +19,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--learning-rate", type=float, help="peak AdamW learning rate (default: the task's, 5e-5 for GLUE, 2e-4 for bbc-news)")
     p.add_argument("--batch-size", type=int, help="examples per step (default 32)")
-    p.add_argument("--max-seq-length", type=int, help="truncate inputs to this many tokens (default 128)")
+    p.add_argument("--max-seq-length", type=int,
+                   help="truncate inputs to this many tokens (default: the task's, 128; SQuAD 384)")
     p.add_argument("--seed", type=int, help="seed for shuffling and head init (default 0)")
     add_data_flags(p)
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
