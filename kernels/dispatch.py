@@ -2,7 +2,7 @@
 
 Backends: "triton" (kernels/cache.py, prefill.py, decode.py, norm.py) when CUDA and Triton are present,
 else "reference" (kernels/reference.py, plain torch, any device). Env KERNELS_BACKEND=triton|reference
-overrides the choice at import; tests call `set_backend`. Signatures are those of the brief's contract.
+overrides the choice at import; tests call `set_backend`. Signatures are those of the paged-KV contract in kernels/__init__.py.
 """
 
 from __future__ import annotations

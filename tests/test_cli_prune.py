@@ -112,11 +112,13 @@ def test_corrupt_and_partial_checkpoints(work, tmp_path, capsys):
 
 def test_shipped_recipes_map_onto_the_config():
     from compress.config import FinetuneConfig, PruneConfig, load_recipe, resolve
+    from compress.token_pruning.config import TokenPruningConfig
 
     recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
     assert recipes
     for path in recipes:
-        cls = FinetuneConfig if "finetune" in path.name else PruneConfig
+        kinds = {"finetune": FinetuneConfig, "token-prune": TokenPruningConfig}
+        cls = next((c for k, c in kinds.items() if k in path.name), PruneConfig)
         if not ("minilm" in path.name or "mpnet" in path.name):
             continue  # other subsystems' recipes
         config = resolve(cls, load_recipe(path))

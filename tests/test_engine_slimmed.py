@@ -2,7 +2,7 @@
 attention at all, a layer with no filters) served by the engine equals the masked dense HF model.
 
 The slimmed checkpoint is made here by slicing a tiny dense model and writing the per-layer shape
-keys of the brief's contract; the reference zeroes the same heads and filters in the dense model.
+keys of the checkpoint contract (README); the reference zeroes the same heads and filters in the dense model.
 """
 
 import json
