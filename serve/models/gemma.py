@@ -86,10 +86,11 @@ class GemmaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=spec.attention_bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=spec.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=spec.attention_bias)
-        if spec.qk_norm:
+        # A layer pruned to 0 heads has no QK-norm weights on disk (compress drops its attention modules).
+        self.qk_norm = spec.qk_norm and self.num_heads > 0
+        if self.qk_norm:
             self.q_norm = RMSNorm(d, spec.rms_norm_eps)
             self.k_norm = RMSNorm(d, spec.rms_norm_eps)
-        self.qk_norm = spec.qk_norm
         self.scale = spec.query_pre_attn_scalar ** -0.5
         self.sliding_window = spec.sliding_windows[layer]
         self.softcap = spec.attn_logit_softcapping

@@ -62,6 +62,9 @@ def _check_and_fill(model: GemmaForCausalLM, tensors: dict[str, torch.Tensor]) -
     expected = {name: p.shape for name, p in model.state_dict().items()}
     if "lm_head.weight" not in expected:
         tensors.pop("lm_head.weight", None)    # tied: the embedding is the output projection
+    for name, shape in expected.items():       # a 0-head layer's empty q/k/v projections need not be on disk
+        if name not in tensors and shape.numel() == 0:
+            tensors[name] = torch.empty(shape)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise ValueError(f"weights lack {missing[0]} (and {len(missing) - 1} more)" if len(missing) > 1
