@@ -62,9 +62,14 @@ def finetune(config: FinetuneConfig) -> dict:
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     losses = train_loop(model, tokenizer, train, config, device)
-    summary = {"model": str(config.model), "task": task.name, "steps": len(losses),
+    return save_finetuned(model, tokenizer, config, task, losses, time.perf_counter() - t0)
+
+
+def save_finetuned(model, tokenizer, config, task, losses: list[float], seconds: float, **extra) -> dict:
+    """Write the model, tokenizer and finetune.json (atomically); return the summary."""
+    summary = {"model": str(config.model), "task": task.name, "steps": len(losses), **extra,
                "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
-               "seconds": round(time.perf_counter() - t0, 2), "config": dataclasses.asdict(config)}
+               "seconds": round(seconds, 2), "config": dataclasses.asdict(config)}
     with atomic_output_dir(config.output, config.overwrite) as tmp:
         modeling.save(model.cpu(), tokenizer, tmp)
         (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -10,8 +10,6 @@ of the pruner, and the dev evaluation.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import random
 import time
@@ -153,7 +151,8 @@ def finetune(config, task: QATask) -> dict:
     """`compress finetune` for a QA task: span loss on training windows, the recipe of compress.finetune."""
     from compress import modeling
     from compress.evaluation import pick_device
-    from compress.outputs import atomic_output_dir, check_output_dir
+    from compress.finetune import save_finetuned
+    from compress.outputs import check_output_dir
 
     check_output_dir(config.output, config.overwrite)
     path = modeling.resolve(config.model)
@@ -163,13 +162,7 @@ def finetune(config, task: QATask) -> dict:
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
     losses = train_loop(model, feats, config, task, pick_device(config.device))
-    summary = {"model": str(config.model), "task": task.name, "steps": len(losses), "windows": len(feats),
-               "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
-               "seconds": round(time.perf_counter() - t0, 2), "config": dataclasses.asdict(config)}
-    with atomic_output_dir(config.output, config.overwrite) as tmp:
-        modeling.save(model.cpu(), tokenizer, tmp)
-        (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return save_finetuned(model, tokenizer, config, task, losses, time.perf_counter() - t0, windows=len(feats))
 
 
 def train_loop(model, feats: QAFeatures, config, task: QATask, device) -> list[float]:
