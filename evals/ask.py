@@ -11,30 +11,10 @@ not come up (its log is printed) or the `openai` package is missing.
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(proc, url: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except OSError:
-            time.sleep(0.5)
-    return False
+from bench_serve_online import free_port, start_server  # evals/ is on sys.path when run as a script
 
 
 def main(argv=None) -> int:
@@ -49,16 +29,14 @@ def main(argv=None) -> int:
     except ImportError:
         print("ask: error: needs the openai package: pip install openai", file=sys.stderr)
         return 2
-    port, log = free_port(), tempfile.TemporaryFile(mode="w+")
-    cmd = [sys.executable, "-m", "compress", "serve", args.model, "--port", str(port), "--served-model-name", "model"]
-    t0 = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    port, t0 = free_port(), time.perf_counter()
     try:
-        if not wait_healthy(server, f"http://127.0.0.1:{port}/health", args.startup_timeout):
-            log.seek(0)
-            print(log.read()[-4000:], file=sys.stderr)
-            print(f"ask: error: server for {args.model} did not come up", file=sys.stderr)
-            return 2
+        server = start_server(args.model, port, ["--served-model-name", "model"], timeout=args.startup_timeout)
+    except RuntimeError as err:
+        print(str(err)[-4000:], file=sys.stderr)
+        print(f"ask: error: server for {args.model} did not come up", file=sys.stderr)
+        return 2
+    try:
         started = time.perf_counter() - t0
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         t1 = time.perf_counter()

@@ -15,6 +15,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,22 +31,27 @@ def free_port() -> int:
 
 
 def start_server(path, port: int, server_args: list[str], timeout: float = 300) -> subprocess.Popen:
+    """`compress serve PATH` on 127.0.0.1:`port`, returned once /health answers; RuntimeError with the
+    server's log tail if it exits or does not come up. The log goes to a file, not a pipe nobody reads,
+    so a chatty server never blocks on a full pipe."""
     import urllib.request
     cmd = [sys.executable, "-m", "compress", "serve", str(path), "--port", str(port), *server_args]
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited:\n" + proc.stdout.read()[-3000:])
+    while time.time() < deadline and proc.poll() is None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
                     return proc
         except OSError:
             time.sleep(0.5)
+    why = "exited" if proc.poll() is not None else "did not come up in time"
     proc.kill()
-    raise RuntimeError("server did not come up in time")
+    proc.wait()
+    log.seek(0)
+    raise RuntimeError(f"server {why}:\n" + log.read()[-3000:])
 
 
 async def _one(session, url: str, model: str, prompt: list[int], output_len: int) -> dict:
