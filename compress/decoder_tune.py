@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from compress.tune import _accumulate, _contributions, _solve
+from compress.tune import _accumulate, _solve, branch_setup
 
 
 class _Stop(Exception):
@@ -101,11 +101,7 @@ def _teacher(adapter, layer, block, teacher, kwargs):
 
 
 def _branch_stats(adapter, layer, block, branch, student, kwargs, heads, filters, targets):
-    parts = adapter.layer_parts(layer)
-    proj, norm = (parts.o, parts.attn_norm) if branch == "attention" else (parts.ffn_out, parts.ffn_norm)
-    mask = (heads if branch == "attention" else filters)[layer]
-    keep = mask.nonzero().flatten()
-    stats = {"gram": 0.0, "rhs": 0.0, "b2": 0.0, "err": 0.0, "keep": keep}
+    br, stats = branch_setup(adapter, layer, branch, heads, filters)
     for hidden, call, target in zip(student, kwargs, targets):
         grab = {}
 
@@ -113,15 +109,14 @@ def _branch_stats(adapter, layer, block, branch, student, kwargs, heads, filters
             grab["s"] = _flat(args[0])
             raise _Stop
 
-        hooks = [proj.register_forward_pre_hook(lambda m, a: grab.__setitem__("x", _flat(a[0])), prepend=True),
-                 norm.register_forward_pre_hook(at_norm)]
+        hooks = [br.proj.register_forward_pre_hook(lambda m, a: grab.__setitem__("x", _flat(a[0])), prepend=True),
+                 br.norm.register_forward_pre_hook(at_norm)]
         with adapter.masks(heads, filters):
             _run_until(block, hidden, call, hooks)
-        if "x" not in grab or len(keep) == 0:
+        if "x" not in grab or len(br.keep) == 0:
             stats["err"] += float((grab["s"] - target[branch]).double().pow(2).sum())
             continue
-        _accumulate(stats, _contributions(grab["x"], proj.weight.float(), keep, branch, parts), mask[keep],
-                    grab["s"], target[branch])
+        _accumulate(stats, br.contributions(grab["x"]), br.scale, grab["s"], target[branch])
     return stats
 
 

@@ -15,6 +15,8 @@ Statistics are accumulated batch by batch (Gram matrix `[K, K]`, never the `[tok
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from tqdm.auto import tqdm
 
@@ -75,14 +77,35 @@ def _teacher_targets(model, adapter, batches, layer, device):
     return out
 
 
-@torch.no_grad()
-def _student_stats(model, adapter, batches, layer, branch, heads, filters, targets, device):
-    """Gram matrix, right-hand side and squared norms for one branch of `layer` under the current masks."""
+@dataclass
+class Branch:
+    """One branch of a layer under tuning: its output projection, the norm after it, its kept units."""
+
+    kind: str  # "attention" | "ffn"
+    parts: object
+    proj: torch.nn.Module
+    norm: torch.nn.Module
+    keep: torch.Tensor  # indices of the kept heads or filters
+    scale: torch.Tensor  # their current mask values
+
+    def contributions(self, x):
+        return _contributions(x, self.proj.weight.float(), self.keep, self.kind, self.parts)
+
+
+def branch_setup(adapter, layer, branch, heads, filters) -> tuple[Branch, dict]:
+    """The branch of `layer` and empty least-squares statistics over its kept units."""
     parts = adapter.layer_parts(layer)
     proj, norm = (parts.o, parts.attn_norm) if branch == "attention" else (parts.ffn_out, parts.ffn_norm)
     mask = (heads if branch == "attention" else filters)[layer]
     keep = mask.nonzero().flatten()
     stats = {"gram": 0.0, "rhs": 0.0, "b2": 0.0, "err": 0.0, "keep": keep}
+    return Branch(branch, parts, proj, norm, keep, mask[keep]), stats
+
+
+@torch.no_grad()
+def _student_stats(model, adapter, batches, layer, branch, heads, filters, targets, device):
+    """Gram matrix, right-hand side and squared norms for one branch of `layer` under the current masks."""
+    br, stats = branch_setup(adapter, layer, branch, heads, filters)
     for batch, target in zip(batches, targets):
         grab, valid = {}, _valid(batch, device)
 
@@ -93,7 +116,7 @@ def _student_stats(model, adapter, batches, layer, branch, heads, filters, targe
             grab["s"] = args[0][valid].float()
             raise _Stop
 
-        hooks = [proj.register_forward_pre_hook(at_proj, prepend=True), norm.register_forward_pre_hook(at_norm)]
+        hooks = [br.proj.register_forward_pre_hook(at_proj, prepend=True), br.norm.register_forward_pre_hook(at_norm)]
         try:
             with adapter.masks(heads, filters):
                 _run(model, batch, device)
@@ -102,8 +125,7 @@ def _student_stats(model, adapter, batches, layer, branch, heads, filters, targe
                 h.remove()
         if "x" not in grab:  # layer has no units of this kind left
             continue
-        _accumulate(stats, _contributions(grab["x"], proj.weight.float(), keep, branch, parts), mask[keep],
-                    grab["s"], target[branch])
+        _accumulate(stats, br.contributions(grab["x"]), br.scale, grab["s"], target[branch])
     return stats
 
 
