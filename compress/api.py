@@ -16,7 +16,7 @@ def prune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, rec
     Example: `compress.prune("runs/minilm-sst2", "sst2", "pruned/", flops=0.5)`.
     """
     from compress.config import PruneConfig, load_recipe, resolve
-    from compress.prune import prune as run
+    from compress.pruning import prune as run
 
     config = resolve(PruneConfig, load_recipe(recipe), model=str(model), task=task, output=str(output), **settings)
     return run(config, progress=progress)
@@ -25,7 +25,7 @@ def prune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, rec
 def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, recipe=None, **settings) -> dict:
     """Fine-tune `model` on `task` into `output`; returns the finetune.json summary."""
     from compress.config import FinetuneConfig, load_recipe, resolve
-    from compress.finetune import finetune as run
+    from compress.finetuning import finetune as run
 
     config = resolve(FinetuneConfig, load_recipe(recipe), model=str(model), task=task, output=str(output), **settings)
     return run(config)

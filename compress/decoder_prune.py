@@ -80,7 +80,7 @@ def prune_decoder(config: DecoderPruneConfig, progress: bool = True) -> dict:
 
 def run_pipeline(config: DecoderPruneConfig, progress: bool = True):
     """The slimmed model (in memory), its tokenizer and the record; nothing is written."""
-    from compress.prune import Phases
+    from compress.pruning import Phases
 
     import torch
 

@@ -127,7 +127,7 @@ def dev_metrics(model, tokenizer, task: str, data_dir=None, batch_size: int = 32
 
 
 def calibration(config, task: QATask, tokenizer, progress: bool = True) -> dict:
-    """The pruner's calibration data (`compress.prune._calibration`'s dict) from training windows."""
+    """The pruner's calibration data (`compress.pruning._calibration`'s dict) from training windows."""
     n = config.num_samples or task.default_num_samples
     batches = calibration_batches(task.name, tokenizer, n, config.seed, config.batch_size, config.data_dir,
                                   qa_config(config.max_seq_length), progress)
@@ -148,10 +148,10 @@ def evaluate(model, tokenizer, task: QATask, data_dir=None, device="auto", batch
 
 
 def finetune(config, task: QATask) -> dict:
-    """`compress finetune` for a QA task: span loss on training windows, the recipe of compress.finetune."""
+    """`compress finetune` for a QA task: span loss on training windows, the recipe of compress.finetuning."""
     from compress import modeling
     from compress.evaluation import pick_device
-    from compress.finetune import save_finetuned
+    from compress.finetuning import save_finetuned
     from compress.outputs import check_output_dir
 
     check_output_dir(config.output, config.overwrite)
@@ -166,11 +166,11 @@ def finetune(config, task: QATask) -> dict:
 
 
 def train_loop(model, feats: QAFeatures, config, task: QATask, device) -> list[float]:
-    """AdamW with warmup and linear decay over shuffled window batches (compress.finetune's schedule)."""
+    """AdamW with warmup and linear decay over shuffled window batches (compress.finetuning's schedule)."""
     from tqdm.auto import tqdm
 
     from compress.evaluation import autocast
-    from compress.finetune import _optimizer
+    from compress.finetuning import _optimizer
 
     per_epoch = math.ceil(len(feats) / config.batch_size)
     total = config.max_steps or max(1, math.ceil((config.epochs or task.default_epochs) * per_epoch))

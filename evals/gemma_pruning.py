@@ -84,7 +84,7 @@ def evaluate(model, tokenizer, sets, args) -> dict:
 def run(args) -> dict:
     from compress import decoder_prune as dp
     from compress.calib import wikipedia_path
-    from compress.prune import Phases
+    from compress.pruning import Phases
 
     wiki = wikipedia_path(args.data_dir)
     if wiki is None:
@@ -118,7 +118,7 @@ def run(args) -> dict:
 
 def prune_one(dense, tokenizer, calib, scores, base, method, flops, sets, args) -> dict:
     from compress import decoder_prune as dp
-    from compress.prune import Phases
+    from compress.pruning import Phases
     from compress.slim import slim_model
 
     model, phases, record = copy.deepcopy(dense), Phases(), {}

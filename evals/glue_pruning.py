@@ -64,7 +64,7 @@ class State:
 
 def dense_model(args, state, model, task, work):
     from compress.config import FinetuneConfig
-    from compress.finetune import finetune
+    from compress.finetuning import finetune
 
     out = work / f"{Path(model).name}-{task}" / "dense"
     if not (out / "model.safetensors").is_file():
@@ -76,7 +76,7 @@ def dense_model(args, state, model, task, work):
 
 def pruned_model(args, state, dense, task, method, flops):
     from compress.config import PruneConfig
-    from compress.prune import prune
+    from compress.pruning import prune
 
     out = dense.parent / f"{method}-{flops:g}"
     key = f"{out}:prune"

@@ -124,3 +124,18 @@ def test_shipped_recipes_map_onto_the_config():
         config = resolve(cls, load_recipe(path))
         assert config.model and config.task
         assert path.read_text().startswith("#")  # header comment with the command
+
+
+def test_api_functions_survive_importing_every_module():
+    """`compress.prune` / `compress.finetune` stay the API functions once the CLI's modules are imported
+    (a submodule of the same name would replace the attribute on the package)."""
+    import importlib
+    import pkgutil
+
+    import compress
+
+    for info in pkgutil.walk_packages(compress.__path__, "compress."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    for name in ("prune", "finetune", "load", "evaluate"):
+        assert callable(getattr(compress, name)), name

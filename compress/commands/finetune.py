@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from compress.config import FinetuneConfig, load_recipe, resolve
-    from compress.finetune import finetune
+    from compress.finetuning import finetune
 
     config = resolve(FinetuneConfig, load_recipe(args.recipe), **overrides(args, FIELDS))
     summary = finetune(config)

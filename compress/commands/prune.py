@@ -1,6 +1,6 @@
 """`compress prune`: Fisher post-training pruning of heads and filters into a smaller dense model.
 
-With `--task`, an encoder fine-tuned on that task (compress.prune); without it, a Gemma decoder
+With `--task`, an encoder fine-tuned on that task (compress.pruning); without it, a Gemma decoder
 pruned with the language-modelling loss (compress.decoder_prune).
 """
 
@@ -50,7 +50,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from compress.config import PruneConfig, load_recipe, resolve
-    from compress.prune import format_summary, prune
+    from compress.pruning import format_summary, prune
 
     recipe = load_recipe(args.recipe)
     model = args.model or recipe.get("model")
