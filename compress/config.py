@@ -35,6 +35,7 @@ class PruneConfig:
     rearrange: bool = True
     tune: bool = True
     damp: float = 1.0
+    filter_multiple: int = 8  # FFN widths padded with zero filters to a multiple of this (1: no padding)
     latency_batch_size: int = 32
     data_dir: str | None = None
     device: str = "auto"
@@ -51,7 +52,7 @@ class PruneConfig:
             raise UserError(f"--latency-ms must be positive, got {self.latency_ms}")
         if self.method not in METHODS:
             raise UserError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
-        _require_positive(self, "max_seq_length", "batch_size", "latency_batch_size")
+        _require_positive(self, "max_seq_length", "batch_size", "latency_batch_size", "filter_multiple")
         if self.num_samples is not None and self.num_samples < 1:
             raise UserError(f"--num-samples must be at least 1, got {self.num_samples}")
         if self.damp < 0:

@@ -60,11 +60,11 @@ def prune(config: PruneConfig, progress: bool = True) -> dict:
     with phases("slim"):
         from compress.slim import slim_model
 
-        slim_model(adapter, heads, filters)
+        zero_filters = slim_model(adapter, heads, filters, filter_multiple=config.filter_multiple)
     if config.eval:
         with phases("eval_after"):
             record["eval_after"] = evaluate(model, tokenizer, task, config.data_dir, device, progress=progress)
-    record.update(_shape_record(adapter, flops_model, config, phases, parent_shape))
+    record.update(_shape_record(adapter, flops_model, config, phases, parent_shape, zero_filters))
     with atomic_output_dir(config.output, config.overwrite) as tmp:
         modeling.save(model.cpu(), tokenizer, tmp, record)
     return record
@@ -149,14 +149,17 @@ def _latency_table(config, adapter, model, calib):
     return table
 
 
-def _shape_record(adapter, flops_model, config, phases, parent_shape) -> dict:
+def _shape_record(adapter, flops_model, config, phases, parent_shape, zero_filters) -> dict:
+    """FLOPs of the kept units (what the constraint bounds); the zero padding filters are listed apart."""
     heads, filters = adapter.num_heads(), adapter.num_filters()
     before = flops_model.flops_counts(*parent_shape)
-    after = flops_model.flops_counts(heads, filters)
+    after = flops_model.flops_counts(heads, [f - z for f, z in zip(filters, zero_filters)])
     constraint = {"flops": config.flops} if config.flops is not None else {"latency_ms": config.latency_ms}
     return {"method": config.method, "constraint": constraint, "seq_len": round(flops_model.seq_len, 2),
             "flops_before": before, "flops_after": after, "flops_ratio": after / before,
             "num_attention_heads_per_layer": heads, "intermediate_size_per_layer": filters,
+            "zero_filters_per_layer": zero_filters,
+            "padded_flops_ratio": flops_model.flops_counts(heads, filters) / before,
             "seconds": dict(phases.seconds, total=round(sum(phases.seconds.values()), 3)),
             "recipe": dataclasses.asdict(config)}
 
@@ -167,7 +170,8 @@ def format_summary(record: dict) -> str:
              f"  FLOPs kept: {100 * record['flops_ratio']:.1f}% ({record['flops_after'] / 1e9:.2f} of "
              f"{record['flops_before'] / 1e9:.2f} GFLOPs per example at seq len {record['seq_len']})",
              f"  heads per layer:   {record['num_attention_heads_per_layer']}",
-             f"  filters per layer: {record['intermediate_size_per_layer']}",
+             f"  filters per layer: {record['intermediate_size_per_layer']}"
+             + (f" (zero padding: {record['zero_filters_per_layer']})" if any(record.get("zero_filters_per_layer", ())) else ""),
              "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())]
     for key in ("eval_before", "eval_after"):
         if key in record:

@@ -46,7 +46,8 @@ ENV = "PYTHONPATH=$PWD COMPRESS_CACHE=/tmp/cache HF_HUB_OFFLINE=1"
 METHOD = ("cuda: bf16 weights, the forward captured once in a CUDA graph (attention mask None, no padding); "
           "median per-forward ms over {trials} timings of {replays} back-to-back replays each (CUDA events), "
           "after {warmup} warm-up replays. cpu: fp32, median of {cpu_runs} perf_counter forwards after warm-up, "
-          "torch's default thread count. input_ids [batch, {seq}].")
+          "torch's default thread count. input_ids [batch, {seq}]. FFN widths padded with zero filters to a multiple "
+          "of {filter_multiple}, as `compress prune` writes them (same outputs).")
 
 # Shape fields of the offline models' config.json, for machines without their weight packages (the
 # GPU machine has none); latency needs nothing else. tests/test_encoder_latency.py checks them
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(RESULTS / "encoder_latency"), help="output path without suffix")
     p.add_argument("--models", nargs="+", default=None, help="only these models (default: all in the state)")
     p.add_argument("--methods", nargs="+", default=None, help="only these methods (fisher, magnitude, random)")
+    p.add_argument("--filter-multiple", type=int, default=8,
+                   help="pad FFN widths with zero filters to this multiple, as `compress prune` does (1: none)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batches", nargs="+", type=int, default=[32, 1])
     p.add_argument("--trials", type=int, default=20, help="cuda: timings per shape and batch")
@@ -141,8 +144,9 @@ def dense_model(config, seed: int = 0):
     return AutoModelForSequenceClassification.from_config(config).eval()
 
 
-def slimmed_copy(dense, heads, filters):
-    """A copy of `dense` slimmed to the first `heads[l]` heads and `filters[l]` filters of each layer l."""
+def slimmed_copy(dense, heads, filters, filter_multiple: int = 8):
+    """A copy of `dense` slimmed to the first `heads[l]` heads and `filters[l]` filters of each layer l,
+    FFN widths padded with zero filters to a multiple of `filter_multiple`, as `compress prune` does."""
     from compress.arch import get_adapter
     from compress.slim import slim_model
 
@@ -154,7 +158,7 @@ def slimmed_copy(dense, heads, filters):
     if any(k > n for k, n in zip(heads + filters, full_heads + full_filters)):
         raise UserError(f"kept units exceed the model's: heads {heads}, filters {filters}")
     slim_model(adapter, [_first(k, n) for k, n in zip(heads, full_heads)],
-               [_first(k, n) for k, n in zip(filters, full_filters)])
+               [_first(k, n) for k, n in zip(filters, full_filters)], filter_multiple=filter_multiple)
     return model
 
 
@@ -236,11 +240,27 @@ def time_shape(model, device: str, args) -> dict:
     for module in model.modules():  # some transformers versions read input ids on the host to warn about
         if hasattr(module, "warn_if_padding_and_no_attention_mask"):  # padding: a sync, which breaks capture
             module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
+        if hasattr(module, "compute_position_bias"):
+            module.compute_position_bias = _memoized_position_bias(module.compute_position_bias)
     try:
         return {f"b{b}": time_cuda(model, b, args.seq, args.trials, args.replays, args.warmup) for b in args.batches}
     finally:
         model.to("cpu")
         torch.cuda.empty_cache()
+
+
+def _memoized_position_bias(compute):
+    """MPNet's relative-position bias depends on the shape alone; some transformers versions build it
+    from host tensors (a pageable copy, which capture refuses). Compute it once, in the warm-up."""
+    cache = {}
+
+    def cached(x, position_ids=None, num_buckets=32):
+        key = (tuple(x.shape[:2]), x.dtype, position_ids is None)
+        if key not in cache or position_ids is not None:
+            cache[key] = compute(x, position_ids=position_ids, num_buckets=num_buckets)
+        return cache[key]
+
+    return cached
 
 
 # --- results --------------------------------------------------------------------------------------
@@ -358,7 +378,8 @@ def run(args) -> dict:
             adapter = get_adapter(dense[name])
             result["bases"][name] = dict(source=source, heads=adapter.num_heads(), filters=adapter.num_filters(),
                                          config=config.to_diff_dict())
-        model = copy.deepcopy(dense[name]) if heads is None else slimmed_copy(dense[name], heads, filters)
+        model = copy.deepcopy(dense[name]) if heads is None else slimmed_copy(dense[name], heads, filters,
+                                                                                   args.filter_multiple)
         for device in todo[key]:
             result["timings"].setdefault(device, {}).setdefault(key, {}).update(time_shape(model, device, args))
         save_result(out, result)

@@ -37,6 +37,7 @@ class StepClock:
         self.engine, self.module = engine, engine_module
         self.phases = collections.defaultdict(float)
         self.kinds = collections.defaultdict(lambda: collections.Counter())
+        self.walls: dict[str, list[float]] = {}
         self._wrap(engine.scheduler, "schedule", "schedule")
         self._wrap(engine.runner, "run", "run")
         original = engine_module.sample
@@ -80,6 +81,7 @@ class StepClock:
         stats["seqs"] += len(batch)
         for phase in ("schedule", "run", "sample"):
             stats[phase + "_s"] += self.phases[phase] - before.get(phase, 0.0)
+        self.walls.setdefault(kind, []).append(round(wall * 1e3, 1))
         stats["post_s"] += wall - sum(self.phases[p] - before.get(p, 0.0) for p in ("schedule", "run", "sample"))
 
     def restore(self) -> None:
@@ -102,6 +104,8 @@ def run(args) -> dict:
     sync()
     start = time.perf_counter()
     profiled, done_profiling = None, False
+    if args.profile_first:
+        profile_steps(clock, args.profile_first)
     while engine.has_unfinished_requests():
         full = len(engine.scheduler.running) >= min(args.max_num_seqs, args.num_requests)
         if not done_profiling and full and not engine.scheduler.waiting:
@@ -114,7 +118,7 @@ def run(args) -> dict:
     out_tokens = args.num_requests * args.output_len
     result = {"model": args.model, "seconds": total, "output_tok_s": out_tokens / total,
               "kinds": {k: dict(v) for k, v in clock.kinds.items()}, "profile": profiled,
-              "preemptions": engine.scheduler.num_preemptions}
+              "preemptions": engine.scheduler.num_preemptions, "step_ms": clock.walls}
     print_summary(result)
     return result
 
@@ -144,6 +148,8 @@ def print_summary(result: dict) -> None:
         print(f"| {kind} | {s['steps']} | {s['wall_s']:.2f} | {1e3 * s['wall_s'] / n:.2f} | {s['seqs'] / n:.0f} | "
               f"{s['tokens'] / n:.0f} | {1e3 * s['schedule_s'] / n:.2f} | {1e3 * s['run_s'] / n:.2f} | "
               f"{1e3 * s['sample_s'] / n:.2f} | {1e3 * s['post_s'] / n:.2f} |")
+    for kind, walls in result["step_ms"].items():
+        print(f"{kind} step ms, first 30: {walls[:30]}")
 
 
 def parse_args(argv=None):
@@ -157,7 +163,8 @@ def parse_args(argv=None):
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--profile-steps", type=int, default=5)
+    p.add_argument("--profile-steps", type=int, default=5, help="decode steps profiled at full batch")
+    p.add_argument("--profile-first", type=int, default=0, help="also profile the first N steps (prefill)")
     p.add_argument("--workdir", default="/tmp/bench_serve_models")
     p.add_argument("--slim", type=float, default=None)
     p.add_argument("--json", default=None)

@@ -32,9 +32,10 @@ def tiny_dir(tmp_path):
 def test_slimmed_model_has_the_requested_shapes(tiny_dir, kind):
     config, source = el.base_config(str(tiny_dir(kind)))
     dense = el.dense_model(config)
-    model = el.slimmed_copy(dense, [3, 0], [0, 57])
+    model = el.slimmed_copy(dense, [3, 0], [0, 57], filter_multiple=1)
     adapter = get_adapter(model)
     assert adapter.num_heads() == [3, 0] and adapter.num_filters() == [0, 57]
+    assert get_adapter(el.slimmed_copy(dense, [3, 0], [0, 57])).num_filters() == [0, 64]  # padded by default
     assert adapter.layer_parts(0).q.out_features == 3 * adapter.head_dim()
     assert adapter.layer_parts(1).q is None  # the 0-head layer has no q/k/v at all
     assert model.config.num_attention_heads_per_layer == [3, 0]

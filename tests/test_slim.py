@@ -40,6 +40,23 @@ def test_slimmed_model_equals_masked_and_scaled_model(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_zero_filter_padding_keeps_outputs_and_rounds_widths(kind):
+    model = tiny_model(kind)
+    adapter = get_adapter(model)
+    heads, filters = _scaled_masks(2)
+    x = tiny_inputs()
+    with torch.no_grad():
+        with adapter.masks(heads, filters):
+            ref = model(**x).logits
+        padded = slim.slim_model(adapter, heads, filters, filter_multiple=8)
+        out = model(**x).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    kept = [int((f != 0).sum()) for f in filters]
+    assert adapter.num_filters() == [k + p for k, p in zip(kept, padded)]
+    assert all(f % 8 == 0 for f in adapter.num_filters()) and padded[1] == 7 and max(padded) < 8
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_save_load_round_trip(kind, tmp_path):
     model = tiny_model(kind)
     adapter = get_adapter(model)

@@ -119,8 +119,13 @@ class Adapter:
 
     # --- slimming --------------------------------------------------------------------------
     @torch.no_grad()
-    def slim_layer(self, layer: int, keep_heads, keep_filters, head_scale=None, filter_scale=None) -> None:
-        """Keep only the given heads/filters of `layer`; fold per-head/per-filter scales into `o`/`ffn_out`."""
+    def slim_layer(self, layer: int, keep_heads, keep_filters, head_scale=None, filter_scale=None,
+                   filter_multiple: int = 1) -> int:
+        """Keep only the given heads/filters of `layer`; fold per-head/per-filter scales into `o`/`ffn_out`.
+
+        With `filter_multiple` > 1 the FFN width is rounded up to a multiple of it with zero filters (a copy
+        of a kept input row, a zero output column: the output is unchanged), because GEMMs whose inner
+        dimension is not a multiple of 8 miss the fast tensor-core kernels. Returns the filters added."""
         parts, d = self.layer_parts(layer), self.head_dim()
         keep_heads = torch.as_tensor(keep_heads, dtype=torch.long).sort().values
         keep_filters = torch.as_tensor(keep_filters, dtype=torch.long).sort().values
@@ -133,12 +138,18 @@ class Adapter:
             for proj in (parts.k, parts.v):
                 _keep_rows(proj, kv_rows)
         _keep_cols(parts.o, q_rows, col_scale)
+        f_scale = None if filter_scale is None else torch.as_tensor(filter_scale).float()[keep_filters]
+        pad = (-len(keep_filters)) % filter_multiple if len(keep_filters) else 0
+        if pad:
+            f_scale = torch.ones(len(keep_filters)) if f_scale is None else f_scale
+            f_scale = torch.cat([f_scale, torch.zeros(pad)])
+            keep_filters = torch.cat([keep_filters, keep_filters[:1].repeat(pad)])
         for proj in parts.ffn_in:
             _keep_rows(proj, keep_filters)
-        f_scale = None if filter_scale is None else torch.as_tensor(filter_scale).float()[keep_filters]
         _keep_cols(parts.ffn_out, keep_filters, f_scale)
         self._set_layer_shape(layer, len(keep_heads), len(keep_kv))
         self._after_slim_layer(layer, keep_heads)
+        return pad
 
     def _after_slim_layer(self, layer: int, keep_heads: torch.Tensor) -> None:
         """Hook for architectures with per-head state outside the layer (e.g. MPNet's relative bias)."""

@@ -11,10 +11,10 @@ from compress.commands._common import add_data_flags, overrides
 from compress.errors import UserError
 
 DECODER_METHODS = ("activation", "activation-mlp", "fisher-mlp")  # the encoder pruner has no such criterion
-ENCODER_ONLY = ("latency_ms", "max_seq_length", "eval")
+ENCODER_ONLY = ("latency_ms", "max_seq_length", "eval", "filter_multiple")
 DECODER_ONLY = ("calib", "seq_len", "context_len", "dtype")
 FIELDS = ("model", "task", "output", "flops", "latency_ms", "method", "num_samples", "seed", "max_seq_length",
-          "batch_size", "damp", "data_dir", "device", "eval", "overwrite", "rearrange", "tune")
+          "batch_size", "damp", "filter_multiple", "data_dir", "device", "eval", "overwrite", "rearrange", "tune")
 
 
 def register(subparsers) -> None:
@@ -37,6 +37,8 @@ def register(subparsers) -> None:
                    help="truncate inputs to this many tokens (default: the task's, 128; SQuAD 384)")
     p.add_argument("--batch-size", type=int, help="calibration batch size (default 32; decoders 4)")
     p.add_argument("--damp", type=float, help="damping of the least-squares mask tuning (default 1.0)")
+    p.add_argument("--filter-multiple", type=int, help="pad FFN widths with zero filters to a multiple of this "
+                   "(same outputs, tensor-core friendly GEMMs; default 8, 1 = none)")
     p.add_argument("--no-rearrange", dest="rearrange", action="store_false", default=None,
                    help="skip the mask rearrangement")
     p.add_argument("--no-tune", dest="tune", action="store_false", default=None, help="skip the mask tuning")
