@@ -30,7 +30,7 @@ DECODE_CONFIG = {"block_n": 32, "num_warps": 4, "num_stages": 3, "programs_per_s
 MAX_SPLITS = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt_b"])  # block-table width varies per step (see prefill.py)
 def paged_decode_split_kernel(
     q_ptr,                       # [B, Hq, D]
     k_cache_ptr, v_cache_ptr,    # [num_blocks, BLOCK_SIZE, Hkv, D]

@@ -54,7 +54,9 @@ def prefill_tile(q, q_pos, m_i, l_i, acc, start, kv_hi, table, k_base, v_base, q
     return m_new, l_i, acc
 
 
-@triton.jit
+# The block-table width changes from step to step; specialising on it (divisible by 16 or not) compiled a
+# second multi-second variant in the middle of a serving run, so it stays a plain runtime integer.
+@triton.jit(do_not_specialize=["stride_bt_b"])
 def paged_prefill_kernel(
     q_ptr,                       # [T, Hq, D]
     k_cache_ptr, v_cache_ptr,    # [num_blocks, BLOCK_SIZE, Hkv, D]
