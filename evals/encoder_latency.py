@@ -242,9 +242,15 @@ def time_shape(model, device: str, args) -> dict:
             module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
         if hasattr(module, "compute_position_bias"):
             module.compute_position_bias = _memoized_position_bias(module.compute_position_bias)
+    module = sys.modules[type(model).__module__]
+    make_mask = getattr(module, "create_bidirectional_mask", None)
+    if make_mask is not None:  # eager attention (MPNet) builds its mask with a host scalar: capture refuses
+        module.create_bidirectional_mask = _memoized_mask(make_mask)
     try:
         return {f"b{b}": time_cuda(model, b, args.seq, args.trials, args.replays, args.warmup) for b in args.batches}
     finally:
+        if make_mask is not None:
+            module.create_bidirectional_mask = make_mask
         model.to("cpu")
         torch.cuda.empty_cache()
 
@@ -258,6 +264,21 @@ def _memoized_position_bias(compute):
         key = (tuple(x.shape[:2]), x.dtype, position_ids is None)
         if key not in cache or position_ids is not None:
             cache[key] = compute(x, position_ids=position_ids, num_buckets=num_buckets)
+        return cache[key]
+
+    return cached
+
+
+def _memoized_mask(make_mask):
+    """The attention mask of an unpadded batch depends on its shape alone: build it once, in the warm-up."""
+    cache = {}
+
+    def cached(*args, attention_mask=None, inputs_embeds=None, **kwargs):
+        if attention_mask is not None or inputs_embeds is None:
+            return make_mask(*args, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        key = (tuple(inputs_embeds.shape[:2]), inputs_embeds.dtype)
+        if key not in cache:
+            cache[key] = make_mask(*args, attention_mask=None, inputs_embeds=inputs_embeds, **kwargs)
         return cache[key]
 
     return cached
