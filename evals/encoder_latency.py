@@ -244,7 +244,7 @@ def time_shape(model, device: str, args) -> dict:
             module.compute_position_bias = _memoized_position_bias(module.compute_position_bias)
     module = sys.modules[type(model).__module__]
     make_mask = getattr(module, "create_bidirectional_mask", None)
-    if make_mask is not None:  # eager attention (MPNet) builds its mask with a host scalar: capture refuses
+    if make_mask is not None:
         module.create_bidirectional_mask = _memoized_mask(make_mask)
     try:
         return {f"b{b}": time_cuda(model, b, args.seq, args.trials, args.replays, args.warmup) for b in args.batches}
@@ -258,27 +258,33 @@ def time_shape(model, device: str, args) -> dict:
 def _memoized_position_bias(compute):
     """MPNet's relative-position bias depends on the shape alone; some transformers versions build it
     from host tensors (a pageable copy, which capture refuses). Compute it once, in the warm-up."""
-    cache = {}
+    def key(x, position_ids=None, num_buckets=32):
+        return None if position_ids is not None else (tuple(x.shape[:2]), x.dtype, num_buckets)
 
-    def cached(x, position_ids=None, num_buckets=32):
-        key = (tuple(x.shape[:2]), x.dtype, position_ids is None)
-        if key not in cache or position_ids is not None:
-            cache[key] = compute(x, position_ids=position_ids, num_buckets=num_buckets)
-        return cache[key]
-
-    return cached
+    return _shape_memo(compute, key)
 
 
 def _memoized_mask(make_mask):
-    """The attention mask of an unpadded batch depends on its shape alone: build it once, in the warm-up."""
+    """The attention mask of an unpadded batch depends on its shape alone; eager attention (MPNet) builds
+    it with a host scalar, which capture refuses. Build it once, in the warm-up."""
+    def key(*args, attention_mask=None, inputs_embeds=None, **kwargs):
+        if attention_mask is not None or inputs_embeds is None:
+            return None
+        return tuple(inputs_embeds.shape[:2]), inputs_embeds.dtype
+
+    return _shape_memo(make_mask, key)
+
+
+def _shape_memo(fn, key_of):
+    """`fn` cached by `key_of(*args, **kwargs)`; a None key calls `fn` every time."""
     cache = {}
 
-    def cached(*args, attention_mask=None, inputs_embeds=None, **kwargs):
-        if attention_mask is not None or inputs_embeds is None:
-            return make_mask(*args, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
-        key = (tuple(inputs_embeds.shape[:2]), inputs_embeds.dtype)
+    def cached(*args, **kwargs):
+        key = key_of(*args, **kwargs)
+        if key is None:
+            return fn(*args, **kwargs)
         if key not in cache:
-            cache[key] = make_mask(*args, attention_mask=None, inputs_embeds=inputs_embeds, **kwargs)
+            cache[key] = fn(*args, **kwargs)
         return cache[key]
 
     return cached

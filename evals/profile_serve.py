@@ -1,11 +1,10 @@
 """Where the time of the offline serving workload goes: per-step host phases and the GPU kernels.
 
-Runs the `evals/bench_serve.py offline` workload once with the engine's three step phases timed on the
-host (schedule, run = pack + launch, sample = wait for the GPU + argmax + copy, post = append/finish),
-steps grouped by kind (graph decode, eager mixed/prefill), then a short torch.profiler window over a
-few pure decode steps at full batch and prints the kernels by GPU time. GPU-idle time per step is
-estimated as the step's wall time minus the GPU time of its kernels (from CUDA events around `run`+
-`sample`, recorded without extra synchronisation).
+Runs the `evals/bench_serve.py offline` workload once with the engine's step phases timed on the host
+(schedule; run = pack + launch; sample = wait for the GPU + argmax + copy; post = the rest of the step:
+append, finish), steps grouped by kind (pure decode, mixed/prefill), and the wall time of every step.
+torch.profiler windows print the kernels by GPU time: over `--profile-steps` pure decode steps at full
+batch, and optionally over the first `--profile-first` (prefill) steps.
 
   python evals/profile_serve.py --model gemma-2-2b                     # GPU machine
   python evals/profile_serve.py --model gemma-3-270m --num-requests 8 --output-len 8 --max-prompt 64  # smoke
@@ -34,31 +33,25 @@ class StepClock:
     def __init__(self, engine):
         import serve.engine as engine_module
 
-        self.engine, self.module = engine, engine_module
+        self.engine = engine
         self.phases = collections.defaultdict(float)
         self.kinds = collections.defaultdict(lambda: collections.Counter())
         self.walls: dict[str, list[float]] = {}
-        self._wrap(engine.scheduler, "schedule", "schedule")
-        self._wrap(engine.runner, "run", "run")
-        original = engine_module.sample
-        self.original_sample = original
+        self.last_batch = None
+        self.originals = []
+        self._wrap(engine.scheduler, "schedule")
+        self._wrap(engine.runner, "run")
+        self._wrap(engine_module, "sample")
 
-        def timed_sample(*a, **k):
-            t0 = time.perf_counter()
-            out = original(*a, **k)
-            self.phases["sample"] += time.perf_counter() - t0
-            return out
-
-        engine_module.sample = timed_sample
-
-    def _wrap(self, obj, name: str, phase: str) -> None:
+    def _wrap(self, obj, name: str) -> None:
         original = getattr(obj, name)
+        self.originals.append((obj, name, original))
 
         def timed(*a, **k):
             t0 = time.perf_counter()
             out = original(*a, **k)
-            self.phases[phase] += time.perf_counter() - t0
-            if phase == "schedule":
+            self.phases[name] += time.perf_counter() - t0
+            if name == "schedule":
                 self.last_batch = out
             return out
 
@@ -69,7 +62,7 @@ class StepClock:
         t0 = time.perf_counter()
         self.engine.step()
         wall = time.perf_counter() - t0
-        batch = getattr(self, "last_batch", None)
+        batch = self.last_batch
         if batch is None or not batch.seqs:
             return
         decode = all(n == 1 for n in batch.num_new_tokens)
@@ -79,19 +72,21 @@ class StepClock:
         stats["wall_s"] += wall
         stats["tokens"] += sum(batch.num_new_tokens)
         stats["seqs"] += len(batch)
-        for phase in ("schedule", "run", "sample"):
-            stats[phase + "_s"] += self.phases[phase] - before.get(phase, 0.0)
+        spent = {phase: self.phases[phase] - before.get(phase, 0.0) for phase in ("schedule", "run", "sample")}
+        for phase, seconds in spent.items():
+            stats[phase + "_s"] += seconds
+        stats["post_s"] += wall - sum(spent.values())
         self.walls.setdefault(kind, []).append(round(wall * 1e3, 1))
-        stats["post_s"] += wall - sum(self.phases[p] - before.get(p, 0.0) for p in ("schedule", "run", "sample"))
 
     def restore(self) -> None:
-        self.module.sample = self.original_sample
+        for obj, name, original in self.originals:
+            setattr(obj, name, original)
 
 
 def run(args) -> dict:
     from serve import LLM, SamplingParams
 
-    path, config = resolve(args, args.model)
+    path, config = resolve(args, args.model, args.slim)
     llm = LLM(str(path), max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, enable_prefix_caching=False)
     engine = llm.engine
@@ -166,7 +161,7 @@ def parse_args(argv=None):
     p.add_argument("--profile-steps", type=int, default=5, help="decode steps profiled at full batch")
     p.add_argument("--profile-first", type=int, default=0, help="also profile the first N steps (prefill)")
     p.add_argument("--workdir", default="/tmp/bench_serve_models")
-    p.add_argument("--slim", type=float, default=None)
+    p.add_argument("--slim", type=float, default=None, help="profile the slimmed sibling of a shape name instead")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 

@@ -78,7 +78,9 @@ class Store:
     def note_command(self, args) -> None:
         """Keep each distinct command line (with the CPU thread count) so the report can print them."""
         line = " ".join(["python", "evals/token_pruning.py"] + sys.argv[1:])
-        if resolve_device_name(args) != "cuda":
+        from compress.token_pruning.pipeline import resolve_device
+
+        if resolve_device(args.device).type != "cuda":
             line = f"OMP_NUM_THREADS={torch.get_num_threads()} {line}"
         commands = self.data.setdefault("commands", [])
         if line not in commands:
@@ -129,13 +131,13 @@ def measure_throughput(args, store: Store, key: str, path: Path, task: str, pack
 
 
 def build_dense_and_pruned(args, model_name: str, task: str, dense: Path, pruned: Path) -> None:
-    from compress.api import finetune, prune
+    import compress
 
     if not dense.is_dir():
         extra = {"max_steps": args.max_steps} if args.max_steps else {}
-        finetune(model_name, task, dense, data_dir=args.data_dir, device=args.device, **extra)
+        compress.finetune(model_name, task, dense, data_dir=args.data_dir, device=args.device, **extra)
     if not pruned.is_dir():
-        prune(dense, task, pruned, flops=0.6, data_dir=args.data_dir, device=args.device)
+        compress.prune(dense, task, pruned, flops=0.6, data_dir=args.data_dir, device=args.device)
 
 
 def token_prune(args, parent: Path, task: str, out: Path, **settings) -> None:
@@ -205,12 +207,6 @@ def topk_flops_ratio(lengths, keep_ratios, shape, parent) -> float:
     for ratio in keep_ratios:
         counts.append(torch.minimum(torch.ceil(ratio * lengths).clamp(min=1), counts[-1]))
     return float(flops.flops_ratio(torch.stack(counts, 1), shape, parent).mean())
-
-
-def resolve_device_name(args) -> str:
-    from compress.token_pruning.pipeline import resolve_device
-
-    return resolve_device(args.device).type
 
 
 def device_name(device: str) -> str:
@@ -312,9 +308,8 @@ def best_table(data: dict, devices: list[str]) -> list[str]:
         ok = [k[len(prefix):] for k, r in data["runs"].items()
               if k.startswith(prefix) and r[metric] > dense[metric] - 1.0]
         for device in devices:
-            base = data["throughput"].get(f"{device}/{prefix}dense")
-            speeds = {n: data["throughput"][f"{device}/{prefix}{n}"]["examples_per_s"] / base["examples_per_s"]
-                      for n in ok if base and f"{device}/{prefix}{n}" in data["throughput"]}
+            speeds = {n: _speedup(data, device, prefix, n) for n in ok}
+            speeds = {n: v for n, v in speeds.items() if v is not None}
             if speeds:
                 name = max(speeds, key=speeds.get)
                 lines.append(f"| {model_name} / {task} | {device} | {name} | {metric} "
@@ -330,12 +325,18 @@ def _variant_order(key: str):
     return (name.startswith("pruned60"), "ltp" in name, "topk" in name, name)
 
 
-def _speed(data, device, prefix, name) -> str:
+def _speedup(data, device, prefix, name) -> float | None:
+    """Throughput of `name` over the dense model's on `device`, when both were measured."""
     entry, base = data["throughput"].get(f"{device}/{prefix}{name}"), data["throughput"].get(f"{device}/{prefix}dense")
+    return entry["examples_per_s"] / base["examples_per_s"] if entry and base else None
+
+
+def _speed(data, device, prefix, name) -> str:
+    entry = data["throughput"].get(f"{device}/{prefix}{name}")
     if entry is None:
         return "-"
-    speedup = f" ({entry['examples_per_s'] / base['examples_per_s']:.2f}x)" if base else ""
-    return f"{entry['examples_per_s']:.0f}{speedup}"
+    speedup = _speedup(data, device, prefix, name)
+    return f"{entry['examples_per_s']:.0f}" + (f" ({speedup:.2f}x)" if speedup is not None else "")
 
 
 if __name__ == "__main__":
