@@ -17,6 +17,16 @@ from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention
 from compress.arch.base import Adapter, EmptyAttention, LayerParts
 
 
+def _encoder_parts(att, qkv: tuple[str, str, str], heads: str, **rest) -> LayerParts:
+    """LayerParts of a multi-head (no kv groups) layer whose self-attention module is `att`; `qkv` and
+    `heads` name its projections and head count. A 0-head layer (EmptyAttention) has no q/k/v."""
+    if isinstance(att, EmptyAttention):
+        return LayerParts(q=None, k=None, v=None, num_heads=0, num_kv_heads=0, **rest)
+    q, k, v = (getattr(att, name) for name in qkv)
+    num_heads = getattr(att, heads)
+    return LayerParts(q=q, k=k, v=v, num_heads=num_heads, num_kv_heads=num_heads, **rest)
+
+
 class BertAdapter(Adapter):
     """BERT and RoBERTa (same layer layout; MiniLM is a BERT)."""
 
@@ -25,13 +35,10 @@ class BertAdapter(Adapter):
 
     def layer_parts(self, layer):
         blk = self.layer_modules()[layer]
-        att = blk.attention.self
-        empty = isinstance(att, EmptyAttention)
-        return LayerParts(
-            q=None if empty else att.query, k=None if empty else att.key, v=None if empty else att.value,
+        return _encoder_parts(
+            blk.attention.self, ("query", "key", "value"), "num_attention_heads",
             o=blk.attention.output.dense, ffn_in=(blk.intermediate.dense,), ffn_out=blk.output.dense,
             attn_norm=blk.attention.output.LayerNorm, ffn_norm=blk.output.LayerNorm,
-            num_heads=0 if empty else att.num_attention_heads, num_kv_heads=0 if empty else att.num_attention_heads,
         )
 
     def head_dim(self):
@@ -56,13 +63,10 @@ class DistilBertAdapter(Adapter):
 
     def layer_parts(self, layer):
         blk = self.layer_modules()[layer]
-        att = blk.attention
-        empty = isinstance(att, EmptyAttention)
-        return LayerParts(
-            q=None if empty else att.q_lin, k=None if empty else att.k_lin, v=None if empty else att.v_lin,
-            o=att.out_lin, ffn_in=(blk.ffn.lin1,), ffn_out=blk.ffn.lin2,
+        return _encoder_parts(
+            blk.attention, ("q_lin", "k_lin", "v_lin"), "n_heads",
+            o=blk.attention.out_lin, ffn_in=(blk.ffn.lin1,), ffn_out=blk.ffn.lin2,
             attn_norm=blk.sa_layer_norm, ffn_norm=blk.output_layer_norm,
-            num_heads=0 if empty else att.n_heads, num_kv_heads=0 if empty else att.n_heads,
         )
 
     def head_dim(self):
@@ -105,13 +109,10 @@ class MPNetAdapter(Adapter):
 
     def layer_parts(self, layer):
         blk = self.layer_modules()[layer]
-        att = blk.attention.attn
-        empty = isinstance(att, EmptyAttention)
-        return LayerParts(
-            q=None if empty else att.q, k=None if empty else att.k, v=None if empty else att.v, o=att.o,
-            ffn_in=(blk.intermediate.dense,), ffn_out=blk.output.dense,
+        return _encoder_parts(
+            blk.attention.attn, ("q", "k", "v"), "num_attention_heads",
+            o=blk.attention.attn.o, ffn_in=(blk.intermediate.dense,), ffn_out=blk.output.dense,
             attn_norm=blk.attention.LayerNorm, ffn_norm=blk.output.LayerNorm,
-            num_heads=0 if empty else att.num_attention_heads, num_kv_heads=0 if empty else att.num_attention_heads,
         )
 
     def head_dim(self):
