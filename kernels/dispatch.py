@@ -1,6 +1,6 @@
 """Picks the kernel backend once and exposes one API for both (the runtime imports only this).
 
-Backends: "triton" (kernels/cache.py, prefill.py, decode.py, norm.py) when CUDA and Triton are present,
+Backends: "triton" (kernels/cache.py, prefill.py, decode.py, norm.py, gemv.py) when CUDA and Triton are present,
 else "reference" (kernels/reference.py, plain torch, any device). Env KERNELS_BACKEND=triton|reference
 overrides the choice at import; tests call `set_backend`. Signatures are those of the paged-KV contract in kernels/__init__.py.
 """
@@ -15,7 +15,7 @@ import torch
 
 BACKENDS = ("triton", "reference")
 OPS = ("reshape_and_cache", "paged_prefill_attention", "paged_decode_attention", "rms_norm",
-       "rotary_embedding")
+       "rms_norm_pair", "rotary_embedding", "linear_small_m", "gelu_tanh_and_mul_gemv")
 
 
 def triton_available() -> bool:
@@ -45,7 +45,8 @@ def load_backend(name: str) -> SimpleNamespace:
     for module_name, names in (("cache", ["reshape_and_cache"]),
                                ("prefill", ["paged_prefill_attention"]),
                                ("decode", ["paged_decode_attention"]),
-                               ("norm", ["rms_norm", "rotary_embedding"])):
+                               ("norm", ["rms_norm", "rms_norm_pair", "rotary_embedding"]),
+                               ("gemv", ["linear_small_m", "gelu_tanh_and_mul_gemv"])):
         module = importlib.import_module(f"kernels.{module_name}")
         ops.update({op: getattr(module, op) for op in names})
     return SimpleNamespace(name=name, **ops)
@@ -95,3 +96,15 @@ def rms_norm(x, weight, eps: float, residual=None, out=None):
 
 def rotary_embedding(positions, q, k, cos_sin_cache):
     return backend().rotary_embedding(positions, q, k, cos_sin_cache)
+
+
+def rms_norm_pair(x, w1, w2, eps: float, residual):
+    return backend().rms_norm_pair(x, w1, w2, eps, residual)
+
+
+def linear_small_m(x, weight, out=None):
+    return backend().linear_small_m(x, weight, out=out)
+
+
+def gelu_tanh_and_mul_gemv(x, gate_up_weight):
+    return backend().gelu_tanh_and_mul_gemv(x, gate_up_weight)

@@ -1,8 +1,11 @@
-"""Fused Gemma RMSNorm (optionally with the residual add) and rotary embedding, one row per program.
+"""Fused Gemma RMSNorm (optionally with the residual add), the norm pair, and rotary embedding.
 
-RMSNorm follows Gemma: the residual sum is formed in the activation dtype (as Hugging Face adds the
+Norms run one row per program. RMSNorm follows Gemma: the residual sum is formed in the activation dtype (as Hugging Face adds the
 residual stream), the norm runs in fp32 and multiplies by (1 + weight), then rounds once. Fusing the
 add saves one read and one write of the hidden state per norm (Gemma has four norms per layer).
+`rms_norm_pair` goes further: a branch's post-norm, the residual add and the following pre-norm in
+one kernel (post-attention + pre-feedforward; post-feedforward + the next layer's input norm), so a
+layer launches two norm kernels instead of four.
 Rotary is rotate-half (NeoX / Hugging Face) over the whole head: q, k [T, H, D] rotated in place from
 a [max_position, D] fp32 table of cos (first D/2 columns) and sin (last D/2).
 """
@@ -14,6 +17,14 @@ import triton
 import triton.language as tl
 
 from kernels.common import next_pow2
+
+
+@triton.jit
+def _gemma_norm(xf, weight_ptr, h, mask, eps, HIDDEN: tl.constexpr):
+    """fp32 row xf [BLOCK_H] -> xf / rms(xf) * (1 + weight), still fp32."""
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
+    weight = tl.load(weight_ptr + h, mask=mask, other=0.0).to(tl.float32)
+    return xf * rstd * (1.0 + weight)
 
 
 @triton.jit
@@ -35,11 +46,50 @@ def rms_norm_kernel(
         residual = tl.load(residual_ptr + row * stride_residual_t + h, mask=mask, other=0.0)
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * stride_sum_t + h, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
-    weight = tl.load(weight_ptr + h, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out_t + h, (xf * rstd * (1.0 + weight)).to(out_ptr.dtype.element_ty),
-             mask=mask)
+    out = _gemma_norm(x.to(tl.float32), weight_ptr, h, mask, eps, HIDDEN)
+    tl.store(out_ptr + row * stride_out_t + h, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_pair_kernel(
+    x_ptr,                       # [T, H] a branch output
+    residual_ptr,                # [T, H] the residual stream before the branch
+    w1_ptr,                      # [H] the branch's post-norm
+    w2_ptr,                      # [H] the next pre-norm
+    out_ptr,                     # [T, H] norm2(norm1(x) + residual)
+    sum_ptr,                     # [T, H] norm1(x) + residual, the new stream
+    eps,
+    stride_x_t, stride_residual_t, stride_out_t, stride_sum_t,
+    HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    mask = h < HIDDEN
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x_t + h, mask=mask, other=0.0).to(tl.float32)
+    # round where the two separate norm calls would: norm1's output, then the residual sum
+    normed = _gemma_norm(x, w1_ptr, h, mask, eps, HIDDEN).to(dtype)
+    residual = tl.load(residual_ptr + row * stride_residual_t + h, mask=mask, other=0.0)
+    summed = (normed.to(tl.float32) + residual.to(tl.float32)).to(dtype)
+    tl.store(sum_ptr + row * stride_sum_t + h, summed, mask=mask)
+    out = _gemma_norm(summed.to(tl.float32), w2_ptr, h, mask, eps, HIDDEN)
+    tl.store(out_ptr + row * stride_out_t + h, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_pair(x, w1, w2, eps: float, residual):
+    """(norm2(norm1(x) + residual), norm1(x) + residual) for x, residual [T, H]: Gemma 2's post-branch
+    norm, residual add and the next pre-norm in one launch (two launches and one round trip saved)."""
+    hidden = x.shape[-1]
+    x2, res2 = x.reshape(-1, hidden), residual.reshape(-1, hidden)
+    out, summed = torch.empty_like(x), torch.empty_like(x)
+    out2, sum2 = out.view(-1, hidden), summed.view(-1, hidden)
+    if x2.shape[0] > 0:
+        rms_norm_pair_kernel[(x2.shape[0],)](
+            x2, res2, w1, w2, out2, sum2, float(eps),
+            x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0),
+            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), num_warps=4 if hidden <= 4096 else 8,
+        )
+    return out, summed
 
 
 def rms_norm(x, weight, eps: float, residual=None, out=None):

@@ -12,6 +12,7 @@ with an optional sliding window that counts the current token (`pos - j < window
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def reshape_and_cache_ref(key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -102,6 +103,28 @@ def rms_norm_ref(x, weight, eps: float, residual=None, out=None):
         out.copy_(normed)
         normed = out
     return normed if residual is None else (normed, summed)
+
+
+def rms_norm_pair_ref(x, w1, w2, eps: float, residual):
+    """(norm2(norm1(x) + residual), norm1(x) + residual): two Gemma norms with the residual add between."""
+    return rms_norm_ref(rms_norm_ref(x, w1, eps), w2, eps, residual=residual)
+
+
+def linear_small_m_ref(x, weight, out=None):
+    """x [M, K] @ weight [N, K]^T -> [M, N] in x.dtype (any M; the Triton twin is meant for M <= 4)."""
+    y = F.linear(x, weight)
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
+def gelu_tanh_and_mul_gemv_ref(x, gate_up_weight):
+    """Gemma's GeGLU on the fused [gate; up] weight [2I, K]: gelu_tanh(x @ Wg^T) * (x @ Wu^T) -> [M, I].
+
+    The products round to x.dtype (as a GEMM would); GELU and the product run in fp32, rounded once."""
+    gate, up = F.linear(x, gate_up_weight).float().chunk(2, dim=-1)
+    return (F.gelu(gate, approximate="tanh") * up).to(x.dtype)
 
 
 def rotary_embedding_ref(positions, q, k, cos_sin_cache):

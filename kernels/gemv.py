@@ -1,0 +1,183 @@
+"""Skinny matrix products for small-batch decode: y = x @ W^T with a few rows of x, weights read once.
+
+At batch 1-4 a decode step is a chain of matrix-vector products whose cost is reading the weights
+(Gemma-2-2B: ~5 GB of bf16 per step). cuBLAS picks GEMM tiles meant for many rows and, for long K,
+split-K plus a separate reduce kernel; here one program owns BLOCK_N output features (weight rows),
+walks all of K in [BLOCK_N, BLOCK_K] tiles, and multiplies each tile into every row of x (M <= 4 per
+program; larger M loops over row groups, re-reading the weights). Products accumulate elementwise in
+fp32 ([BLOCK_M, BLOCK_N, BLOCK_K]) and reduce over K once at the end; the result is rounded once to
+the activation dtype. No tensor cores: with M <= 4 a dot would waste >= 75% of a 16-row MMA and
+the weight stream, not arithmetic, is the limit.
+
+`gelu_tanh_and_mul_gemv` is Gemma's GeGLU on the fused gate|up weight [2I, K] (rows [0, I) gate,
+[I, 2I) up, as `concat_linear(gate_proj, up_proj)` lays them out): one program computes gate and up
+for the same BLOCK_N features, so tanh-GELU and the product happen in registers (fp32) instead of in
+two more elementwise kernels over [M, 2I].
+
+Launch configs come from tables keyed by (row bucket, weight rows N, K), filled from
+`evals/bench_gemv.py --sweep` on the GPU; other shapes use `default_config`. Nothing is autotuned at
+run time because decode steps are captured into CUDA graphs ahead of time.
+Shapes: x [M, K] (last dim contiguous), weight [N, K] (row-major), out [M, N].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import next_pow2
+
+MAX_ROWS_PER_PROGRAM = 4       # rows of x that share one read of the weights
+# jit code may read module globals only as constexprs
+GELU_TANH_C = tl.constexpr(0.7978845608028654)   # sqrt(2 / pi)
+TWO_LOG2E = tl.constexpr(2.8853900817779268)      # exp(-2u) == exp2(-2u * log2(e))
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int               # weight rows (output features) per program
+    block_k: int               # K columns per tile
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# (rows bucket 1|2|4, N, K) -> config. Seeded from an H100 sweep of M=1 with L2-resident weights
+# (scratch run before bench_gemv.py; optimistic for small matrices): replace with --sweep output.
+LINEAR_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
+    (1, 4096, 2304): GemvConfig(8, 256, 4, 4),        # Gemma-2-2B qkv
+    (1, 2304, 2048): GemvConfig(2, 1024, 4, 1),       # o_proj
+    (1, 2304, 9216): GemvConfig(4, 1024, 8, 3),       # down_proj
+    (1, 256000, 2304): GemvConfig(2, 1024, 4, 3),     # lm_head
+}
+# Keyed by the fused weight's rows (2I); block_n counts output features, so a program reads 2*block_n rows.
+GEGLU_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {}
+
+
+def rows_bucket(num_rows: int) -> int:
+    return next_pow2(min(num_rows, MAX_ROWS_PER_PROGRAM))
+
+
+def default_config(num_rows: int, n: int, k: int) -> GemvConfig:
+    """About 2048 fp32 accumulators per program (16 per thread at 4 warps), long K tiles first."""
+    block_m = rows_bucket(num_rows)
+    block_k = min(1024 // block_m, next_pow2(k))
+    block_n = max(1, min(16, 2048 // (block_m * block_k), next_pow2(n)))
+    return GemvConfig(block_n, block_k)
+
+
+def pick_config(table: dict, num_rows: int, n: int, k: int) -> GemvConfig:
+    return table.get((rows_bucket(num_rows), n, k)) or default_config(num_rows, n, k)
+
+
+@triton.jit
+def _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[rows] @ w[feats]^T as fp32 [BLOCK_M, BLOCK_N]; each weight tile is loaded once for all rows."""
+    x_base = x_ptr + rows.to(tl.int64)[:, None] * stride_x_m           # [BLOCK_M, 1]
+    w_base = w_ptr + feats.to(tl.int64)[:, None] * stride_w_n          # [BLOCK_N, 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < K
+        # weights stream through once: do not let them push x or the KV cache out of L2
+        w = tl.load(w_base + cols[None, :], mask=feat_mask[:, None] & col_mask[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        x = tl.load(x_base + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def linear_small_m_kernel(
+    x_ptr,                       # [M, K]
+    w_ptr,                       # [N, K]
+    out_ptr,                     # [M, N]
+    M, N, K,
+    stride_x_m, stride_w_n, stride_out_m,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, feat_mask = rows < M, feats < N
+    y = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out_m + feats[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & feat_mask[None, :])
+
+
+@triton.jit
+def gelu_tanh_and_mul_gemv_kernel(
+    x_ptr,                       # [M, K]
+    w_ptr,                       # [2I, K]: gate rows [0, I), up rows [I, 2I)
+    out_ptr,                     # [M, I]
+    M, I, K,
+    stride_x_m, stride_w_n, stride_out_m,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, feat_mask = rows < M, feats < I
+    gate = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
+                          BLOCK_M, BLOCK_N, BLOCK_K)
+    up = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats + I, feat_mask, K, stride_x_m, stride_w_n,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
+    # 0.5 * g * (1 + tanh(u)) == g * sigmoid(2u); u clamped to +-30 (where sigmoid(2u) is 0 or 1 in
+    # fp32 anyway) so exp2 never overflows
+    inner = GELU_TANH_C * (gate + 0.044715 * gate * gate * gate)
+    inner = tl.minimum(tl.maximum(inner, -30.0), 30.0)
+    y = gate / (1.0 + tl.exp2(-inner * TWO_LOG2E)) * up
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out_m + feats[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & feat_mask[None, :])
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"need x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("gemv needs the K dimension contiguous in x and weight")
+
+
+def launch(kernel, x, weight, out, n_out: int, config: GemvConfig) -> None:
+    """Run `kernel` over out [M, n_out] with `config` (the benchmark's sweep calls this directly)."""
+    num_rows, k = x.shape
+    block_m = rows_bucket(num_rows)
+    grid = (triton.cdiv(n_out, config.block_n), triton.cdiv(num_rows, block_m))
+    kernel[grid](x, weight, out, num_rows, n_out, k, x.stride(0), weight.stride(0), out.stride(0),
+                 BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                 num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _empty_or_zero(out: torch.Tensor, k: int) -> bool:
+    """Degenerate shapes (slimmed layers with 0 heads or 0 filters) need no launch: K == 0 sums to 0."""
+    if out.numel() == 0:
+        return True
+    if k == 0:
+        out.zero_()
+        return True
+    return False
+
+
+def linear_small_m(x, weight, out=None):
+    """x [M, K] @ weight [N, K]^T -> [M, N] in x.dtype (fp32 accumulate); meant for M <= 4."""
+    _check(x, weight)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device) if out is None else out
+    if not _empty_or_zero(out, x.shape[1]):
+        config = pick_config(LINEAR_CONFIGS, x.shape[0], weight.shape[0], x.shape[1])
+        launch(linear_small_m_kernel, x, weight, out, weight.shape[0], config)
+    return out
+
+
+def gelu_tanh_and_mul_gemv(x, gate_up_weight):
+    """gelu_tanh(x @ Wg^T) * (x @ Wu^T) -> [M, I] for gate_up_weight = [Wg; Wu] of shape [2I, K]."""
+    _check(x, gate_up_weight)
+    if gate_up_weight.shape[0] % 2:
+        raise ValueError(f"gate_up_weight needs an even number of rows, got {gate_up_weight.shape[0]}")
+    width = gate_up_weight.shape[0] // 2
+    out = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
+    if not _empty_or_zero(out, x.shape[1]):
+        config = pick_config(GEGLU_CONFIGS, x.shape[0], gate_up_weight.shape[0], x.shape[1])
+        launch(gelu_tanh_and_mul_gemv_kernel, x, gate_up_weight, out, width, config)
+    return out
