@@ -8,10 +8,14 @@ Gemma 3 QK-norm and separate RoPE bases for sliding (local) and full (global) la
 tied embeddings. Layer shapes come per layer from `GemmaSpec` (slimmed models are uneven; a layer with
 0 heads contributes only its output bias, one with 0 filters only zeros).
 
-Fast path (`GemmaForCausalLM.fuse`, used on the GPU): q/k/v and gate/up become one GEMM each, RMSNorms
-and the residual adds run as one fused kernel per norm (kernels.rms_norm), and RoPE rotates q and k in
-place from a precomputed fp32 cos|sin table (kernels.rotary_embedding). Same function, fewer launches:
-a decode step of a 2B model is otherwise dominated by ~15 tiny elementwise kernels per layer.
+Fast path (`GemmaForCausalLM.fuse`, used on the GPU): q/k/v and gate/up become one GEMM each; a
+branch's post-norm, the residual add and the next pre-norm run as one kernel (kernels.rms_norm_pair:
+two norm launches per layer, the last layer's pairs with the final norm), and RoPE rotates q and k in
+place from a precomputed fp32 cos|sin table (kernels.rotary_embedding). With at most
+kernels.GEMV_MAX_TOKENS tokens (decode at batch 1-4, CUDA-graph buckets included) the projections and
+the lm_head run as GEMV kernels that read each weight once, and GeGLU's GELU and product happen inside
+the gate|up GEMV (kernels.gelu_tanh_and_mul_gemv). Same function, fewer launches and bytes: a decode
+step of a 2B model is otherwise dominated by ~15 tiny elementwise kernels per layer.
 """
 
 from __future__ import annotations
@@ -51,6 +55,19 @@ def concat_linear(*linears: nn.Linear) -> nn.Linear:
     if first.bias is not None:
         fused.bias = nn.Parameter(torch.cat([m.bias for m in linears]), requires_grad=False)
     return fused
+
+
+def few_tokens(x: torch.Tensor) -> bool:
+    """Whether x [T, K] is small enough for the GEMV kernels (weights read once for all rows)."""
+    return x.shape[0] <= kernels.GEMV_MAX_TOKENS
+
+
+def linear_fast(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """linear(x) on the fast path: a GEMV kernel for few tokens, the GEMM otherwise."""
+    if not few_tokens(x):
+        return F.linear(x, linear.weight, linear.bias)
+    y = kernels.linear_small_m(x, linear.weight)
+    return y if linear.bias is None else y + linear.bias
 
 
 def rope_table(max_len: int, head_dim: int, theta: float, factor: float, device) -> torch.Tensor:
@@ -118,7 +135,8 @@ class GemmaAttention(nn.Module):
         num_tokens, d = x.shape[0], self.head_dim
         if self.num_heads == 0:
             return self.o_proj(x.new_zeros(num_tokens, 0))
-        q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
+        widths = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+        q, k, v = linear_fast(x, self.qkv_proj).split(widths, -1)
         q = q.view(num_tokens, self.num_heads, d)               # [T, Hq, D], a strided view of qkv
         k = k.view(num_tokens, self.num_kv_heads, d)            # [T, Hkv, D]
         v = v.view(num_tokens, self.num_kv_heads, d)
@@ -127,7 +145,7 @@ class GemmaAttention(nn.Module):
         kernels.rotary_embedding(positions, q, k, rope)
         out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.sliding_window,
                               scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * d))
+        return linear_fast(out.reshape(num_tokens, self.num_heads * d), self.o_proj)
 
 
 class GemmaMLP(nn.Module):
@@ -145,6 +163,8 @@ class GemmaMLP(nn.Module):
         del self.gate_proj, self.up_proj
 
     def forward_fused(self, x):
+        if few_tokens(x):
+            return linear_fast(kernels.gelu_tanh_and_mul_gemv(x, self.gate_up_proj.weight), self.down_proj)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
@@ -165,16 +185,15 @@ class GemmaDecoderLayer(nn.Module):
         x = x + self.post_attention_layernorm(attn)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
-    def forward_fused(self, x, residual, positions, rope, meta, kv_cache, backend):
-        """x: the previous layer's branch output (the embedding at layer 0), residual: the stream before it.
-        Returns this layer's MLP branch output and the stream; the add happens in the next norm."""
-        if residual is None:
-            h, residual = self.input_layernorm.fused(x), x
-        else:
-            h, residual = self.input_layernorm.fused(x, residual)
+    def forward_fused(self, h, residual, next_norm: RMSNorm, positions, rope, meta, kv_cache, backend):
+        """h: this layer's normed input, residual: the stream. Returns (next_norm(stream), stream) after this
+        layer; each branch's post-norm, residual add and the following pre-norm are one kernel."""
         attn = self.self_attn.forward_fused(h, positions, rope, meta, kv_cache, backend)
-        h, residual = self.pre_feedforward_layernorm.fused(self.post_attention_layernorm.fused(attn), residual)
-        return self.post_feedforward_layernorm.fused(self.mlp.forward_fused(h)), residual
+        pre_ffn = self.pre_feedforward_layernorm
+        h, residual = kernels.rms_norm_pair(attn, self.post_attention_layernorm.weight, pre_ffn.weight,
+                                            pre_ffn.eps, residual)
+        return kernels.rms_norm_pair(self.mlp.forward_fused(h), self.post_feedforward_layernorm.weight,
+                                     next_norm.weight, next_norm.eps, residual)
 
 
 class GemmaModel(nn.Module):
@@ -223,15 +242,22 @@ class GemmaForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def _forward_fused(self, input_ids, positions, meta, kv_caches, backend) -> torch.Tensor:
-        x, residual = self._embed(input_ids), None
-        for i, layer in enumerate(self.model.layers):
+        layers = self.model.layers
+        residual = self._embed(input_ids)
+        h = layers[0].input_layernorm.fused(residual)
+        for i, layer in enumerate(layers):
             rope = self.rope_tables[(self.spec.rope_theta[i], self.spec.rope_linear_factor[i])]
-            x, residual = layer.forward_fused(x, residual, positions, rope, meta, kv_caches[i], backend)
-        return self.model.norm.fused(x, residual)[0]
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h, residual = layer.forward_fused(h, residual, next_norm, positions, rope, meta, kv_caches[i],
+                                              backend)
+        return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> fp32 logits [N, vocab], soft-capped when the config says so."""
         weight = self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
-        logits = F.linear(hidden, weight).float()
+        if self.rope_tables is not None and few_tokens(hidden):    # fast path, decode at small batch
+            logits = kernels.linear_small_m(hidden, weight).float()
+        else:
+            logits = F.linear(hidden, weight).float()
         cap = self.spec.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)
