@@ -1,0 +1,233 @@
+"""Small-batch GEMV kernels and the fused norm pair (Triton vs their plain-torch twins), and a slimmed
+model served on the fast path with those kernels.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (which truncates to bf16 instead of rounding, hence
+the bf16 tolerances); inputs are fresh random values, outputs start as NaN. CPU torch here has no bf16
+GEMM, so bf16 references are computed in fp32 from the same bf16 values and rounded once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
+
+from kernels import dispatch, gemv, norm, reference  # noqa: E402
+from kernels.common import next_pow2  # noqa: E402
+from kernels.testing import relative_error  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2}
+# (BLOCK_N, BLOCK_K): neither divides N = 77 or K = 300, so every edge mask is exercised
+CONFIGS = [gemv.GemvConfig(2, 128), gemv.GemvConfig(8, 64), gemv.GemvConfig(1, 512)]
+
+
+def _inputs(num_rows, n, k, dtype, scale=1.0):
+    x = (torch.randn(num_rows, k, device=DEVICE) * scale).to(dtype)
+    weight = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    return x, weight
+
+
+def _ref(fn, x, weight, *args):
+    """The reference in fp32 from the same (possibly bf16) values, rounded once to x.dtype."""
+    return fn(x.float(), weight.float(), *args).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 6])
+def test_linear_small_m_matches_reference(num_rows, dtype):
+    x, weight = _inputs(num_rows, 77, 300, dtype)
+    want = _ref(reference.linear_small_m_ref, x, weight)
+    out = torch.full((num_rows, 77), float("nan"), device=DEVICE, dtype=dtype)
+    got = gemv.linear_small_m(x, weight, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert relative_error(got, want) < TOLERANCE[dtype]
+    for config in CONFIGS:
+        out.fill_(float("nan"))
+        gemv.launch(gemv.linear_small_m_kernel, x, weight, out, 77, config)
+        assert relative_error(out, want) < TOLERANCE[dtype], config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [1, 3, 4, 5])
+def test_gelu_tanh_and_mul_gemv_matches_reference(num_rows, dtype):
+    # scale 4 pushes gate pre-activations to |g| ~ 10, into both tails of tanh
+    x, weight = _inputs(num_rows, 2 * 45, 200, dtype, scale=4.0)
+    want = _ref(reference.gelu_tanh_and_mul_gemv_ref, x, weight)
+    got = gemv.gelu_tanh_and_mul_gemv(x, weight)
+    assert got.shape == (num_rows, 45) and got.dtype == dtype
+    assert relative_error(got, want) < TOLERANCE[dtype]
+    # the halves are not interchangeable: swapping gate and up must change the result
+    swapped = torch.cat([weight[45:], weight[:45]])
+    assert relative_error(gemv.gelu_tanh_and_mul_gemv(x, swapped), want) > 0.1
+    out = torch.full((num_rows, 45), float("nan"), device=DEVICE, dtype=dtype)
+    for config in CONFIGS:
+        out.fill_(float("nan"))
+        gemv.launch(gemv.gelu_tanh_and_mul_gemv_kernel, x, weight, out, 45, config)
+        assert relative_error(out, want) < TOLERANCE[dtype], config
+
+
+def test_gemv_with_strided_rows_and_large_row_stride():
+    """x rows taken from a wider buffer (as hidden[rows] views can be) and a weight slice of a wider matrix."""
+    base_x = torch.randn(3, 400, device=DEVICE)
+    base_w = torch.randn(50, 1000, device=DEVICE)
+    x, weight = base_x[:, :300], base_w[:, 100:400]
+    want = reference.linear_small_m_ref(x.contiguous(), weight.contiguous())
+    assert relative_error(gemv.linear_small_m(x, weight), want) < 1e-5
+
+
+def test_empty_shapes_of_slimmed_layers():
+    """0 heads / 0 filters: K == 0 gives zeros (not NaN from an unwritten buffer), N == 0 gives nothing."""
+    x = torch.randn(2, 0, device=DEVICE)
+    out = torch.full((2, 64), float("nan"), device=DEVICE)
+    got = gemv.linear_small_m(x, torch.randn(64, 0, device=DEVICE), out=out)
+    assert torch.equal(got, torch.zeros(2, 64, device=DEVICE))
+    x64, no_filters = torch.randn(2, 64, device=DEVICE), torch.randn(0, 64, device=DEVICE)
+    assert gemv.gelu_tanh_and_mul_gemv(x64, no_filters).shape == (2, 0)
+    assert gemv.linear_small_m(x64[:0], torch.randn(8, 64, device=DEVICE)).shape == (0, 8)
+    with pytest.raises(ValueError, match="even"):
+        gemv.gelu_tanh_and_mul_gemv(torch.randn(1, 8, device=DEVICE), torch.randn(5, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="K"):
+        gemv.linear_small_m(torch.randn(1, 8, device=DEVICE), torch.randn(5, 9, device=DEVICE))
+
+
+def test_launch_configs_are_valid():
+    for table in (gemv.LINEAR_CONFIGS, gemv.GEGLU_CONFIGS):
+        for (rows, n, k), config in table.items():
+            assert rows in (1, 2, 4) and n > 0 and k > 0
+            assert all(v & (v - 1) == 0 for v in (config.block_n, config.block_k, config.num_warps))
+    for rows in range(1, 7):
+        for n, k in ((4096, 2304), (2304, 9216), (7, 3), (256000, 2304)):
+            config = gemv.default_config(rows, n, k)
+            assert gemv.rows_bucket(rows) * config.block_n * config.block_k <= 2048
+            assert config.block_k <= next_pow2(k) and config.block_n <= next_pow2(n)
+    assert gemv.pick_config(gemv.LINEAR_CONFIGS, 1, 4096, 2304) is gemv.LINEAR_CONFIGS[(1, 4096, 2304)]
+    assert gemv.pick_config(gemv.LINEAR_CONFIGS, 3, 7, 3) == gemv.default_config(4, 7, 3)
+
+
+@pytest.mark.parametrize("dtype,hidden", [(torch.float32, 640), (torch.bfloat16, 640), (torch.bfloat16, 1152)])
+def test_rms_norm_pair_matches_two_norms(dtype, hidden):
+    x = torch.randn(5, hidden, device=DEVICE, dtype=dtype) * 3
+    residual = torch.randn_like(x)
+    w1, w2 = torch.randn(hidden, device=DEVICE) * 0.3, torch.randn(hidden, device=DEVICE) * 0.3
+    out, summed = norm.rms_norm_pair(x, w1, w2, 1e-6, residual)
+    want_out, want_sum = reference.rms_norm_pair_ref(x, w1, w2, 1e-6, residual)
+    first = reference.rms_norm_ref(x, w1, 1e-6)
+    assert torch.equal(want_sum, first + residual)       # the twin is the two norms it replaces
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert relative_error(summed, want_sum) < tol and relative_error(out, want_out) < tol
+    # against the two Triton launches it replaces: the same roundings, so the same bits (fp32 on the GPU
+    # may contract norm1's product and the residual add into one FMA, hence a tolerance there)
+    two_out, two_sum = norm.rms_norm(norm.rms_norm(x, w1, 1e-6), w2, 1e-6, residual=residual)
+    if dtype == torch.bfloat16 or DEVICE == "cpu":
+        assert torch.equal(summed, two_sum) and torch.equal(out, two_out)
+    assert relative_error(summed, two_sum) < 1e-6 and relative_error(out, two_out) < 1e-6
+
+
+def test_dispatcher_runs_new_ops_on_both_backends():
+    x, weight = _inputs(2, 48, 64, torch.float32)
+    residual, w = torch.randn(2, 64, device=DEVICE), torch.randn(64, device=DEVICE) * 0.1
+    results = {}
+    for name in dispatch.BACKENDS:
+        dispatch.set_backend(name)
+        results[name] = (dispatch.linear_small_m(x, weight), dispatch.gelu_tanh_and_mul_gemv(x, weight),
+                         *dispatch.rms_norm_pair(x[:, :64], w, w.flip(0), 1e-6, residual))
+    dispatch.set_backend(dispatch.default_backend())
+    for got, want in zip(results["triton"], results["reference"]):
+        print(f"triton vs reference: max {(got - want).abs().max():.2e}")
+        assert relative_error(got, want) < 1e-5
+
+
+SLIM_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from safetensors.torch import save_file
+import kernels
+from kernels import dispatch
+from serve import LLM, SamplingParams
+from serve_fixtures import gemma3_config, hf_greedy, random_model, random_prompts, save_model
+from test_engine_slimmed import KEEP, mask_dense, slim_state_dict
+model = random_model(gemma3_config(), seed=11)
+path = save_model(model, {path!r}, extra_config={{
+    "num_attention_heads_per_layer": [len(KEEP[i][0]) for i in range(4)],
+    "num_key_value_heads_per_layer": [len(KEEP[i][1]) for i in range(4)],
+    "intermediate_size_per_layer": [len(KEEP[i][2]) for i in range(4)]}})
+for f in path.glob("*.safetensors"):
+    f.unlink()
+save_file(slim_state_dict(model), str(path / "model.safetensors"), metadata={{"format": "pt"}})
+mask_dense(model)
+prompts = random_prompts([5, 19, 27], seed=4)
+expected = [hf_greedy(model, p, 6) for p in prompts]
+assert kernels.backend_name() == "triton"
+calls = {{"linear_small_m": 0, "gelu_tanh_and_mul_gemv": 0, "rms_norm_pair": 0}}
+ops = dispatch.backend()
+for name in calls:
+    def counted(*a, _fn=getattr(ops, name), _name=name, **kw):
+        calls[_name] += 1
+        return _fn(*a, **kw)
+    setattr(ops, name, counted)
+llm = LLM(path, block_size=4, max_num_batched_tokens=12, fast_path="on", max_graph_batch=4)
+got = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))]
+assert got == expected, (got, expected)
+assert all(calls.values()), calls
+print("same tokens", calls)
+"""
+
+
+def test_slimmed_model_fast_path_with_triton_gemv_matches_hf(tmp_path):
+    """Uneven slimmed Gemma 3 (a 0-head layer, a 0-filter layer, odd widths) on the fast path with the
+    Triton kernels (interpreted on CPU): GEMV for decode steps, GEMM for prefill, norm pairs throughout."""
+    pytest.importorskip("triton")
+    script = SLIM_SCRIPT.format(tests=str(Path(__file__).parent), path=str(tmp_path / "slim"))
+    env = {**os.environ, "KERNELS_BACKEND": "triton", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "same tokens" in proc.stdout
+
+
+COMPILE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import gemv, norm
+target = GPUTarget("cuda", 90, 32)
+gemv_sig = {name: "i32" for name in ("M", "N", "K", "stride_x_m", "stride_w_n", "stride_out_m")}
+gemv_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", **gemv_sig,
+            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+geglu_sig = {("I" if name == "N" else name): kind for name, kind in gemv_sig.items()}
+configs = {(4, 4096, 2304), (2, 18432, 2304)} | set(gemv.LINEAR_CONFIGS)
+for rows, n, k in sorted(configs):
+    config = gemv.LINEAR_CONFIGS.get((rows, n, k)) or gemv.default_config(rows, n, k)
+    consts = {"BLOCK_M": rows, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    for fn, sig in ((gemv.linear_small_m_kernel, gemv_sig), (gemv.gelu_tanh_and_mul_gemv_kernel, geglu_sig)):
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=options)
+norm_sig = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "w1_ptr": "*fp32", "w2_ptr": "*fp32",
+            "out_ptr": "*bf16", "sum_ptr": "*bf16", "eps": "fp32", "stride_x_t": "i32",
+            "stride_residual_t": "i32", "stride_out_t": "i32", "stride_sum_t": "i32",
+            "HIDDEN": "constexpr", "BLOCK_H": "constexpr"}
+triton.compile(ASTSource(fn=norm.rms_norm_pair_kernel, signature=norm_sig,
+                         constexprs={"HIDDEN": 2304, "BLOCK_H": 4096}), target=target)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter accepts code the compiler rejects (e.g. a plain-float global read in a kernel):
+    compile the new kernels for an H100 ahead of time, no device needed."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=240)
+    if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
+        pytest.skip("this triton has no bundled ptxas")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled" in proc.stdout
