@@ -62,10 +62,12 @@ def load(path: str | os.PathLike, device="cpu"):
     is_qa = any(a.endswith(QA_ARCH_SUFFIX) for a in config.architectures)
     auto = AutoModelForQuestionAnswering if is_qa else AutoModelForSequenceClassification
     model = auto.from_config(config)  # real init: fills non-persistent buffers
+    adapter = get_adapter(model)
     try:
-        get_adapter(model).resize_to_config()
+        adapter.resize_to_config()
     except (IndexError, ValueError, RuntimeError) as err:
         raise UserError(f"config.json in {path} has inconsistent per-layer shapes ({err})") from None
+    adapter.fast_attention()
     _load_strict(model, state, path)
     return model.to(device).eval()
 

@@ -137,11 +137,16 @@ def base_config(name: str):
 
 
 def dense_model(config, seed: int = 0):
-    """The dense parent with random weights, fp32, on CPU, eval mode."""
+    """The dense parent with random weights, fp32, on CPU, eval mode, with the attention modules
+    `compress.load` installs (MPNet: SDPA instead of Hugging Face's eager attention)."""
     from transformers import AutoModelForSequenceClassification
 
+    from compress.arch import get_adapter
+
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config).eval()
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    get_adapter(model).fast_attention()
+    return model
 
 
 def slimmed_copy(dense, heads, filters, filter_multiple: int = 8):

@@ -154,6 +154,10 @@ class Adapter:
     def _after_slim_layer(self, layer: int, keep_heads: torch.Tensor) -> None:
         """Hook for architectures with per-head state outside the layer (e.g. MPNet's relative bias)."""
 
+    def fast_attention(self) -> None:
+        """Swap in attention modules that compute the same function faster, where the architecture's own
+        are eager only (MPNet); a no-op elsewhere. `compress.load` calls it."""
+
     def record_shapes(self) -> None:
         """Write per-layer shape keys into the config when the layers differ from its uniform sizes."""
         heads, kv, filters = self.num_heads(), self.num_kv_heads(), self.num_filters()
