@@ -10,8 +10,10 @@ from kernels.dispatch import (backend_name, gelu_tanh_and_mul_gemv, linear_small
                               paged_prefill_attention, reshape_and_cache, rms_norm, rms_norm_pair,
                               rotary_embedding, set_backend)
 
-# Token counts up to this use the GEMV ops (weights read once for all rows); more use a GEMM.
-GEMV_MAX_TOKENS = 4
+# Token counts up to this use the GEMV ops (weights read once for all rows); more use a GEMM. On the
+# H100 (evals/results/gemv_gpu.md) the GEMVs beat cuBLAS at one row (Gemma-2-2B decode products
+# 2.02 vs 2.26 ms) but not yet at 2 or 4 (0.95x, 0.67x with untuned configs), so batch 1 only.
+GEMV_MAX_TOKENS = 1
 
 __all__ = ["GEMV_MAX_TOKENS", "backend_name", "gelu_tanh_and_mul_gemv", "linear_small_m",
            "paged_decode_attention", "paged_prefill_attention", "reshape_and_cache", "rms_norm",

@@ -44,16 +44,18 @@ class GemvConfig:
     num_stages: int = 3
 
 
-# (rows bucket 1|2|4, N, K) -> config. Seeded from an H100 sweep of M=1 with L2-resident weights
-# (scratch run before bench_gemv.py; optimistic for small matrices): replace with --sweep output.
+# (rows bucket 1|2|4, N, K) -> config. M=1 entries: the best of `python evals/bench_gemv.py --sweep
+# --rows 1` on the H100 (weights rotated past L2; evals/results/gemv_gpu.md); other shapes use default_config.
 LINEAR_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
-    (1, 4096, 2304): GemvConfig(8, 256, 4, 4),        # Gemma-2-2B qkv
+    (1, 4096, 2304): GemvConfig(4, 512, 4, 3),        # Gemma-2-2B qkv
     (1, 2304, 2048): GemvConfig(2, 1024, 4, 1),       # o_proj
-    (1, 2304, 9216): GemvConfig(4, 1024, 8, 3),       # down_proj
-    (1, 256000, 2304): GemvConfig(2, 1024, 4, 3),     # lm_head
+    (1, 2304, 9216): GemvConfig(2, 1024, 4, 1),       # down_proj
+    (1, 256000, 2304): GemvConfig(8, 256, 4, 3),      # lm_head
 }
 # Keyed by the fused weight's rows (2I); block_n counts output features, so a program reads 2*block_n rows.
-GEGLU_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {}
+GEGLU_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
+    (1, 18432, 2304): GemvConfig(8, 256, 4, 1),       # gate_up + GeGLU
+}
 
 
 def rows_bucket(num_rows: int) -> int:

@@ -12,7 +12,7 @@ Fast path (`GemmaForCausalLM.fuse`, used on the GPU): q/k/v and gate/up become o
 branch's post-norm, the residual add and the next pre-norm run as one kernel (kernels.rms_norm_pair:
 two norm launches per layer, the last layer's pairs with the final norm), and RoPE rotates q and k in
 place from a precomputed fp32 cos|sin table (kernels.rotary_embedding). With at most
-kernels.GEMV_MAX_TOKENS tokens (decode at batch 1-4, CUDA-graph buckets included) the projections and
+kernels.GEMV_MAX_TOKENS tokens (batch-1 decode today, its CUDA graph included) the projections and
 the lm_head run as GEMV kernels that read each weight once, and GeGLU's GELU and product happen inside
 the gate|up GEMV (kernels.gelu_tanh_and_mul_gemv). Same function, fewer launches and bytes: a decode
 step of a 2B model is otherwise dominated by ~15 tiny elementwise kernels per layer.
