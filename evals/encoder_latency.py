@@ -47,7 +47,8 @@ METHOD = ("cuda: bf16 weights, the forward captured once in a CUDA graph (attent
           "median per-forward ms over {trials} timings of {replays} back-to-back replays each (CUDA events), "
           "after {warmup} warm-up replays. cpu: fp32, median of {cpu_runs} perf_counter forwards after warm-up, "
           "torch's default thread count. input_ids [batch, {seq}]. FFN widths padded with zero filters to a multiple "
-          "of {filter_multiple}, as `compress prune` writes them (same outputs).")
+          "of {filter_multiple}, as `compress prune` writes them (same outputs). MPNet attention as `compress.load` installs it "
+          "(SDPA with the relative bias on cuda, eager on cpu) in dense and slimmed models alike.")
 
 # Shape fields of the offline models' config.json, for machines without their weight packages (the
 # GPU machine has none); latency needs nothing else. tests/test_encoder_latency.py checks them
@@ -396,8 +397,9 @@ def run(args) -> dict:
     variants = read_variants(args.state, args.models, args.methods)
     out = Path(args.out).with_suffix(".json")
     result = load_result(out, describe_devices(devices, args), args)
-    result.update(command=" ".join(["python", "evals/encoder_latency.py"] + sys.argv[1:]), env=ENV,
-                  method=METHOD.format(**vars(args)))
+    this = " ".join(["python", "evals/encoder_latency.py"] + sys.argv[1:])
+    result["commands"] = [c for c in result.get("commands", []) if c != this] + [this]  # a resumed file: all, in order
+    result.update(command=" && ".join(result["commands"]), env=ENV, method=METHOD.format(**vars(args)))
     shapes = distinct_shapes(variants)
     todo, dense = pending(result, shapes, devices, args.batches), {}
     t0 = time.perf_counter()

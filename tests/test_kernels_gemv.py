@@ -181,6 +181,9 @@ print("same tokens", calls)
 """
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check for CPU machines; on a GPU the `gpu` "
+                    "engine test in test_engine_fast_path.py runs the compiled kernels (triton 3.6's interpreter "
+                    "fails on this script's int conversions)")
 def test_slimmed_model_fast_path_with_triton_gemv_matches_hf(tmp_path):
     """Uneven slimmed Gemma 3 (a 0-head layer, a 0-filter layer, odd widths) on the fast path with the
     Triton kernels (interpreted on CPU): GEMV for decode steps, GEMM for prefill, norm pairs throughout."""
