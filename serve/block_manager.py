@@ -84,6 +84,18 @@ class BlockManager:
         table = seq.block_tables.get(key, [])
         return offset > 0 and index < len(table) and self.pools[key].ref_counts[table[index]] > 1
 
+    def has_next_slot(self, seq: Sequence) -> bool:
+        """Whether the next token's slot is already allocated and unshared in every group: then a decode
+        needs no block and no copy, which is most steps, and the scheduler can skip the full check."""
+        index, offset = divmod(seq.num_computed_tokens, self.block_size)
+        if offset == 0:
+            return False
+        for key, pool in self.pools.items():
+            table = seq.block_tables.get(key)
+            if table is None or len(table) <= index or pool.ref_counts[table[index]] > 1:
+                return False
+        return True
+
     def can_append(self, seq: Sequence, num_new: int) -> bool:
         return all(self._blocks_to_add(seq, key, num_new) <= pool.num_free for key, pool in self.pools.items())
 

@@ -111,7 +111,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+        sampling = (list(batch.seqs) if batch.num_sampling == len(batch)
+                    else [seq for seq, samples in zip(batch.seqs, batch.sampling) if samples])
         logits = self.runner.run(batch)
         self.scheduler.advance(batch)
         rows = list(range(len(sampling)))

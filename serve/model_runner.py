@@ -75,8 +75,7 @@ class ModelRunner:
         groups = {key: GroupMetadata(self._tensor(slots[key], torch.int64), self._block_tables(batch, key))
                   for key in self.block_plan}
         meta = AttentionMetadata(cu_seqlens_q=self._tensor(cu, torch.int32), seq_lens=self._tensor(lens, torch.int32),
-                                 max_seqlen_q=max(batch.num_new_tokens),
-                                 is_decode=all(n == 1 for n in batch.num_new_tokens), groups=groups)
+                                 max_seqlen_q=batch.max_num_new_tokens, is_decode=batch.is_decode, groups=groups)
         return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), meta, self._tensor(rows, torch.int64)
 
     def _block_tables(self, batch: ScheduledBatch, key) -> torch.Tensor:
@@ -91,8 +90,7 @@ class ModelRunner:
                 stack[:, :, dst] = stack[:, :, src]
 
     def _is_pure_decode(self, batch: ScheduledBatch) -> bool:
-        return (len(batch) <= self.decode_graphs.max_batch and all(n == 1 for n in batch.num_new_tokens)
-                and all(batch.samples(i) for i in range(len(batch))))
+        return len(batch) <= self.decode_graphs.max_batch and batch.is_pure_decode
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:

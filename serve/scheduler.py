@@ -22,14 +22,27 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     copies: list[tuple] = field(default_factory=list)   # (group key, src block, dst block)
+    # Filled as sequences are added, so the runner and the engine need not rescan the batch.
+    sampling: list[bool] = field(default_factory=list)  # sequence i reaches its last token this step
+    num_sampling: int = 0
+    max_num_new_tokens: int = 0
 
     def __len__(self) -> int:
         return len(self.seqs)
 
     def samples(self, i: int) -> bool:
         """Whether sequence i reaches its last token this step (so its logits are sampled)."""
-        seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
+        return self.sampling[i]
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes one token."""
+        return self.max_num_new_tokens == 1
+
+    @property
+    def is_pure_decode(self) -> bool:
+        """One token per sequence and every sequence samples (the fast path's decode graphs)."""
+        return self.max_num_new_tokens == 1 and self.num_sampling == len(self.seqs)
 
 
 class Scheduler:
@@ -56,10 +69,15 @@ class Scheduler:
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[int, bool]:
-        queue, self.running, preempted = list(self.running), [], False
+        queue, self.running, preempted = deque(self.running), [], False
+        has_next_slot = self.block_manager.has_next_slot
         while queue and budget > 0:
-            seq = queue.pop(0)
+            seq = queue.popleft()
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new == 1 and has_next_slot(seq):      # most decodes: no block to add or copy
+                self._add_to_batch(batch, seq, 1)
+                budget -= 1
+                continue
             while not self.block_manager.can_append(seq, num_new):
                 preempted = True
                 if not queue:
@@ -93,6 +111,10 @@ class Scheduler:
     def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, num_new: int) -> None:
         batch.seqs.append(seq)
         batch.num_new_tokens.append(num_new)
+        sampling = seq.num_computed_tokens + num_new == seq.num_tokens
+        batch.sampling.append(sampling)
+        batch.num_sampling += sampling
+        batch.max_num_new_tokens = max(batch.max_num_new_tokens, num_new)
         self.running.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
