@@ -172,21 +172,29 @@ class BlockManager:
     # ---- after a step, fork, free -------------------------------------------------------------
     def commit(self, seq: Sequence) -> None:
         """Cache the newly completed blocks and free sliding-window blocks no future query can see."""
-        if self.enable_prefix_caching:
+        num_full = seq.num_computed_tokens // self.block_size
+        if self.enable_prefix_caching and num_full > seq.num_registered_blocks:
             self._update_hashes(seq, seq.num_computed_tokens)
-            num_full = seq.num_computed_tokens // self.block_size
             for key, pool in self.pools.items():
                 table = seq.block_tables[key]
                 for i in range(seq.num_registered_blocks, num_full):
                     if table[i] != FREED:
                         pool.register(table[i], seq.block_hashes[i])
-            seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
+            seq.num_registered_blocks = num_full
         for key, pool in self.pools.items():
-            table = seq.block_tables[key]
-            for i in range(self._first_needed_block(key, seq.num_computed_tokens)):
-                if table[i] != FREED:
-                    pool.release(table[i])
-                    table[i] = FREED
+            if key is not None:
+                self._free_out_of_window(seq.block_tables[key], pool, self._first_needed_block(key, seq.num_computed_tokens))
+
+    @staticmethod
+    def _free_out_of_window(table: list[int], pool: BlockPool, first_needed: int) -> None:
+        # Freed entries always form a prefix of the table, so look back from the first needed block
+        # only as far as the last freed one instead of rescanning the whole prefix every step.
+        start = first_needed
+        while start > 0 and table[start - 1] != FREED:
+            start -= 1
+        for i in range(start, first_needed):
+            pool.release(table[i])
+            table[i] = FREED
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         for key, pool in self.pools.items():

@@ -94,6 +94,9 @@ class LLMEngine:
                                                  seq.params.skip_special_tokens)
         for token in seq.output_token_ids:
             seq.detokenizer.add(token)
+        params = seq.params
+        seq.stop_token_set = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        seq.max_num_tokens = min(seq.num_prompt_tokens + params.max_tokens, self.max_model_len)
         seq.generator = None
         if seq.params.seed is not None:
             seq.generator = torch.Generator(self.runner.device).manual_seed(seq.params.seed + seq.sample_index)
@@ -115,20 +118,30 @@ class LLMEngine:
                     else [seq for seq, samples in zip(batch.seqs, batch.sampling) if samples])
         logits = self.runner.run(batch)
         self.scheduler.advance(batch)
-        rows = list(range(len(sampling)))
-        for row, seq in enumerate(list(sampling)):
-            if not seq.forked:
-                children = self._fork(seq)
-                sampling += children
-                rows += [row] * len(children)
-        if rows != list(range(logits.shape[0])):
-            logits = logits[rows]     # forks share their parent's row; decode steps skip this gather
+        num_scheduled = len(sampling)
+        logits = self._fork_all(sampling, logits)
         tokens, logprobs = sample(logits, sampling) if sampling else ([], [])
-        for seq, token, logprob in zip(sampling, tokens, logprobs):
-            self._append(seq, token, logprob)
+        finished = [i for i, (seq, token, logprob) in enumerate(zip(sampling, tokens, logprobs))
+                    if self._append(seq, token, logprob)]
+        self.metrics.generation_tokens += len(tokens)
         self.metrics.num_steps += 1
-        moved = dict.fromkeys(s.request_id for s in batch.seqs if self.stream_outputs or s.is_finished)
-        return [self._output(rid) for rid in moved if rid in self.requests]
+        # Offline: only requests a scheduled sequence of which just finished (children forked this step
+        # sit past num_scheduled in `sampling` and are not part of the batch).
+        moved = batch.seqs if self.stream_outputs else [sampling[i] for i in finished if i < num_scheduled]
+        return [self._output(rid) for rid in dict.fromkeys(s.request_id for s in moved) if rid in self.requests]
+
+    def _fork_all(self, sampling: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """Fork the parents that just finished their prompt (children appended to `sampling`); the
+        logits rows follow, since children share their parent's row. Decode steps return at once."""
+        parents = [row for row, seq in enumerate(sampling) if not seq.forked]
+        if not parents:
+            return logits
+        rows = list(range(len(sampling)))
+        for row in parents:
+            children = self._fork(sampling[row])
+            sampling += children
+            rows += [row] * len(children)
+        return logits[rows]
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         children = self.scheduler.fork(parent)
@@ -137,32 +150,32 @@ class LLMEngine:
         self.requests[parent.request_id] += children
         return children
 
-    def _append(self, seq: Sequence, token: int, logprob: dict | None) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: dict | None) -> bool:
+        """Append the sampled token; True when it finishes the sequence."""
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
-        self.metrics.generation_tokens += 1
         if self.stream_outputs or seq.params.stop:
             seq.detokenizer.add(token)
         reason = self._finish_reason(seq, token)
-        if reason is not None:
-            seq.detokenizer.add_all(seq.output_token_ids[seq.detokenizer.num_added:])
-            self.scheduler.finish(seq, reason)
-            self.metrics.finished += 1
+        if reason is None:
+            return False
+        seq.detokenizer.add_all(seq.output_token_ids[seq.detokenizer.num_added:])
+        self.scheduler.finish(seq, reason)
+        self.metrics.finished += 1
+        return True
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        params = seq.params
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        if token in seq.stop_token_set:
             return "stop"
-        text = seq.detokenizer.text
-        for stop in params.stop:
-            index = text.find(stop, max(0, len(text) - 64 - len(stop)))
-            if index >= 0:
-                seq.detokenizer.text = text[:index]
-                return "stop"
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        if seq.params.stop:
+            text = seq.detokenizer.text
+            for stop in seq.params.stop:
+                index = text.find(stop, max(0, len(text) - 64 - len(stop)))
+                if index >= 0:
+                    seq.detokenizer.text = text[:index]
+                    return "stop"
+        return "length" if len(seq.token_ids) >= seq.max_num_tokens else None
 
     def _output(self, request_id: str) -> RequestOutput:
         seqs = sorted(self.requests[request_id], key=lambda s: s.sample_index)

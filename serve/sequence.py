@@ -40,7 +40,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.logprobs: list[dict] = []
         self.num_preemptions = 0
-        self.detokenizer = None             # set by the engine
+        self.detokenizer = None             # set by the engine, with the two below
+        self.stop_token_set: set[int] = set()   # EOS (unless ignore_eos) and stop_token_ids
+        self.max_num_tokens = 0             # prompt + max_tokens, capped at the model's context
 
     def __len__(self) -> int:
         return len(self.token_ids)
