@@ -5,10 +5,12 @@ ahead of time per batch-size bucket (the ahead-of-time idea of Nimble; the bucke
 A decode batch of B sequences runs the graph of the smallest bucket >= B; rows past B are padding:
 token 0 at position 0, seq_len 1, slot -1 (nothing written), block-table entry 0 (a valid block, so
 the kernels read real memory). Block tables have a fixed width (the blocks of max_model_len tokens), so
-every graph sees the same shapes. Each sequence keeps a numpy copy of its
-block tables (`Sequence.table_cache`), refreshed only when a table grew or an entry was replaced, so
-packing a step costs a few microseconds per sequence. Entries of sliding-window blocks freed since the
-copy was made stay stale there; the kernels never read blocks outside the window (team contract).
+every graph sees the same shapes. The pinned buffer persists between steps and remembers, per row and
+group, which sequence's table it holds (seq id, table version, length): a row is rewritten only when
+another sequence lands there or its table grew or had an entry replaced (about one step in block_size
+per sequence), and the slots come from the packed rows in one numpy expression, so packing a step is
+a few list comprehensions, not per-sequence array writes. Entries of sliding-window blocks freed since a
+row was written stay stale there; the kernels never read blocks outside the window (team contract).
 
 Packed int32 layout (host and device): ids [M] | positions [M] | seq_lens [M] | per group: slots [M] |
 per group: block_tables [M, W_g]; M = the largest bucket. Inside the graph the int64 views the model
@@ -51,6 +53,7 @@ class DecodeGraphs:
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
         self.device_buf = torch.zeros(size, dtype=torch.int32, device=runner.device)
         self.np = self._views(self.host.numpy())
+        self.stamps = {k: [None] * m for k in self.keys}   # per row: whose table it holds (see pack)
         self.dev = self._views(self.device_buf)
         dev = runner.device
         self.ids = torch.zeros(m, dtype=torch.int64, device=dev)
@@ -72,30 +75,26 @@ class DecodeGraphs:
         return views
 
     # ---- host side: pack one step ---------------------------------------------------------------
-    def _table(self, seq, key) -> np.ndarray:
-        table = seq.block_tables[key]
-        cached = seq.table_cache.get(key)
-        if cached is None or cached[0] != seq.block_table_version or cached[1] != len(table):
-            cached = (seq.block_table_version, len(table), np.asarray(table, dtype=np.int32))
-            seq.table_cache[key] = cached
-        return cached[2]
-
     def pack(self, seqs) -> int:
         """Write the step's metadata into the pinned buffer; returns the bucket to replay."""
         num, views, block_size = len(seqs), self.np, self.block_size
         bucket = next(b for b in self.buckets if b >= num)
-        ids, positions, lens = views["ids"], views["positions"], views["seq_lens"]
-        for i, seq in enumerate(seqs):
-            pos = seq.num_computed_tokens
-            ids[i], positions[i], lens[i] = seq.token_ids[pos], pos, pos + 1
-            for key in self.keys:
-                table = self._table(seq, key)
-                views[("tables", key)][i, :len(table)] = table
-                views[("slots", key)][i] = seq.block_tables[key][pos // block_size] * block_size + pos % block_size
-        ids[num:bucket], positions[num:bucket], lens[num:bucket] = 0, 0, 1
+        pos = np.fromiter((seq.num_computed_tokens for seq in seqs), dtype=np.int64, count=num)
+        views["ids"][:num] = [seq.token_ids[p] for seq, p in zip(seqs, pos.tolist())]
+        views["positions"][:num], views["seq_lens"][:num] = pos, pos + 1
+        views["ids"][num:bucket], views["positions"][num:bucket], views["seq_lens"][num:bucket] = 0, 0, 1
+        rows = np.arange(num)
         for key in self.keys:
+            tables, stamps = views[("tables", key)], self.stamps[key]
+            for i, seq in enumerate(seqs):
+                table = seq.block_tables[key]
+                stamp = (seq.seq_id, seq.block_table_version, len(table))
+                if stamps[i] != stamp:
+                    tables[i, :len(table)], stamps[i] = table, stamp
+            views[("slots", key)][:num] = tables[rows, pos // block_size] * block_size + pos % block_size
             views[("slots", key)][num:bucket] = -1
-            views[("tables", key)][num:bucket, 0] = 0
+            tables[num:bucket, 0] = 0
+            stamps[num:bucket] = [None] * (bucket - num)
         return bucket
 
     # ---- device side: one model step over persistent buffers ------------------------------------

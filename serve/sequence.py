@@ -35,7 +35,6 @@ class Sequence:
         self.block_hashes: list[int] = []   # hash chain of the full blocks seen so far
         self.num_registered_blocks = 0      # leading blocks already offered to the prefix cache
         self.block_table_version = 0        # bumped when a table entry is replaced, not just appended
-        self.table_cache: dict = {}         # group key -> (version, length, numpy copy) for decode packing
         self.forked = params.n == 1         # a parent with n > 1 forks once its prompt is done
         self.finish_reason: str | None = None
         self.logprobs: list[dict] = []

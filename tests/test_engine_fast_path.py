@@ -65,6 +65,40 @@ def test_fast_path_preemption_and_prefix_cache(tmp_path):
     assert llm.engine.block_manager.num_used_blocks() == 0
 
 
+def test_incremental_packing_equals_packing_from_scratch(tmp_path):
+    """Rows of the persistent decode buffer are rewritten only when their sequence or its table changed;
+    at every step they must hold what packing from scratch writes (preemption, sliding frees, n > 1)."""
+    import numpy as np
+
+    from serve.block_manager import FREED
+
+    model = random_model(gemma2_config(), seed=5)
+    path = save_model(model, tmp_path / "m")
+    llm = LLM(path, block_size=4, max_num_batched_tokens=16, num_kv_blocks=14, max_model_len=48, fast_path="on")
+    graphs, checked = llm.engine.runner.decode_graphs, []
+    original = graphs.pack
+
+    def checked_pack(seqs):
+        bucket = original(seqs)
+        views = graphs.np
+        for i, seq in enumerate(seqs):
+            pos = seq.num_computed_tokens
+            assert (views["ids"][i], views["positions"][i], views["seq_lens"][i]) == (seq.token_ids[pos], pos, pos + 1)
+            for key in graphs.keys:
+                table = np.asarray(seq.block_tables[key])
+                live = table != FREED          # freed sliding entries may be stale: never read
+                assert (views[("tables", key)][i, :len(table)][live] == table[live]).all()
+                assert views[("slots", key)][i] == table[pos // 4] * 4 + pos % 4
+        assert (views["seq_lens"][len(seqs):bucket] == 1).all()
+        checked.append(len(seqs))
+        return bucket
+
+    graphs.pack = checked_pack
+    params = SamplingParams(temperature=0.8, seed=1, n=2, max_tokens=NEW_TOKENS, ignore_eos=True)
+    llm.generate(random_prompts(LENGTHS, seed=3), params)
+    assert len(checked) > NEW_TOKENS and llm.engine.scheduler.num_preemptions > 0
+
+
 GPU_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
