@@ -16,7 +16,8 @@ two more elementwise kernels over [M, 2I].
 
 Launch configs come from tables keyed by (row bucket, weight rows N, K), filled from
 `evals/bench_gemv.py --sweep` on the GPU; other shapes use `default_config`. Nothing is autotuned at
-run time because decode steps are captured into CUDA graphs ahead of time.
+run time because decode steps are captured into CUDA graphs ahead of time. The runtime calls these
+at up to kernels.GEMV_MAX_TOKENS rows (1 today: M=2 and 4 still lose to cuBLAS on the H100).
 Shapes: x [M, K] (last dim contiguous), weight [N, K] (row-major), out [M, N].
 """
 
