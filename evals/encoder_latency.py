@@ -39,7 +39,7 @@ if not __package__:  # run as a file: make the repo root importable
 
 import torch  # noqa: E402
 
-from compress.errors import UserError  # noqa: E402
+from compress.errors import UserError, exit_code  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ENV = "PYTHONPATH=$PWD COMPRESS_CACHE=/tmp/cache HF_HUB_OFFLINE=1"
@@ -436,12 +436,7 @@ def write_outputs(result: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        write_outputs(run(args), Path(args.out))
-    except UserError as err:
-        print(f"encoder_latency: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code("encoder_latency", lambda: write_outputs(run(args), Path(args.out)))
 
 
 if __name__ == "__main__":

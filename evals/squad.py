@@ -19,7 +19,7 @@ from pathlib import Path
 if not __package__:  # run as a file (`python evals/squad.py`): make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compress.errors import UserError  # noqa: E402
+from compress.errors import UserError, exit_code  # noqa: E402
 from evals.squad_metrics import squad_scores  # noqa: E402
 
 VERSIONS = {"squad": "v1.1", "squad_v2": "v2.0"}
@@ -226,13 +226,7 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as err:
-        print(f"evals.squad: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code("evals.squad", run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
