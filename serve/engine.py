@@ -114,8 +114,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        sampling = (list(batch.seqs) if batch.num_sampling == len(batch)
-                    else [seq for seq, samples in zip(batch.seqs, batch.sampling) if samples])
+        sampling = [seq for seq, samples in zip(batch.seqs, batch.sampling) if samples]
         logits = self.runner.run(batch)
         self.scheduler.advance(batch)
         num_scheduled = len(sampling)
