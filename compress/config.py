@@ -16,6 +16,7 @@ from typing import Any
 from compress.errors import UserError
 
 METHODS = ("fisher", "magnitude", "random")
+FISHERS = ("empirical", "model")  # the Fishers of compress.fisher.mask_gradients
 
 
 @dataclass
@@ -28,6 +29,7 @@ class PruneConfig:
     flops: float | None = None
     latency_ms: float | None = None
     method: str = "fisher"
+    fisher: str = "empirical"  # FISHERS: the loss at the gold label, or the model's own predictions
     num_samples: int | None = None  # None: the task's default (2048 for GLUE)
     seed: int = 0
     max_seq_length: int | None = None  # None: the task's default (128 for GLUE, 384 for SQuAD)
@@ -52,6 +54,8 @@ class PruneConfig:
             raise UserError(f"--latency-ms must be positive, got {self.latency_ms}")
         if self.method not in METHODS:
             raise UserError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.fisher not in FISHERS:
+            raise UserError(f"unknown --fisher {self.fisher!r}; choose one of {', '.join(FISHERS)}")
         _require_positive(self, "max_seq_length", "batch_size", "latency_batch_size", "filter_multiple")
         if self.num_samples is not None and self.num_samples < 1:
             raise UserError(f"--num-samples must be at least 1, got {self.num_samples}")

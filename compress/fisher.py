@@ -6,7 +6,21 @@ per-layer blocks. Per-example gradients come from one backward per batch: each e
 own copy of the masks (`[B, H_l]`, `[B, F_l]`) and the loss is summed over examples, so the
 gradient of example i's copy is exactly example i's gradient.
 
-Shapes: head_grads[l] is `[N, H_l]`, filter_grads[l] `[N, F_l]` (float32, CPU).
+Two Fishers (`kind`):
+- "empirical" (the paper's): the loss at the gold label. Each example's gradient is scaled by how
+  wrong the model is on it, so on a training sample the model fits well (a fine-tuned regressor on
+  its own train split: residuals near 0) the estimate rests on a few badly fit examples.
+- "model": the Fisher of the model's own predictive distribution, E_{y ~ p(.|x)} of the outer product
+  of the log-likelihood gradient; to second order it is the KL divergence between the dense and the
+  masked model's outputs, which is what pruning should preserve. Classification, exact: for each
+  class c a row sqrt(p_c) * grad(-log p_c) (C backward passes per batch, p detached), so the rows'
+  outer products sum to J^T (diag(p) - p p^T) J. Regression with a unit-variance Gaussian: the row
+  is the output's own gradient (Gauss-Newton J^T J), whatever the residual. QA spans keep the
+  empirical Fisher (a distribution over every token position is too many classes).
+
+Shapes: head_grads[l] is `[R, H_l]`, filter_grads[l] `[R, F_l]` (float32, CPU), R = N examples for the
+empirical Fisher, N x classes for the model Fisher of a classifier; the Fisher is mean over rows
+times a constant, which neither the search nor the rearrangement sees.
 """
 
 from __future__ import annotations
@@ -14,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
+
+from compress.config import FISHERS
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -23,23 +39,41 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
-def mask_gradients(model, adapter, batches, device, progress: bool = True):
-    """Per-example gradients of the loss w.r.t. head and filter masks, over all `batches`."""
+def mask_gradients(model, adapter, batches, device, progress: bool = True, kind: str = "empirical"):
+    """Per-example (per example and class, for the model Fisher of a classifier) gradients of the
+    log-likelihood w.r.t. head and filter masks, over all `batches`."""
+    if kind not in FISHERS:
+        raise ValueError(f"unknown Fisher {kind!r}; choose one of {', '.join(FISHERS)}")
     model.eval()  # no dropout: the Fisher is of the deterministic network
     heads, filters = [[] for _ in adapter.num_heads()], [[] for _ in adapter.num_filters()]
-    for batch in tqdm(batches, desc="fisher", unit="batch", disable=not progress):
+    for batch in tqdm(batches, desc=f"fisher ({kind})", unit="batch", disable=not progress):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels", None)  # None: a QA batch (start/end positions, compress.qa_task)
         b = batch["input_ids"].shape[0]
         hm = [torch.ones(b, h, device=device, requires_grad=True) for h in adapter.num_heads()]
         fm = [torch.ones(b, f, device=device, requires_grad=True) for f in adapter.num_filters()]
         with adapter.masks(hm, fm):
-            loss = task_loss(model(**batch).logits, labels) if labels is not None else _span_loss(model, batch)
-        grads = torch.autograd.grad(loss, hm + fm, allow_unused=True)
-        for store, m, g in zip(heads + filters, hm + fm, grads):
-            store.append((g if g is not None else torch.zeros_like(m)).detach().float().cpu())
+            if labels is None:
+                losses = [_span_loss(model, batch)]
+            elif kind == "empirical":
+                losses = [task_loss(model(**batch).logits, labels)]
+            else:
+                losses = _model_losses(model(**batch).logits, regression=labels.dtype.is_floating_point)
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, hm + fm, allow_unused=True, retain_graph=i + 1 < len(losses))
+            for store, m, g in zip(heads + filters, hm + fm, grads):
+                store.append((g if g is not None else torch.zeros_like(m)).detach().float().cpu())
     model.zero_grad(set_to_none=True)
     return [torch.cat(g) for g in heads], [torch.cat(g) for g in filters]
+
+
+def _model_losses(logits: torch.Tensor, regression: bool) -> list[torch.Tensor]:
+    """Summed-over-examples scalars whose per-example gradients are the model Fisher's rows."""
+    if regression:
+        return [logits.squeeze(-1).float().sum()]
+    logp = logits.float().log_softmax(-1)
+    weight = logp.detach().exp().sqrt()  # sqrt(p_c): the rows' outer products weigh class c by p_c
+    return [-(weight[:, c] * logp[:, c]).sum() for c in range(logp.shape[-1])]
 
 
 def _span_loss(model, batch):

@@ -105,7 +105,8 @@ def _masks(config, adapter, model, calib, device, phases, progress, record):
             return (*search.uniform_masks(*scores, flops_model.head_cost, flops_model.filter_cost,
                                           config.flops * full), flops_model)
     with phases("fisher"):
-        head_grads, filter_grads = fisher.mask_gradients(model, adapter, calib["batches"], device, progress)
+        head_grads, filter_grads = fisher.mask_gradients(model, adapter, calib["batches"], device, progress,
+                                                           config.fisher)
     with phases("search"):
         heads, filters = _search(config, adapter, model, calib, flops_model, full, head_grads, filter_grads, record)
     if config.rearrange:

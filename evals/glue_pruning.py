@@ -30,7 +30,11 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", default=["minilm", "mpnet-base"])
     p.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "stsb", "rte"])
     p.add_argument("--flops", nargs="+", type=float, default=[0.4, 0.5, 0.6, 0.7])
-    p.add_argument("--methods", nargs="+", default=["fisher", "magnitude", "random"])
+    p.add_argument("--methods", nargs="+", default=["fisher", "magnitude", "random"],
+                   help="fisher, magnitude, random; fisher-empirical / fisher-model: the Fisher method with that "
+                        "Fisher, to compare the two in one run (fisher alone uses --fisher)")
+    p.add_argument("--fisher", choices=("empirical", "model"), default=None,
+                   help="the Fisher of the 'fisher' method (default: compress prune's default)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--work", default="runs/glue_pruning", help="models and state.json (resumable)")
     p.add_argument("--out", default=str(RESULTS / "glue_pruning"), help="output path without suffix")
@@ -81,9 +85,12 @@ def pruned_model(args, state, dense, task, method, flops):
     out = dense.parent / f"{method}-{flops:g}"
     key = f"{out}:prune"
     if state.get(key) is None or not (out / "model.safetensors").is_file():
-        record = prune(PruneConfig(model=str(dense), task=task, output=str(out), flops=flops, method=method,
-                                   num_samples=args.num_samples, data_dir=args.data_dir, overwrite=True))
-        state.put(key, {"seconds": record["seconds"], "flops_ratio": record["flops_ratio"],
+        base, _, kind = method.partition("-")
+        config = PruneConfig(model=str(dense), task=task, output=str(out), flops=flops, method=base,
+                             num_samples=args.num_samples, data_dir=args.data_dir, overwrite=True)
+        config.fisher = kind or args.fisher or config.fisher
+        record = prune(config)
+        state.put(key, {"seconds": record["seconds"], "flops_ratio": record["flops_ratio"], "fisher": config.fisher,
                         "heads": record["num_attention_heads_per_layer"],
                         "filters": record["intermediate_size_per_layer"]})
     return out

@@ -96,13 +96,16 @@ def markdown(result: dict) -> str:
              "same FLOPs with a uniform per-layer ratio (no rearrangement, no tuning), slimmed the same way. "
              f"Speedup = dense latency / slimmed latency at sequence length {result.get('latency_seq', 128)}.", ""]
     keys = sorted({k for r in result["rows"] for k in r["speedup"]})
-    header = "| model | task | FLOPs | dense | fisher | magnitude | random | fisher prune s | " + " | ".join(
+    methods = ["fisher"] + sorted({r["method"] for r in result["rows"] if r["method"].startswith("fisher-")})
+    methods += ["magnitude", "random"]
+    lines += _fisher_note(result["rows"])
+    header = f"| model | task | FLOPs | dense | {' | '.join(methods)} | fisher prune s | " + " | ".join(
         f"speedup {k}" for k in keys) + " |"
-    lines += [header, "|" + "---|" * (8 + len(keys))]
+    lines += [header, "|" + "---|" * (5 + len(methods) + len(keys))]
     for (model, task, flops), group in _grouped(result["rows"]).items():
         fisher = group.get("fisher")
         cells = [model, task, f"{flops:g}", _metric(next(iter(group.values()))["dense"])]
-        cells += [_metric(group[m]["metrics"]) if m in group else "-" for m in ("fisher", "magnitude", "random")]
+        cells += [_metric(group[m]["metrics"]) if m in group else "-" for m in methods]
         cells.append(f"{fisher['prune']['seconds']['total']:.1f}" if fisher and fisher.get("prune") else "-")
         cells += [_speed(fisher, k) if fisher else "-" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
@@ -112,6 +115,14 @@ def markdown(result: dict) -> str:
             phases = group["fisher"]["prune"]["seconds"]
             lines.append(f"- {model} {task} FLOPs {flops:g}: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     return "\n".join(lines) + "\n"
+
+
+def _fisher_note(rows) -> list[str]:
+    """Which Fisher the 'fisher' column used (runs before the option existed recorded none: empirical)."""
+    kinds = sorted({(r.get("prune") or {}).get("fisher", "empirical") for r in rows if r["method"] == "fisher"})
+    if not kinds:
+        return []
+    return [f"Fisher of the `fisher` column: {', '.join(kinds)} (`compress prune --fisher`; see compress/fisher.py).", ""]
 
 
 def _grouped(rows):

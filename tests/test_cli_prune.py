@@ -50,6 +50,15 @@ def test_baselines_meet_the_same_budget(work, method):
     assert json.loads((out / "prune.json").read_text())["flops_ratio"] <= 0.6 + 1e-9
 
 
+def test_model_fisher_runs_end_to_end_and_is_recorded(work):
+    root, data, ft = work
+    out = root / "pruned-model-fisher"
+    assert main(["prune", "--model", str(ft), "--task", "sst2", "--data-dir", str(data), "-o", str(out),
+                 "--flops", "0.5", "--num-samples", "32", "--fisher", "model"]) == 0
+    record = json.loads((out / "prune.json").read_text())
+    assert record["recipe"]["fisher"] == "model" and record["flops_ratio"] <= 0.5 + 1e-9
+
+
 def test_recipe_maps_onto_config_and_flags_override(work, tmp_path):
     root, data, ft = work
     recipe = tmp_path / "r.yaml"

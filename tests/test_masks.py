@@ -58,6 +58,47 @@ def test_per_example_mask_gradients_match_single_example_gradients():
     assert float(head_grads[0].abs().sum()) > 0
 
 
+def _one_example_grads(model, adapter, x, loss_of_logits):
+    """Head and filter mask gradients of one example, by a plain backward through the masks."""
+    hm = [torch.ones(1, h, requires_grad=True) for h in adapter.num_heads()]
+    fm = [torch.ones(1, f, requires_grad=True) for f in adapter.num_filters()]
+    with adapter.masks(hm, fm):
+        loss = loss_of_logits(model(**x).logits)
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, hm + fm)])
+
+
+def test_model_fisher_of_a_classifier_is_the_expectation_over_its_own_predictions():
+    model = tiny_model("bert", num_labels=3)
+    adapter = get_adapter(model)
+    x = {k: v[1:2] for k, v in tiny_inputs(batch=3).items()}
+    rows = fisher.mask_gradients(model, adapter, [dict(x, labels=torch.tensor([0]))], "cpu", progress=False,
+                                 kind="model")
+    g = torch.cat([torch.cat(part, dim=1) for part in rows], dim=1)  # [classes, all masks]
+    assert g.shape[0] == 3
+    with torch.no_grad():
+        p = model(**x).logits.softmax(-1)[0]
+    expected = sum(float(p[c]) * torch.outer(gc, gc) for c in range(3)
+                   for gc in [_one_example_grads(model, adapter, x, lambda z, c=c: -z.log_softmax(-1)[0, c])])
+    torch.testing.assert_close(g.T @ g, expected, rtol=1e-4, atol=1e-8)
+
+
+def test_model_fisher_of_a_regressor_ignores_the_labels_and_the_empirical_one_does_not():
+    model = tiny_model("bert", num_labels=1)
+    adapter = get_adapter(model)
+    x = tiny_inputs(batch=2)
+
+    def grads(kind, labels):
+        heads, filters = fisher.mask_gradients(model, adapter, [dict(x, labels=labels)], "cpu", progress=False,
+                                               kind=kind)
+        return torch.cat(heads + filters, dim=1)
+
+    a, b = torch.tensor([0.0, 1.0]), torch.tensor([3.0, -2.0])
+    torch.testing.assert_close(grads("model", a), grads("model", b))
+    assert (grads("empirical", a) - grads("empirical", b)).abs().max() > 1e-4
+    out_grad = _one_example_grads(model, adapter, {k: v[:1] for k, v in x.items()}, lambda z: z.sum())
+    torch.testing.assert_close(grads("model", a)[0], out_grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_rearrangement_never_raises_objective_and_keeps_counts(seed):
     g = torch.Generator().manual_seed(seed)

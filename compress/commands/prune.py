@@ -11,9 +11,9 @@ from compress.commands._common import add_data_flags, overrides
 from compress.errors import UserError
 
 DECODER_METHODS = ("activation", "activation-mlp", "fisher-mlp")  # the encoder pruner has no such criterion
-ENCODER_ONLY = ("latency_ms", "max_seq_length", "eval", "filter_multiple")
+ENCODER_ONLY = ("latency_ms", "max_seq_length", "eval", "filter_multiple", "fisher")
 DECODER_ONLY = ("calib", "seq_len", "context_len", "dtype")
-FIELDS = ("model", "task", "output", "flops", "latency_ms", "method", "num_samples", "seed", "max_seq_length",
+FIELDS = ("model", "task", "output", "flops", "latency_ms", "method", "fisher", "num_samples", "seed", "max_seq_length",
           "batch_size", "damp", "filter_multiple", "data_dir", "device", "eval", "overwrite", "rearrange", "tune")
 
 
@@ -30,6 +30,10 @@ def register(subparsers) -> None:
     p.add_argument("--method", choices=("fisher", "magnitude", "random") + DECODER_METHODS,
                    help="mask selection (default fisher; random is encoder-only, "
                         f"{', '.join(DECODER_METHODS)} decoder-only)")
+    p.add_argument("--fisher", choices=("empirical", "model"),
+                   help="Fisher of the masks: 'empirical' (the loss at the gold labels, as in the paper) or "
+                        "'model' (expected over the model's own predictions; stabler when the model fits its "
+                        "calibration sample closely, e.g. regression); default empirical")
     p.add_argument("--num-samples", type=int,
                    help="calibration examples (default: 2048; bbc-news 128) or decoder windows (default 128)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
