@@ -110,17 +110,30 @@ def test_incremental_packing_equals_packing_from_scratch(tmp_path):
 
 GPU_SCRIPT = """
 import sys
+import torch
 sys.path.insert(0, {tests!r})
 from serve_fixtures import gemma2_config, gemma3_config, hf_greedy, random_model, random_prompts, save_model
 from serve import LLM, SamplingParams
 params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 prompts = random_prompts([3, 30, 12, 21, 9, 17, 40, 5])
+
+def no_sync(launch):
+    # launching a step ahead must never wait for the device (only reading a step's tokens may)
+    def guarded(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return guarded
+
 for name, config in (("gemma2", gemma2_config()), ("gemma3", gemma3_config())):
     model = random_model(config, seed=3)
     path = save_model(model, {path!r} + name)
     hf = [hf_greedy(model, p, 12) for p in prompts]     # fp32 on the CPU
     def run(p=params, **kw):
         llm = LLM(path, block_size=4, max_num_batched_tokens=32, max_num_seqs=8, dtype="float32", **kw)
+        llm.engine.lookahead.launch_next = no_sync(llm.engine.lookahead.launch_next)
         return [o.outputs[0].token_ids for o in llm.generate(prompts, p)], llm.engine
     reference, _ = run(attention_backend="reference", fast_path="off")
     fast, engine = run(attention_backend="triton", fast_path="on")
@@ -129,12 +142,15 @@ for name, config in (("gemma2", gemma2_config()), ("gemma3", gemma3_config())):
     assert reference == hf, (name, reference, hf)
     assert fast == reference, (name, fast, reference)
     # sequences stopping at different steps: the overlapped graphs discard their extra tokens
-    stopped = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[hf[0][4], hf[3][6]])
+    stopped = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[hf[0][9], hf[3][8]])
     ref_stop, _ = run(stopped, attention_backend="reference", fast_path="off")
     sync_stop, _ = run(stopped, attention_backend="triton", fast_path="on", overlap=False)
     fast_stop, engine = run(stopped, attention_backend="triton", fast_path="on")
     assert fast_stop == sync_stop == ref_stop, (name, fast_stop, sync_stop, ref_stop)
     assert engine.lookahead.num_discarded > 0 and engine.block_manager.num_used_blocks() == 0
+    sampled = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=12, ignore_eos=True)
+    tokens, engine = run(sampled, attention_backend="triton", fast_path="on")
+    assert engine.lookahead.num_ahead > 0 and all(len(t) == 12 for t in tokens)
     print(name, "same tokens")
 """
 
