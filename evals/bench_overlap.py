@@ -49,8 +49,9 @@ def print_table(rows: list[dict]) -> None:
     print("| loop | output tok/s | offline s | b1 step ms | b1 replay ms | floor ms | step / floor | steps ahead |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
+        ratio = r["step_ms"] / r["floor_ms"]
         print(f"| {r['name']} | {r['output_tok_s']:,.0f} | {r['seconds']:.2f} | {r['step_ms']:.3f} | "
-              f"{r['replay_ms']:.3f} | {r['floor_ms']:.3f} | {r['step_ms'] / r['floor_ms']:.2f}x | {r['steps_ahead']} |")
+              f"{r['replay_ms']:.3f} | {r['floor_ms']:.3f} | {ratio:.2f}x | {r['steps_ahead']} |")
 
 
 def parse_args(argv=None):

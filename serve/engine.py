@@ -116,6 +116,8 @@ class LLMEngine:
 
     # ---- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step; outputs of the requests that moved (offline: that finished). In a run of
+        overlapped decode steps, a call first launches the next step, then reports the one in flight."""
         lookahead = self.lookahead
         if lookahead.pending is None:
             batch = self.scheduler.schedule()
