@@ -201,3 +201,43 @@ def test_reserve_next_slot_allocates_ahead_or_changes_nothing():
     free = manager.pools[None].num_free
     assert manager.reserve_next_slot(seq) and not manager.reserve_next_slot(child)   # pool ran out
     assert manager.pools[None].num_free == free - 1 and len(child.block_tables[None]) == 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workloads_match_sync(tiny_path, seed):
+    """Random block sizes, budgets, pool sizes, graph widths, prefix caching, stop ids, n = 2, logprobs,
+    aborts and late arrivals: the overlapped loop returns the synchronous loop's outputs."""
+    import random
+    rng = random.Random(seed)
+    bs = rng.choice([2, 4, 8])
+    config = dict(block_size=bs, max_num_batched_tokens=rng.choice([8, 16, 64]), max_num_seqs=rng.choice([2, 4, 8]),
+                  num_kv_blocks=rng.choice([64 // bs + 2, 64 // bs * 3]), max_graph_batch=rng.choice([None, 2, 4]),
+                  enable_prefix_caching=rng.random() < 0.7)
+    requests = {}
+    for i in range(6):
+        prompt = [rng.randrange(5, 300) for _ in range(rng.randint(1, 30))]
+        kind = rng.random()
+        params = SamplingParams(temperature=0, max_tokens=rng.randint(1, 20), ignore_eos=rng.random() < 0.5,
+                                stop_token_ids=[rng.randrange(5, 300) for _ in range(rng.randint(0, 30))],
+                                n=2 if kind < 0.15 else 1, logprobs=1 if 0.15 <= kind < 0.25 else None)
+        requests[f"r{i}"] = (prompt, params, rng.choice([0, 0, 0, rng.randint(1, 10)]), rng.choice([None] * 4 + [5]))
+    (sync, _), (overlapped, num_ahead) = [replay(tiny_path, requests, config, overlap) for overlap in (False, True)]
+    assert overlapped == sync and num_ahead > 0
+
+
+def replay(path, requests: dict, config: dict, overlap: bool) -> tuple[dict, int]:
+    """Run `requests` (prompt, params, arrival step, abort step or None): finished outputs by id, and
+    the number of steps launched ahead."""
+    engine, done, step = make_engine(path, overlap, **config), {}, 0
+    while step <= 10 or engine.has_unfinished_requests():
+        for rid, (prompt, params, arrival, abort) in requests.items():
+            if arrival == step:
+                engine.add_request(prompt, params, rid)
+            if abort == step:
+                engine.abort_request(rid)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = [(o.token_ids, o.finish_reason) for o in out.outputs]
+        step += 1
+    assert engine.block_manager.num_used_blocks() == 0
+    return done, engine.lookahead.num_ahead
