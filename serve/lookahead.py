@@ -49,6 +49,8 @@ class InFlight:
 
 
 class Lookahead:
+    """The engine's step in flight (`pending`) and the rules for launching the one after it."""
+
     def __init__(self, config, runner, scheduler):
         self.config, self.runner, self.scheduler = config, runner, scheduler
         graphs = runner.decode_graphs
