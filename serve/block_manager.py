@@ -96,6 +96,16 @@ class BlockManager:
                 return False
         return True
 
+    def reserve_next_slot(self, seq: Sequence) -> bool:
+        """Allocate the next token's slot one step early (the overlapped decode loop): True when it is
+        ready; False, changing nothing, when it needs a copy-on-write or more blocks than are free."""
+        if self.has_next_slot(seq):
+            return True
+        if any(self._needs_copy(seq, key) for key in self.pools) or not self.can_append(seq, 1):
+            return False
+        self.append_slots(seq, 1)
+        return True
+
     def can_append(self, seq: Sequence, num_new: int) -> bool:
         return all(self._blocks_to_add(seq, key, num_new) <= pool.num_free for key, pool in self.pools.items())
 

@@ -27,6 +27,7 @@ class EngineConfig:
     fast_path: str = "auto"                 # fused projections/norms/rope + bucketed decode; auto: on cuda
     enforce_eager: bool = False             # True: never capture CUDA graphs (decode runs eagerly)
     max_graph_batch: int | None = None      # largest decode batch captured (default: max_num_seqs)
+    overlap: bool = True                    # fast path: launch decode step N+1 before reading N's tokens
     seed: int = 0
 
     def __post_init__(self):

@@ -12,10 +12,16 @@ per sequence), and the slots come from the packed rows in one numpy expression, 
 a few list comprehensions, not per-sequence array writes. Entries of sliding-window blocks freed since a
 row was written stay stale there; the kernels never read blocks outside the window (team contract).
 
-Packed int32 layout (host and device): ids [M] | positions [M] | seq_lens [M] | per group: slots [M] |
-per group: block_tables [M, W_g]; M = the largest bucket. Inside the graph the int64 views the model
-needs are cast from it, so one memcpy moves a step's metadata. Without CUDA graphs (CPU, or
+Packed int32 layout (host and device): ids [M] | positions [M] | seq_lens [M] | src_rows [M] | per group:
+slots [M] | per group: block_tables [M, W_g]; M = the largest bucket. Inside the graph the int64 views
+the model needs are cast from it, so one memcpy moves a step's metadata. Without CUDA graphs (CPU, or
 `enforce_eager`) the same packing and padding run eagerly, which is how CPU tests cover this file.
+
+A step launched ahead (serve/lookahead.py) does not know its input tokens on the host: they are the
+previous step's samples, still on the device. Its rows carry `src_rows` (row i takes the token sampled
+in row src_rows[i] of the previous step), and after the metadata copy one gather writes those tokens
+over the ids on the device. Since the host may pack step N+1 while step N's copy out of the pinned
+buffer is still queued, packing first waits for an event recorded after that copy.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ class DecodeGraphs:
         self.keys = list(runner.block_plan)
         # logical block index, not live blocks: a sliding table keeps FREED entries in front
         self.widths = {k: blocks_per_seq(None, runner.config, runner.max_model_len) for k in self.keys}
-        size = m * (3 + len(self.keys)) + m * sum(self.widths.values())
+        size = m * (4 + len(self.keys)) + m * sum(self.widths.values())
         pin = runner.device.type == "cuda"
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=pin)
         self.device_buf = torch.zeros(size, dtype=torch.int32, device=runner.device)
@@ -60,6 +66,8 @@ class DecodeGraphs:
         self.positions = torch.zeros(m, dtype=torch.int64, device=dev)
         self.slots = {k: torch.full((m,), -1, dtype=torch.int64, device=dev) for k in self.keys}
         self.cu_seqlens = torch.arange(m + 1, dtype=torch.int32, device=dev)
+        # recorded after each copy out of the pinned buffer; packing waits on it before overwriting
+        self.copied = torch.cuda.Event() if runner.device.type == "cuda" else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         if use_graphs:
@@ -67,7 +75,7 @@ class DecodeGraphs:
 
     def _views(self, flat) -> dict:
         m, views, offset = self.max_batch, {}, 0
-        for name in ["ids", "positions", "seq_lens"] + [("slots", k) for k in self.keys]:
+        for name in ["ids", "positions", "seq_lens", "src_rows"] + [("slots", k) for k in self.keys]:
             views[name], offset = flat[offset:offset + m], offset + m
         for k in self.keys:
             w = self.widths[k]
@@ -75,12 +83,16 @@ class DecodeGraphs:
         return views
 
     # ---- host side: pack one step ---------------------------------------------------------------
-    def pack(self, seqs) -> int:
-        """Write the step's metadata into the pinned buffer; returns the bucket to replay."""
+    def pack(self, seqs, src_rows: list[int] | None = None) -> int:
+        """Write the step's metadata into the pinned buffer; returns the bucket to replay. With
+        `src_rows` (a step launched ahead) the ids are left for the device-side gather."""
         num, views, block_size = len(seqs), self.np, self.block_size
         bucket = next(b for b in self.buckets if b >= num)
         pos = np.fromiter((seq.num_computed_tokens for seq in seqs), dtype=np.int64, count=num)
-        views["ids"][:num] = [seq.token_ids[p] for seq, p in zip(seqs, pos.tolist())]
+        if src_rows is None:
+            views["ids"][:num] = [seq.token_ids[p] for seq, p in zip(seqs, pos.tolist())]
+        else:
+            views["src_rows"][:num] = src_rows
         views["positions"][:num], views["seq_lens"][:num] = pos, pos + 1
         views["ids"][num:bucket], views["positions"][num:bucket], views["seq_lens"][num:bucket] = 0, 0, 1
         rows = np.arange(num)
@@ -131,10 +143,19 @@ class DecodeGraphs:
             self.graphs[bucket] = graph
         torch.cuda.synchronize()
 
-    def run(self, seqs) -> torch.Tensor:
-        """Logits [B, V] fp32 of a pure decode batch (one new token per sequence, every one sampling)."""
-        bucket = self.pack(seqs)
+    def run(self, seqs, prev_tokens: torch.Tensor | None = None, src_rows: list[int] | None = None) -> torch.Tensor:
+        """Logits [B, V] fp32 of a pure decode batch (one new token per sequence, every one sampling).
+        A step launched ahead passes the previous step's sampled tokens (int64, on the device) and,
+        per row, the row of that step whose token it decodes."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        bucket = self.pack(seqs, src_rows)
         self.device_buf.copy_(self.host, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        if prev_tokens is not None:
+            num = len(seqs)
+            self.dev["ids"][:num].copy_(prev_tokens.index_select(0, self.dev["src_rows"][:num]))
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             return self.outputs[bucket][:len(seqs)]

@@ -3,6 +3,8 @@
 One `step()`: scheduler.schedule -> model_runner.run (logits of the sequences that finish a prompt or
 decode) -> scheduler.advance (KV bookkeeping) -> fork requests with n > 1 -> sampler -> append tokens,
 detokenize, check EOS / stop strings / max_tokens -> RequestOutput for every request that moved.
+Runs of pure decode steps on the fast path overlap instead (serve/lookahead.py): each `step()` launches
+the next decode step before it reads, appends and reports the tokens of the one already in flight.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import torch
 from serve.block_manager import BlockManager
 from serve.config import EngineConfig
 from serve.detokenizer import IncrementalDetokenizer
+from serve.lookahead import InFlight, Lookahead
 from serve.metrics import Metrics
 from serve.model_runner import ModelRunner
 from serve.outputs import CompletionOutput, RequestOutput
 from serve.sampler import sample
 from serve.sampling_params import SamplingParams
-from serve.scheduler import Scheduler
-from serve.sequence import Sequence
+from serve.scheduler import ScheduledBatch, Scheduler
+from serve.sequence import Sequence, SequenceStatus
 
 
 def load_tokenizer(path: str):
@@ -53,6 +56,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(config.model, self.runner.spec.eos_token_ids, self.tokenizer)
         self.block_manager = BlockManager(self.runner.block_plan, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
+        self.lookahead = Lookahead(config, self.runner, self.scheduler)
         self.requests: dict[str, list[Sequence]] = {}
         self.metrics = Metrics()
         self._ids = itertools.count()
@@ -97,6 +101,7 @@ class LLMEngine:
         params = seq.params
         seq.stop_token_set = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         seq.max_num_tokens = min(seq.num_prompt_tokens + params.max_tokens, self.max_model_len)
+        seq.can_overlap = params.logprobs is None and params.seed is None and not params.stop
         seq.generator = None
         if seq.params.seed is not None:
             seq.generator = torch.Generator(self.runner.device).manual_seed(seq.params.seed + seq.sample_index)
@@ -111,9 +116,35 @@ class LLMEngine:
 
     # ---- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
+        """One engine step; outputs of the requests that moved (offline: that finished). In a run of
+        overlapped decode steps, a call first launches the next step, then reports the one in flight."""
+        lookahead = self.lookahead
+        if lookahead.pending is None:
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                return []
+            if not lookahead.can_defer(batch):
+                return self._step_sync(batch)
+            lookahead.start(batch)
+        current = lookahead.pending
+        following = lookahead.launch_next()        # queued on the device behind `current`
+        outputs = self._resolve(current)
+        lookahead.pending = lookahead.commit(following)
+        return outputs
+
+    def _resolve(self, step: InFlight) -> list[RequestOutput]:
+        """Append a launched step's tokens; rows of sequences that stopped (or were aborted) while it
+        was in flight are discarded."""
+        tokens = step.read()
+        live = [(seq, token) for seq, token in zip(step.seqs, tokens) if seq.status is SequenceStatus.RUNNING]
+        finished = [seq for seq, token in live if self._append(seq, token, None)]
+        self.lookahead.num_discarded += len(tokens) - len(live)
+        self.metrics.generation_tokens += len(live)
+        self.metrics.num_steps += 1
+        moved = [seq for seq, _ in live] if self.stream_outputs else finished
+        return [self._output(rid) for rid in dict.fromkeys(s.request_id for s in moved) if rid in self.requests]
+
+    def _step_sync(self, batch: ScheduledBatch) -> list[RequestOutput]:
         sampling = [seq for seq, samples in zip(batch.seqs, batch.sampling) if samples]
         logits = self.runner.run(batch)
         self.scheduler.advance(batch)

@@ -101,3 +101,10 @@ class ModelRunner:
         input_ids, positions, meta, rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
         return self.model.compute_logits(hidden[rows])
+
+    @torch.inference_mode()
+    def run_ahead(self, seqs, prev_tokens: torch.Tensor, src_rows: list[int]) -> torch.Tensor:
+        """Logits [B, V] of a decode step launched before the host has its input tokens: sequence i
+        decodes the token sampled in row src_rows[i] of the previous step (`prev_tokens`, on the device).
+        Slots must be allocated and unshared already (BlockManager.reserve_next_slot)."""
+        return self.decode_graphs.run(seqs, prev_tokens, src_rows)

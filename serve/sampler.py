@@ -1,5 +1,9 @@
 """Token sampling for a batch of rows with per-row settings, with one host transfer per step.
 
+`sample_tokens` stays on the device and never waits for it (per-row settings travel through pinned
+memory), so the overlapped decode loop (serve/lookahead.py) can feed its result into the next step
+before the host reads it; `sample` adds the host copy and the log-probabilities.
+
 logits [N, V] fp32 (already soft-capped). Greedy rows take the argmax; the others are scaled by their
 temperature, cut by top-k then top-p (keeping at least one token), and sampled with the exponential
 race (argmax of p / E, E ~ Exp(1)), which lets rows with their own seed draw from their own generator.
@@ -13,15 +17,23 @@ import torch
 from serve.sequence import Sequence
 
 
+def _to_device(values: list, device: torch.device, dtype=None) -> torch.Tensor:
+    """Per-row settings on the device without a stream sync: a pageable host-to-device copy waits for
+    the GPU, which would stall the overlapped loop behind the step still running."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    ks = torch.tensor([k if k > 0 else logits.shape[1] for k in top_k], device=logits.device)
+    ks = _to_device([k if k > 0 else logits.shape[1] for k in top_k], logits.device)
     ks = ks.clamp(max=logits.shape[1])
     kth = logits.sort(dim=1, descending=True).values.gather(1, (ks - 1)[:, None])
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def _apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
-    ps = torch.tensor(top_p, device=logits.device)[:, None]
+    ps = _to_device(top_p, logits.device)[:, None]
     sorted_logits, order = logits.sort(dim=1, descending=True)
     probs = sorted_logits.softmax(dim=1)
     drop = probs.cumsum(dim=1) - probs > ps        # mass before this token already reaches top_p
@@ -37,13 +49,13 @@ def _noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return noise
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
-    """Next token per row, and per row {token: logprob, ...top alternatives} when logprobs was asked."""
+def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Next token per row, int64 [N] on the logits' device; nothing here waits for the device."""
     params = [seq.params for seq in seqs]
     tokens = logits.argmax(dim=1)
     if not all(p.greedy for p in params):
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
+        greedy = _to_device([p.greedy for p in params], logits.device)
+        temps = _to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], logits.device)
         scaled = logits / temps[:, None]
         if any(p.top_k > 0 for p in params):
             scaled = _apply_top_k(scaled, [p.top_k for p in params])
@@ -51,8 +63,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             scaled = _apply_top_p(scaled, [p.top_p for p in params])
         probs = scaled.softmax(dim=1)
         tokens = torch.where(greedy, tokens, (probs / _noise(probs, seqs)).argmax(dim=1))
-    token_list = tokens.tolist()      # the step's one host sync
-    return token_list, _logprobs(logits, token_list, params)
+    return tokens
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
+    """Next token per row, and per row {token: logprob, ...top alternatives} when logprobs was asked."""
+    token_list = sample_tokens(logits, seqs).tolist()      # the step's one host sync
+    return token_list, _logprobs(logits, token_list, [seq.params for seq in seqs])
 
 
 def _logprobs(logits: torch.Tensor, tokens: list[int], params) -> list[dict | None]:

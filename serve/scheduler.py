@@ -131,6 +131,14 @@ class Scheduler:
             seq.num_computed_tokens += num_new
             self.block_manager.commit(seq)
 
+    def advance_decodes(self, seqs: list[Sequence]) -> None:
+        """`advance` for a decode step launched ahead, once its input tokens are on the host (the
+        prefix-cache hashes need them); sequences that finished meanwhile are left alone."""
+        for seq in seqs:
+            if seq.status is SequenceStatus.RUNNING:
+                seq.num_computed_tokens += 1
+                self.block_manager.commit(seq)
+
     def fork(self, parent: Sequence) -> list[Sequence]:
         """Split a request with n > 1 into its n sequences once the prompt is computed."""
         children = [parent.fork(i) for i in range(1, parent.params.n)]

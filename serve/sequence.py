@@ -42,6 +42,7 @@ class Sequence:
         self.detokenizer = None             # set by the engine, with the two below
         self.stop_token_set: set[int] = set()   # EOS (unless ignore_eos) and stop_token_ids
         self.max_num_tokens = 0             # prompt + max_tokens, capped at the model's context
+        self.can_overlap = False            # sampling needs nothing of the host (serve/lookahead.py)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -47,7 +47,7 @@ def test_fast_path_matches_reference_and_hf_on_cpu(tmp_path, family):
     assert hasattr(runner.model.model.layers[0].self_attn, "qkv_proj")
     calls = []
     original = runner.decode_graphs.run
-    runner.decode_graphs.run = lambda seqs: calls.append(len(seqs)) or original(seqs)
+    runner.decode_graphs.run = lambda seqs, *ahead: calls.append(len(seqs)) or original(seqs, *ahead)
     assert token_ids(llm.generate(prompts, GREEDY)) == expected
     assert calls and any(n not in graph_buckets(4) for n in calls)     # some steps ran padded
     assert llm.engine.block_manager.num_used_blocks() == 0
@@ -67,7 +67,9 @@ def test_fast_path_preemption_and_prefix_cache(tmp_path):
 
 def test_incremental_packing_equals_packing_from_scratch(tmp_path):
     """Rows of the persistent decode buffer are rewritten only when their sequence or its table changed;
-    at every step they must hold what packing from scratch writes (preemption, sliding frees, n > 1)."""
+    at every step they must hold what packing from scratch writes (preemption, sliding frees, n > 1).
+    A step launched ahead has no ids on the host: its source rows must point at the same sequence
+    in the step packed before it."""
     import numpy as np
 
     from serve.block_manager import FREED
@@ -75,49 +77,80 @@ def test_incremental_packing_equals_packing_from_scratch(tmp_path):
     model = random_model(gemma2_config(), seed=5)
     path = save_model(model, tmp_path / "m")
     llm = LLM(path, block_size=4, max_num_batched_tokens=16, num_kv_blocks=14, max_model_len=48, fast_path="on")
-    graphs, checked = llm.engine.runner.decode_graphs, []
+    graphs, checked, previous = llm.engine.runner.decode_graphs, [], []
     original = graphs.pack
 
-    def checked_pack(seqs):
-        bucket = original(seqs)
+    def checked_pack(seqs, src_rows=None):
+        bucket = original(seqs, src_rows)
         views = graphs.np
         for i, seq in enumerate(seqs):
             pos = seq.num_computed_tokens
-            assert (views["ids"][i], views["positions"][i], views["seq_lens"][i]) == (seq.token_ids[pos], pos, pos + 1)
+            assert (views["positions"][i], views["seq_lens"][i]) == (pos, pos + 1)
+            if src_rows is None:
+                assert views["ids"][i] == seq.token_ids[pos]
+            else:
+                assert previous[-1][views["src_rows"][i]] is seq and pos == len(seq.token_ids)
             for key in graphs.keys:
                 table = np.asarray(seq.block_tables[key])
                 live = table != FREED          # freed sliding entries may be stale: never read
                 assert (views[("tables", key)][i, :len(table)][live] == table[live]).all()
                 assert views[("slots", key)][i] == table[pos // 4] * 4 + pos % 4
         assert (views["seq_lens"][len(seqs):bucket] == 1).all()
-        checked.append(len(seqs))
+        checked.append(src_rows is not None)
+        previous.append(list(seqs))
         return bucket
 
     graphs.pack = checked_pack
     params = SamplingParams(temperature=0.8, seed=1, n=2, max_tokens=NEW_TOKENS, ignore_eos=True)
     llm.generate(random_prompts(LENGTHS, seed=3), params)
     assert len(checked) > NEW_TOKENS and llm.engine.scheduler.num_preemptions > 0
+    llm.generate(random_prompts(LENGTHS, seed=4), GREEDY)                   # steps launched ahead
+    assert any(checked) and not all(checked)
 
 
 GPU_SCRIPT = """
 import sys
+import torch
 sys.path.insert(0, {tests!r})
 from serve_fixtures import gemma2_config, gemma3_config, hf_greedy, random_model, random_prompts, save_model
 from serve import LLM, SamplingParams
 params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 prompts = random_prompts([3, 30, 12, 21, 9, 17, 40, 5])
+
+def no_sync(launch):
+    # launching a step ahead must never wait for the device (only reading a step's tokens may)
+    def guarded(*args):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return guarded
+
 for name, config in (("gemma2", gemma2_config()), ("gemma3", gemma3_config())):
     model = random_model(config, seed=3)
     path = save_model(model, {path!r} + name)
     hf = [hf_greedy(model, p, 12) for p in prompts]     # fp32 on the CPU
-    def run(**kw):
+    def run(p=params, **kw):
         llm = LLM(path, block_size=4, max_num_batched_tokens=32, max_num_seqs=8, dtype="float32", **kw)
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)], llm.engine.runner
+        llm.engine.lookahead.launch_next = no_sync(llm.engine.lookahead.launch_next)
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, p)], llm.engine
     reference, _ = run(attention_backend="reference", fast_path="off")
-    fast, runner = run(attention_backend="triton", fast_path="on")
-    assert runner.decode_graphs.graphs, "no CUDA graphs were captured"
+    fast, engine = run(attention_backend="triton", fast_path="on")
+    assert engine.runner.decode_graphs.graphs, "no CUDA graphs were captured"
+    assert engine.lookahead.num_ahead > 0, "no decode step was launched ahead"
     assert reference == hf, (name, reference, hf)
     assert fast == reference, (name, fast, reference)
+    # sequences stopping at different steps: the overlapped graphs discard their extra tokens
+    stopped = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[hf[0][9], hf[3][8]])
+    ref_stop, _ = run(stopped, attention_backend="reference", fast_path="off")
+    sync_stop, _ = run(stopped, attention_backend="triton", fast_path="on", overlap=False)
+    fast_stop, engine = run(stopped, attention_backend="triton", fast_path="on")
+    assert fast_stop == sync_stop == ref_stop, (name, fast_stop, sync_stop, ref_stop)
+    assert engine.lookahead.num_discarded > 0 and engine.block_manager.num_used_blocks() == 0
+    sampled = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=12, ignore_eos=True)
+    tokens, engine = run(sampled, attention_backend="triton", fast_path="on")
+    assert engine.lookahead.num_ahead > 0 and all(len(t) == 12 for t in tokens)
     print(name, "same tokens")
 """
 

@@ -1,0 +1,92 @@
+"""Overlapped vs synchronous decode loop (serve/lookahead.py) on one engine: offline throughput and
+batch-1 decode step time, the two loops alternated `--repeats` times so drift shows up as spread.
+
+Same workload and models as evals/bench_serve.py (seeded random prompts 128..1024 tokens, 256 output
+tokens each, EOS ignored, greedy; a public Gemma shape with random bf16 weights). The loop is switched
+between runs through `engine.lookahead.enabled` (EngineConfig.overlap at start-up), so both loops
+share the model, the KV cache and the captured CUDA graphs. Batch 1 reports the engine step (median
+wall time of `engine.step()`), the graph replay alone and the bandwidth floor, as bench_serve does.
+
+  python evals/bench_overlap.py --model gemma-2-2b                         # GPU machine, ~2 minutes
+  python evals/bench_overlap.py --model gemma-3-270m --num-requests 4 --output-len 8 --max-prompt 32 \
+      --latency-tokens 8                                                   # smoke run (CPU: fast path on)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_serve import copy_bandwidth_gbs, make_prompts, resolve, run_latency, run_offline  # noqa: E402
+
+
+def make_llm(path: Path, args):
+    from serve import LLM
+    return LLM(str(path), max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               max_model_len=args.max_model_len, enable_prefix_caching=False, fast_path="on", overlap=True)
+
+
+def one_round(llm, args, prompts, vocab: int, copy_gbs: float, overlap: bool) -> dict:
+    lookahead = llm.engine.lookahead
+    lookahead.enabled = overlap
+    ahead = lookahead.num_ahead
+    row = run_offline(llm, prompts, args.output_len, f"overlap {'on' if overlap else 'off'}")
+    row["output_tok_s"] = row["output_tokens"] / row["seconds"]
+    prompt_len = min(512, args.max_model_len // 2)
+    row.update(run_latency(llm, vocab, copy_gbs, prompt_len, args.latency_tokens))
+    row["steps_ahead"] = lookahead.num_ahead - ahead
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    print("| loop | output tok/s | offline s | b1 step ms | b1 replay ms | floor ms | step / floor | steps ahead |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        ratio = r["step_ms"] / r["floor_ms"]
+        print(f"| {r['name']} | {r['output_tok_s']:,.0f} | {r['seconds']:.2f} | {r['step_ms']:.3f} | "
+              f"{r['replay_ms']:.3f} | {r['floor_ms']:.3f} | {ratio:.2f}x | {r['steps_ahead']} |")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma-2-2b", help="shape name (evals/serve_models.py) or model directory")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--min-prompt", type=int, default=128)
+    p.add_argument("--max-prompt", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--latency-tokens", type=int, default=128, help="batch-1 output tokens")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=2, help="rounds of (off, on)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default="/tmp/bench_serve_models", help="where random checkpoints are written")
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    path, config = resolve(args, args.model)
+    vocab = config.get("text_config", config)["vocab_size"]
+    prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, vocab, args.seed)
+    copy_gbs = copy_bandwidth_gbs() if torch.cuda.is_available() else float("nan")
+    llm = make_llm(path, args)
+    rows = [one_round(llm, args, prompts, vocab, copy_gbs, overlap)
+            for _ in range(args.repeats) for overlap in (False, True)]
+    print(f"{args.model} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
