@@ -166,7 +166,7 @@ mask_dense(model)
 prompts = random_prompts([5, 19, 27], seed=4)
 expected = [hf_greedy(model, p, 6) for p in prompts]
 assert kernels.backend_name() == "triton"
-calls = {{"linear_small_m": 0, "gelu_tanh_and_mul_gemv": 0, "rms_norm_pair": 0}}
+calls = {{"linear_small_m": 0, "gelu_tanh_and_mul_gemv": 0, "rms_norm_pair": 0, "rotary_and_cache": 0}}
 ops = dispatch.backend()
 for name in calls:
     def counted(*a, _fn=getattr(ops, name), _name=name, **kw):
@@ -199,7 +199,7 @@ COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import gemv, norm
+from kernels import cache, gemv, norm
 target = GPUTarget("cuda", 90, 32)
 gemv_sig = {name: "i32" for name in ("M", "N", "K", "stride_x_m", "stride_w_n", "stride_out_m")}
 gemv_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", **gemv_sig,
@@ -218,6 +218,17 @@ norm_sig = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "w1_ptr": "*fp32", "w2_pt
             "HIDDEN": "constexpr", "BLOCK_H": "constexpr"}
 triton.compile(ASTSource(fn=norm.rms_norm_pair_kernel, signature=norm_sig,
                          constexprs={"HIDDEN": 2304, "BLOCK_H": 4096}), target=target)
+rope_sig = {"positions_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
+            "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64", "cos_sin_ptr": "*fp32",
+            "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16", "eps": "fp32"}
+rope_sig.update({name: "i32" for name in ("stride_q_t", "stride_q_h", "stride_k_t", "stride_k_h", "stride_v_t",
+                 "stride_v_h", "stride_cs_p", "stride_kc_block", "stride_kc_slot", "stride_kc_head",
+                 "stride_vc_block", "stride_vc_slot", "stride_vc_head")})
+for qk_norm in (False, True):
+    consts = {"NUM_Q_HEADS": 8, "BLOCK_SIZE": 16, "HALF": 128, "BLOCK_HALF": 128, "USE_QK_NORM": qk_norm}
+    sig = {**rope_sig, **{name: "constexpr" for name in consts}}
+    triton.compile(ASTSource(fn=cache.rotary_and_cache_kernel, signature=sig, constexprs=consts), target=target,
+                   options={"num_warps": 2})
 print("compiled")
 """
 
