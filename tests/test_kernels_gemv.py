@@ -74,6 +74,40 @@ def test_gelu_tanh_and_mul_gemv_matches_reference(num_rows, dtype):
         assert relative_error(out, want) < TOLERANCE[dtype], config
 
 
+# K = 300: 3 splits of 192 + 108 columns; 3 splits of one tile each; 4 splits of 3 tiles (the last empty)
+SPLIT_K_CONFIGS = [gemv.GemvConfig(2, 64, split_k=2), gemv.GemvConfig(4, 128, 4, 1, split_k=3),
+                   gemv.GemvConfig(1, 128, 2, 3, split_k=4)]
+
+
+@pytest.mark.parametrize("num_rows,dtype", [(1, torch.bfloat16), (6, torch.float32)])
+def test_linear_split_k_matches_reference_and_resets_its_tickets(num_rows, dtype):
+    x, weight = _inputs(num_rows, 21, 300, dtype)
+    want = _ref(reference.linear_small_m_ref, x, weight)
+    out = torch.full((num_rows, 21), float("nan"), device=DEVICE, dtype=dtype)
+    for config in SPLIT_K_CONFIGS:
+        out.fill_(float("nan"))
+        gemv.launch(gemv.linear_small_m_kernel, x, weight, out, 21, config)
+        assert relative_error(out, want) < TOLERANCE[dtype], config
+        # tickets back at 0: a CUDA graph replays the same launch over the same counters
+        assert not gemv.split_k_counters(out.device).any(), config
+    first = out.clone()
+    gemv.launch(gemv.linear_small_m_kernel, x, weight, out, 21, SPLIT_K_CONFIGS[-1])
+    assert torch.equal(out, first)                            # the partials are summed in a fixed order
+    with pytest.raises(ValueError, match="split_k"):
+        gemv.launch(gemv.gelu_tanh_and_mul_gemv_kernel, x, weight, out[:, :10], 10, SPLIT_K_CONFIGS[0])
+
+
+def test_linear_small_m_uses_a_split_k_table_entry(monkeypatch):
+    x, weight = _inputs(1, 40, 96, torch.float32)
+    monkeypatch.setitem(gemv.LINEAR_CONFIGS, (1, 40, 96), gemv.GemvConfig(8, 32, split_k=3))
+    seen = []
+    original = gemv._launch_split_k
+    monkeypatch.setattr(gemv, "_launch_split_k", lambda *a: seen.append(a[-1]) or original(*a))
+    got = gemv.linear_small_m(x, weight)
+    assert seen == [gemv.LINEAR_CONFIGS[(1, 40, 96)]]
+    assert relative_error(got, _ref(reference.linear_small_m_ref, x, weight)) < TOLERANCE[torch.float32]
+
+
 def test_gemv_with_strided_rows_and_large_row_stride():
     """x rows taken from a wider buffer (as hidden[rows] views can be) and a weight slice of a wider matrix."""
     base_x = torch.randn(3, 400, device=DEVICE)
@@ -212,6 +246,12 @@ for rows, n, k in sorted(configs):
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     for fn, sig in ((gemv.linear_small_m_kernel, gemv_sig), (gemv.gelu_tanh_and_mul_gemv_kernel, geglu_sig)):
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=options)
+split_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
+             **{name: "i32" for name in ("M", "N", "K", "stride_x_m", "stride_w_n", "stride_out_m")}}
+for split_k, rows in ((2, 1), (3, 4)):
+    consts = {"BLOCK_M": rows, "BLOCK_N": 4, "BLOCK_K": 256, "SPLIT_K": split_k}
+    triton.compile(ASTSource(fn=gemv.linear_split_k_kernel, signature={**split_sig, **{c: "constexpr" for c in consts}},
+                             constexprs=consts), target=target, options={"num_warps": 4, "num_stages": 3})
 norm_sig = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "w1_ptr": "*fp32", "w2_ptr": "*fp32",
             "out_ptr": "*bf16", "sum_ptr": "*bf16", "eps": "fp32", "stride_x_t": "i32",
             "stride_residual_t": "i32", "stride_out_t": "i32", "stride_sum_t": "i32",
