@@ -6,8 +6,11 @@ group, walks its share of the context in tiles of BLOCK_N tokens (each token fin
 through the block table), and keeps an online softmax in log2 units. The visible context starts at
 `seq_len - window` under a sliding window: tiles before it are never visited and their block-table
 entries (possibly stale) never loaded. With several splits, each writes its normalized partial output
-and log-sum-exp; the reduction kernel (grid (batch, q_head)) merges them. With one split the kernel
-writes the final output directly.
+and log-sum-exp, then takes a ticket from a per-(batch, kv_head) counter (kernels.common.ticket_counters);
+the last split to arrive merges all partials of its GQA group and resets the counter, so there is no
+second launch (at batch 1 the reduce launch was ~1.5 us of ~5 per layer). KERNELS_DECODE_FUSED_REDUCE=0
+(or more than MAX_TICKETS (batch, kv_head) pairs) runs the separate reduction kernel (grid (batch,
+q_head)) instead. With one split the kernel writes the final output directly.
 
 Shapes: q/out [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
 seq_lens [B] int32 (includes the new token, already in the cache).
@@ -21,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import device_sms, dot_upcast, next_pow2, scores_to_log2
+from kernels.common import MAX_TICKETS, device_sms, dot_upcast, next_pow2, scores_to_log2, ticket_counters
 
 # Launch parameters; KERNELS_DECODE_CONFIG="block_n,num_warps,num_stages,programs_per_sm" overrides
 # them for tuning sweeps (evals/bench_kernels.py).
@@ -38,7 +41,8 @@ def paged_decode_split_kernel(
     seq_lens_ptr,                # [B] int32
     part_out_ptr,                # [B, Hq, NUM_SPLITS, D] fp32 (unused when NUM_SPLITS == 1)
     part_lse_ptr,                # [B, Hq, NUM_SPLITS] fp32, log2 units
-    out_ptr,                     # [B, Hq, D] (written only when NUM_SPLITS == 1)
+    out_ptr,                     # [B, Hq, D] (written when NUM_SPLITS == 1 or FUSED_REDUCE)
+    count_ptr,                   # [>= B * Hkv] int32 tickets, 0 between launches (FUSED_REDUCE)
     qk_scale, softcap, window,
     stride_q_b, stride_q_h,
     stride_kc_block, stride_kc_slot, stride_kc_head,
@@ -51,6 +55,7 @@ def paged_decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -111,6 +116,35 @@ def paged_decode_split_kernel(
         part = part_out_ptr + b.to(tl.int64) * stride_po_b + heads * stride_po_h + split * stride_po_s
         tl.store(part[:, None] + d[None, :], acc, mask=out_mask)
         tl.store(part_lse_ptr + b * stride_pl_b + heads * stride_pl_h + split, lse, mask=row_mask)
+        if FUSED_REDUCE:
+            tl.debug_barrier()   # every thread's partial is stored before the (one-thread) release
+            ticket = tl.atomic_add(count_ptr + b * tl.num_programs(1) + kv_head, 1, sem="acq_rel")
+            if ticket == NUM_SPLITS - 1:         # the last split: every partial of the group is visible
+                _merge_splits(part_out_ptr + b.to(tl.int64) * stride_po_b + heads[:, None] * stride_po_h,
+                              part_lse_ptr + b * stride_pl_b + heads * stride_pl_h,
+                              out_ptr + b.to(tl.int64) * stride_out_b + heads[:, None] * stride_out_h,
+                              d, row_mask, out_mask, stride_po_s, BLOCK_G, BLOCK_D, NUM_SPLITS)
+                tl.store(count_ptr + b * tl.num_programs(1) + kv_head, 0)
+
+
+@triton.jit
+def _merge_splits(part_rows, lse_rows, out_rows, d, row_mask, out_mask, stride_po_s,
+                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Online merge of NUM_SPLITS normalized partials [BLOCK_G, BLOCK_D] by their log2-sum-exp; empty
+    splits carry -inf and get weight 0 (the running max starts finite so exp2 never sees inf - inf)."""
+    m = tl.full([BLOCK_G], -1.0e38, dtype=tl.float32)
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        lse = tl.load(lse_rows + s, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
+        part = tl.load(part_rows + s * stride_po_s + d[None, :], mask=out_mask, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        alpha, beta = tl.exp2(m - m_new), tl.exp2(lse - m_new)
+        acc = acc * alpha[:, None] + part * beta[:, None]
+        total = total * alpha + beta
+        m = m_new
+    merged = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    tl.store(out_rows + d[None, :], merged.to(out_rows.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -149,6 +183,11 @@ def decode_config() -> dict:
             "programs_per_sm": float(per_sm)}
 
 
+def fused_reduce(batch: int, num_kv_heads: int) -> bool:
+    """Merge the splits in the split kernel (one launch) unless disabled or out of ticket counters."""
+    return os.environ.get("KERNELS_DECODE_FUSED_REDUCE", "1") != "0" and batch * num_kv_heads <= MAX_TICKETS
+
+
 def choose_num_splits(q, k_cache, block_tables, sliding_window, block_n: int, per_sm: float) -> int:
     """Splits per (sequence, KV head) to fill the device, from shapes only (no host sync on seq_lens)."""
     batch, num_kv_heads = q.shape[0], k_cache.shape[2]
@@ -173,8 +212,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
                                config["programs_per_sm"])
     part_out = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
+    fused = splits > 1 and fused_reduce(batch, num_kv_heads)
+    counters = ticket_counters(q.device) if fused else part_lse
     paged_decode_split_kernel[(batch, num_kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out,
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out, counters,
         float(scale), float(softcap or 1.0), int(sliding_window or 0),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -187,9 +228,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config["block_n"], NUM_SPLITS=splits,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None,
-        UPCAST=dot_upcast(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"],
+        UPCAST=dot_upcast(q.dtype), FUSED_REDUCE=fused,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
-    if splits > 1:
+    if splits > 1 and not fused:
         paged_decode_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out,
             part_out.stride(0), part_out.stride(1), part_out.stride(2),

@@ -20,8 +20,7 @@ each streams 1/SPLIT_K of K and writes fp32 partials; each then takes a ticket f
 (atomic, acq_rel) and the last to arrive sums the partials in split order, writes the output and
 resets the counter to 0. One launch (a two-stage reduce would add one, an atomic fp32 reduce a memset
 and a cast), and deterministic, unlike fp32 atomics whose summation order varies. The counters are
-one persistent zeroed buffer per device (never reallocated, so captured CUDA graphs stay valid),
-shared by every split-K launch in stream order: do not run two concurrently on different streams.
+kernels.common.ticket_counters (persistent, so captured CUDA graphs stay valid).
 
 Launch configs come from tables keyed by (row bucket, weight rows N, K), filled from
 `evals/bench_gemv.py --sweep` on the GPU; other shapes use `default_config`. Nothing is autotuned at
@@ -38,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import next_pow2
+from kernels.common import MAX_TICKETS, next_pow2, ticket_counters
 
 MAX_ROWS_PER_PROGRAM = 4       # rows of x that share one read of the weights
 # jit code may read module globals only as constexprs
@@ -181,17 +180,6 @@ def linear_split_k_kernel(
         tl.store(count_ptr + tile, 0)
 
 
-MAX_SPLIT_K_TILES = 1 << 16
-_split_k_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def split_k_counters(device: torch.device) -> torch.Tensor:
-    """The device's persistent ticket buffer (allocated once, zeroed; kernels leave it zeroed)."""
-    if device not in _split_k_counters:
-        _split_k_counters[device] = torch.zeros(MAX_SPLIT_K_TILES, dtype=torch.int32, device=device)
-    return _split_k_counters[device]
-
-
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"need x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -207,7 +195,7 @@ def launch(kernel, x, weight, out, n_out: int, config: GemvConfig) -> None:
     if config.split_k > 1:
         if kernel is not linear_small_m_kernel:
             raise ValueError("split_k > 1 is for linear_small_m_kernel only (GeGLU needs whole sums)")
-        if grid[0] * grid[1] <= MAX_SPLIT_K_TILES:
+        if grid[0] * grid[1] <= MAX_TICKETS:
             return _launch_split_k(x, weight, out, grid, block_m, config)
     kernel[grid](x, weight, out, num_rows, n_out, k, x.stride(0), weight.stride(0), out.stride(0),
                  BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -220,7 +208,7 @@ def _launch_split_k(x, weight, out, grid, block_m: int, config: GemvConfig) -> N
     # fp32 partials from the caching allocator: inside a CUDA graph capture they live in its pool
     part = torch.empty(config.split_k, num_rows, n_out, dtype=torch.float32, device=x.device)
     linear_split_k_kernel[(*grid, config.split_k)](
-        x, weight, out, part, split_k_counters(x.device), num_rows, n_out, k,
+        x, weight, out, part, ticket_counters(x.device), num_rows, n_out, k,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages)

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
 
 from kernels import decode, prefill, reference  # noqa: E402
+from kernels.common import ticket_counters  # noqa: E402
 from kernels.testing import make_paged_problem, relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,6 +92,24 @@ def test_paged_prefill_matches_reference(group, head_dim, window, softcap, dtype
 def test_decode_single_split_and_odd_block_size():
     """block_size 8 and a context of one tile: the kernel writes the output without the reduction."""
     run_decode(2, 128, None, None, torch.float32, [3, 9, 40], block_size=8)
+
+
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_decode_splits_merged_in_kernel_or_by_the_reduction(monkeypatch, fused):
+    """Batch 1 over a long context (many splits, as in batch-1 decode): the last split of each KV head
+    merges the group (no second launch, tickets reset for the next replay), or the reduction kernel does."""
+    monkeypatch.setenv("KERNELS_DECODE_FUSED_REDUCE", fused)
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid, _kernel=decode.paged_decode_reduce_kernel):
+            launches.append(grid)
+            return _kernel[grid]
+    monkeypatch.setattr(decode, "paged_decode_reduce_kernel", Spy())
+    for group, window in ((2, None), (8, 100)):
+        run_decode(group, 128, window, 50.0, torch.bfloat16, [300, 37], block_size=16)
+    assert bool(launches) == (fused == "0")
+    assert not ticket_counters(torch.device(DEVICE)).any()
 
 
 def test_prefill_long_window_chunk_with_prefix():

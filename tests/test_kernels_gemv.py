@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
 
 from kernels import dispatch, gemv, norm, reference  # noqa: E402
-from kernels.common import next_pow2  # noqa: E402
+from kernels.common import next_pow2, ticket_counters  # noqa: E402
 from kernels.testing import relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,7 +89,7 @@ def test_linear_split_k_matches_reference_and_resets_its_tickets(num_rows, dtype
         gemv.launch(gemv.linear_small_m_kernel, x, weight, out, 21, config)
         assert relative_error(out, want) < TOLERANCE[dtype], config
         # tickets back at 0: a CUDA graph replays the same launch over the same counters
-        assert not gemv.split_k_counters(out.device).any(), config
+        assert not ticket_counters(out.device).any(), config
     first = out.clone()
     gemv.launch(gemv.linear_small_m_kernel, x, weight, out, 21, SPLIT_K_CONFIGS[-1])
     assert torch.equal(out, first)                            # the partials are summed in a fixed order
@@ -269,6 +269,15 @@ for qk_norm in (False, True):
     sig = {**rope_sig, **{name: "constexpr" for name in consts}}
     triton.compile(ASTSource(fn=cache.rotary_and_cache_kernel, signature=sig, constexprs=consts), target=target,
                    options={"num_warps": 2})
+from kernels import decode
+kinds = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16",
+         "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "count_ptr": "*i32", "part_out_ptr": "*fp32",
+         "part_lse_ptr": "*fp32", "qk_scale": "fp32", "softcap": "fp32"}
+consts = {"QUERIES_PER_KV": 2, "BLOCK_G": 16, "HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_SIZE": 16, "BLOCK_N": 32,
+          "NUM_SPLITS": 8, "USE_SOFTCAP": True, "USE_WINDOW": False, "UPCAST": False, "FUSED_REDUCE": True}
+sig = {name: "constexpr" if name in consts else kinds.get(name, "i32") for name in decode.paged_decode_split_kernel.arg_names}
+triton.compile(ASTSource(fn=decode.paged_decode_split_kernel, signature=sig, constexprs=consts), target=target,
+               options={"num_warps": 4, "num_stages": 3})
 print("compiled")
 """
 
