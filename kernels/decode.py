@@ -120,31 +120,44 @@ def paged_decode_split_kernel(
             tl.debug_barrier()   # every thread's partial is stored before the (one-thread) release
             ticket = tl.atomic_add(count_ptr + b * tl.num_programs(1) + kv_head, 1, sem="acq_rel")
             if ticket == NUM_SPLITS - 1:         # the last split: every partial of the group is visible
-                _merge_splits(part_out_ptr + b.to(tl.int64) * stride_po_b + heads[:, None] * stride_po_h,
-                              part_lse_ptr + b * stride_pl_b + heads * stride_pl_h,
-                              out_ptr + b.to(tl.int64) * stride_out_b + heads[:, None] * stride_out_h,
-                              d, row_mask, out_mask, stride_po_s, BLOCK_G, BLOCK_D, NUM_SPLITS)
+                _merge_splits(part_out_ptr + b.to(tl.int64) * stride_po_b, part_lse_ptr + b * stride_pl_b,
+                              out_ptr + b.to(tl.int64) * stride_out_b, kv_head,
+                              tl.cdiv(num_tiles, tl.maximum(tiles_per_split, 1)),
+                              stride_po_h, stride_po_s, stride_pl_h, stride_out_h,
+                              QUERIES_PER_KV, HEAD_DIM, BLOCK_D, 16)
                 tl.store(count_ptr + b * tl.num_programs(1) + kv_head, 0)
 
 
 @triton.jit
-def _merge_splits(part_rows, lse_rows, out_rows, d, row_mask, out_mask, stride_po_s,
-                  BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """Online merge of NUM_SPLITS normalized partials [BLOCK_G, BLOCK_D] by their log2-sum-exp; empty
-    splits carry -inf and get weight 0 (the running max starts finite so exp2 never sees inf - inf)."""
-    m = tl.full([BLOCK_G], -1.0e38, dtype=tl.float32)
-    total = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        lse = tl.load(lse_rows + s, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
-        part = tl.load(part_rows + s * stride_po_s + d[None, :], mask=out_mask, other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse)
-        alpha, beta = tl.exp2(m - m_new), tl.exp2(lse - m_new)
-        acc = acc * alpha[:, None] + part * beta[:, None]
-        total = total * alpha + beta
-        m = m_new
-    merged = acc / tl.where(total > 0.0, total, 1.0)[:, None]
-    tl.store(out_rows + d[None, :], merged.to(out_rows.dtype.element_ty), mask=out_mask)
+def _merge_splits(part_ptr, lse_ptr, out_ptr, kv_head, num_active,
+                  stride_po_h, stride_po_s, stride_pl_h, stride_out_h,
+                  QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MERGE_S: tl.constexpr):
+    """Merge the first num_active splits' normalized partials of each query head in the GQA group by
+    their log2-sum-exp. Splits past num_active had no tiles and are never loaded; MERGE_S splits at a
+    time (a [MERGE_S, BLOCK_D] tile, online across chunks) keep the registers of the main loop's peak.
+    Split 0 is never empty, so the first chunk makes the running max finite."""
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    for g in range(QUERIES_PER_KV):
+        head = kv_head * QUERIES_PER_KV + g
+        # fp32 scalar tensors from the start (not Python floats), so the loop-carried types never change
+        m = tl.max(tl.full([MERGE_S], -1.0e38, dtype=tl.float32), axis=0)
+        total = tl.sum(tl.zeros([MERGE_S], dtype=tl.float32), axis=0)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, num_active, MERGE_S):
+            s = s0 + tl.arange(0, MERGE_S)
+            s_mask = s < num_active
+            lse = tl.load(lse_ptr + head * stride_pl_h + s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+            part = tl.load(part_ptr + head * stride_po_h + s[:, None] * stride_po_s + d[None, :],
+                           mask=s_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(lse, axis=0))
+            alpha = tl.exp2(m - m_new)
+            weight = tl.exp2(lse - m_new)
+            acc = acc * alpha + tl.sum(part * weight[:, None], axis=0)
+            total = total * alpha + tl.sum(weight, axis=0)
+            m = m_new
+        tl.store(out_ptr + head * stride_out_h + d, (acc / total).to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit

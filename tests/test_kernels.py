@@ -106,8 +106,10 @@ def test_decode_splits_merged_in_kernel_or_by_the_reduction(monkeypatch, fused):
             launches.append(grid)
             return _kernel[grid]
     monkeypatch.setattr(decode, "paged_decode_reduce_kernel", Spy())
-    for group, window in ((2, None), (8, 100)):
-        run_decode(group, 128, window, 50.0, torch.bfloat16, [300, 37], block_size=16)
+    # as many splits as the context allows (35 here: the merge walks them 16 at a time), as at batch 1
+    monkeypatch.setitem(decode.DECODE_CONFIG, "programs_per_sm", 16.0)
+    for group, window, contexts in ((2, 100, [300, 37]), (8, None, [1100, 37])):
+        run_decode(group, 128, window, 50.0, torch.bfloat16, contexts, block_size=16)
     assert bool(launches) == (fused == "0")
     assert not ticket_counters(torch.device(DEVICE)).any()
 
