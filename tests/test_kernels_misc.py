@@ -137,10 +137,18 @@ def test_rotary_and_cache_large_block_count_uses_int64_offsets():
     num_blocks = 2 ** 31 // (16 * 2 * 256) + 17
     positions, q, k, v, (k_cache, v_cache), slots = _rope_cache_problem(4, 256, num_blocks=num_blocks)
     table = _cos_sin_cache(512, 256)
-    q_ref, k_ref, v_ref = q.clone(), k_cache.clone(), v_cache.clone()
-    reference.rotary_and_cache_ref(positions, q_ref, k, v, k_ref, v_ref, slots, table)
+    kept = slots[slots >= 0]
+    rows = [c.view(-1, *c.shape[2:]) for c in (k_cache, v_cache)]
+    before = [r[kept].clone() for r in rows]
+    q_ref, k_ref, v_ref = q.clone(), torch.zeros_like(before[0]), torch.zeros_like(before[1])
+    # the reference writes into small caches with one slot per kept token (4 GiB copies would not fit twice)
+    small_slots = torch.full_like(slots, -1)
+    small_slots[slots >= 0] = torch.arange(len(kept), device=DEVICE)
+    reference.rotary_and_cache_ref(positions, q_ref, k, v, k_ref[:, None], v_ref[:, None], small_slots, table)
     cache.rotary_and_cache(positions, q, k, v, k_cache, v_cache, slots, table)
-    assert torch.equal(v_cache, v_ref) and relative_error(k_cache, k_ref) < 1e-3
+    assert kept.max() * 2 * 256 >= 2 ** 31                   # the last slot is past int32 offsets
+    assert relative_error(q, q_ref) < 8e-3 and torch.equal(rows[1][kept], v_ref)
+    assert relative_error(rows[0][kept], k_ref) < 8e-3 and relative_error(rows[0][kept], before[0]) > 0.1
 
 
 def test_dispatcher_picks_reference_without_cuda(monkeypatch):
