@@ -114,6 +114,14 @@ def test_decode_splits_merged_in_kernel_or_by_the_reduction(monkeypatch, fused):
     assert not ticket_counters(torch.device(DEVICE)).any()
 
 
+def test_decode_merges_in_kernel_at_small_batch_only(monkeypatch):
+    monkeypatch.delenv("KERNELS_DECODE_FUSED_REDUCE", raising=False)
+    assert decode.fused_reduce(1, 4) and decode.fused_reduce(decode.FUSED_REDUCE_MAX_BATCH, 8)
+    assert not decode.fused_reduce(32, 4)                    # the throughput kernel stays as measured
+    monkeypatch.setenv("KERNELS_DECODE_FUSED_REDUCE", "1")
+    assert decode.fused_reduce(32, 4) and not decode.fused_reduce(2 ** 16, 2)   # out of tickets
+
+
 def test_prefill_long_window_chunk_with_prefix():
     """A chunk much longer than the window on top of a cached prefix: tiles skip stale blocks."""
     run_prefill(4, 128, 16, 50.0, torch.bfloat16, [(64, 150), (3, 1)])
