@@ -11,7 +11,9 @@ The step estimate sums 26 layers of the four per-layer products and one lm_head.
     python evals/bench_gemv.py [--sweep] [--rows 1 2 4] [--shapes qkv down] [--json out.json] [--out out.md]
 
 `--sweep` times a grid of launch configs per (shape, M) first, uses the best ones for the table, and
-prints them as entries for LINEAR_CONFIGS / GEGLU_CONFIGS in kernels/gemv.py.
+prints them as entries for LINEAR_CONFIGS / GEGLU_CONFIGS in kernels/gemv.py. On the linear shapes with
+N <= 8192 (qkv, o_proj, down) the grid includes split-K configs (`--split-k 1 2 3 4`, the default;
+`--split-k 1` for the plain grid only).
 """
 
 from __future__ import annotations
@@ -35,19 +37,31 @@ from kernels.testing import relative_error  # noqa: E402
 SHAPES = {"qkv": (4096, 2304, "linear"), "o_proj": (2304, 2048, "linear"), "gate_up": (18432, 2304, "geglu"),
           "down": (2304, 9216, "linear"), "lm_head": (256000, 2304, "linear")}
 NUM_LAYERS = 26
+SPLIT_K_MAX_N = 8192
 DEFAULT_L2 = 50 * 2 ** 20
 DEVICE, DTYPE = "cuda", torch.bfloat16
 
 
-def sweep_grid(rows: int, k: int) -> list[gemv.GemvConfig]:
+def sweep_grid(rows: int, n: int, k: int, kind: str, split_ks=(1,)) -> list[gemv.GemvConfig]:
     """Configs holding 16..64 fp32 accumulators per thread: fewer leaves too few loads in flight to
-    cover memory latency, more spills. ~30 per row bucket, each compiled once for all shapes."""
+    cover memory latency, more spills. ~30 per row bucket, each compiled once for all shapes.
+    Split-K candidates (linear, N <= SPLIT_K_MAX_N only: the big matrices already fill the GPU) use 4
+    warps, at least one K tile per split, and 3 stages only where a split walks more than one tile."""
     block_m, grid = gemv.rows_bucket(rows), []
     for warps in (4, 8):
         for block_n in (1, 2, 4, 8):
             for block_k in (b for b in (256, 512, 1024, 2048) if b <= max(256, next_pow2(k))):
                 if 16 <= block_m * block_n * block_k / (32 * warps) <= 64:
                     grid += [gemv.GemvConfig(block_n, block_k, warps, stages) for stages in (1, 3)]
+    if kind != "linear" or n > SPLIT_K_MAX_N:
+        return grid
+    base = [c for c in grid if c.num_warps == 4 and c.num_stages == 1]
+    for split_k in (s for s in split_ks if s > 1):
+        for config in base:
+            tiles = -(-k // config.block_k)
+            if tiles >= split_k:
+                stages = 3 if tiles > split_k else 1
+                grid.append(gemv.GemvConfig(config.block_n, config.block_k, 4, stages, split_k))
     return grid
 
 
@@ -109,9 +123,9 @@ def table_key(problem: Problem) -> tuple[int, int, int]:
     return gemv.rows_bucket(problem.rows), problem.n, problem.k
 
 
-def sweep(problem: Problem, iters: int) -> tuple[gemv.GemvConfig, list[dict]]:
+def sweep(problem: Problem, iters: int, split_ks=(1,)) -> tuple[gemv.GemvConfig, list[dict]]:
     results = []
-    for config in sweep_grid(problem.rows, problem.k):
+    for config in sweep_grid(problem.rows, problem.n, problem.k, problem.kind, split_ks):
         try:
             problem.check(config)
             us = problem.time_us(lambda w, c=config: problem.ours_call(w, c), iters)
@@ -159,7 +173,7 @@ def step_estimate(rows: list[dict], copy_gbs: float) -> list[str]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| shape | N x K | M | implementation | config (BN, BK, warps, stages) | us | GB/s | speedup |",
+    lines = ["| shape | N x K | M | implementation | config (BN, BK, warps, stages, split-K) | us | GB/s | speedup |",
              "| --- | --- | ---: | --- | --- | ---: | ---: | ---: |"]
     for r in rows:
         config = ", ".join(map(str, r["config"])) if r["config"] else ""
@@ -175,7 +189,8 @@ def config_lines(best: dict) -> list[str]:
         for (name, key), (config, us) in sorted(best.items(), key=lambda kv: (kv[0][1][1], kv[0][1][0])):
             if SHAPES[name][2] == kind:
                 c = config
-                out.append(f"    {key}: GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}),"
+                split = f", split_k={c.split_k}" if c.split_k > 1 else ""
+                out.append(f"    {key}: GemvConfig({c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}{split}),"
                            f"  # {name}, {us:.1f} us")
         out.append("}")
     return out
@@ -188,7 +203,7 @@ def run_all(args) -> tuple[list[dict], list[dict], dict]:
         for m in args.rows:
             problem = Problem(name, m)
             if args.sweep:
-                config, results = sweep(problem, args.iters)
+                config, results = sweep(problem, args.iters, args.split_k)
                 sweeps += results
                 table = gemv.LINEAR_CONFIGS if problem.kind == "linear" else gemv.GEGLU_CONFIGS
                 table[table_key(problem)] = config
@@ -218,6 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sweep", action="store_true", help="time launch configs first and use the best")
+    parser.add_argument("--split-k", type=int, nargs="+", default=[1, 2, 3, 4],
+                        help="split-K factors the sweep tries on linear shapes with N <= %d" % SPLIT_K_MAX_N)
     parser.add_argument("--json", type=Path, help="write rows (and sweep results) as JSON here")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     argv = sys.argv[1:] if argv is None else argv

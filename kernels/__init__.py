@@ -8,7 +8,7 @@ a plain-torch twin `<name>_ref` in kernels/reference.py with the same signature.
 
 from kernels.dispatch import (backend_name, gelu_tanh_and_mul_gemv, linear_small_m, paged_decode_attention,
                               paged_prefill_attention, reshape_and_cache, rms_norm, rms_norm_pair,
-                              rotary_embedding, set_backend)
+                              rotary_and_cache, rotary_embedding, set_backend)
 
 # Token counts up to this use the GEMV ops (weights read once for all rows); more use a GEMM. On the
 # H100 (evals/results/gemv_gpu.md) the GEMVs beat cuBLAS at one row (Gemma-2-2B decode products
@@ -17,4 +17,4 @@ GEMV_MAX_TOKENS = 1
 
 __all__ = ["GEMV_MAX_TOKENS", "backend_name", "gelu_tanh_and_mul_gemv", "linear_small_m",
            "paged_decode_attention", "paged_prefill_attention", "reshape_and_cache", "rms_norm",
-           "rms_norm_pair", "rotary_embedding", "set_backend"]
+           "rms_norm_pair", "rotary_and_cache", "rotary_embedding", "set_backend"]

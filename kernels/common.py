@@ -1,4 +1,5 @@
-"""Small Triton helpers shared by the attention kernels, and launch-time facts about the device.
+"""Small Triton helpers shared by the attention kernels, launch-time facts about the device, and the
+ticket counters of the one-launch reductions (split-K GEMV, split-KV decode).
 
 `tanh` is written with exp2 because triton 3.6 and 3.9 expose different libdevice paths
 (`tl.extra.cuda.libdevice` moved) and the interpreter has none; exp2 exists everywhere.
@@ -49,6 +50,20 @@ def num_sms(device_index: int) -> int:
 
 def device_sms(tensor: torch.Tensor) -> int:
     return num_sms(tensor.device.index or 0) if tensor.is_cuda else 8
+
+
+MAX_TICKETS = 1 << 16
+_tickets: dict[torch.device, torch.Tensor] = {}
+
+
+def ticket_counters(device: torch.device) -> torch.Tensor:
+    """The device's persistent int32 ticket counters for one-launch reductions (the last program of a
+    group merges its partials and resets the group's counter to 0). Allocated once and never
+    reallocated, so captured CUDA graphs keep pointing at it; shared by every such kernel in stream
+    order, so two must not run concurrently on different streams."""
+    if device not in _tickets:
+        _tickets[device] = torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)
+    return _tickets[device]
 
 
 def next_pow2(n: int) -> int:

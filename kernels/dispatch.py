@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 
 BACKENDS = ("triton", "reference")
-OPS = ("reshape_and_cache", "paged_prefill_attention", "paged_decode_attention", "rms_norm",
+OPS = ("reshape_and_cache", "rotary_and_cache", "paged_prefill_attention", "paged_decode_attention", "rms_norm",
        "rms_norm_pair", "rotary_embedding", "linear_small_m", "gelu_tanh_and_mul_gemv")
 
 
@@ -42,7 +42,7 @@ def load_backend(name: str) -> SimpleNamespace:
     if name != "triton":
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
     ops = {}
-    for module_name, names in (("cache", ["reshape_and_cache"]),
+    for module_name, names in (("cache", ["reshape_and_cache", "rotary_and_cache"]),
                                ("prefill", ["paged_prefill_attention"]),
                                ("decode", ["paged_decode_attention"]),
                                ("norm", ["rms_norm", "rms_norm_pair", "rotary_embedding"]),
@@ -74,6 +74,12 @@ def backend_name() -> str:
 
 def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
     backend().reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def rotary_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache, q_norm=None,
+                     k_norm=None, eps: float = 1e-6):
+    return backend().rotary_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache,
+                                      q_norm, k_norm, eps)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *,

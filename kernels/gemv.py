@@ -14,6 +14,14 @@ the weight stream, not arithmetic, is the limit.
 for the same BLOCK_N features, so tanh-GELU and the product happen in registers (fp32) instead of in
 two more elementwise kernels over [M, 2I].
 
+Split-K (`GemvConfig.split_k > 1`, linear only) is for the small matrices (qkv 4096x2304, o_proj
+2304x2048), whose few microseconds are mostly ramp-up and tail: SPLIT_K programs share an output tile,
+each streams 1/SPLIT_K of K and writes fp32 partials; each then takes a ticket from a per-tile counter
+(atomic, acq_rel) and the last to arrive sums the partials in split order, writes the output and
+resets the counter to 0. One launch (a two-stage reduce would add one, an atomic fp32 reduce a memset
+and a cast), and deterministic, unlike fp32 atomics whose summation order varies. The counters are
+kernels.common.ticket_counters (persistent, so captured CUDA graphs stay valid).
+
 Launch configs come from tables keyed by (row bucket, weight rows N, K), filled from
 `evals/bench_gemv.py --sweep` on the GPU; other shapes use `default_config`. Nothing is autotuned at
 run time because decode steps are captured into CUDA graphs ahead of time. The runtime calls these
@@ -29,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import next_pow2
+from kernels.common import MAX_TICKETS, next_pow2, ticket_counters
 
 MAX_ROWS_PER_PROGRAM = 4       # rows of x that share one read of the weights
 # jit code may read module globals only as constexprs
@@ -43,6 +51,7 @@ class GemvConfig:
     block_k: int               # K columns per tile
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1           # programs sharing one output tile, each over 1/split_k of K (linear only)
 
 
 # (rows bucket 1|2|4, N, K) -> config. M=1 entries: the best of `python evals/bench_gemv.py --sweep
@@ -136,6 +145,41 @@ def gelu_tanh_and_mul_gemv_kernel(
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & feat_mask[None, :])
 
 
+@triton.jit
+def linear_split_k_kernel(
+    x_ptr,                       # [M, K]
+    w_ptr,                       # [N, K]
+    out_ptr,                     # [M, N]
+    part_ptr,                    # [SPLIT_K, M, N] fp32 partial products
+    count_ptr,                   # [>= tiles] int32 tickets, 0 between launches
+    M, N, K,
+    stride_x_m, stride_w_n, stride_out_m,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    row_mask, feat_mask = rows < M, feats < N
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K     # whole tiles; a split may be empty
+    k_lo = split * k_per_split
+    k_len = tl.maximum(tl.minimum(K - k_lo, k_per_split), 0)
+    y = _rows_dot_tile(x_ptr + k_lo, w_ptr + k_lo, rows, row_mask, feats, feat_mask, k_len, stride_x_m,
+                       stride_w_n, BLOCK_M, BLOCK_N, BLOCK_K)
+    tile_mask = row_mask[:, None] & feat_mask[None, :]
+    part = part_ptr + rows.to(tl.int64)[:, None] * N + feats[None, :]           # [BLOCK_M, BLOCK_N]
+    tl.store(part + split.to(tl.int64) * M * N, y, mask=tile_mask)
+    tl.debug_barrier()           # every thread's partial is stored before the (one-thread) release
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    ticket = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+    if ticket == SPLIT_K - 1:    # the last split of this tile: the others' partials are visible
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(part + s * M * N, mask=tile_mask, other=0.0, cache_modifier=".cg")
+        out = out_ptr + rows.to(tl.int64)[:, None] * stride_out_m + feats[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+        tl.store(count_ptr + tile, 0)
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"need x [M, K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -148,9 +192,26 @@ def launch(kernel, x, weight, out, n_out: int, config: GemvConfig) -> None:
     num_rows, k = x.shape
     block_m = rows_bucket(num_rows)
     grid = (triton.cdiv(n_out, config.block_n), triton.cdiv(num_rows, block_m))
+    if config.split_k > 1:
+        if kernel is not linear_small_m_kernel:
+            raise ValueError("split_k > 1 is for linear_small_m_kernel only (GeGLU needs whole sums)")
+        if grid[0] * grid[1] <= MAX_TICKETS:
+            return _launch_split_k(x, weight, out, grid, block_m, config)
     kernel[grid](x, weight, out, num_rows, n_out, k, x.stride(0), weight.stride(0), out.stride(0),
                  BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                  num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _launch_split_k(x, weight, out, grid, block_m: int, config: GemvConfig) -> None:
+    num_rows, k = x.shape
+    n_out = weight.shape[0]
+    # fp32 partials from the caching allocator: inside a CUDA graph capture they live in its pool
+    part = torch.empty(config.split_k, num_rows, n_out, dtype=torch.float32, device=x.device)
+    linear_split_k_kernel[(*grid, config.split_k)](
+        x, weight, out, part, ticket_counters(x.device), num_rows, n_out, k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _empty_or_zero(out: torch.Tensor, k: int) -> bool:

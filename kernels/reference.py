@@ -140,3 +140,18 @@ def rotary_embedding_ref(positions, q, k, cos_sin_cache):
         c, s = cos[:, None, :], sin[:, None, :]
         x.copy_(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype))
     return q, k
+
+
+def rotary_and_cache_ref(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache, q_norm=None,
+                         k_norm=None, eps: float = 1e-6):
+    """Gemma 3's QK-norm (when q_norm/k_norm [D] are given), then rotary on q [T, Hq, D] in place and on
+    a copy of k [T, Hkv, D], which goes into the paged caches with v at slot_mapping (-1 skips). Returns q."""
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("rotary_and_cache needs both QK-norm weights or neither")
+    if q_norm is not None:
+        q.copy_(rms_norm_ref(q, q_norm, eps))
+        k = rms_norm_ref(k, k_norm, eps)
+    k = k.clone()
+    rotary_embedding_ref(positions, q, k, cos_sin_cache)
+    reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q

@@ -46,10 +46,15 @@ class AttentionBackend:
         raise NotImplementedError
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, group_key, *,
-                scale: float, sliding_window: int | None, softcap: float | None) -> torch.Tensor:
-        """Write this step's k, v [T, Hkv, D] into the cache, then attend q [T, Hq, D] -> [T, Hq, D]."""
+                scale: float, sliding_window: int | None, softcap: float | None,
+                kv_written: bool = False) -> torch.Tensor:
+        """Write this step's k, v [T, Hkv, D] into the cache, then attend q [T, Hq, D] -> [T, Hq, D].
+
+        kv_written: the model already stored k and v at the group's slot_mapping (kernels.rotary_and_cache
+        on the fast path); k and v are then ignored and may be None."""
         group = meta.groups[group_key]
-        self.reshape_and_cache(k, v, k_cache, v_cache, group.slot_mapping)
+        if not kv_written:
+            self.reshape_and_cache(k, v, k_cache, v_cache, group.slot_mapping)
         kw = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
         if meta.is_decode:
             return self.paged_decode_attention(q, k_cache, v_cache, group.block_tables, meta.seq_lens, **kw)

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
 
 from kernels import dispatch, gemv, norm, reference  # noqa: E402
-from kernels.common import next_pow2  # noqa: E402
+from kernels.common import next_pow2, ticket_counters  # noqa: E402
 from kernels.testing import relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,6 +72,40 @@ def test_gelu_tanh_and_mul_gemv_matches_reference(num_rows, dtype):
         out.fill_(float("nan"))
         gemv.launch(gemv.gelu_tanh_and_mul_gemv_kernel, x, weight, out, 45, config)
         assert relative_error(out, want) < TOLERANCE[dtype], config
+
+
+# K = 300: 3 splits of 192 + 108 columns; 3 splits of one tile each; 4 splits of 3 tiles (the last empty)
+SPLIT_K_CONFIGS = [gemv.GemvConfig(2, 64, split_k=2), gemv.GemvConfig(4, 128, 4, 1, split_k=3),
+                   gemv.GemvConfig(1, 128, 2, 3, split_k=4)]
+
+
+@pytest.mark.parametrize("num_rows,dtype", [(1, torch.bfloat16), (6, torch.float32)])
+def test_linear_split_k_matches_reference_and_resets_its_tickets(num_rows, dtype):
+    x, weight = _inputs(num_rows, 21, 300, dtype)
+    want = _ref(reference.linear_small_m_ref, x, weight)
+    out = torch.full((num_rows, 21), float("nan"), device=DEVICE, dtype=dtype)
+    for config in SPLIT_K_CONFIGS:
+        out.fill_(float("nan"))
+        gemv.launch(gemv.linear_small_m_kernel, x, weight, out, 21, config)
+        assert relative_error(out, want) < TOLERANCE[dtype], config
+        # tickets back at 0: a CUDA graph replays the same launch over the same counters
+        assert not ticket_counters(out.device).any(), config
+    first = out.clone()
+    gemv.launch(gemv.linear_small_m_kernel, x, weight, out, 21, SPLIT_K_CONFIGS[-1])
+    assert torch.equal(out, first)                            # the partials are summed in a fixed order
+    with pytest.raises(ValueError, match="split_k"):
+        gemv.launch(gemv.gelu_tanh_and_mul_gemv_kernel, x, weight, out[:, :10], 10, SPLIT_K_CONFIGS[0])
+
+
+def test_linear_small_m_uses_a_split_k_table_entry(monkeypatch):
+    x, weight = _inputs(1, 40, 96, torch.float32)
+    monkeypatch.setitem(gemv.LINEAR_CONFIGS, (1, 40, 96), gemv.GemvConfig(8, 32, split_k=3))
+    seen = []
+    original = gemv._launch_split_k
+    monkeypatch.setattr(gemv, "_launch_split_k", lambda *a: seen.append(a[-1]) or original(*a))
+    got = gemv.linear_small_m(x, weight)
+    assert seen == [gemv.LINEAR_CONFIGS[(1, 40, 96)]]
+    assert relative_error(got, _ref(reference.linear_small_m_ref, x, weight)) < TOLERANCE[torch.float32]
 
 
 def test_gemv_with_strided_rows_and_large_row_stride():
@@ -166,7 +200,7 @@ mask_dense(model)
 prompts = random_prompts([5, 19, 27], seed=4)
 expected = [hf_greedy(model, p, 6) for p in prompts]
 assert kernels.backend_name() == "triton"
-calls = {{"linear_small_m": 0, "gelu_tanh_and_mul_gemv": 0, "rms_norm_pair": 0}}
+calls = {{"linear_small_m": 0, "gelu_tanh_and_mul_gemv": 0, "rms_norm_pair": 0, "rotary_and_cache": 0}}
 ops = dispatch.backend()
 for name in calls:
     def counted(*a, _fn=getattr(ops, name), _name=name, **kw):
@@ -199,7 +233,7 @@ COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import gemv, norm
+from kernels import cache, gemv, norm
 target = GPUTarget("cuda", 90, 32)
 gemv_sig = {name: "i32" for name in ("M", "N", "K", "stride_x_m", "stride_w_n", "stride_out_m")}
 gemv_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", **gemv_sig,
@@ -212,12 +246,39 @@ for rows, n, k in sorted(configs):
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     for fn, sig in ((gemv.linear_small_m_kernel, gemv_sig), (gemv.gelu_tanh_and_mul_gemv_kernel, geglu_sig)):
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=options)
+split_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
+             **{name: "i32" for name in ("M", "N", "K", "stride_x_m", "stride_w_n", "stride_out_m")}}
+for split_k, rows in ((2, 1), (3, 4)):
+    consts = {"BLOCK_M": rows, "BLOCK_N": 4, "BLOCK_K": 256, "SPLIT_K": split_k}
+    triton.compile(ASTSource(fn=gemv.linear_split_k_kernel, signature={**split_sig, **{c: "constexpr" for c in consts}},
+                             constexprs=consts), target=target, options={"num_warps": 4, "num_stages": 3})
 norm_sig = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "w1_ptr": "*fp32", "w2_ptr": "*fp32",
             "out_ptr": "*bf16", "sum_ptr": "*bf16", "eps": "fp32", "stride_x_t": "i32",
             "stride_residual_t": "i32", "stride_out_t": "i32", "stride_sum_t": "i32",
             "HIDDEN": "constexpr", "BLOCK_H": "constexpr"}
 triton.compile(ASTSource(fn=norm.rms_norm_pair_kernel, signature=norm_sig,
                          constexprs={"HIDDEN": 2304, "BLOCK_H": 4096}), target=target)
+rope_sig = {"positions_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
+            "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64", "cos_sin_ptr": "*fp32",
+            "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16", "eps": "fp32"}
+rope_sig.update({name: "i32" for name in ("stride_q_t", "stride_q_h", "stride_k_t", "stride_k_h", "stride_v_t",
+                 "stride_v_h", "stride_cs_p", "stride_kc_block", "stride_kc_slot", "stride_kc_head",
+                 "stride_vc_block", "stride_vc_slot", "stride_vc_head")})
+for qk_norm in (False, True):
+    consts = {"NUM_Q_HEADS": 8, "BLOCK_SIZE": 16, "HALF": 128, "BLOCK_HALF": 128, "USE_QK_NORM": qk_norm}
+    sig = {**rope_sig, **{name: "constexpr" for name in consts}}
+    triton.compile(ASTSource(fn=cache.rotary_and_cache_kernel, signature=sig, constexprs=consts), target=target,
+                   options={"num_warps": 2})
+from kernels import decode
+kinds = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16",
+         "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "count_ptr": "*i32", "part_out_ptr": "*fp32",
+         "part_lse_ptr": "*fp32", "qk_scale": "fp32", "softcap": "fp32"}
+consts = {"QUERIES_PER_KV": 2, "BLOCK_G": 16, "HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_SIZE": 16, "BLOCK_N": 32,
+          "NUM_SPLITS": 8, "USE_SOFTCAP": True, "USE_WINDOW": False, "UPCAST": False, "FUSED_REDUCE": True}
+sig = {name: "constexpr" if name in consts else kinds.get(name, "i32")
+       for name in decode.paged_decode_split_kernel.arg_names}
+triton.compile(ASTSource(fn=decode.paged_decode_split_kernel, signature=sig, constexprs=consts), target=target,
+               options={"num_warps": 4, "num_stages": 3})
 print("compiled")
 """
 

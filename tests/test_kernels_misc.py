@@ -1,4 +1,5 @@
-"""Cache writes, fused RMSNorm, rotary embedding (Triton vs reference) and the backend dispatcher.
+"""Cache writes, fused RMSNorm, rotary embedding, the fused rotary + cache write (Triton vs reference)
+and the backend dispatcher.
 
 On CPU the Triton kernels run under TRITON_INTERPRET=1; inputs are fresh random values and outputs
 start as NaN (or as random cache contents that must survive where no slot points).
@@ -71,6 +72,83 @@ def test_rotary_embedding_matches_reference(head_dim):
     q_got, k_got = norm.rotary_embedding(positions, q, k, table)
     assert q_got.data_ptr() == q.data_ptr()
     assert relative_error(q_got, q_ref) < 8e-3 and relative_error(k_got, k_ref) < 8e-3
+
+
+# (GQA group, head_dim, QK-norm): each value of each feature at least once, 8 query heads
+ROPE_CACHE_GRID = [(1, 128, False), (2, 256, True), (4, 128, True), (8, 256, False)]
+
+
+def _rope_cache_problem(group, head_dim, num_tokens=11, num_blocks=600, block_size=16, seed=0):
+    """q, k, v as strided views of one qkv row (as the fused projection gives them), random caches."""
+    torch.manual_seed(seed)
+    num_q, num_kv = 8, 8 // group
+    qkv = torch.randn(num_tokens, (num_q + 2 * num_kv) * head_dim, device=DEVICE, dtype=torch.bfloat16)
+    q, k, v = qkv.split([num_q * head_dim, num_kv * head_dim, num_kv * head_dim], -1)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in (q, k, v))
+    shape = (num_blocks, block_size, num_kv, head_dim)
+    caches = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16), torch.randn(shape, device=DEVICE,
+                                                                                  dtype=torch.bfloat16)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[num_tokens - 1] = num_blocks * block_size - 1      # the very last slot of the cache
+    slots[1::4] = -1
+    positions = torch.randint(0, 500, (num_tokens,), device=DEVICE)
+    return positions, q, k, v, caches, slots
+
+
+@pytest.mark.parametrize("group,head_dim,qk_norm", ROPE_CACHE_GRID)
+def test_rotary_and_cache_matches_reference(group, head_dim, qk_norm):
+    positions, q, k, v, (k_cache, v_cache), slots = _rope_cache_problem(group, head_dim)
+    table = _cos_sin_cache(512, head_dim)
+    norms = (torch.randn(head_dim, device=DEVICE) * 0.3, torch.randn(head_dim, device=DEVICE) * 0.3) \
+        if qk_norm else (None, None)
+    k_in, v_in = k.clone(), v.clone()
+    q_ref, k_ref, v_ref = q.clone(), k_cache.clone(), v_cache.clone()
+    reference.rotary_and_cache_ref(positions, q_ref, k, v, k_ref, v_ref, slots, table, *norms, 1e-6)
+    assert relative_error(q_ref, q) > 0.1                    # the reference did rotate q
+    got = cache.rotary_and_cache(positions, q, k, v, k_cache, v_cache, slots, table, *norms, 1e-6)
+    assert got.data_ptr() == q.data_ptr() and torch.equal(k, k_in) and torch.equal(v, v_in)
+    assert relative_error(q, q_ref) < 8e-3
+    kept = slots >= 0
+    flat = [c.view(-1, *c.shape[2:]) for c in (k_cache, v_cache, k_ref, v_ref)]
+    assert relative_error(flat[0][slots[kept]], flat[2][slots[kept]]) < 8e-3
+    assert torch.equal(flat[1], flat[3])                     # v is a copy: exact
+    untouched = torch.ones(flat[0].shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[slots[kept]] = False
+    assert torch.equal(flat[0][untouched], flat[2][untouched])
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_rotary_and_cache_equals_the_two_launches_it_replaces(head_dim):
+    """Without QK-norm the fused kernel rounds where rotary_embedding + reshape_and_cache did."""
+    positions, q, k, v, (k_cache, v_cache), slots = _rope_cache_problem(4, head_dim, num_blocks=40, seed=1)
+    table = _cos_sin_cache(512, head_dim)
+    q2, k2, k_cache2, v_cache2 = q.clone(), k.clone(), k_cache.clone(), v_cache.clone()
+    norm.rotary_embedding(positions, q2, k2, table)
+    cache.reshape_and_cache(k2, v, k_cache2, v_cache2, slots)
+    cache.rotary_and_cache(positions, q, k, v, k_cache, v_cache, slots, table)
+    exact = DEVICE == "cpu"                                  # on the GPU, FMA contraction may differ
+    for got, want in ((q, q2), (k_cache, k_cache2), (v_cache, v_cache2)):
+        assert torch.equal(got, want) if exact else relative_error(got, want) < 4e-3
+
+
+@pytest.mark.gpu
+def test_rotary_and_cache_large_block_count_uses_int64_offsets():
+    """A cache past 2**31 elements: the last slot's offset wraps in 32 bits."""
+    num_blocks = 2 ** 31 // (16 * 2 * 256) + 17
+    positions, q, k, v, (k_cache, v_cache), slots = _rope_cache_problem(4, 256, num_blocks=num_blocks)
+    table = _cos_sin_cache(512, 256)
+    kept = slots[slots >= 0]
+    rows = [c.view(-1, *c.shape[2:]) for c in (k_cache, v_cache)]
+    before = [r[kept].clone() for r in rows]
+    q_ref, k_ref, v_ref = q.clone(), torch.zeros_like(before[0]), torch.zeros_like(before[1])
+    # the reference writes into small caches with one slot per kept token (4 GiB copies would not fit twice)
+    small_slots = torch.full_like(slots, -1)
+    small_slots[slots >= 0] = torch.arange(len(kept), device=DEVICE)
+    reference.rotary_and_cache_ref(positions, q_ref, k, v, k_ref[:, None], v_ref[:, None], small_slots, table)
+    cache.rotary_and_cache(positions, q, k, v, k_cache, v_cache, slots, table)
+    assert kept.max() * 2 * 256 >= 2 ** 31                   # the last slot is past int32 offsets
+    assert relative_error(q, q_ref) < 8e-3 and torch.equal(rows[1][kept], v_ref)
+    assert relative_error(rows[0][kept], k_ref) < 8e-3 and relative_error(rows[0][kept], before[0]) > 0.1
 
 
 def test_dispatcher_picks_reference_without_cuda(monkeypatch):

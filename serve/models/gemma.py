@@ -10,8 +10,9 @@ tied embeddings. Layer shapes come per layer from `GemmaSpec` (slimmed models ar
 
 Fast path (`GemmaForCausalLM.fuse`, used on the GPU): q/k/v and gate/up become one GEMM each; a
 branch's post-norm, the residual add and the next pre-norm run as one kernel (kernels.rms_norm_pair:
-two norm launches per layer, the last layer's pairs with the final norm), and RoPE rotates q and k in
-place from a precomputed fp32 cos|sin table (kernels.rotary_embedding). With at most
+two norm launches per layer, the last layer's pairs with the final norm), and one kernel applies
+Gemma 3's QK-norm and RoPE (a precomputed fp32 cos|sin table) to q in place and to k on its way into
+the paged cache, v beside it (kernels.rotary_and_cache; the backend is told the KV is written). With at most
 kernels.GEMV_MAX_TOKENS tokens (batch-1 decode today, its CUDA graph included) the projections and
 the lm_head run as GEMV kernels that read each weight once, and GeGLU's GELU and product happen inside
 the gate|up GEMV (kernels.gelu_tanh_and_mul_gemv). Same function, fewer launches and bytes: a decode
@@ -71,7 +72,7 @@ def linear_fast(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
 
 
 def rope_table(max_len: int, head_dim: int, theta: float, factor: float, device) -> torch.Tensor:
-    """cos | sin [max_len, D] fp32 for kernels.rotary_embedding, the same fp32 angles as rope_cos_sin."""
+    """cos | sin [max_len, D] fp32 for kernels.rotary_and_cache, the same fp32 angles as rope_cos_sin."""
     positions = torch.arange(max_len, device=device)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     freqs = positions.float()[:, None] * (inv_freq / factor)[None, :]
@@ -140,11 +141,13 @@ class GemmaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, d)               # [T, Hq, D], a strided view of qkv
         k = k.view(num_tokens, self.num_kv_heads, d)            # [T, Hkv, D]
         v = v.view(num_tokens, self.num_kv_heads, d)
-        if self.qk_norm:
-            q, k = self.q_norm.fused(q), self.k_norm.fused(k)
-        kernels.rotary_embedding(positions, q, k, rope)
-        out = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.sliding_window,
-                              scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap)
+        # QK-norm (Gemma 3), RoPE on q in place and on k on its way into the cache, v beside it: one launch
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
+        kernels.rotary_and_cache(positions, q, k, v, kv_cache[0], kv_cache[1],
+                                 meta.groups[self.sliding_window].slot_mapping, rope, *norms)
+        out = backend.forward(q, None, None, kv_cache[0], kv_cache[1], meta, self.sliding_window,
+                              scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap,
+                              kv_written=True)
         return linear_fast(out.reshape(num_tokens, self.num_heads * d), self.o_proj)
 
 

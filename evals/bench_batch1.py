@@ -1,0 +1,118 @@
+"""The launches a batch-1 decode step saved per layer, timed old vs new on the GPU (kernels/NOTES.md).
+
+Gemma-2-2B shapes (8 query / 4 KV heads, head_dim 256, 26 layers) and Gemma-3-1B (4 / 1, QK-norm):
+- rope+cache: rotary_embedding + reshape_and_cache (Gemma 3: plus the two QK rms_norm launches) vs
+  the fused rotary_and_cache, one token;
+- decode attention at batch 1: the split kernel + the separate reduction (KERNELS_DECODE_FUSED_REDUCE=0)
+  vs the last split merging in-kernel, over contexts 576 (the serving suite's batch-1 context), 2048
+  and 4096 (all inside Gemma's 4096 window, so full attention).
+Each pair is first checked to give the same result; times are medians of CUDA-graph replays holding 10
+calls each (evals/bench_kernels.time_ms), the way the engine replays a decode step. The last column
+multiplies the saving by the layer count: what one decode step should gain. The split-K GEMVs are
+timed by `evals/bench_gemv.py --sweep` instead (they need weights rotated past L2).
+
+  python evals/bench_batch1.py [--iters 50]          # GPU; without CUDA it runs the checks only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import cache, decode, norm  # noqa: E402
+from kernels.testing import make_paged_problem, relative_error  # noqa: E402
+
+MODELS = {"gemma-2-2b": (8, 4, False, 26), "gemma-3-1b": (4, 1, True, 26)}   # Hq, Hkv, QK-norm, layers
+HEAD_DIM, BLOCK_SIZE, MAX_POSITION = 256, 16, 8192
+CONTEXTS = (576, 2048, 4096)        # Gemma's 4096 window covers all of them: full attention it is
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rope_cache_pair(num_q: int, num_kv: int, qk_norm: bool):
+    """(old, new) callables over the same single-token inputs; each leaves q and the caches written."""
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(1, (num_q + 2 * num_kv) * HEAD_DIM, generator=gen).to(DEVICE, torch.bfloat16)
+    q, k, v = (t.view(1, -1, HEAD_DIM) for t in qkv.split([num_q * HEAD_DIM, num_kv * HEAD_DIM,
+                                                           num_kv * HEAD_DIM], -1))
+    caches = [torch.zeros(64, BLOCK_SIZE, num_kv, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16) for _ in range(4)]
+    slot = torch.tensor([517], device=DEVICE)
+    positions = torch.tensor([700], device=DEVICE)
+    angles = torch.arange(MAX_POSITION, device=DEVICE)[:, None] * torch.rand(HEAD_DIM // 2, device=DEVICE)
+    table = torch.cat((angles.cos(), angles.sin()), -1).contiguous()
+    w = [torch.randn(HEAD_DIM, device=DEVICE) * 0.1 for _ in range(2)] if qk_norm else []
+    q_old, q_new, k_old = q.clone(), q.clone(), k.clone()
+
+    # timed calls work in place (a repeated rotation or norm changes values, not the work); the
+    # check restarts both from the same q and k
+    def old():
+        if qk_norm:
+            norm.rms_norm(q_old, w[0], 1e-6, out=q_old), norm.rms_norm(k_old, w[1], 1e-6, out=k_old)
+        norm.rotary_embedding(positions, q_old, k_old, table)
+        cache.reshape_and_cache(k_old, v, caches[0], caches[1], slot)
+
+    def new():
+        cache.rotary_and_cache(positions, q_new, k, v, caches[2], caches[3], slot, table, *w, eps=1e-6)
+
+    def check():
+        q_old.copy_(q), q_new.copy_(q), k_old.copy_(k)
+        old(), new()
+        return max(relative_error(q_new, q_old), relative_error(caches[2], caches[0]),
+                   relative_error(caches[3], caches[1]))
+    return old, new, check
+
+
+def decode_pair(num_q: int, num_kv: int, context: int):
+    problem = make_paged_problem([context - 1], [1], num_heads=num_q, num_kv_heads=num_kv, head_dim=HEAD_DIM,
+                                 block_size=BLOCK_SIZE, device=DEVICE, seed=context)
+    args = (problem.q, problem.k_cache, problem.v_cache, problem.block_tables, problem.seq_lens)
+    kw = dict(scale=HEAD_DIM ** -0.5, sliding_window=None, softcap=50.0)
+    outs = [torch.empty_like(problem.q) for _ in range(2)]
+
+    def run(fused: str, out):
+        os.environ["KERNELS_DECODE_FUSED_REDUCE"] = fused   # read at launch: each graph captures its own
+        return decode.paged_decode_attention(*args, **kw, out=out)
+
+    def check():
+        return relative_error(run("1", outs[1]), run("0", outs[0]))
+    return (lambda: run("0", outs[0])), (lambda: run("1", outs[1])), check
+
+
+def cases():
+    for model, (num_q, num_kv, qk_norm, layers) in MODELS.items():
+        yield f"{model} rope+cache{' +QK-norm' if qk_norm else ''}", layers, rope_cache_pair(num_q, num_kv, qk_norm)
+        for context in CONTEXTS:
+            yield f"{model} decode ctx{context}", layers, decode_pair(num_q, num_kv, context)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args(argv)
+    timing = torch.cuda.is_available()
+    if timing:
+        from bench_kernels import time_ms
+    print("| case | old (us) | new (us) | saved (us) | x layers = per step (us) | rel. diff |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for label, layers, (old, new, check) in cases():
+        err = check()
+        if err > 1e-2:
+            raise RuntimeError(f"{label}: old and new differ by {err:.2e}")
+        if not timing:
+            print(f"| {label} | - | - | - | - | {err:.1e} |")
+            continue
+        t_old, t_new = (time_ms(fn, args.iters) * 1e3 for fn in (old, new))
+        saved = t_old - t_new
+        print(f"| {label} | {t_old:.2f} | {t_new:.2f} | {saved:.2f} | {saved * layers:.1f} | {err:.1e} |", flush=True)
+    os.environ.pop("KERNELS_DECODE_FUSED_REDUCE", None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
