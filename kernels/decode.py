@@ -8,9 +8,11 @@ through the block table), and keeps an online softmax in log2 units. The visible
 entries (possibly stale) never loaded. With several splits, each writes its normalized partial output
 and log-sum-exp, then takes a ticket from a per-(batch, kv_head) counter (kernels.common.ticket_counters);
 the last split to arrive merges all partials of its GQA group and resets the counter, so there is no
-second launch (at batch 1 the reduce launch was ~1.5 us of ~5 per layer). Batches above
-FUSED_REDUCE_MAX_BATCH (or KERNELS_DECODE_FUSED_REDUCE=0) run the separate reduction kernel (grid
-(batch, q_head)) instead. With one split the kernel writes the final output directly.
+second launch. That in-kernel merge lost on the H100 (batch 1, Gemma-2-2B shapes: 12.1 us against 6.4
+for split + reduce at context 576, 26.0 against 9.6 at 2048; kernels/NOTES.md), so it is off by default
+(FUSED_REDUCE_MAX_BATCH = 0) and kept as an A/B switch (KERNELS_DECODE_FUSED_REDUCE=1); by default the
+separate reduction kernel (grid (batch, q_head)) merges. With one split the kernel writes the final
+output directly.
 
 Shapes: q/out [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
 seq_lens [B] int32 (includes the new token, already in the cache).
@@ -31,7 +33,7 @@ from kernels.common import MAX_TICKETS, device_sms, dot_upcast, next_pow2, score
 # Measured on an H100 (kernels/NOTES.md): BLOCK_N 32 with 3 stages beat 64 with 2 by 2.5%.
 DECODE_CONFIG = {"block_n": 32, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2.0}
 MAX_SPLITS = 64
-FUSED_REDUCE_MAX_BATCH = 8     # batch-1 latency regime; batch 32 runs 3 splits and one 1.5 us reduce in 183 us
+FUSED_REDUCE_MAX_BATCH = 0     # in-kernel merge measured slower than split + reduce at batch 1 (NOTES.md)
 
 
 @triton.jit(do_not_specialize=["stride_bt_b"])  # block-table width varies per step (see prefill.py)
@@ -198,9 +200,9 @@ def decode_config() -> dict:
 
 
 def fused_reduce(batch: int, num_kv_heads: int) -> bool:
-    """Merge the splits in the split kernel at small batch, where the reduce launch is a visible share
-    of the step; larger batches compile FUSED_REDUCE=False, the kernel measured at 99% of copy
-    bandwidth. KERNELS_DECODE_FUSED_REDUCE=0 / 1 forces it off / on (within the ticket counters)."""
+    """Whether the split kernel merges its partials itself: at batch <= FUSED_REDUCE_MAX_BATCH (0: never,
+    the merge measured slower than the reduce launch it saves) or as KERNELS_DECODE_FUSED_REDUCE=0 / 1
+    forces it, within the ticket counters."""
     forced = os.environ.get("KERNELS_DECODE_FUSED_REDUCE")
     wanted = batch <= FUSED_REDUCE_MAX_BATCH if forced is None else forced != "0"
     return wanted and batch * num_kv_heads <= MAX_TICKETS

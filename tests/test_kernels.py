@@ -116,8 +116,11 @@ def test_decode_splits_merged_in_kernel_or_by_the_reduction(monkeypatch, fused):
 
 def test_decode_merges_in_kernel_at_small_batch_only(monkeypatch):
     monkeypatch.delenv("KERNELS_DECODE_FUSED_REDUCE", raising=False)
+    monkeypatch.setattr(decode, "FUSED_REDUCE_MAX_BATCH", 8)
     assert decode.fused_reduce(1, 4) and decode.fused_reduce(decode.FUSED_REDUCE_MAX_BATCH, 8)
     assert not decode.fused_reduce(32, 4)                    # the throughput kernel stays as measured
+    monkeypatch.setattr(decode, "FUSED_REDUCE_MAX_BATCH", 0)  # the default: measured slower at batch 1
+    assert not decode.fused_reduce(1, 4)
     monkeypatch.setenv("KERNELS_DECODE_FUSED_REDUCE", "1")
     assert decode.fused_reduce(32, 4) and not decode.fused_reduce(2 ** 16, 2)   # out of tickets
 
