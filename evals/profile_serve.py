@@ -6,6 +6,10 @@ append, finish), steps grouped by kind (pure decode, mixed/prefill), and the wal
 torch.profiler windows print the kernels by GPU time: over `--profile-steps` pure decode steps at full
 batch, and optionally over the first `--profile-first` (prefill) steps.
 
+The engine runs the synchronous decode loop (overlap=False): with steps launched ahead
+(serve/lookahead.py) a step's GPU work lands in the next step's host phases, so the phase split would
+not mean what it says. `evals/bench_overlap.py` measures what the overlap buys.
+
   python evals/profile_serve.py --model gemma-2-2b                     # GPU machine
   python evals/profile_serve.py --model gemma-3-270m --num-requests 8 --output-len 8 --max-prompt 64  # smoke
 """
@@ -88,7 +92,7 @@ def run(args) -> dict:
 
     path, config = resolve(args, args.model, args.slim)
     llm = LLM(str(path), max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, enable_prefix_caching=False)
+              max_model_len=args.max_model_len, enable_prefix_caching=False, overlap=False)
     engine = llm.engine
     prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, config["vocab_size"], args.seed)
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)

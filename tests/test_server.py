@@ -172,3 +172,17 @@ def test_unservable_model_dir_is_one_line_exit_2(tmp_path):
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "not supported" in proc.stderr
+
+
+@pytest.mark.parametrize("flags, overlap, eager", [([], True, False), (["--no-overlap", "--enforce-eager"], False, True)])
+def test_serve_flags_reach_the_engine_config(tmp_path, monkeypatch, flags, overlap, eager):
+    import serve.engine
+    import serve.server
+    from compress.cli import main
+
+    seen = {}
+    monkeypatch.setattr(serve.engine, "LLMEngine", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr(serve.server, "serve_forever", lambda *args: None)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    assert main(["serve", str(tmp_path), *flags]) == 0
+    assert (seen["config"].overlap, seen["config"].enforce_eager) == (overlap, eager)

@@ -20,6 +20,10 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="read each decode step's tokens before launching the next (default on the GPU fast path: "
+                        "step N+1 is launched while step N's tokens are read)")
+    p.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs (decode runs eagerly)")
     p.set_defaults(func=run)
 
 
@@ -38,7 +42,8 @@ def run(args) -> int:
         config = EngineConfig(model=str(path), max_model_len=args.max_model_len, block_size=args.block_size,
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               kv_cache_memory=memory, device=args.device, dtype=args.dtype,
-                              enable_prefix_caching=not args.no_prefix_caching)
+                              enable_prefix_caching=not args.no_prefix_caching, overlap=not args.no_overlap,
+                              enforce_eager=args.enforce_eager)
         engine = LLMEngine(config)
     except ValueError as err:
         raise UserError(f"cannot serve {args.model}: {err}") from None
