@@ -105,3 +105,22 @@ def test_search_steps_need_the_fisher_method_and_a_flops_budget():
         PruneConfig(**base, flops=0.5, method="magnitude", search_steps=2).validate()
     assert PruneConfig(**base, latency_ms=3.0).validate().search_steps == 1
 
+
+
+def test_glue_pruning_method_names_map_onto_the_config_and_the_report():
+    from evals import glue_pruning, glue_pruning_report as report
+
+    settings = glue_pruning.method_settings
+    assert settings("fisher-iter4", None) == {"method": "fisher", "search_steps": 4, "fisher": "empirical"}
+    assert settings("fisher-iter4", "model")["fisher"] == "empirical"  # the name says its Fisher
+    assert settings("fisher-model-iter2", None) == {"method": "fisher", "search_steps": 2, "fisher": "model"}
+    assert settings("fisher-empirical", "model") == {"method": "fisher", "fisher": "empirical"}
+    assert settings("fisher", "model") == {"method": "fisher", "fisher": "model"}
+    assert settings("magnitude", None) == {"method": "magnitude"}
+    prune = {"seconds": {"fisher": 4.0, "total": 9.0}, "fisher": "empirical", "search_steps": 4}
+    rows = [{"model": "mpnet-base", "task": "stsb", "method": m, "flops": 0.6, "metrics": {"pearson": v},
+             "dense": {"pearson": 87.4}, "prune": prune, "speedup": {}}
+            for m, v in (("fisher-empirical", 77.0), ("fisher-iter4", 80.0))]
+    md = report.markdown({"command": "python evals/glue_pruning.py", "devices": {}, "rows": rows, "latency": None})
+    assert "| fisher | fisher-empirical | fisher-iter4 | magnitude |" in md and "| 77.0 | 80.0 |" in md
+    assert "- mpnet-base stsb FLOPs 0.6 (fisher-iter4): fisher 4.0, total 9.0" in md
