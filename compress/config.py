@@ -30,6 +30,7 @@ class PruneConfig:
     latency_ms: float | None = None
     method: str = "fisher"
     fisher: str = "empirical"  # FISHERS: the loss at the gold label, or the model's own predictions
+    search_steps: int = 1  # Fisher + search rounds down to --flops, each with the previous masks applied
     num_samples: int | None = None  # None: the task's default (2048 for GLUE)
     seed: int = 0
     max_seq_length: int | None = None  # None: the task's default (128 for GLUE, 384 for SQuAD)
@@ -57,11 +58,21 @@ class PruneConfig:
         if self.fisher not in FISHERS:
             raise UserError(f"unknown --fisher {self.fisher!r}; choose one of {', '.join(FISHERS)}")
         _require_positive(self, "max_seq_length", "batch_size", "latency_batch_size", "filter_multiple")
+        self._validate_search_steps()
         if self.num_samples is not None and self.num_samples < 1:
             raise UserError(f"--num-samples must be at least 1, got {self.num_samples}")
         if self.damp < 0:
             raise UserError(f"damp must be >= 0, got {self.damp}")
         return self
+
+    def _validate_search_steps(self) -> None:
+        steps = self.search_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise UserError(f"--search-steps must be an integer >= 1, got {steps!r}")
+        if steps > 1 and self.method != "fisher":
+            raise UserError(f"--search-steps {steps} needs --method fisher (the baselines search once)")
+        if steps > 1 and self.flops is None:
+            raise UserError(f"--search-steps {steps} needs --flops (the steps interpolate the FLOPs budget)")
 
 
 @dataclass

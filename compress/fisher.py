@@ -18,6 +18,11 @@ Two Fishers (`kind`):
   is the output's own gradient (Gauss-Newton J^T J), whatever the residual. QA spans keep the
   empirical Fisher (a distribution over every token position is too many classes).
 
+Iterative search (`compress prune --search-steps K`): `masks` sets the point the gradients are taken
+at to the masks of the previous step instead of all ones, so each unit's score is that of the
+already-pruned model (a head whose layer-mates are gone can matter more than it did beside them).
+The gradient of a unit whose mask is 0 is the first-order effect of reviving it; the search ignores it.
+
 Shapes: head_grads[l] is `[R, H_l]`, filter_grads[l] `[R, F_l]` (float32, CPU), R = N examples for the
 empirical Fisher, N x classes for the model Fisher of a classifier; the Fisher is mean over rows
 times a constant, which neither the search nor the rearrangement sees.
@@ -39,19 +44,21 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
-def mask_gradients(model, adapter, batches, device, progress: bool = True, kind: str = "empirical"):
+def mask_gradients(model, adapter, batches, device, progress: bool = True, kind: str = "empirical",
+                   masks=None, label: str = ""):
     """Per-example (per example and class, for the model Fisher of a classifier) gradients of the
-    log-likelihood w.r.t. head and filter masks, over all `batches`."""
+    log-likelihood w.r.t. head and filter masks, over all `batches`. `masks`: optional
+    (head_masks, filter_masks), `[H_l]` and `[F_l]`, applied while taking them (default all ones);
+    `label` is appended to the progress bar's name."""
     if kind not in FISHERS:
         raise ValueError(f"unknown Fisher {kind!r}; choose one of {', '.join(FISHERS)}")
     model.eval()  # no dropout: the Fisher is of the deterministic network
     heads, filters = [[] for _ in adapter.num_heads()], [[] for _ in adapter.num_filters()]
-    for batch in tqdm(batches, desc=f"fisher ({kind})", unit="batch", disable=not progress):
+    for batch in tqdm(batches, desc=f"fisher ({kind}){label}", unit="batch", disable=not progress):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels", None)  # None: a QA batch (start/end positions, compress.qa_task)
         b = batch["input_ids"].shape[0]
-        hm = [torch.ones(b, h, device=device, requires_grad=True) for h in adapter.num_heads()]
-        fm = [torch.ones(b, f, device=device, requires_grad=True) for f in adapter.num_filters()]
+        hm, fm = _leaf_masks(adapter, masks, b, device)
         with adapter.masks(hm, fm):
             if labels is None:
                 losses = [_span_loss(model, batch)]
@@ -65,6 +72,15 @@ def mask_gradients(model, adapter, batches, device, progress: bool = True, kind:
                 store.append((g if g is not None else torch.zeros_like(m)).detach().float().cpu())
     model.zero_grad(set_to_none=True)
     return [torch.cat(g) for g in heads], [torch.cat(g) for g in filters]
+
+
+def _leaf_masks(adapter, masks, b: int, device):
+    """Per-example copies of the masks (`[B, H_l]`, `[B, F_l]`) to take gradients against."""
+    if masks is None:
+        return ([torch.ones(b, h, device=device, requires_grad=True) for h in adapter.num_heads()],
+                [torch.ones(b, f, device=device, requires_grad=True) for f in adapter.num_filters()])
+    return tuple([m.to(device, torch.float32).expand(b, -1).clone().requires_grad_() for m in group]
+                 for group in masks)
 
 
 def _model_losses(logits: torch.Tensor, regression: bool) -> list[torch.Tensor]:

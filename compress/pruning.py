@@ -4,6 +4,9 @@ load model -> calibration batches -> mask gradients (Fisher) -> search under the
 rearrange -> tune (least squares) -> slim -> save. Masks travel between the stages; only
 `compress.arch` touches module paths. Baselines (`method` magnitude/random) replace the first three
 stages by per-layer ranking at a uniform keep ratio and skip rearrangement and tuning.
+With `search_steps` K > 1 the Fisher and the search run K times down to the FLOPs target, each Fisher
+with the masks so far applied and each search among the units still alive; rearrangement and tuning
+run once, on the last step's result.
 Everything is written atomically into the output directory, with `prune.json` recording how.
 """
 
@@ -94,7 +97,7 @@ def _calibration(config, task, tokenizer) -> dict:
 
 def _masks(config, adapter, model, calib, device, phases, progress, record):
     """Search (and for Fisher: rearrange and tune) the masks; fills `record` with what it did."""
-    from compress import baselines, fisher, rearrange, tune
+    from compress import baselines, rearrange, tune
 
     flops_model = cost.flops_model(adapter, calib["seq_len"])
     full = flops_model.flops_counts(adapter.num_heads(), adapter.num_filters())
@@ -104,14 +107,13 @@ def _masks(config, adapter, model, calib, device, phases, progress, record):
                       else baselines.random_scores(adapter, config.seed))
             return (*search.uniform_masks(*scores, flops_model.head_cost, flops_model.filter_cost,
                                           config.flops * full), flops_model)
-    with phases("fisher"):
-        head_grads, filter_grads = fisher.mask_gradients(model, adapter, calib["batches"], device, progress,
-                                                           config.fisher)
-    with phases("search"):
-        heads, filters = _search(config, adapter, model, calib, flops_model, full, head_grads, filter_grads, record)
+    (heads, filters), (head_grads, filter_grads), before = _fisher_search(config, adapter, model, calib, device,
+                                                                          phases, progress, record, flops_model, full)
     if config.rearrange:
         with phases("rearrange"):
-            heads, filters = rearrange.rearrange(heads, head_grads), rearrange.rearrange(filters, filter_grads)
+            alive_heads, alive_filters = before or (None, None)
+            heads = rearrange.rearrange(heads, head_grads, alive_heads)
+            filters = rearrange.rearrange(filters, filter_grads, alive_filters)
     if config.tune:
         with phases("tune"):
             heads, filters, record["tune"] = tune.tune_masks(model, adapter, calib["batches"], heads, filters,
@@ -119,13 +121,36 @@ def _masks(config, adapter, model, calib, device, phases, progress, record):
     return heads, filters, flops_model
 
 
-def _search(config, adapter, model, calib, flops_model, full, head_grads, filter_grads, record):
+def _fisher_search(config, adapter, model, calib, device, phases, progress, record, flops_model, full):
+    """Fisher then search, `search_steps` times down `search.flops_schedule` (once under a latency
+    budget), each Fisher taken with the previous step's masks applied and each search kept among the
+    units those keep. Returns the masks, the last mask gradients and the masks these were taken at
+    (None: all ones); with more than one step, `record["steps"]` lists what each step kept."""
+    from compress import fisher
+
+    targets = [None] if config.flops is None else search.flops_schedule(config.flops, config.search_steps)
+    masks = None
+    for step, target in enumerate(targets, 1):
+        before = masks
+        label = f" step {step}/{len(targets)}" if len(targets) > 1 else ""
+        with phases("fisher"):
+            grads = fisher.mask_gradients(model, adapter, calib["batches"], device, progress, config.fisher,
+                                          masks=before, label=label)
+        with phases("search"):
+            masks = _search(config, adapter, model, calib, flops_model, full, *grads, record, target, before)
+        if len(targets) > 1:
+            record.setdefault("steps", []).append(_step_record(target, *masks))
+    return masks, grads, before
+
+
+def _search(config, adapter, model, calib, flops_model, full, head_grads, filter_grads, record, flops, alive):
+    """Masks at FLOPs fraction `flops` (None: the latency budget) among the `alive` units (None: all)."""
     from compress.fisher import fisher_diagonal
 
     head_scores, filter_scores = fisher_diagonal(head_grads), fisher_diagonal(filter_grads)
-    if config.flops is not None:
+    if flops is not None:
         return search.search_flops(head_scores, filter_scores, flops_model.head_cost, flops_model.filter_cost,
-                                   config.flops * full)
+                                   flops * full, alive)
     table = _latency_table(config, adapter, model, calib)
     record["latency_table"] = dataclasses.asdict(table)
     budget = config.latency_ms - table.overhead_ms
@@ -133,6 +158,11 @@ def _search(config, adapter, model, calib, flops_model, full, head_grads, filter
         raise UserError(f"--latency-ms {config.latency_ms} is below the unprunable part of the model "
                         f"({table.overhead_ms:.2f} ms at batch {config.latency_batch_size})")
     return search.search_latency(head_scores, filter_scores, table, budget)
+
+
+def _step_record(flops: float, heads, filters) -> dict:
+    """What one step of an iterative search kept: its FLOPs target and per-layer counts."""
+    return {"flops": flops, "heads": [int(m.sum()) for m in heads], "filters": [int(m.sum()) for m in filters]}
 
 
 def _latency_table(config, adapter, model, calib):
@@ -174,6 +204,9 @@ def format_summary(record: dict) -> str:
              f"  filters per layer: {record['intermediate_size_per_layer']}"
              + (f" (zero padding: {record['zero_filters_per_layer']})" if any(record.get("zero_filters_per_layer", ())) else ""),
              "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())]
+    if "steps" in record:
+        lines.insert(2, "  search steps: " + "; ".join(f"FLOPs {s['flops']:.3g} -> {sum(s['heads'])} heads, "
+                                                        f"{sum(s['filters'])} filters" for s in record["steps"]))
     for key in ("eval_before", "eval_after"):
         if key in record:
             values = ", ".join(f"{k} {v:.2f}" for k, v in record[key].items() if k != "num_examples")

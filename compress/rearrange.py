@@ -8,6 +8,14 @@ search applies the best single swap (un-prune i, prune j) while it lowers the ob
 is unchanged and the objective never rises (at most 256 swaps per layer, which bounds the time
 on 3072-filter layers; every swap taken is an improvement). Swap gain, for i in P and j kept:
     delta(i, j) = I_ii + I_jj - 2 I_ij - 2 (I p)_i + 2 (I p)_j.
+
+Iterative search (`compress prune --search-steps K`): the Fisher of the last step is taken at the
+masks of step K-1 (compress.fisher), so p^T I p is the second-order loss of the last step's change
+only when p ranges over the units alive at step K-1: a unit pruned earlier is 0 at the expansion
+point and stays 0 (no change, no term), while its gradient row is the effect of reviving it, a
+different quantity that the objective does not model. So `alive` restricts each layer's swaps (and
+its Fisher block) to the units alive at step K-1; earlier-pruned units stay pruned, as in the search.
+With one step everything is alive and this is the paper's rearrangement.
 """
 
 from __future__ import annotations
@@ -46,6 +54,16 @@ def rearrange_layer(mask: torch.Tensor, fisher: torch.Tensor, max_swaps: int | N
     return (p == 0).to(mask.dtype)
 
 
-def rearrange(masks: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Rearrange every layer's mask (heads or filters) with its own Fisher block."""
-    return [rearrange_layer(m, block_fisher(g)) for m, g in zip(masks, grads)]
+def rearrange(masks: list[torch.Tensor], grads: list[torch.Tensor], alive=None) -> list[torch.Tensor]:
+    """Rearrange every layer's mask (heads or filters) with its own Fisher block; with `alive`
+    (per-layer masks), only among the units alive there, the others staying as they are."""
+    if alive is None:
+        return [rearrange_layer(m, block_fisher(g)) for m, g in zip(masks, grads)]
+    return [_rearrange_alive(m, g, a) for m, g, a in zip(masks, grads, alive)]
+
+
+def _rearrange_alive(mask: torch.Tensor, grads: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    idx = torch.as_tensor(alive).ne(0).nonzero().flatten()
+    out = mask.clone()
+    out[idx] = rearrange_layer(mask[idx], block_fisher(grads[:, idx]))
+    return out

@@ -8,6 +8,9 @@ are interchangeable except for their score, so the best choice of n items of one
 scores. `search_flops` enumerates every combination of counts over the distinct costs except the
 largest group, which is filled greedily with what budget is left: this is exact (for BERT there is
 one head cost and one filter cost, so it is a 1-D enumeration, as in the paper).
+Iterative search (`compress prune --search-steps K`): `alive` masks leave the units pruned at an
+earlier step out of the candidate sets, so the result is the exact optimum over the units still
+alive and a pruned unit is never revived; `flops_schedule` gives the per-step budgets.
 Latency: attention latency is not linear in the head count, so `search_latency` solves the
 multiple-choice knapsack over layers (heads per layer, FFN width per layer on a grid) by dynamic
 programming on the budget discretised into bins (costs rounded up, so the result always fits).
@@ -23,9 +26,12 @@ import torch
 MAX_COMBINATIONS = 5_000_000
 
 
-def search_flops(head_scores, filter_scores, head_cost, filter_cost, budget: float):
-    """Exact best masks with FLOPs <= budget. `*_cost[l]`: FLOPs of one head/filter of layer l."""
-    groups = _cost_groups(head_scores, filter_scores, head_cost, filter_cost)
+def search_flops(head_scores, filter_scores, head_cost, filter_cost, budget: float, alive=None):
+    """Exact best masks with FLOPs <= budget. `*_cost[l]`: FLOPs of one head/filter of layer l.
+    `alive`: optional (head_masks, filter_masks); only units where they are nonzero can be kept."""
+    groups = _cost_groups(head_scores, filter_scores, head_cost, filter_cost, alive)
+    if not groups:  # nothing alive: all masks stay zero
+        return _masks_from_groups(groups, {}, head_scores, filter_scores)
     fill = max(range(len(groups)), key=lambda g: len(groups[g][1]))
     rest = [g for g in range(len(groups)) if g != fill]
     counts = _count_grid([len(groups[g][1]) for g in rest])  # [C, len(rest)]
@@ -43,13 +49,18 @@ def search_flops(head_scores, filter_scores, head_cost, filter_cost, budget: flo
     return _masks_from_groups(groups, chosen, head_scores, filter_scores)
 
 
-def _cost_groups(head_scores, filter_scores, head_cost, filter_cost):
-    """[(cost, [(score, kind, layer, index)] sorted by score descending)] per distinct (kind, cost)."""
+def _cost_groups(head_scores, filter_scores, head_cost, filter_cost, alive=None):
+    """[(cost, [(score, kind, layer, index)] sorted by score descending)] per distinct (kind, cost),
+    the units outside `alive` (head_masks, filter_masks) left out."""
+    alive_heads, alive_filters = alive or (None, None)
     by_cost: dict[tuple, list] = {}
-    for kind, scores, costs in (("head", head_scores, head_cost), ("filter", filter_scores, filter_cost)):
+    for kind, scores, costs, keep in (("head", head_scores, head_cost, alive_heads),
+                                      ("filter", filter_scores, filter_cost, alive_filters)):
         for layer, (s, c) in enumerate(zip(scores, costs)):
+            allowed = None if keep is None else torch.as_tensor(keep[layer]).ne(0).tolist()
             for i, v in enumerate(torch.as_tensor(s).double().tolist()):
-                by_cost.setdefault((kind, float(c)), []).append((v, kind, layer, i))
+                if allowed is None or allowed[i]:
+                    by_cost.setdefault((kind, float(c)), []).append((v, kind, layer, i))
     return [(cost, sorted(items, key=lambda t: -t[0])) for (_, cost), items in by_cost.items()]
 
 
@@ -74,6 +85,14 @@ def _masks_from_groups(groups, chosen, head_scores, filter_scores):
         for _, kind, layer, i in groups[g][1][:n]:
             (heads if kind == "head" else filters)[layer][i] = 1.0
     return heads, filters
+
+
+def flops_schedule(final: float, steps: int) -> list[float]:
+    """Per-step FLOPs targets of an iterative search, linear in FLOPs from 1.0 to `final`:
+    f_i = 1 - (1 - final) * i / steps, so every step removes the same share of the dense FLOPs
+    (a geometric schedule would remove more early, while the Fisher still sees the dense model).
+    The last target is `final` itself (not recomputed), so one step is exactly the one-shot search."""
+    return [1.0 - (1.0 - final) * i / steps for i in range(1, steps)] + [final]
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

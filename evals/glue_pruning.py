@@ -2,7 +2,8 @@
 
 For each model and task: fine-tune the dense model (or reuse it), then prune it at each FLOPs
 target with the paper's method (fisher) and the two baselines (magnitude, random; same FLOPs, same
-slimming), evaluate every model on the dev split, and time each slimmed model against its dense
+slimming; variants of the Fisher method such as fisher-model or fisher-iter4 can run beside them,
+see --methods), evaluate every model on the dev split, and time each slimmed model against its dense
 parent at batch 32 and batch 1, sequence length 128 (CUDA events with bf16 autocast on GPU,
 perf_counter in fp32 on CPU). Resumable: every finished step is kept in `--work` (models) and in
 `--work/state.json` (numbers); rerun the same command to continue.
@@ -32,7 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--flops", nargs="+", type=float, default=[0.4, 0.5, 0.6, 0.7])
     p.add_argument("--methods", nargs="+", default=["fisher", "magnitude", "random"],
                    help="fisher, magnitude, random; fisher-empirical / fisher-model: the Fisher method with that "
-                        "Fisher, to compare the two in one run (fisher alone uses --fisher)")
+                        "Fisher, to compare the two in one run (fisher alone uses --fisher); fisher-iterK (e.g. "
+                        "fisher-iter4): the empirical Fisher with K search steps (compress prune --search-steps), "
+                        "fisher-model-iterK the same with the model Fisher")
     p.add_argument("--fisher", choices=("empirical", "model"), default=None,
                    help="the Fisher of the 'fisher' method (default: compress prune's default)")
     p.add_argument("--data-dir", default=None)
@@ -85,15 +88,27 @@ def pruned_model(args, state, dense, task, method, flops):
     out = dense.parent / f"{method}-{flops:g}"
     key = f"{out}:prune"
     if state.get(key) is None or not (out / "model.safetensors").is_file():
-        base, _, kind = method.partition("-")
-        config = PruneConfig(model=str(dense), task=task, output=str(out), flops=flops, method=base,
-                             num_samples=args.num_samples, data_dir=args.data_dir, overwrite=True)
-        config.fisher = kind or args.fisher or config.fisher
+        config = PruneConfig(model=str(dense), task=task, output=str(out), flops=flops, num_samples=args.num_samples,
+                             data_dir=args.data_dir, overwrite=True, **method_settings(method, args.fisher))
         record = prune(config)
         state.put(key, {"seconds": record["seconds"], "flops_ratio": record["flops_ratio"], "fisher": config.fisher,
-                        "heads": record["num_attention_heads_per_layer"],
-                        "filters": record["intermediate_size_per_layer"]})
+                        "search_steps": config.search_steps, "heads": record["num_attention_heads_per_layer"],
+                        "filters": record["intermediate_size_per_layer"],
+                        **({"steps": record["steps"]} if "steps" in record else {})})
     return out
+
+
+def method_settings(method: str, fisher: str | None) -> dict:
+    """PruneConfig fields of a --methods name: `fisher` (its Fisher from --fisher), `fisher-empirical`,
+    `fisher-model`, `fisher-iterK` (empirical, K search steps), `fisher-model-iterK`, the baselines."""
+    base, *parts = method.split("-")
+    settings = {"method": base}
+    if parts and parts[-1].startswith("iter") and parts[-1][4:].isdigit():
+        settings["search_steps"] = int(parts.pop()[4:])
+        parts = parts or ["empirical"]  # a named variant says its Fisher; --fisher is the bare column's
+    if parts or fisher:
+        settings["fisher"] = "-".join(parts) or fisher
+    return settings
 
 
 def dev_metrics(args, state, path, task):

@@ -111,9 +111,12 @@ def markdown(result: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Seconds per pruning phase (fisher):", ""]
     for (model, task, flops), group in _grouped(result["rows"]).items():
-        if "fisher" in group and group["fisher"].get("prune"):
-            phases = group["fisher"]["prune"]["seconds"]
-            lines.append(f"- {model} {task} FLOPs {flops:g}: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+        for method in [m for m in methods if m.startswith("fisher")]:
+            if method in group and group[method].get("prune"):
+                phases = group[method]["prune"]["seconds"]
+                name = "" if method == "fisher" else f" ({method})"
+                lines.append(f"- {model} {task} FLOPs {flops:g}{name}: "
+                             + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     return "\n".join(lines) + "\n"
 
 

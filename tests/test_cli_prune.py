@@ -70,6 +70,41 @@ def test_recipe_maps_onto_config_and_flags_override(work, tmp_path):
     assert "tune" not in record["seconds"]
 
 
+def test_search_steps_run_end_to_end_and_are_recorded(work, capsys):
+    root, data, ft = work
+    out = root / "pruned-steps"
+    assert main(["prune", "--model", str(ft), "--task", "sst2", "--data-dir", str(data), "-o", str(out),
+                 "--flops", "0.5", "--num-samples", "32", "--search-steps", "3"]) == 0
+    assert "search steps: FLOPs 0.833 -> " in capsys.readouterr().out
+    record = json.loads((out / "prune.json").read_text())
+    assert record["recipe"]["search_steps"] == 3 and record["flops_ratio"] <= 0.5 + 1e-9
+    assert [s["flops"] for s in record["steps"]] == pytest.approx([5 / 6, 2 / 3, 0.5])
+    for before, after in zip(record["steps"], record["steps"][1:]):
+        assert all(a <= b for a, b in zip(after["heads"] + after["filters"], before["heads"] + before["filters"]))
+    assert record["num_attention_heads_per_layer"] == record["steps"][-1]["heads"]
+    assert [f - z for f, z in zip(record["intermediate_size_per_layer"], record["zero_filters_per_layer"])] == \
+        record["steps"][-1]["filters"]
+    assert set(record["seconds"]) >= {"fisher", "search", "rearrange", "tune"}
+
+
+def test_search_steps_recipe_round_trip(work, tmp_path):
+    import yaml
+
+    from compress.config import PruneConfig, load_recipe, resolve
+
+    root, data, ft = work
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {ft}\ntask: sst2\nflops: 0.6\nnum_samples: 32\nsearch_steps: 2\ndata_dir: {data}\n")
+    out = tmp_path / "out"
+    assert main(["prune", "--recipe", str(recipe), "-o", str(out)]) == 0
+    record = json.loads((out / "prune.json").read_text())
+    assert record["recipe"]["search_steps"] == 2 and len(record["steps"]) == 2
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(yaml.safe_dump(record["recipe"]))
+    assert resolve(PruneConfig, load_recipe(saved)) == PruneConfig(**record["recipe"])
+    assert resolve(PruneConfig, load_recipe(recipe), output="o", search_steps=4).search_steps == 4  # flag wins
+
+
 def _bad(work, tmp_path, capsys, argv, message):
     root, data, ft = work
     argv = [a.format(ft=ft, data=data, root=root, tmp=tmp_path) for a in argv]
@@ -89,6 +124,9 @@ PRUNE = ["prune", "--task", "sst2", "--data-dir", "{data}", "-o", "{tmp}/out"]
     (PRUNE[:2] + ["imagenet"] + PRUNE[3:] + ["--model", "{ft}", "--flops", "0.5"], "unknown task"),
     (PRUNE + ["--model", "{ft}", "--flops", "0"], "--flops must be in (0, 1]"),
     (PRUNE + ["--model", "{ft}", "--flops", "1.5"], "--flops must be in (0, 1]"),
+    (PRUNE + ["--model", "{ft}", "--flops", "0.5", "--search-steps", "0"], "--search-steps must be an integer >= 1"),
+    (PRUNE + ["--model", "{ft}", "--flops", "0.5", "--search-steps=-1"], "--search-steps must be an integer >= 1"),
+    (PRUNE + ["--model", "{ft}", "--latency-ms", "5", "--search-steps", "2"], "--search-steps 2 needs --flops"),
     (PRUNE + ["--model", "{root}/base", "--flops", "0.5"], "no sequence-classification head"),
     (["prune", "--task", "mnli", "--data-dir", "{data}", "-o", "{tmp}/out", "--model", "{ft}", "--flops", "0.5"],
      "has 2 labels but task mnli has 3"),
@@ -97,6 +135,16 @@ PRUNE = ["prune", "--task", "sst2", "--data-dir", "{data}", "-o", "{tmp}/out"]
 ])
 def test_bad_inputs_exit_2_with_one_line(work, tmp_path, capsys, argv, message):
     _bad(work, tmp_path, capsys, argv, message)
+
+
+def test_search_steps_that_are_not_integers_exit_2_with_one_line(work, tmp_path, capsys):
+    root, data, ft = work
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own type check (compress.cli._Parser)
+        main(["prune", "--model", str(ft), "--task", "sst2", "--data-dir", str(data), "-o", str(tmp_path / "out"),
+              "--flops", "0.5", "--search-steps", "x"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--search-steps: invalid int value" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_needs_overwrite(work, tmp_path, capsys):

@@ -116,3 +116,43 @@ def test_rearrangement_finds_the_optimum_of_a_diagonal_fisher():
     mask = torch.tensor([0.0, 1.0, 0.0, 1.0, 1.0])  # prunes the two most important units
     new = rearrange.rearrange_layer(mask, fisher_block)
     assert new.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_mask_gradients_at_given_masks_are_those_of_the_masked_model():
+    """With `masks` the gradients are taken at those values (the iterative search's already-pruned model):
+    per example they match a plain backward through the masks set there, and differ from all ones."""
+    model = tiny_model("bert")
+    adapter = get_adapter(model)
+    batch = dict(tiny_inputs(batch=3), labels=torch.tensor([0, 1, 1]))
+    heads = [torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.ones(4)]  # layer 0 lost two heads
+    filters = [torch.ones(128), (torch.arange(128) % 3 != 0).float()]
+    head_grads, filter_grads = fisher.mask_gradients(model, adapter, [batch], "cpu", progress=False,
+                                                     masks=(heads, filters))
+    one = {k: v[1:2] for k, v in batch.items()}
+    hm = [m[None].clone().requires_grad_() for m in heads]
+    fm = [m[None].clone().requires_grad_() for m in filters]
+    with adapter.masks(hm, fm):
+        loss = fisher.task_loss(model(**{k: v for k, v in one.items() if k != "labels"}).logits, one["labels"])
+    expected = torch.autograd.grad(loss, hm + fm)
+    for got, want in zip([g[1] for g in head_grads + filter_grads], expected):
+        torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-6)
+    dense_heads, _ = fisher.mask_gradients(model, adapter, [batch], "cpu", progress=False)
+    kept = fisher.fisher_diagonal(head_grads)[0][[0, 3]]  # the surviving heads of layer 0
+    assert (kept - fisher.fisher_diagonal(dense_heads)[0][[0, 3]]).abs().max() > 1e-3 * kept.abs().max()
+
+
+def test_rearrangement_with_alive_masks_leaves_earlier_pruned_units_pruned():
+    """A unit outside `alive` (pruned at an earlier step) stays pruned even when its Fisher is the largest,
+    and among the alive units the result is the rearrangement of their own Fisher block."""
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(50, 8, generator=g)
+    grads[:, 0] *= 30.0  # unrestricted, the rearrangement would revive unit 0 first
+    alive = torch.tensor([0.0, 1, 1, 1, 1, 1, 1, 0])
+    mask = torch.tensor([0.0, 1, 0, 1, 0, 1, 0, 0])
+    free = rearrange.rearrange([mask], [grads])[0]
+    assert free[0] == 1.0  # the test's premise
+    new = rearrange.rearrange([mask], [grads], [alive])[0]
+    assert new[0] == 0 and new[7] == 0 and int(new.sum()) == int(mask.sum())
+    sub = alive.nonzero().flatten()
+    expected = rearrange.rearrange_layer(mask[sub], rearrange.block_fisher(grads[:, sub]))
+    assert torch.equal(new[sub], expected)

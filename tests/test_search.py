@@ -88,3 +88,48 @@ def test_uniform_baseline_meets_budget():
     used = sum(float(m.sum()) * 100 for m in hm) + sum(float(m.sum()) * 3 for m in fm)
     assert used <= 0.5 * full
     assert [int(m.sum()) for m in hm] == [2, 2]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flops_search_among_alive_units_is_exact_and_never_revives(seed):
+    """The iterative search's step: the optimum over the alive units only, whatever the pruned ones score."""
+    g = torch.Generator().manual_seed(seed)
+    heads = [torch.rand(2, generator=g), torch.rand(2, generator=g)]
+    filters = [torch.rand(3, generator=g), torch.rand(3, generator=g)]
+    alive = ([torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])], [torch.tensor([0.0, 1.0, 1.0]), torch.ones(3)])
+    heads[0][1] = filters[0][0] = 10.0  # the pruned units would win any unconstrained search
+    head_cost, filter_cost = [5.0, 5.0], [2.0, 2.0]
+    full = 4 * 5.0 + 6 * 2.0
+    for ratio in (0.3, 0.5, 0.8, 1.0):
+        hm, fm = search.search_flops(heads, filters, head_cost, filter_cost, ratio * full, alive)
+        assert all(bool((m <= a).all()) for m, a in zip(hm + fm, alive[0] + alive[1]))
+        alive_heads = [s[a != 0] for s, a in zip(heads, alive[0])]
+        alive_filters = [s[a != 0] for s, a in zip(filters, alive[1])]
+        best = _brute_force(alive_heads, alive_filters, head_cost, filter_cost, ratio * full)
+        assert _kept_value(hm, heads) + _kept_value(fm, filters) == pytest.approx(best, abs=1e-5)
+
+
+def test_flops_search_with_everything_alive_is_the_one_shot_search():
+    g = torch.Generator().manual_seed(3)
+    heads = [torch.rand(4, generator=g) for _ in range(2)]
+    filters = [torch.rand(16, generator=g) for _ in range(2)]
+    costs = ([7.0, 7.0], [1.0, 1.0])
+    alive = ([torch.ones(4)] * 2, [torch.ones(16)] * 2)
+    for budget in (10.0, 25.0, 40.0):
+        plain = search.search_flops(heads, filters, *costs, budget)
+        masked = search.search_flops(heads, filters, *costs, budget, alive)
+        assert all(torch.equal(a, b) for a, b in zip(plain[0] + plain[1], masked[0] + masked[1]))
+
+
+def test_flops_search_with_nothing_alive_keeps_nothing():
+    heads, filters = [torch.rand(2)], [torch.rand(3)]
+    hm, fm = search.search_flops(heads, filters, [5.0], [2.0], 100.0, ([torch.zeros(2)], [torch.zeros(3)]))
+    assert hm[0].sum() == 0 and fm[0].sum() == 0
+
+
+def test_flops_schedule_is_linear_and_ends_exactly_at_the_target():
+    assert search.flops_schedule(0.6, 1) == [0.6]
+    assert search.flops_schedule(0.5, 4) == pytest.approx([0.875, 0.75, 0.625, 0.5])
+    assert search.flops_schedule(0.7, 3)[-1] == 0.7  # the target itself, not 1 - (1 - 0.7) * 3 / 3
+    steps = search.flops_schedule(0.35, 7)
+    assert all(a > b for a, b in zip(steps, steps[1:])) and steps[-1] == 0.35

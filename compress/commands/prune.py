@@ -11,10 +11,10 @@ from compress.commands._common import add_data_flags, overrides
 from compress.errors import UserError
 
 DECODER_METHODS = ("activation", "activation-mlp", "fisher-mlp")  # the encoder pruner has no such criterion
-ENCODER_ONLY = ("latency_ms", "max_seq_length", "eval", "filter_multiple", "fisher")
+ENCODER_ONLY = ("latency_ms", "max_seq_length", "eval", "filter_multiple", "fisher", "search_steps")
 DECODER_ONLY = ("calib", "seq_len", "context_len", "dtype")
-FIELDS = ("model", "task", "output", "flops", "latency_ms", "method", "fisher", "num_samples", "seed", "max_seq_length",
-          "batch_size", "damp", "filter_multiple", "data_dir", "device", "eval", "overwrite", "rearrange", "tune")
+FIELDS = ("model", "task", "output", "flops", "latency_ms", "method", "fisher", "search_steps", "num_samples", "seed",
+          "max_seq_length", "batch_size", "damp", "filter_multiple", "data_dir", "device", "eval", "overwrite", "rearrange", "tune")
 
 
 def register(subparsers) -> None:
@@ -34,6 +34,10 @@ def register(subparsers) -> None:
                    help="Fisher of the masks: 'empirical' (the loss at the gold labels, as in the paper) or "
                         "'model' (expected over the model's own predictions; stabler when the model fits its "
                         "calibration sample closely, e.g. regression); default empirical")
+    p.add_argument("--search-steps", type=int, metavar="K",
+                   help="prune in K rounds down to --flops (targets 1 - (1 - F) * i / K), each re-estimating the "
+                        "Fisher with the masks so far applied; costs K Fisher passes (default 1, the paper's "
+                        "one-shot search; encoders with --flops only)")
     p.add_argument("--num-samples", type=int,
                    help="calibration examples (default: 2048; bbc-news 128) or decoder windows (default 128)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
