@@ -99,9 +99,8 @@ def markdown(result: dict) -> str:
     methods = ["fisher"] + sorted({r["method"] for r in result["rows"] if r["method"].startswith("fisher-")})
     methods += ["magnitude", "random"]
     lines += _fisher_note(result["rows"])
-    header = f"| model | task | FLOPs | dense | {' | '.join(methods)} | fisher prune s | " + " | ".join(
-        f"speedup {k}" for k in keys) + " |"
-    lines += [header, "|" + "---|" * (5 + len(methods) + len(keys))]
+    header = ["model", "task", "FLOPs", "dense", *methods, "fisher prune s", *(f"speedup {k}" for k in keys)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * (5 + len(methods) + len(keys))]
     for (model, task, flops), group in _grouped(result["rows"]).items():
         fisher = group.get("fisher")
         cells = [model, task, f"{flops:g}", _metric(next(iter(group.values()))["dense"])]
