@@ -53,6 +53,26 @@ def test_sdpa_path_is_taken_on_its_devices(monkeypatch):
     assert len(calls) == 2  # CPU now takes the eager parent
 
 
+def test_swapped_attention_keeps_eval_mode():
+    """Installed on an eval-mode model (evals/encoder_latency.py does), SDPA must not apply dropout."""
+    from tests._tiny import tiny_config
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_config("mpnet")
+    config.attention_probs_dropout_prob = 0.5
+    torch.manual_seed(0)
+    eager = AutoModelForSequenceClassification.from_config(config).eval()
+    fast = copy.deepcopy(eager)
+    get_adapter(fast).fast_attention()
+    slim_model(get_adapter(fast), [torch.tensor([1.0, 0, 1, 1]), torch.ones(4)], [torch.ones(128)] * 2)
+    assert not any(m.training for m in fast.modules())
+    inputs = tiny_inputs(batch=2, seq=8)
+    torch.testing.assert_close(_logits(fast, inputs), _logits(fast, inputs))  # deterministic: no dropout
+    get_adapter(eager).fast_attention()
+    fast.train(), eager.train()
+    assert all(m.training for m in fast.modules()) and all(m.training for m in eager.modules())
+
+
 def test_slimmed_mpnet_slices_the_bias_per_layer():
     dense = tiny_model("mpnet")
     keep_heads = [torch.tensor([0.0, 1, 0, 1]), torch.tensor([1.0, 0, 0, 0])]

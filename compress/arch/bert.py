@@ -107,6 +107,7 @@ class MPNetSdpaSelfAttention(MPNetSelfAttention):
         self.all_head_size = inner.all_head_size
         self.q, self.k, self.v, self.o, self.dropout = inner.q, inner.k, inner.v, inner.o, inner.dropout
         self.register_buffer("head_index", torch.as_tensor(head_index, dtype=torch.long), persistent=False)
+        self.training = inner.training  # a fresh Module is in training mode: SDPA would apply dropout
 
     def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
         if position_bias is not None:
