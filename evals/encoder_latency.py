@@ -146,7 +146,7 @@ def dense_model(config, seed: int = 0):
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config).eval()
-    get_adapter(model).fast_attention()
+    get_adapter(model).install_fast_path()
     return model
 
 

@@ -164,7 +164,7 @@ class MPNetAdapter(Adapter):
         old = getattr(att, "head_index", torch.arange(self.config.num_attention_heads))
         blk.attention.attn = MPNetSdpaSelfAttention(att, old[keep_heads])
 
-    def fast_attention(self):
+    def install_fast_path(self):
         for blk in self.layer_modules():
             att = blk.attention.attn
             if not isinstance(att, (EmptyAttention, MPNetSdpaSelfAttention)):
