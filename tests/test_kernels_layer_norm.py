@@ -81,6 +81,12 @@ def test_add_layer_norm_rejects_mismatched_inputs():
     assert layer_norm.add_layer_norm(x[:0], residual[:0], weight, bias, 1e-5).shape == (0, 64)
 
 
+def test_encoder_fast_path_knows_the_row_limit():
+    from compress.arch import fast_path
+
+    assert fast_path.MAX_NORM_HIDDEN == layer_norm.MAX_HIDDEN
+
+
 def test_launch_config_keeps_eight_elements_per_thread():
     for hidden, (rows, warps) in {384: (2, 4), 600: (1, 4), 768: (1, 4), 1024: (1, 4), 4096: (1, 8)}.items():
         assert layer_norm.launch_config(hidden) == (rows, warps), hidden
