@@ -30,16 +30,21 @@ FILTERS = [(torch.arange(128) % 9 < 4).float(), torch.ones(128)]
 
 @pytest.fixture
 def fast_on_cpu(monkeypatch):
+    """The fast path on CPU tensors, through the reference kernels unless `backend` says otherwise."""
     monkeypatch.setattr(fast_path, "FAST_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(MPNetSdpaSelfAttention, "SDPA_DEVICES", ("cuda", "cpu"))
+    previous = dispatch.backend_name()
+    dispatch.set_backend("reference")
+    yield
+    dispatch.set_backend(previous)
 
 
 @pytest.fixture(params=["triton", "reference"])
-def backend(request):
-    previous = dispatch.backend_name()
+def backend(request, fast_on_cpu):
+    if request.param == "triton" and torch.cuda.is_available():
+        pytest.skip("compiled Triton takes CUDA tensors only: the gpu tests below run it")
     dispatch.set_backend(request.param)
-    yield request.param
-    dispatch.set_backend(previous)
+    return request.param
 
 
 @pytest.fixture
@@ -88,7 +93,7 @@ def _fast(model, slim_first: bool):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_dense_fast_path_equals_the_unfused_forward(kind, fast_on_cpu, backend, norm_calls):
+def test_dense_fast_path_equals_the_unfused_forward(kind, backend, norm_calls):
     model = tiny_model(kind)
     fast = copy.deepcopy(model)
     get_adapter(fast).install_fast_path()
@@ -101,7 +106,7 @@ def test_dense_fast_path_equals_the_unfused_forward(kind, fast_on_cpu, backend, 
 
 @pytest.mark.parametrize("slim_first", [True, False], ids=["slim-then-install", "install-then-slim"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_slimmed_fast_path_equals_the_masked_model(kind, slim_first, fast_on_cpu, backend, norm_calls):
+def test_slimmed_fast_path_equals_the_masked_model(kind, slim_first, backend, norm_calls):
     model = tiny_model(kind)
     fast = _fast(model, slim_first)
     assert get_adapter(fast).num_heads() == [3, 0]
@@ -197,17 +202,22 @@ def test_compress_imports_and_installs_without_triton():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cuda_default_fuses_and_matches_the_unfused_forward(kind, dtype, tolerance, norm_calls):
-    model = _slimmed(tiny_model(kind)).to("cuda", dtype)
+def test_cuda_default_fuses_and_matches_the_unfused_forward(kind, dtype, norm_calls):
+    """fp32: equal to the unfused forward; bf16: about as close to the fp32 forward as the unfused one."""
+    exact = _slimmed(tiny_model(kind)).to("cuda")
+    model = copy.deepcopy(exact).to(dtype)
     fast = copy.deepcopy(model)
     get_adapter(fast).install_fast_path()
     qkv_calls = _qkv_calls(fast)
     inputs = {k: v.cuda() for k, v in tiny_inputs(batch=4, seq=16).items()}
-    got, want = _logits(fast, inputs), _logits(model, inputs)
+    got, unfused, want = _logits(fast, inputs), _logits(model, inputs), _logits(exact, inputs)
     assert dispatch.backend_name() == "triton" and len(norm_calls) == 4 and not qkv_calls
-    assert relative_error(got, want) < tolerance
+    if dtype == torch.float32:
+        assert relative_error(got, unfused) < 1e-4
+    else:
+        assert relative_error(got, want) < 2 * relative_error(unfused, want) + 1e-2
 
 
 @pytest.mark.gpu
