@@ -104,6 +104,17 @@ def test_dense_fast_path_equals_the_unfused_forward(kind, backend, norm_calls):
     assert all(layer.qkv_weight.shape == (192, 64) for layer in _attentions(fast))
 
 
+def test_fused_qkv_goes_through_the_configured_attention(fast_on_cpu, norm_calls):
+    """BERT's fused path hands q, k, v to the model's attention interface: eager takes a float mask."""
+    model = tiny_model("bert")
+    model.set_attn_implementation("eager")
+    fast = copy.deepcopy(model)
+    get_adapter(fast).install_fast_path()
+    assert fast.config._attn_implementation == "eager"
+    assert relative_error(_logits(fast), _logits(model)) < 1e-5
+    assert len(norm_calls) == 4
+
+
 @pytest.mark.parametrize("slim_first", [True, False], ids=["slim-then-install", "install-then-slim"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_slimmed_fast_path_equals_the_masked_model(kind, slim_first, backend, norm_calls):
