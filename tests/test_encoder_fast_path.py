@@ -23,7 +23,7 @@ from kernels.testing import relative_error
 from tests._tiny import tiny_config, tiny_inputs, tiny_model
 
 KINDS = ("bert", "roberta", "mpnet")
-# layer 0 keeps 3 of 4 heads and 57 of 128 filters, layer 1 keeps no heads and every filter
+# layer 0 keeps 3 of 4 heads and 58 of 128 filters, layer 1 keeps no heads and every filter
 HEADS = [torch.tensor([1.0, 0, 1, 1]), torch.zeros(4)]
 FILTERS = [(torch.arange(128) % 9 < 4).float(), torch.ones(128)]
 
