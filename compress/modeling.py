@@ -67,7 +67,7 @@ def load(path: str | os.PathLike, device="cpu"):
         adapter.resize_to_config()
     except (IndexError, ValueError, RuntimeError) as err:
         raise UserError(f"config.json in {path} has inconsistent per-layer shapes ({err})") from None
-    adapter.fast_attention()
+    adapter.install_fast_path()
     _load_strict(model, state, path)
     return model.to(device).eval()
 

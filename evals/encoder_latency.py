@@ -47,8 +47,9 @@ METHOD = ("cuda: bf16 weights, the forward captured once in a CUDA graph (attent
           "median per-forward ms over {trials} timings of {replays} back-to-back replays each (CUDA events), "
           "after {warmup} warm-up replays. cpu: fp32, median of {cpu_runs} perf_counter forwards after warm-up, "
           "torch's default thread count. input_ids [batch, {seq}]. FFN widths padded with zero filters to a multiple "
-          "of {filter_multiple}, as `compress prune` writes them (same outputs). MPNet attention as `compress.load` installs it "
-          "(SDPA with the relative bias on cuda, eager on cpu) in dense and slimmed models alike.")
+          "of {filter_multiple}, as `compress prune` writes them (same outputs). The fast path `compress.load` installs "
+          "(cuda: residual add + LayerNorm as one Triton kernel, Q/K/V as one GEMM, MPNet attention through SDPA "
+          "with the relative bias; cpu: the unfused Hugging Face ops) in dense and slimmed models alike.")
 
 # Shape fields of the offline models' config.json, for machines without their weight packages (the
 # GPU machine has none); latency needs nothing else. tests/test_encoder_latency.py checks them
@@ -138,15 +139,15 @@ def base_config(name: str):
 
 
 def dense_model(config, seed: int = 0):
-    """The dense parent with random weights, fp32, on CPU, eval mode, with the attention modules
-    `compress.load` installs (MPNet: SDPA instead of Hugging Face's eager attention)."""
+    """The dense parent with random weights, fp32, on CPU, eval mode, with the fast path `compress.load`
+    installs (compress/arch/fast_path.py; MPNet: SDPA instead of Hugging Face's eager attention)."""
     from transformers import AutoModelForSequenceClassification
 
     from compress.arch import get_adapter
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config).eval()
-    get_adapter(model).fast_attention()
+    get_adapter(model).install_fast_path()
     return model
 
 

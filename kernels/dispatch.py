@@ -1,6 +1,6 @@
 """Picks the kernel backend once and exposes one API for both (the runtime imports only this).
 
-Backends: "triton" (kernels/cache.py, prefill.py, decode.py, norm.py, gemv.py) when CUDA and Triton are present,
+Backends: "triton" (kernels/cache.py, prefill.py, decode.py, norm.py, layer_norm.py, gemv.py) when CUDA and Triton are present,
 else "reference" (kernels/reference.py, plain torch, any device). Env KERNELS_BACKEND=triton|reference
 overrides the choice at import; tests call `set_backend`. Signatures are those of the paged-KV contract in kernels/__init__.py.
 """
@@ -15,7 +15,7 @@ import torch
 
 BACKENDS = ("triton", "reference")
 OPS = ("reshape_and_cache", "rotary_and_cache", "paged_prefill_attention", "paged_decode_attention", "rms_norm",
-       "rms_norm_pair", "rotary_embedding", "linear_small_m", "gelu_tanh_and_mul_gemv")
+       "rms_norm_pair", "rotary_embedding", "linear_small_m", "gelu_tanh_and_mul_gemv", "add_layer_norm")
 
 
 def triton_available() -> bool:
@@ -46,6 +46,7 @@ def load_backend(name: str) -> SimpleNamespace:
                                ("prefill", ["paged_prefill_attention"]),
                                ("decode", ["paged_decode_attention"]),
                                ("norm", ["rms_norm", "rms_norm_pair", "rotary_embedding"]),
+                               ("layer_norm", ["add_layer_norm"]),
                                ("gemv", ["linear_small_m", "gelu_tanh_and_mul_gemv"])):
         module = importlib.import_module(f"kernels.{module_name}")
         ops.update({op: getattr(module, op) for op in names})
@@ -98,6 +99,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
 
 def rms_norm(x, weight, eps: float, residual=None, out=None):
     return backend().rms_norm(x, weight, eps, residual=residual, out=out)
+
+
+def add_layer_norm(x, residual, weight, bias, eps: float):
+    return backend().add_layer_norm(x, residual, weight, bias, eps)
 
 
 def rotary_embedding(positions, q, k, cos_sin_cache):

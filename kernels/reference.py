@@ -110,6 +110,13 @@ def rms_norm_pair_ref(x, w1, w2, eps: float, residual):
     return rms_norm_ref(rms_norm_ref(x, w1, eps), w2, eps, residual=residual)
 
 
+def add_layer_norm_ref(x, residual, weight, bias, eps: float):
+    """LayerNorm(x + residual) over the last dimension, as a post-norm encoder layer computes it: the sum
+    in x.dtype (the unfused add), mean and variance in fp32, affine, rounded once to x.dtype."""
+    summed = (x + residual).float()
+    return F.layer_norm(summed, (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
 def linear_small_m_ref(x, weight, out=None):
     """x [M, K] @ weight [N, K]^T -> [M, N] in x.dtype (any M; the Triton twin is meant for M <= 4)."""
     y = F.linear(x, weight)

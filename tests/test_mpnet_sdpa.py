@@ -28,7 +28,7 @@ def _logits(model, inputs, **kw):
 def test_dense_mpnet_through_sdpa_equals_eager():
     eager = tiny_model("mpnet")
     fast = copy.deepcopy(eager)
-    get_adapter(fast).fast_attention()
+    get_adapter(fast).install_fast_path()
     layers = get_adapter(fast).layer_modules()
     assert all(isinstance(blk.attention.attn, MPNetSdpaSelfAttention) for blk in layers)
     inputs = tiny_inputs(batch=4, seq=12)  # one padded row
@@ -41,7 +41,7 @@ def test_dense_mpnet_through_sdpa_equals_eager():
 
 def test_sdpa_path_is_taken_on_its_devices(monkeypatch):
     fast = tiny_model("mpnet")
-    get_adapter(fast).fast_attention()
+    get_adapter(fast).install_fast_path()
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
@@ -51,6 +51,26 @@ def test_sdpa_path_is_taken_on_its_devices(monkeypatch):
     monkeypatch.setattr(MPNetSdpaSelfAttention, "SDPA_DEVICES", ("cuda",))
     _logits(fast, tiny_inputs())
     assert len(calls) == 2  # CPU now takes the eager parent
+
+
+def test_swapped_attention_keeps_eval_mode():
+    """Installed on an eval-mode model (evals/encoder_latency.py does), SDPA must not apply dropout."""
+    from tests._tiny import tiny_config
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_config("mpnet")
+    config.attention_probs_dropout_prob = 0.5
+    torch.manual_seed(0)
+    eager = AutoModelForSequenceClassification.from_config(config).eval()
+    fast = copy.deepcopy(eager)
+    get_adapter(fast).install_fast_path()
+    slim_model(get_adapter(fast), [torch.tensor([1.0, 0, 1, 1]), torch.ones(4)], [torch.ones(128)] * 2)
+    assert not any(m.training for m in fast.modules())
+    inputs = tiny_inputs(batch=2, seq=8)
+    torch.testing.assert_close(_logits(fast, inputs), _logits(fast, inputs))  # deterministic: no dropout
+    get_adapter(eager).install_fast_path()
+    fast.train(), eager.train()
+    assert all(m.training for m in fast.modules()) and all(m.training for m in eager.modules())
 
 
 def test_slimmed_mpnet_slices_the_bias_per_layer():

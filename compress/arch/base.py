@@ -154,9 +154,10 @@ class Adapter:
     def _after_slim_layer(self, layer: int, keep_heads: torch.Tensor) -> None:
         """Hook for architectures with per-head state outside the layer (e.g. MPNet's relative bias)."""
 
-    def fast_attention(self) -> None:
-        """Swap in attention modules that compute the same function faster, where the architecture's own
-        are eager only (MPNet); a no-op elsewhere. `compress.load` calls it."""
+    def install_fast_path(self) -> None:
+        """Swap in modules that compute the same function faster at inference (fused kernels, SDPA where
+        the architecture's own attention is eager only), keeping the state dict; a no-op where the
+        architecture has none. `compress.load` calls it."""
 
     def record_shapes(self) -> None:
         """Write per-layer shape keys into the config when the layers differ from its uniform sizes."""

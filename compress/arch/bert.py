@@ -1,13 +1,15 @@
 """Module paths of BERT-family encoders: BERT (bert-base, MiniLM), RoBERTa, DistilBERT, MPNet.
 
 All four are post-norm encoders with multi-head attention (no kv groups) and a two-projection FFN.
-Every path into a Hugging Face module of these models lives in this file. MPNet shares one relative
+Every path into a Hugging Face module of these models lives in this file and in fast_path.py, whose
+fused inference modules `install_fast_path` swaps in (BERT, RoBERTa, MPNet). MPNet shares one relative
 position bias `[B, H, S, S]` across layers, so a slimmed MPNet layer keeps the indices of its heads
 and slices that bias (`MPNetSdpaSelfAttention`); the indices are stored in config.json as
 `relative_attention_heads_per_layer`. Hugging Face runs MPNet attention only eagerly (scores,
 scale, bias add, mask add, softmax, a second matmul: six passes over a `[B, H, S, S]` tensor); the
 same module through `scaled_dot_product_attention` with the bias as its additive mask is one fused
 kernel, which on a GPU is most of the cost of a pruned layer. `compress.load` installs it.
+DistilBERT has no fast path yet: its residual norms live inside TransformerBlock.forward.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention
 
+from compress.arch import fast_path
 from compress.arch.base import Adapter, EmptyAttention, LayerParts
 
 
@@ -56,6 +59,12 @@ class BertAdapter(Adapter):
             return
         blk.attention.self.num_attention_heads = num_heads
         blk.attention.self.all_head_size = num_heads * self.head_dim()
+
+    def install_fast_path(self):
+        for blk in self.layer_modules():
+            fast_path.fuse_qkv(blk.attention.self)
+            blk.attention.output = fast_path.add_norm_output(blk.attention.output)
+            blk.output = fast_path.add_norm_output(blk.output)
 
     def classifier_prefixes(self):
         return ("classifier.",)
@@ -97,7 +106,8 @@ class MPNetSdpaSelfAttention(MPNetSelfAttention):
     The encoder computes that bias from the sequence length alone (no position ids), so its batch
     rows are equal: one row is sliced and broadcast. The eager parent runs with `output_attentions`
     (SDPA returns no probabilities) and on devices outside SDPA_DEVICES: on CPU, PyTorch's SDPA with
-    an additive mask measured 15% slower than the eager path (MPNet-base, batch 8, 2 cores)."""
+    an additive mask measured 15% slower than the eager path (MPNet-base, batch 8, 2 cores). On the
+    encoder fast path (compress/arch/fast_path.py) Q, K and V come from one GEMM."""
 
     SDPA_DEVICES = ("cuda",)
 
@@ -107,21 +117,29 @@ class MPNetSdpaSelfAttention(MPNetSelfAttention):
         self.all_head_size = inner.all_head_size
         self.q, self.k, self.v, self.o, self.dropout = inner.q, inner.k, inner.v, inner.o, inner.dropout
         self.register_buffer("head_index", torch.as_tensor(head_index, dtype=torch.long), persistent=False)
+        self.training = inner.training  # a fresh Module is in training mode: SDPA would apply dropout
+        fast_path.register_qkv_buffers(self)
 
     def forward(self, hidden_states, attention_mask=None, position_bias=None, output_attentions=False, **kwargs):
         if position_bias is not None:
             position_bias = position_bias[:1, self.head_index.to(position_bias.device)]
         if output_attentions or hidden_states.device.type not in self.SDPA_DEVICES:
             return super().forward(hidden_states, attention_mask, position_bias, output_attentions)
+        q, k, v = self._project(hidden_states)  # [B, H, S, D] each
         b, s, _ = hidden_states.shape
-        shape = (b, s, self.num_attention_heads, self.attention_head_size)
-        q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q, self.k, self.v))
         bias = _additive(attention_mask, q.dtype)
         if position_bias is not None:
             bias = position_bias if bias is None else position_bias + bias
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                                                  dropout_p=self.dropout.p if self.training else 0.0)
         return (self.o(context.transpose(1, 2).reshape(b, s, self.all_head_size)),)
+
+    def _project(self, hidden_states):
+        projections = (self.q, self.k, self.v)
+        if fast_path.fused_qkv_applies(self, hidden_states, projections):
+            return fast_path.fused_qkv(self, hidden_states, projections, self.attention_head_size)
+        shape = (*hidden_states.shape[:-1], self.num_attention_heads, self.attention_head_size)
+        return tuple(proj(hidden_states).view(shape).transpose(1, 2) for proj in projections)
 
 
 def _additive(mask, dtype):
@@ -163,11 +181,13 @@ class MPNetAdapter(Adapter):
         old = getattr(att, "head_index", torch.arange(self.config.num_attention_heads))
         blk.attention.attn = MPNetSdpaSelfAttention(att, old[keep_heads])
 
-    def fast_attention(self):
+    def install_fast_path(self):
         for blk in self.layer_modules():
             att = blk.attention.attn
             if not isinstance(att, (EmptyAttention, MPNetSdpaSelfAttention)):
                 blk.attention.attn = MPNetSdpaSelfAttention(att, torch.arange(att.num_attention_heads))
+            blk.attention = fast_path.mpnet_add_norm_attention(blk.attention)
+            blk.output = fast_path.add_norm_output(blk.output)
 
     def record_shapes(self):
         super().record_shapes()
