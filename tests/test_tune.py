@@ -61,3 +61,24 @@ def test_zero_damping_is_plain_least_squares():
                                                          damp=0.0, progress=False)
     for m in tuned_heads + tuned_filters:
         torch.testing.assert_close(m, torch.ones_like(m), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_tuning_sees_through_the_fast_path(kind, monkeypatch):
+    """Tuning hooks the LayerNorms and projections the GPU fast path fuses away; with the fast path
+    installed (and forced on for CPU) a fused module that is hooked runs unfused, so tuning gives the
+    same masks as on the plain model."""
+    from compress.arch import fast_path
+
+    monkeypatch.setattr(fast_path, "FAST_DEVICES", ("cuda", "cpu"))
+    results = []
+    for install in (False, True):
+        model = tiny_model(kind).eval()
+        adapter = get_adapter(model)
+        if install:
+            adapter.install_fast_path()
+        heads, filters = _half_masks(adapter)
+        with torch.no_grad():
+            results.append(tune.tune_masks(model, adapter, _batches(), heads, filters, "cpu", progress=False))
+    for plain, fast in zip(results[0][:2], results[1][:2]):
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, fast))

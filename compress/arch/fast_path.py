@@ -12,7 +12,9 @@ Two fusions, installed by the adapters' `install_fast_path` (compress.arch.bert)
 
 Both run only where `fast_path_applies`: a FAST_DEVICES device (CUDA only: the gains are in launch
 counts and memory passes of a GPU, and elsewhere the kernels would run as their torch twins), eval
-mode, no autograd through the inputs or weights, no autocast, matching dtypes. Everywhere else the
+mode, no autograd through the inputs or weights, no autocast, matching dtypes, and no forward hooks on
+the modules a fusion would skip (a LayerNorm whose call the add+norm kernel replaces, the q/k/v
+Linears: mask tuning and activation statistics hook them). Everywhere else the
 modules run the unfused ops of the Hugging Face forward, in the same order. The modules keep
 their submodule names, so a model's state dict (and what `save_pretrained` writes) is unchanged; the
 concatenated QKV weight is a non-persistent buffer, built on the first fused forward and rebuilt
@@ -43,6 +45,14 @@ def fast_path_applies(module: nn.Module, x: torch.Tensor, *tensors) -> bool:
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *tensors))
 
 
+def hooked(module: nn.Module) -> bool:
+    """Whether a forward hook (the module's own or a global one) expects to see `module` called."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
 def residual_layer_norm(module: nn.Module, norm: nn.Module, dropout: nn.Module, x, residual):
     """norm(dropout(x) + residual), in one kernel on the fast path (dropout is the identity there)."""
     if _fusable_norm(module, norm, x, residual):
@@ -55,7 +65,7 @@ def _fusable_norm(module, norm, x, residual) -> bool:
         return False
     if len(norm.normalized_shape) != 1 or x.shape[-1] > MAX_NORM_HIDDEN or x.shape != residual.shape:
         return False
-    if not x.dtype == residual.dtype == norm.weight.dtype == norm.bias.dtype:
+    if not x.dtype == residual.dtype == norm.weight.dtype == norm.bias.dtype or hooked(norm):
         return False
     return fast_path_applies(module, x, residual, norm.weight, norm.bias)
 
@@ -99,6 +109,8 @@ def mpnet_add_norm_attention(inner: MPNetAttention) -> MPNetAttention:
 
 # --- fused QKV ------------------------------------------------------------------------------------
 def fused_qkv_applies(module: nn.Module, hidden_states, projections) -> bool:
+    if any(hooked(p) for p in projections):
+        return False
     return fast_path_applies(module, hidden_states, *(t for p in projections for t in (p.weight, p.bias)))
 
 
