@@ -67,13 +67,14 @@ def _masked_logits(model, inputs=None):
 
 
 def _qkv_calls(model) -> list:
-    """Forward hooks counting calls of the separate q/k/v projections (absent on the fast path)."""
+    """Calls of the separate q/k/v projections (absent on the fast path), counted by wrapping their
+    forward: a forward hook would itself make the fast path run them unfused (fast_path.hooked)."""
     calls, adapter = [], get_adapter(model)
     for i in range(adapter.num_layers):
         parts = adapter.layer_parts(i)
         for proj in (parts.q, parts.k, parts.v):
             if proj is not None:
-                proj.register_forward_hook(lambda *args: calls.append(1))
+                proj.forward = lambda x, _forward=proj.forward: calls.append(1) or _forward(x)
     return calls
 
 
@@ -244,3 +245,21 @@ def test_fast_path_is_captured_in_a_cuda_graph(kind, norm_calls):
     timing = el.time_shape(model, "cuda", args)["b4"]
     assert timing["mode"] == "cuda-graph", timing
     assert norm_calls  # the fused kernels ran in the warm-up before capture
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_hooked_modules_run_unfused_so_their_hooks_fire(kind, fast_on_cpu, norm_calls):
+    """Mask tuning and activation statistics hook the q/k/v Linears and the LayerNorms: a hooked module
+    is called as itself (same logits), the others stay fused."""
+    fast = tiny_model(kind)
+    get_adapter(fast).install_fast_path()
+    want = _logits(fast)
+    fused_norms = len(norm_calls)
+    parts = get_adapter(fast).layer_parts(0)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, out: seen.append(m)) for m in (parts.q, parts.attn_norm)]
+    got = _logits(fast)
+    for h in hooks:
+        h.remove()
+    assert seen == [parts.q, parts.attn_norm] and relative_error(got, want) < 1e-5
+    assert len(norm_calls) - fused_norms == fused_norms - 1   # only the hooked norm left the kernel
