@@ -78,6 +78,14 @@ def _qkv_calls(model) -> list:
     return calls
 
 
+def _installed_copy(kind: str):
+    """A tiny model, a copy with the fast path installed, and the copy's separate q/k/v call counter."""
+    model = tiny_model(kind)
+    fast = copy.deepcopy(model)
+    get_adapter(fast).install_fast_path()
+    return model, fast, _qkv_calls(fast)
+
+
 def _fast(model, slim_first: bool):
     """A copy of `model` with the fast path installed and the slimming applied, in either order
     (compress.load slims, then installs; evals/encoder_latency.py installs, then slims). Installed
@@ -95,10 +103,7 @@ def _fast(model, slim_first: bool):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_dense_fast_path_equals_the_unfused_forward(kind, backend, norm_calls):
-    model = tiny_model(kind)
-    fast = copy.deepcopy(model)
-    get_adapter(fast).install_fast_path()
-    qkv_calls = _qkv_calls(fast)
+    model, fast, qkv_calls = _installed_copy(kind)
     got, want = _logits(fast), _logits(model)
     assert relative_error(got, want) < 1e-5
     assert len(norm_calls) == 4 and not qkv_calls  # two norms per layer, no separate q/k/v GEMMs
@@ -160,10 +165,7 @@ def test_state_dict_and_saved_files_are_unchanged(kind, fast_on_cpu, tmp_path):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_and_autograd_take_the_unfused_path(kind, fast_on_cpu, norm_calls):
-    model = tiny_model(kind)
-    fast = copy.deepcopy(model)
-    get_adapter(fast).install_fast_path()
-    qkv_calls = _qkv_calls(fast)
+    _, fast, qkv_calls = _installed_copy(kind)
     fast(**tiny_inputs()).logits.sum().backward()  # eval mode, but gradients wanted
     assert not norm_calls and len(qkv_calls) == 6
     assert get_adapter(fast).layer_parts(0).q.weight.grad is not None
