@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_serve import copy_bandwidth_gbs, make_prompts, resolve, run_latency, run_offline  # noqa: E402
+from bench_serve import (add_workload_args, copy_bandwidth_gbs, make_prompts, resolve, run_latency,  # noqa: E402
+                         run_offline)
 
 
 def make_llm(path: Path, args):
@@ -72,19 +73,11 @@ def print_table(rows: list[dict]) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma-2-2b", help="shape name (evals/serve_models.py) or model directory")
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--min-prompt", type=int, default=128)
-    p.add_argument("--max-prompt", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=256)
+    add_workload_args(p)
     p.add_argument("--latency-tokens", type=int, default=128, help="batch-1 output tokens")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=2, help="rounds of (off, on)")
     p.add_argument("--compare", choices=["overlap", "pdl"], default="overlap",
                    help="what is off then on in each round: the overlapped loop, or PDL of the decode kernels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default="/tmp/bench_serve_models", help="where random checkpoints are written")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 

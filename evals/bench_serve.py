@@ -236,25 +236,30 @@ def plan(args, models: list[str]) -> list:
     return steps
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=["offline", "online", "suite"])
-    p.add_argument("--model", action="append", help="shape name or model directory (repeatable)")
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The offline workload and engine limits shared by bench_serve, bench_overlap and profile_serve."""
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--min-prompt", type=int, default=128)
     p.add_argument("--max-prompt", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--workdir", default="/tmp/bench_serve_models", help="where random checkpoints are written")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=["offline", "online", "suite"])
+    p.add_argument("--model", action="append", help="shape name or model directory (repeatable)")
+    add_workload_args(p)
     p.add_argument("--compare", choices=["hf"], default=None, help="also run Hugging Face baselines")
     p.add_argument("--hf-requests", type=int, default=None, help="HF runs on the first N prompts (default all)")
     p.add_argument("--slim", type=float, default=None, help="also time a slimmed sibling at this FLOPs ratio")
     p.add_argument("--rate", type=float, default=8.0, help="online: Poisson arrival rate (requests/s)")
     p.add_argument("--online-requests", type=int, default=128)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-memory", type=float, default=None)
-    p.add_argument("--workdir", default="/tmp/bench_serve_models", help="where random checkpoints are written")
     p.add_argument("--out", default=None, help="write the markdown report here")
     args = p.parse_args(argv)
     args.hf_requests = args.hf_requests or args.num_requests

@@ -27,6 +27,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def parse_args(argv=None):
+    from compress.config import FISHERS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["minilm", "mpnet-base"])
     p.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "stsb", "rte"])
@@ -36,7 +38,7 @@ def parse_args(argv=None):
                         "Fisher, to compare the two in one run (fisher alone uses --fisher); fisher-iterK (e.g. "
                         "fisher-iter4): the empirical Fisher with K search steps (compress prune --search-steps), "
                         "fisher-model-iterK the same with the model Fisher")
-    p.add_argument("--fisher", choices=("empirical", "model"), default=None,
+    p.add_argument("--fisher", choices=FISHERS, default=None,
                    help="the Fisher of the 'fisher' method (default: compress prune's default)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--work", default="runs/glue_pruning", help="models and state.json (resumable)")

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_serve import make_prompts, resolve, sync  # noqa: E402
+from bench_serve import add_workload_args, make_prompts, resolve, sync  # noqa: E402
 
 
 class StepClock:
@@ -154,17 +154,9 @@ def print_summary(result: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gemma-2-2b")
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--min-prompt", type=int, default=128)
-    p.add_argument("--max-prompt", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-model-len", type=int, default=2048)
+    add_workload_args(p)
     p.add_argument("--profile-steps", type=int, default=5, help="decode steps profiled at full batch")
     p.add_argument("--profile-first", type=int, default=0, help="also profile the first N steps (prefill)")
-    p.add_argument("--workdir", default="/tmp/bench_serve_models")
     p.add_argument("--slim", type=float, default=None, help="profile the slimmed sibling of a shape name instead")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules import module as torch_module
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertSelfAttention, eager_attention_forward
 from transformers.models.mpnet.modeling_mpnet import MPNetAttention
@@ -47,8 +48,6 @@ def fast_path_applies(module: nn.Module, x: torch.Tensor, *tensors) -> bool:
 
 def hooked(module: nn.Module) -> bool:
     """Whether a forward hook (the module's own or a global one) expects to see `module` called."""
-    from torch.nn.modules import module as torch_module
-
     return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
                 or torch_module._global_forward_pre_hooks)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from compress import decoder_prune
 from compress.commands._common import add_data_flags, overrides
+from compress.config import FISHERS
 from compress.errors import UserError
 
 DECODER_METHODS = ("activation", "activation-mlp", "fisher-mlp")  # the encoder pruner has no such criterion
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--method", choices=("fisher", "magnitude", "random") + DECODER_METHODS,
                    help="mask selection (default fisher; random is encoder-only, "
                         f"{', '.join(DECODER_METHODS)} decoder-only)")
-    p.add_argument("--fisher", choices=("empirical", "model"),
+    p.add_argument("--fisher", choices=FISHERS,
                    help="Fisher of the masks: 'empirical' (the loss at the gold labels, as in the paper) or "
                         "'model' (expected over the model's own predictions; stabler when the model fits its "
                         "calibration sample closely, e.g. regression); default empirical")
