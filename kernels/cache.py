@@ -137,7 +137,7 @@ def rotary_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin
     if any(t.stride(-1) != 1 for t in (q, k, v, k_cache, v_cache, cos_sin_cache)) or head_dim % 2:
         raise ValueError("rotary_and_cache needs the head dimension contiguous and even")
     half = head_dim // 2
-    pdl = pdl_enabled(q.device)
+    pdl = pdl_enabled(q.device, num_tokens)
     rotary_and_cache_kernel[(num_tokens, num_q_heads + k.shape[1])](
         positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache,
         q_norm if q_norm is not None else cos_sin_cache, k_norm if k_norm is not None else cos_sin_cache,

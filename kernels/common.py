@@ -70,15 +70,22 @@ def device_supports_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9 and triton_supports_pdl()
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether the decode-step kernels on `device` launch with PDL: on CUDA with compute capability >= 9
-    and a triton that has it, never on CPU or under the interpreter. KERNELS_PDL=0 turns it off (A/B,
-    or a driver or graph capture that mishandles it); KERNELS_PDL=1 insists (an error where it cannot
-    be on). Read at every launch: a CUDA graph keeps what was set when it was captured."""
+# PDL pays where a step is a chain of short launches (batch-1 decode: 2.62 -> 2.47 ms per Gemma-2-2B
+# step on the H100) and costs where grids are large: with it on for every launch, the 256-request
+# offline run lost 1.4% of its throughput (kernels/NOTES.md "PDL"). So it is on for small launches only.
+PDL_MAX_ROWS = 8
+
+
+def pdl_enabled(device: torch.device, rows: int) -> bool:
+    """Whether a decode-step kernel over `rows` tokens (or sequences) on `device` launches with PDL: on
+    CUDA with compute capability >= 9 and a triton that has it, for at most PDL_MAX_ROWS rows; never on
+    CPU or under the interpreter. KERNELS_PDL=0 turns it off (A/B, or a driver or graph capture that
+    mishandles it); KERNELS_PDL=1 insists (an error where it cannot be on). Read at every launch: a
+    CUDA graph keeps what was set when it was captured."""
     forced = os.environ.get("KERNELS_PDL")
     if forced not in (None, "0", "1"):
         raise ValueError(f"KERNELS_PDL must be 0 or 1, got {forced!r}")
-    if interpreting() or device.type != "cuda" or forced == "0":
+    if interpreting() or device.type != "cuda" or forced == "0" or rows > PDL_MAX_ROWS:
         return False
     supported = device_supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
     if forced == "1" and not supported:

@@ -237,7 +237,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     part_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
     fused = splits > 1 and fused_reduce(batch, num_kv_heads)
     counters = ticket_counters(q.device) if fused else part_lse
-    pdl = pdl_enabled(q.device)
+    pdl = pdl_enabled(q.device, batch)
     paged_decode_split_kernel[(batch, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out, counters,
         float(scale), float(softcap or 1.0), int(sliding_window or 0),

@@ -89,7 +89,7 @@ def rms_norm_pair(x, w1, w2, eps: float, residual):
     out, summed = torch.empty_like(x), torch.empty_like(x)
     out2, sum2 = out.view(-1, hidden), summed.view(-1, hidden)
     if x2.shape[0] > 0:
-        pdl = pdl_enabled(x.device)
+        pdl = pdl_enabled(x.device, x2.shape[0])
         rms_norm_pair_kernel[(x2.shape[0],)](
             x2, res2, w1, w2, out2, sum2, float(eps),
             x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0),
@@ -109,7 +109,7 @@ def rms_norm(x, weight, eps: float, residual=None, out=None):
     res2 = residual.reshape(-1, hidden) if residual is not None else x2
     sum2 = summed.view(-1, hidden)
     if x2.shape[0] > 0:
-        pdl = pdl_enabled(x.device)
+        pdl = pdl_enabled(x.device, x2.shape[0])
         rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight, out2, sum2, float(eps),
             x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0),

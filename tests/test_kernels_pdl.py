@@ -69,9 +69,9 @@ def test_pdl_is_off_on_cpu_and_under_the_interpreter(monkeypatch):
             monkeypatch.delenv("KERNELS_PDL", raising=False)
         else:
             monkeypatch.setenv("KERNELS_PDL", value)
-        assert not common.pdl_enabled(torch.device("cpu"))
+        assert not common.pdl_enabled(torch.device("cpu"), 1)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert not common.pdl_enabled(torch.device("cuda", 0))
+        assert not common.pdl_enabled(torch.device("cuda", 0), 1)
     assert common.pdl_launch_kwargs(False) == {}          # a triton without launch_pdl never sees it
 
 
@@ -80,19 +80,21 @@ def test_pdl_switch_follows_the_device_and_kernels_pdl(monkeypatch):
     monkeypatch.delenv("KERNELS_PDL", raising=False)
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(common, "device_supports_pdl", lambda index: True)
-    assert common.pdl_enabled(cuda) and common.pdl_launch_kwargs(True) == {"launch_pdl": True}
+    assert common.pdl_enabled(cuda, 1) and common.pdl_launch_kwargs(True) == {"launch_pdl": True}
+    assert common.pdl_enabled(cuda, common.PDL_MAX_ROWS)
+    assert not common.pdl_enabled(cuda, common.PDL_MAX_ROWS + 1)      # large grids launch as before
     monkeypatch.setenv("KERNELS_PDL", "0")
-    assert not common.pdl_enabled(cuda)
+    assert not common.pdl_enabled(cuda, 1)
     monkeypatch.setenv("KERNELS_PDL", "1")
-    assert common.pdl_enabled(cuda)
+    assert common.pdl_enabled(cuda, 1)
     monkeypatch.setattr(common, "device_supports_pdl", lambda index: False)     # an A100, or an old triton
     with pytest.raises(ValueError, match="KERNELS_PDL=1"):
-        common.pdl_enabled(cuda)
+        common.pdl_enabled(cuda, 1)
     monkeypatch.delenv("KERNELS_PDL")
-    assert not common.pdl_enabled(cuda)
+    assert not common.pdl_enabled(cuda, 1)
     monkeypatch.setenv("KERNELS_PDL", "on")
     with pytest.raises(ValueError, match="0 or 1"):
-        common.pdl_enabled(cuda)
+        common.pdl_enabled(cuda, 1)
 
 
 def test_this_triton_has_launch_pdl_and_the_gdc_calls():
@@ -301,7 +303,7 @@ for name, config in (("gemma2", gemma2_config()), ("gemma3", gemma3_config())):
     tokens = {{}}
     for pdl in ("0", "1"):
         os.environ["KERNELS_PDL"] = pdl           # the graphs are captured in LLM(): one engine per setting
-        assert pdl_enabled(torch.device("cuda")) == (pdl == "1")
+        assert pdl_enabled(torch.device("cuda"), 1) == (pdl == "1")
         batched = LLM(path, block_size=4, max_num_batched_tokens=32, max_num_seqs=8)
         alone = LLM(path, block_size=4, max_num_batched_tokens=32, max_num_seqs=1)   # batch-1 GEMV graphs
         assert alone.engine.runner.decode_graphs.graphs
