@@ -22,10 +22,10 @@ resets the counter to 0. One launch (a two-stage reduce would add one, an atomic
 and a cast), and deterministic, unlike fp32 atomics whose summation order varies. The counters are
 kernels.common.ticket_counters (persistent, so captured CUDA graphs stay valid).
 
-Under PDL (kernels/common.py) a program loads its first weight tile, then waits for the previous
-kernel (whose output x is), so the next GEMV's weight stream starts while the kernel before it
-drains (o_proj, K = 2 tiles of 1024, issues half of each program's weights before the wait). The
-first tile's product starts the fp32 accumulator instead of zeros + product: the same values.
+Under PDL (kernels/common.py) a program waits for the previous kernel (whose output x is) before it
+loads anything: the launch overlaps the kernel before, the weight stream does not. Loading the first
+weight tile before the wait (peeled off the K loop) measured slower on the H100 (Gemma-2-2B batch-1
+replay 2.47 against 2.28 ms; kernels/NOTES.md "PDL").
 
 Launch configs come from tables keyed by (row bucket, weight rows N, K), filled from
 `evals/bench_gemv.py --sweep` on the GPU; other shapes use `default_config`. Nothing is autotuned at
@@ -99,15 +99,12 @@ def _weight_tile(w_ptr, feats, feat_mask, k0, K, stride_w_n, BLOCK_K: tl.constex
 
 
 @triton.jit
-def _rows_dot_tile(x_ptr, w_ptr, w_first, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
+def _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """x[rows] @ w[feats]^T as fp32 [BLOCK_M, BLOCK_N]; each weight tile is loaded once for all rows.
-    `w_first` is the first weight tile, loaded by the kernel before it waits on the previous one (PDL)."""
+    """x[rows] @ w[feats]^T as fp32 [BLOCK_M, BLOCK_N]; each weight tile is loaded once for all rows."""
     x_base = x_ptr + rows.to(tl.int64)[:, None] * stride_x_m           # [BLOCK_M, 1]
-    cols = tl.arange(0, BLOCK_K)
-    x = tl.load(x_base + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
-    acc = x.to(tl.float32)[:, None, :] * w_first.to(tl.float32)[None, :, :]   # [BLOCK_M, BLOCK_N, BLOCK_K]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         w = _weight_tile(w_ptr, feats, feat_mask, k0, K, stride_w_n, BLOCK_K)
         x = tl.load(x_base + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
@@ -127,9 +124,8 @@ def linear_small_m_kernel(
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, feat_mask = rows < M, feats < N
-    w_first = _weight_tile(w_ptr, feats, feat_mask, 0, K, stride_w_n, BLOCK_K)
     pdl_wait(USE_PDL)            # x is the previous kernel's output
-    y = _rows_dot_tile(x_ptr, w_ptr, w_first, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
+    y = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
                        BLOCK_M, BLOCK_N, BLOCK_K)
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_out_m + feats[None, :]
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & feat_mask[None, :])
@@ -147,13 +143,11 @@ def gelu_tanh_and_mul_gemv_kernel(
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, feat_mask = rows < M, feats < I
-    gate_first = _weight_tile(w_ptr, feats, feat_mask, 0, K, stride_w_n, BLOCK_K)
-    up_first = _weight_tile(w_ptr, feats + I, feat_mask, 0, K, stride_w_n, BLOCK_K)
     pdl_wait(USE_PDL)            # x is the previous kernel's output
-    gate = _rows_dot_tile(x_ptr, w_ptr, gate_first, rows, row_mask, feats, feat_mask, K, stride_x_m,
-                          stride_w_n, BLOCK_M, BLOCK_N, BLOCK_K)
-    up = _rows_dot_tile(x_ptr, w_ptr, up_first, rows, row_mask, feats + I, feat_mask, K, stride_x_m,
-                        stride_w_n, BLOCK_M, BLOCK_N, BLOCK_K)
+    gate = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
+                          BLOCK_M, BLOCK_N, BLOCK_K)
+    up = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats + I, feat_mask, K, stride_x_m, stride_w_n,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
     # 0.5 * g * (1 + tanh(u)) == g * sigmoid(2u); u clamped to +-30 (where sigmoid(2u) is 0 or 1 in
     # fp32 anyway) so exp2 never overflows
     inner = GELU_TANH_C * (gate + 0.044715 * gate * gate * gate)
@@ -182,9 +176,8 @@ def linear_split_k_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K     # whole tiles; a split may be empty
     k_lo = split * k_per_split
     k_len = tl.maximum(tl.minimum(K - k_lo, k_per_split), 0)
-    w_first = _weight_tile(w_ptr + k_lo, feats, feat_mask, 0, k_len, stride_w_n, BLOCK_K)
     pdl_wait(USE_PDL)            # x, and the tickets and partials the previous split-K launch used
-    y = _rows_dot_tile(x_ptr + k_lo, w_ptr + k_lo, w_first, rows, row_mask, feats, feat_mask, k_len,
+    y = _rows_dot_tile(x_ptr + k_lo, w_ptr + k_lo, rows, row_mask, feats, feat_mask, k_len,
                        stride_x_m, stride_w_n, BLOCK_M, BLOCK_N, BLOCK_K)
     tile_mask = row_mask[:, None] & feat_mask[None, :]
     part = part_ptr + rows.to(tl.int64)[:, None] * N + feats[None, :]           # [BLOCK_M, BLOCK_N]
