@@ -5,7 +5,11 @@ Gemma-2-2B shapes (8 query / 4 KV heads, head_dim 256, 26 layers) and Gemma-3-1B
   the fused rotary_and_cache, one token;
 - decode attention at batch 1: the split kernel + the separate reduction (KERNELS_DECODE_FUSED_REDUCE=0)
   vs the last split merging in-kernel, over contexts 576 (the serving suite's batch-1 context), 2048
-  and 4096 (all inside Gemma's 4096 window, so full attention).
+  and 4096 (all inside Gemma's 4096 window, so full attention);
+- PDL (GPU with sm90+ only): the kernels of 4 Gemma-2-2B decode layers back to back
+  (kernels.testing.decode_layer_chain: qkv, rotary_and_cache, decode split + reduce, o_proj, norm pair,
+  gate_up, down, norm pair) launched plainly (KERNELS_PDL=0) vs with Programmatic Dependent Launch (=1);
+  4 layers of weights (620 MB) stream from DRAM as in a real step, and the per-step column scales by 26 / 4.
 Each pair is first checked to give the same result; times are medians of CUDA-graph replays holding 10
 calls each (evals/bench_kernels.time_ms), the way the engine replays a decode step. The last column
 multiplies the saving by the layer count: what one decode step should gain. The split-K GEMVs are
@@ -27,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import cache, decode, norm  # noqa: E402
-from kernels.testing import make_paged_problem, relative_error  # noqa: E402
+from kernels.common import device_supports_pdl  # noqa: E402
+from kernels.testing import decode_layer_chain, make_paged_problem, relative_error  # noqa: E402
 
 MODELS = {"gemma-2-2b": (8, 4, False, 26), "gemma-3-1b": (4, 1, True, 26)}   # Hq, Hkv, QK-norm, layers
 HEAD_DIM, BLOCK_SIZE, MAX_POSITION = 256, 16, 8192
@@ -84,11 +89,28 @@ def decode_pair(num_q: int, num_kv: int, context: int):
     return (lambda: run("0", outs[0])), (lambda: run("1", outs[1])), check
 
 
+def pdl_chain_pair(num_layers: int):
+    """The decode kernels of `num_layers` layers, launched plainly vs with PDL (same outputs)."""
+    run = decode_layer_chain(num_layers, device=DEVICE)
+    torch.cuda.synchronize()                # PDL kernels read weights before waiting: written by now
+
+    def launch(pdl: str):
+        os.environ["KERNELS_PDL"] = pdl     # read at launch: each graph captures its own
+        return run()[0]
+
+    def check():
+        off = launch("0").clone()
+        return relative_error(launch("1"), off)
+    return (lambda: launch("0")), (lambda: launch("1")), check
+
+
 def cases():
     for model, (num_q, num_kv, qk_norm, layers) in MODELS.items():
         yield f"{model} rope+cache{' +QK-norm' if qk_norm else ''}", layers, rope_cache_pair(num_q, num_kv, qk_norm)
         for context in CONTEXTS:
             yield f"{model} decode ctx{context}", layers, decode_pair(num_q, num_kv, context)
+    if torch.cuda.is_available() and device_supports_pdl(torch.cuda.current_device()):
+        yield "gemma-2-2b 4-layer chain, PDL off vs on", 26 / 4, pdl_chain_pair(4)
 
 
 def main(argv=None) -> int:
@@ -111,6 +133,7 @@ def main(argv=None) -> int:
         saved = t_old - t_new
         print(f"| {label} | {t_old:.2f} | {t_new:.2f} | {saved:.2f} | {saved * layers:.1f} | {err:.1e} |", flush=True)
     os.environ.pop("KERNELS_DECODE_FUSED_REDUCE", None)
+    os.environ.pop("KERNELS_PDL", None)
     return 0
 
 

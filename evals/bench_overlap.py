@@ -1,5 +1,8 @@
 """Overlapped vs synchronous decode loop (serve/lookahead.py) on one engine: offline throughput and
 batch-1 decode step time, the two loops alternated `--repeats` times so drift shows up as spread.
+`--compare pdl` alternates Programmatic Dependent Launch of the decode kernels off and on instead
+(KERNELS_PDL=0 / 1, kernels/NOTES.md "PDL"), the overlapped loop on in both; the decode graphs are
+re-captured at each switch because a graph keeps the launch setting it was captured with.
 
 Same workload and models as evals/bench_serve.py (seeded random prompts 128..1024 tokens, 256 output
 tokens each, EOS ignored, greedy; a public Gemma shape with random bf16 weights). The loop is switched
@@ -8,14 +11,16 @@ share the model, the KV cache and the captured CUDA graphs. Batch 1 reports the 
 wall time of `engine.step()`), the graph replay alone and the bandwidth floor, as bench_serve does.
 
   python evals/bench_overlap.py --model gemma-2-2b                         # GPU machine, ~2 minutes
-  python evals/bench_overlap.py --model gemma-3-270m --num-requests 4 --output-len 8 --max-prompt 32 \
-      --latency-tokens 8                                                   # smoke run (CPU: fast path on)
+  python evals/bench_overlap.py --model gemma-2-2b --compare pdl --repeats 3   # PDL off / on (sm90+)
+  python evals/bench_overlap.py --model gemma-3-270m --num-requests 4 --output-len 8 --min-prompt 8 \
+      --max-prompt 32 --latency-tokens 8 --max-model-len 256               # smoke run (CPU: fast path on)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -34,11 +39,21 @@ def make_llm(path: Path, args):
                max_model_len=args.max_model_len, enable_prefix_caching=False, fast_path="on", overlap=True)
 
 
-def one_round(llm, args, prompts, vocab: int, copy_gbs: float, overlap: bool) -> dict:
+def set_pdl(llm, on: bool) -> None:
+    """KERNELS_PDL is read at every launch and frozen into a CUDA graph when it is captured."""
+    os.environ["KERNELS_PDL"] = "1" if on else "0"
+    graphs = llm.engine.runner.decode_graphs
+    if graphs is not None and graphs.graphs:
+        graphs.capture()
+
+
+def one_round(llm, args, prompts, vocab: int, copy_gbs: float, name: str, overlap: bool, pdl=None) -> dict:
     lookahead = llm.engine.lookahead
     lookahead.enabled = overlap
+    if pdl is not None:
+        set_pdl(llm, pdl)
     ahead = lookahead.num_ahead
-    row = run_offline(llm, prompts, args.output_len, f"overlap {'on' if overlap else 'off'}")
+    row = run_offline(llm, prompts, args.output_len, name)
     row["output_tok_s"] = row["output_tokens"] / row["seconds"]
     prompt_len = min(512, args.max_model_len // 2)
     row.update(run_latency(llm, vocab, copy_gbs, prompt_len, args.latency_tokens))
@@ -47,7 +62,7 @@ def one_round(llm, args, prompts, vocab: int, copy_gbs: float, overlap: bool) ->
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| loop | output tok/s | offline s | b1 step ms | b1 replay ms | floor ms | step / floor | steps ahead |")
+    print("| run | output tok/s | offline s | b1 step ms | b1 replay ms | floor ms | step / floor | steps ahead |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         ratio = r["step_ms"] / r["floor_ms"]
@@ -61,6 +76,8 @@ def parse_args(argv=None):
     add_workload_args(p)
     p.add_argument("--latency-tokens", type=int, default=128, help="batch-1 output tokens")
     p.add_argument("--repeats", type=int, default=2, help="rounds of (off, on)")
+    p.add_argument("--compare", choices=["overlap", "pdl"], default="overlap",
+                   help="what is off then on in each round: the overlapped loop, or PDL of the decode kernels")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -72,8 +89,12 @@ def main(argv=None) -> list[dict]:
     prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, vocab, args.seed)
     copy_gbs = copy_bandwidth_gbs() if torch.cuda.is_available() else float("nan")
     llm = make_llm(path, args)
-    rows = [one_round(llm, args, prompts, vocab, copy_gbs, overlap)
-            for _ in range(args.repeats) for overlap in (False, True)]
+    if args.compare == "overlap":
+        settings = [("overlap off", dict(overlap=False)), ("overlap on", dict(overlap=True))]
+    else:
+        settings = [("pdl off", dict(overlap=True, pdl=False)), ("pdl on", dict(overlap=True, pdl=True))]
+    rows = [one_round(llm, args, prompts, vocab, copy_gbs, name, **kw)
+            for _ in range(args.repeats) for name, kw in settings]
     print(f"{args.model} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     print_table(rows)
     if args.json:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import next_pow2
+from kernels.common import next_pow2, pdl_enabled, pdl_launch_kwargs, pdl_wait
 
 
 @triton.jit
@@ -91,10 +91,11 @@ def rotary_and_cache_kernel(
     stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
     NUM_Q_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    USE_QK_NORM: tl.constexpr,
+    USE_QK_NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)                  # [0, Hq): a query head; [Hq, Hq + Hkv): a KV head
+    pdl_wait(USE_PDL)            # q, k, v are the previous kernel's output
     pos = tl.load(positions_ptr + token).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
     i_mask = i < HALF
@@ -136,6 +137,7 @@ def rotary_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin
     if any(t.stride(-1) != 1 for t in (q, k, v, k_cache, v_cache, cos_sin_cache)) or head_dim % 2:
         raise ValueError("rotary_and_cache needs the head dimension contiguous and even")
     half = head_dim // 2
+    pdl = pdl_enabled(q.device, num_tokens)
     rotary_and_cache_kernel[(num_tokens, num_q_heads + k.shape[1])](
         positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache,
         q_norm if q_norm is not None else cos_sin_cache, k_norm if k_norm is not None else cos_sin_cache,
@@ -144,6 +146,7 @@ def rotary_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, BLOCK_SIZE=k_cache.shape[1], HALF=half, BLOCK_HALF=next_pow2(half),
-        USE_QK_NORM=q_norm is not None, num_warps=1 if head_dim <= 128 else 2,
+        USE_QK_NORM=q_norm is not None, USE_PDL=pdl, num_warps=1 if head_dim <= 128 else 2,
+        **pdl_launch_kwargs(pdl),
     )
     return q

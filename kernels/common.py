@@ -1,8 +1,16 @@
-"""Small Triton helpers shared by the attention kernels, launch-time facts about the device, and the
-ticket counters of the one-launch reductions (split-K GEMV, split-KV decode).
+"""Small Triton helpers shared by the attention kernels, launch-time facts about the device, the
+ticket counters of the one-launch reductions (split-K GEMV, split-KV decode), and the switch and
+in-kernel calls of Programmatic Dependent Launch (PDL) for the decode-step kernels.
 
 `tanh` is written with exp2 because triton 3.6 and 3.9 expose different libdevice paths
 (`tl.extra.cuda.libdevice` moved) and the interpreter has none; exp2 exists everywhere.
+
+PDL (sm90+, kernels/NOTES.md "PDL"): a kernel launched with `launch_pdl=True` may start while the
+previous kernel on the stream drains. Each such kernel takes `USE_PDL: tl.constexpr` and calls
+`pdl_wait(USE_PDL)` at its top level, before its first load of anything an earlier kernel wrote and
+before its first store; only weights and other constants of the model may be loaded before it. Both
+triton 3.6 and 3.9 have `launch_pdl` and `tl.extra.cuda.gdc_wait`; the interpreter has neither, which
+is why the call sits behind the constexpr and `pdl_enabled` is False there.
 """
 
 from __future__ import annotations
@@ -32,8 +40,62 @@ def scores_to_log2(s, qk_scale, softcap, USE_SOFTCAP: tl.constexpr):
     return s * (qk_scale * 1.4426950408889634)
 
 
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Under PDL: wait until the previous grid has completed and its writes are visible, then let the
+    next grid launch. Releasing right after the wait (not after the main loop) gives the next kernel
+    the most time to launch and prefetch its weights; it still waits for this whole grid, so this grid
+    and one waiting dependent are the most that are resident at once."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def triton_supports_pdl() -> bool:
+    """Whether this triton launches with `launch_pdl` and has the in-kernel GDC calls (3.6 and 3.9 do)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_wait")
+
+
+@lru_cache(maxsize=None)
+def device_supports_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9 and triton_supports_pdl()
+
+
+# PDL pays where a step is a chain of short launches (batch-1 decode: 2.62 -> 2.47 ms per Gemma-2-2B
+# step on the H100) and costs where grids are large: with it on for every launch, the 256-request
+# offline run lost 1.4% of its throughput (kernels/NOTES.md "PDL"). So it is on for small launches only.
+PDL_MAX_ROWS = 8
+
+
+def pdl_enabled(device: torch.device, rows: int) -> bool:
+    """Whether a decode-step kernel over `rows` tokens (or sequences) on `device` launches with PDL: on
+    CUDA with compute capability >= 9 and a triton that has it, for at most PDL_MAX_ROWS rows; never on
+    CPU or under the interpreter. KERNELS_PDL=0 turns it off (A/B, or a driver or graph capture that
+    mishandles it); KERNELS_PDL=1 insists (an error where it cannot be on). Read at every launch: a
+    CUDA graph keeps what was set when it was captured."""
+    forced = os.environ.get("KERNELS_PDL")
+    if forced not in (None, "0", "1"):
+        raise ValueError(f"KERNELS_PDL must be 0 or 1, got {forced!r}")
+    if interpreting() or device.type != "cuda" or forced == "0" or rows > PDL_MAX_ROWS:
+        return False
+    supported = device_supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
+    if forced == "1" and not supported:
+        raise ValueError("KERNELS_PDL=1 needs compute capability >= 9.0 and a triton with launch_pdl")
+    return supported
+
+
+def pdl_launch_kwargs(pdl: bool) -> dict:
+    """The launch keyword for a PDL launch; nothing otherwise, so a triton without it never sees it."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def dot_upcast(dtype: torch.dtype) -> bool:

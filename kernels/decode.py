@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import MAX_TICKETS, device_sms, dot_upcast, next_pow2, scores_to_log2, ticket_counters
+from kernels.common import (MAX_TICKETS, device_sms, dot_upcast, next_pow2, pdl_enabled, pdl_launch_kwargs,
+                            pdl_wait, scores_to_log2, ticket_counters)
 
 # Launch parameters; KERNELS_DECODE_CONFIG="block_n,num_warps,num_stages,programs_per_sm" overrides
 # them for tuning sweeps (evals/bench_kernels.py).
@@ -58,11 +59,12 @@ def paged_decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    pdl_wait(USE_PDL)            # q and the new token's KV come from the previous kernel; so do the tickets
     seq_len = tl.load(seq_lens_ptr + b)
     first = 0
     if USE_WINDOW:
@@ -172,10 +174,11 @@ def paged_decode_reduce_kernel(
     stride_pl_b, stride_pl_h,
     stride_out_b, stride_out_h,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
+    pdl_wait(USE_PDL)            # the partials are the split kernel's output
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     s_mask = s < NUM_SPLITS
@@ -234,6 +237,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     part_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
     fused = splits > 1 and fused_reduce(batch, num_kv_heads)
     counters = ticket_counters(q.device) if fused else part_lse
+    pdl = pdl_enabled(q.device, batch)
     paged_decode_split_kernel[(batch, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out, counters,
         float(scale), float(softcap or 1.0), int(sliding_window or 0),
@@ -248,8 +252,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config["block_n"], NUM_SPLITS=splits,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None,
-        UPCAST=dot_upcast(q.dtype), FUSED_REDUCE=fused,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        UPCAST=dot_upcast(q.dtype), FUSED_REDUCE=fused, USE_PDL=pdl,
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl_launch_kwargs(pdl),
     )
     if splits > 1 and not fused:
         paged_decode_reduce_kernel[(batch, num_heads)](
@@ -258,6 +262,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
             part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
-            NUM_SPLITS=splits, BLOCK_S=next_pow2(splits),
+            NUM_SPLITS=splits, BLOCK_S=next_pow2(splits), USE_PDL=pdl, **pdl_launch_kwargs(pdl),
         )
     return out

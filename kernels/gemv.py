@@ -22,6 +22,11 @@ resets the counter to 0. One launch (a two-stage reduce would add one, an atomic
 and a cast), and deterministic, unlike fp32 atomics whose summation order varies. The counters are
 kernels.common.ticket_counters (persistent, so captured CUDA graphs stay valid).
 
+Under PDL (kernels/common.py) a program waits for the previous kernel (whose output x is) before it
+loads anything: the launch overlaps the kernel before, the weight stream does not. Loading the first
+weight tile before the wait (peeled off the K loop) measured slower on the H100 (Gemma-2-2B batch-1
+replay 2.47 against 2.28 ms; kernels/NOTES.md "PDL").
+
 Launch configs come from tables keyed by (row bucket, weight rows N, K), filled from
 `evals/bench_gemv.py --sweep` on the GPU; other shapes use `default_config`. Nothing is autotuned at
 run time because decode steps are captured into CUDA graphs ahead of time. The runtime calls these
@@ -37,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import MAX_TICKETS, next_pow2, ticket_counters
+from kernels.common import MAX_TICKETS, next_pow2, pdl_enabled, pdl_launch_kwargs, pdl_wait, ticket_counters
 
 MAX_ROWS_PER_PROGRAM = 4       # rows of x that share one read of the weights
 # jit code may read module globals only as constexprs
@@ -85,19 +90,24 @@ def pick_config(table: dict, num_rows: int, n: int, k: int) -> GemvConfig:
 
 
 @triton.jit
+def _weight_tile(w_ptr, feats, feat_mask, k0, K, stride_w_n, BLOCK_K: tl.constexpr):
+    """w[feats, k0:k0 + BLOCK_K] as [BLOCK_N, BLOCK_K], zero past K or N."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    w = w_ptr + feats.to(tl.int64)[:, None] * stride_w_n + cols[None, :]
+    # weights stream through once: do not let them push x or the KV cache out of L2
+    return tl.load(w, mask=feat_mask[:, None] & (cols < K)[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
 def _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x[rows] @ w[feats]^T as fp32 [BLOCK_M, BLOCK_N]; each weight tile is loaded once for all rows."""
     x_base = x_ptr + rows.to(tl.int64)[:, None] * stride_x_m           # [BLOCK_M, 1]
-    w_base = w_ptr + feats.to(tl.int64)[:, None] * stride_w_n          # [BLOCK_N, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        # weights stream through once: do not let them push x or the KV cache out of L2
-        w = tl.load(w_base + cols[None, :], mask=feat_mask[:, None] & col_mask[None, :], other=0.0,
-                    eviction_policy="evict_first")
-        x = tl.load(x_base + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        w = _weight_tile(w_ptr, feats, feat_mask, k0, K, stride_w_n, BLOCK_K)
+        x = tl.load(x_base + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     return tl.sum(acc, axis=2)
 
@@ -109,11 +119,12 @@ def linear_small_m_kernel(
     out_ptr,                     # [M, N]
     M, N, K,
     stride_x_m, stride_w_n, stride_out_m,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, feat_mask = rows < M, feats < N
+    pdl_wait(USE_PDL)            # x is the previous kernel's output
     y = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
                        BLOCK_M, BLOCK_N, BLOCK_K)
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_out_m + feats[None, :]
@@ -127,11 +138,12 @@ def gelu_tanh_and_mul_gemv_kernel(
     out_ptr,                     # [M, I]
     M, I, K,
     stride_x_m, stride_w_n, stride_out_m,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, feat_mask = rows < M, feats < I
+    pdl_wait(USE_PDL)            # x is the previous kernel's output
     gate = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
                           BLOCK_M, BLOCK_N, BLOCK_K)
     up = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats + I, feat_mask, K, stride_x_m, stride_w_n,
@@ -155,6 +167,7 @@ def linear_split_k_kernel(
     M, N, K,
     stride_x_m, stride_w_n, stride_out_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -163,8 +176,9 @@ def linear_split_k_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K     # whole tiles; a split may be empty
     k_lo = split * k_per_split
     k_len = tl.maximum(tl.minimum(K - k_lo, k_per_split), 0)
-    y = _rows_dot_tile(x_ptr + k_lo, w_ptr + k_lo, rows, row_mask, feats, feat_mask, k_len, stride_x_m,
-                       stride_w_n, BLOCK_M, BLOCK_N, BLOCK_K)
+    pdl_wait(USE_PDL)            # x, and the tickets and partials the previous split-K launch used
+    y = _rows_dot_tile(x_ptr + k_lo, w_ptr + k_lo, rows, row_mask, feats, feat_mask, k_len,
+                       stride_x_m, stride_w_n, BLOCK_M, BLOCK_N, BLOCK_K)
     tile_mask = row_mask[:, None] & feat_mask[None, :]
     part = part_ptr + rows.to(tl.int64)[:, None] * N + feats[None, :]           # [BLOCK_M, BLOCK_N]
     tl.store(part + split.to(tl.int64) * M * N, y, mask=tile_mask)
@@ -197,9 +211,10 @@ def launch(kernel, x, weight, out, n_out: int, config: GemvConfig) -> None:
             raise ValueError("split_k > 1 is for linear_small_m_kernel only (GeGLU needs whole sums)")
         if grid[0] * grid[1] <= MAX_TICKETS:
             return _launch_split_k(x, weight, out, grid, block_m, config)
+    pdl = pdl_enabled(x.device, num_rows)
     kernel[grid](x, weight, out, num_rows, n_out, k, x.stride(0), weight.stride(0), out.stride(0),
-                 BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                 num_warps=config.num_warps, num_stages=config.num_stages)
+                 BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_PDL=pdl,
+                 num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(pdl))
 
 
 def _launch_split_k(x, weight, out, grid, block_m: int, config: GemvConfig) -> None:
@@ -207,11 +222,12 @@ def _launch_split_k(x, weight, out, grid, block_m: int, config: GemvConfig) -> N
     n_out = weight.shape[0]
     # fp32 partials from the caching allocator: inside a CUDA graph capture they live in its pool
     part = torch.empty(config.split_k, num_rows, n_out, dtype=torch.float32, device=x.device)
+    pdl = pdl_enabled(x.device, num_rows)
     linear_split_k_kernel[(*grid, config.split_k)](
         x, weight, out, part, ticket_counters(x.device), num_rows, n_out, k,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        USE_PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(pdl))
 
 
 def _empty_or_zero(out: torch.Tensor, k: int) -> bool:

@@ -5,7 +5,8 @@ residual stream), the norm runs in fp32 and multiplies by (1 + weight), then rou
 add saves one read and one write of the hidden state per norm (Gemma has four norms per layer).
 `rms_norm_pair` goes further: a branch's post-norm, the residual add and the following pre-norm in
 one kernel (post-attention + pre-feedforward; post-feedforward + the next layer's input norm), so a
-layer launches two norm kernels instead of four.
+layer launches two norm kernels instead of four. Under PDL (kernels/common.py) the norm weights are
+loaded before waiting on the previous kernel.
 Rotary is rotate-half (NeoX / Hugging Face) over the whole head: q, k [T, H, D] rotated in place from
 a [max_position, D] fp32 table of cos (first D/2 columns) and sin (last D/2).
 """
@@ -16,14 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import next_pow2
+from kernels.common import next_pow2, pdl_enabled, pdl_launch_kwargs, pdl_wait
 
 
 @triton.jit
-def _gemma_norm(xf, weight_ptr, h, mask, eps, HIDDEN: tl.constexpr):
-    """fp32 row xf [BLOCK_H] -> xf / rms(xf) * (1 + weight), still fp32."""
+def _gemma_norm(xf, weight, eps, HIDDEN: tl.constexpr):
+    """fp32 row xf [BLOCK_H] -> xf / rms(xf) * (1 + weight), still fp32 (weight: fp32 [BLOCK_H])."""
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
-    weight = tl.load(weight_ptr + h, mask=mask, other=0.0).to(tl.float32)
     return xf * rstd * (1.0 + weight)
 
 
@@ -36,17 +36,19 @@ def rms_norm_kernel(
     sum_ptr,                     # [T, H] x + residual (written when HAS_RESIDUAL)
     eps,
     stride_x_t, stride_residual_t, stride_out_t, stride_sum_t,
-    HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     mask = h < HIDDEN
+    weight = tl.load(weight_ptr + h, mask=mask, other=0.0).to(tl.float32)
+    pdl_wait(USE_PDL)            # x and the residual are earlier kernels' outputs
     x = tl.load(x_ptr + row * stride_x_t + h, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + row * stride_residual_t + h, mask=mask, other=0.0)
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * stride_sum_t + h, x, mask=mask)
-    out = _gemma_norm(x.to(tl.float32), weight_ptr, h, mask, eps, HIDDEN)
+    out = _gemma_norm(x.to(tl.float32), weight, eps, HIDDEN)
     tl.store(out_ptr + row * stride_out_t + h, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -60,19 +62,22 @@ def rms_norm_pair_kernel(
     sum_ptr,                     # [T, H] norm1(x) + residual, the new stream
     eps,
     stride_x_t, stride_residual_t, stride_out_t, stride_sum_t,
-    HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     mask = h < HIDDEN
     dtype = x_ptr.dtype.element_ty
+    w1 = tl.load(w1_ptr + h, mask=mask, other=0.0).to(tl.float32)
+    w2 = tl.load(w2_ptr + h, mask=mask, other=0.0).to(tl.float32)
+    pdl_wait(USE_PDL)            # x and the residual are earlier kernels' outputs
     x = tl.load(x_ptr + row * stride_x_t + h, mask=mask, other=0.0).to(tl.float32)
     # round where the two separate norm calls would: norm1's output, then the residual sum
-    normed = _gemma_norm(x, w1_ptr, h, mask, eps, HIDDEN).to(dtype)
+    normed = _gemma_norm(x, w1, eps, HIDDEN).to(dtype)
     residual = tl.load(residual_ptr + row * stride_residual_t + h, mask=mask, other=0.0)
     summed = (normed.to(tl.float32) + residual.to(tl.float32)).to(dtype)
     tl.store(sum_ptr + row * stride_sum_t + h, summed, mask=mask)
-    out = _gemma_norm(summed.to(tl.float32), w2_ptr, h, mask, eps, HIDDEN)
+    out = _gemma_norm(summed.to(tl.float32), w2, eps, HIDDEN)
     tl.store(out_ptr + row * stride_out_t + h, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -84,10 +89,12 @@ def rms_norm_pair(x, w1, w2, eps: float, residual):
     out, summed = torch.empty_like(x), torch.empty_like(x)
     out2, sum2 = out.view(-1, hidden), summed.view(-1, hidden)
     if x2.shape[0] > 0:
+        pdl = pdl_enabled(x.device, x2.shape[0])
         rms_norm_pair_kernel[(x2.shape[0],)](
             x2, res2, w1, w2, out2, sum2, float(eps),
             x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0),
-            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), num_warps=4 if hidden <= 4096 else 8,
+            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), USE_PDL=pdl, num_warps=4 if hidden <= 4096 else 8,
+            **pdl_launch_kwargs(pdl),
         )
     return out, summed
 
@@ -102,11 +109,12 @@ def rms_norm(x, weight, eps: float, residual=None, out=None):
     res2 = residual.reshape(-1, hidden) if residual is not None else x2
     sum2 = summed.view(-1, hidden)
     if x2.shape[0] > 0:
+        pdl = pdl_enabled(x.device, x2.shape[0])
         rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight, out2, sum2, float(eps),
             x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0),
-            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), HAS_RESIDUAL=residual is not None,
-            num_warps=4 if hidden <= 4096 else 8,
+            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), HAS_RESIDUAL=residual is not None, USE_PDL=pdl,
+            num_warps=4 if hidden <= 4096 else 8, **pdl_launch_kwargs(pdl),
         )
     return out if residual is None else (out, summed)
 

@@ -76,3 +76,68 @@ def make_paged_problem(context_lens, q_lens, *, num_heads: int, num_kv_heads: in
     cu = torch.tensor([0] + list(q_lens), dtype=torch.int32).cumsum(0).int().to(device)
     return PagedProblem(q, k_cache, v_cache, tables, cu,
                         torch.tensor(seq_lens, dtype=torch.int32, device=device), max(q_lens))
+
+
+@dataclass
+class DecodeChainShape:
+    """Per-layer widths of a batch-1 decode step; the defaults are Gemma-2-2B's."""
+    hidden: int = 2304
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    head_dim: int = 256
+    intermediate: int = 9216
+    context: int = 576           # cached tokens before the new one
+    block_size: int = 16
+
+
+def decode_layer_chain(num_layers: int, shape: DecodeChainShape = DecodeChainShape(), device="cuda",
+                       dtype=torch.bfloat16, seed: int = 0):
+    """A batch-1 decode step's kernels in the fast path's order (serve/models/gemma.py `forward_fused`)
+    over `num_layers` layers of random weights, through the dispatched kernel API: input norm, then per
+    layer qkv GEMV, rotary_and_cache, paged decode, o_proj GEMV, norm pair, gate_up+GeGLU GEMV, down
+    GEMV, norm pair. Returns run() -> (final normed hidden [1, H], [k caches], [v caches]); every call
+    recomputes from the same inputs (the cache write is the same token each time), so two calls under
+    different launch settings (PDL on / off) must agree exactly."""
+    import kernels
+    s, gen = shape, torch.Generator().manual_seed(seed)
+
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, generator=gen) * scale).to(device, dtype)
+
+    widths = [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim]
+    layers = [dict(qkv=rand(sum(widths), s.hidden, scale=s.hidden ** -0.5),
+                   o=rand(s.hidden, widths[0], scale=widths[0] ** -0.5),
+                   gate_up=rand(2 * s.intermediate, s.hidden, scale=s.hidden ** -0.5),
+                   down=rand(s.hidden, s.intermediate, scale=s.intermediate ** -0.5),
+                   norms=[rand(s.hidden, scale=0.1) for _ in range(4)],
+                   paged=make_paged_problem([s.context], [1], num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+                                            head_dim=s.head_dim, block_size=s.block_size, device=device,
+                                            dtype=dtype, seed=seed + i))
+              for i in range(num_layers)]
+    for layer in layers:        # the new token's slot: position `context` through the block table
+        table = layer["paged"].block_tables[0]
+        layer["slot"] = (table[s.context // s.block_size].long() * s.block_size + s.context % s.block_size).view(1)
+    final_norm, x = rand(s.hidden, scale=0.1), rand(1, s.hidden)
+    positions = torch.tensor([s.context], device=device)
+    angles = torch.arange(s.context + 1)[:, None] * torch.rand(s.head_dim // 2, generator=gen)
+    rope = torch.cat((angles.cos(), angles.sin()), -1).to(device).contiguous()
+
+    def run():
+        h = kernels.rms_norm(x, layers[0]["norms"][0], 1e-6)
+        residual = x
+        for i, layer in enumerate(layers):
+            p = layer["paged"]
+            q, k, v = kernels.linear_small_m(h, layer["qkv"]).split(widths, -1)
+            q = q.view(1, s.num_heads, s.head_dim)
+            kernels.rotary_and_cache(positions, q, k.view(1, -1, s.head_dim), v.view(1, -1, s.head_dim),
+                                     p.k_cache, p.v_cache, layer["slot"], rope)
+            attn = kernels.paged_decode_attention(q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens,
+                                                  scale=s.head_dim ** -0.5, softcap=50.0)
+            o = kernels.linear_small_m(attn.reshape(1, -1), layer["o"])
+            post_attn, pre_ffn, post_ffn = layer["norms"][1:]
+            h, residual = kernels.rms_norm_pair(o, post_attn, pre_ffn, 1e-6, residual)
+            down = kernels.linear_small_m(kernels.gelu_tanh_and_mul_gemv(h, layer["gate_up"]), layer["down"])
+            following = layers[i + 1]["norms"][0] if i + 1 < len(layers) else final_norm
+            h, residual = kernels.rms_norm_pair(down, post_ffn, following, 1e-6, residual)
+        return h, [layer["paged"].k_cache for layer in layers], [layer["paged"].v_cache for layer in layers]
+    return run

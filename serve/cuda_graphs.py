@@ -126,7 +126,10 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Largest bucket first, all graphs in one memory pool (each later graph reuses its space)."""
+        """Largest bucket first, all graphs in one memory pool (each later graph reuses its space).
+        Called again (a benchmark switching KERNELS_PDL), it drops the old graphs and their pool first."""
+        self.graphs.clear()
+        self.outputs.clear()
         self.np["seq_lens"][:] = 1
         for key in self.keys:
             self.np[("slots", key)][:] = -1

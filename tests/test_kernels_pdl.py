@@ -1,0 +1,325 @@
+"""Programmatic Dependent Launch (PDL) of the decode-step kernels (kernels/common.py, kernels/NOTES.md "PDL").
+
+A kernel launched with launch_pdl may start before the previous kernel has finished, so it must wait
+(`pdl_wait`, i.e. gdc_wait) before it reads anything an earlier kernel wrote and before it writes
+anything (an earlier kernel may still be reading the buffer). On CPU: the switch, a check of every
+such kernel's source text, and the PTX each compiles to for an H100 (the wait before every global
+store, the norms' weight loads before it). On the GPU (`gpu` marker): the kernels and a
+Gemma-2-2B-shaped decode chain give bit-identical results with PDL on and off, eagerly and as CUDA
+graph replays, and the engine's greedy tokens are the same with KERNELS_PDL=1 and 0.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
+
+from kernels import cache, common, decode, gemv, norm  # noqa: E402
+
+# The Triton kernels of one batch-1 decode step on the fast path (kernels/NOTES.md lists the torch ops
+# between them); linear_split_k_kernel runs instead of linear_small_m_kernel where a table entry has
+# split_k > 1 (none by default).
+STEP_KERNELS = {
+    "rms_norm_kernel": norm, "rms_norm_pair_kernel": norm, "linear_small_m_kernel": gemv,
+    "gelu_tanh_and_mul_gemv_kernel": gemv, "linear_split_k_kernel": gemv, "rotary_and_cache_kernel": cache,
+    "paged_decode_split_kernel": decode, "paged_decode_reduce_kernel": decode,
+}
+# What may be loaded before the wait: model weights, which no kernel writes while a step runs.
+WEIGHT_POINTERS = {"weight_ptr", "w1_ptr", "w2_ptr"}
+WEIGHT_HELPERS = {"_weight_tile"}      # no kernel calls it before the wait today (measured slower)
+WAIT = "pdl_wait(USE_PDL)"
+
+
+def kernel_source(kernel) -> str:
+    return inspect.getsource(kernel.fn)       # JITFunction and the interpreter's wrapper both keep .fn
+
+
+def wait_problems(source: str) -> list[str]:
+    """What is wrong with a USE_PDL kernel's source: no top-level wait, or a store, an atomic, a load
+    of a non-weight pointer or a call of a helper other than a weight loader before the wait."""
+    body = source[source.index("):\n") + 3:]
+    lines = body.splitlines()
+    waits = [i for i, line in enumerate(lines) if WAIT in line]
+    if not waits:
+        return [f"no {WAIT}"]
+    first = waits[0]
+    problems = [] if lines[first].startswith("    " + WAIT) else ["the first wait is not at the kernel's top level"]
+    before = "\n".join(line.split("#")[0] for line in lines[:first])
+    problems += [f"{op} before the wait" for op in re.findall(r"tl\.(store|atomic_\w+)\(", before)]
+    problems += [f"load of {ptr} before the wait" for ptr in re.findall(r"tl\.load\((\w+)", before)
+                 if ptr not in WEIGHT_POINTERS]
+    problems += [f"{name}() before the wait" for name in re.findall(r"\b(_\w+)\(", before)
+                 if name not in WEIGHT_HELPERS]
+    return problems
+
+
+def test_pdl_is_off_on_cpu_and_under_the_interpreter(monkeypatch):
+    for value in (None, "0", "1"):
+        if value is None:
+            monkeypatch.delenv("KERNELS_PDL", raising=False)
+        else:
+            monkeypatch.setenv("KERNELS_PDL", value)
+        assert not common.pdl_enabled(torch.device("cpu"), 1)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert not common.pdl_enabled(torch.device("cuda", 0), 1)
+    assert common.pdl_launch_kwargs(False) == {}          # a triton without launch_pdl never sees it
+
+
+def test_pdl_switch_follows_the_device_and_kernels_pdl(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("KERNELS_PDL", raising=False)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(common, "device_supports_pdl", lambda index: True)
+    assert common.pdl_enabled(cuda, 1) and common.pdl_launch_kwargs(True) == {"launch_pdl": True}
+    assert common.pdl_enabled(cuda, common.PDL_MAX_ROWS)
+    assert not common.pdl_enabled(cuda, common.PDL_MAX_ROWS + 1)      # large grids launch as before
+    monkeypatch.setenv("KERNELS_PDL", "0")
+    assert not common.pdl_enabled(cuda, 1)
+    monkeypatch.setenv("KERNELS_PDL", "1")
+    assert common.pdl_enabled(cuda, 1)
+    monkeypatch.setattr(common, "device_supports_pdl", lambda index: False)     # an A100, or an old triton
+    with pytest.raises(ValueError, match="KERNELS_PDL=1"):
+        common.pdl_enabled(cuda, 1)
+    monkeypatch.delenv("KERNELS_PDL")
+    assert not common.pdl_enabled(cuda, 1)
+    monkeypatch.setenv("KERNELS_PDL", "on")
+    with pytest.raises(ValueError, match="0 or 1"):
+        common.pdl_enabled(cuda, 1)
+
+
+def test_this_triton_has_launch_pdl_and_the_gdc_calls():
+    pytest.importorskip("triton.backends.nvidia")
+    assert common.triton_supports_pdl()
+
+
+def test_every_step_kernel_takes_use_pdl_and_every_use_pdl_kernel_waits_first():
+    for name, module in STEP_KERNELS.items():
+        assert "USE_PDL" in inspect.signature(getattr(module, name).fn).parameters, name
+    found = []
+    for module in set(STEP_KERNELS.values()):
+        for name, kernel in vars(module).items():
+            if name.endswith("_kernel") and "USE_PDL" in inspect.signature(kernel.fn).parameters:
+                found.append(name)
+                assert wait_problems(kernel_source(kernel)) == [], name
+    assert set(found) == set(STEP_KERNELS)
+    helper = kernel_source(common.pdl_wait)
+    assert helper.index("if USE_PDL:") < helper.index("gdc_wait()") < helper.index("gdc_launch_dependents()")
+
+
+def test_the_source_check_catches_a_store_or_an_activation_load_before_the_wait():
+    good = "def k(x_ptr, w_ptr, USE_PDL: tl.constexpr):\n    w = _weight_tile(w_ptr)\n    pdl_wait(USE_PDL)\n"
+    assert wait_problems(good) == []
+    store_first = good.replace("    pdl_wait", "    tl.store(x_ptr, w)\n    pdl_wait")
+    load_first = good.replace("    pdl_wait", "    x = tl.load(x_ptr)\n    pdl_wait")
+    helper_first = good.replace("    pdl_wait", "    y = _rows_dot_tile(x_ptr, w)\n    pdl_wait")
+    nested = good.replace("    pdl_wait(USE_PDL)", "    if w > 0:\n        pdl_wait(USE_PDL)")
+    assert wait_problems(store_first) == ["store before the wait"]
+    assert wait_problems(load_first) == ["load of x_ptr before the wait"]
+    assert wait_problems(helper_first) == ["_rows_dot_tile() before the wait"]
+    assert wait_problems(nested) == ["the first wait is not at the kernel's top level"]
+    assert wait_problems(good.replace("    pdl_wait(USE_PDL)\n", "")) == ["no pdl_wait(USE_PDL)"]
+
+
+PTX_SCRIPT = """
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels import cache, decode, gemv, norm
+
+POINTERS = {"positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "block_tables_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "part_out_ptr": "*fp32",
+            "part_lse_ptr": "*fp32", "cos_sin_ptr": "*fp32"}
+
+def signature(fn, consts):
+    def kind(name):
+        if name in consts:
+            return "constexpr"
+        if name.endswith("_ptr"):
+            return POINTERS.get(name, "*bf16")
+        return "fp32" if name in ("eps", "qk_scale", "softcap") else "i32"
+    return {name: kind(name) for name in fn.arg_names}
+
+def ptx(fn, consts, pdl=True, **options):
+    consts = {**consts, "USE_PDL": pdl}
+    src = ASTSource(fn=fn, signature=signature(fn, consts), constexprs=consts)
+    options = {**options, "launch_pdl": True} if pdl else options
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"].splitlines()
+
+def first(lines, pattern):
+    return next((i for i, line in enumerate(lines) if re.search(pattern, line)), len(lines))
+
+def cases():
+    # (name, kernel, constexprs, options, weight loads before the wait?) at Gemma-2-2B shapes
+    for (rows, n, k), c in gemv.LINEAR_CONFIGS.items():
+        yield (f"linear {n}x{k}", gemv.linear_small_m_kernel, dict(BLOCK_M=rows, BLOCK_N=c.block_n,
+               BLOCK_K=c.block_k), dict(num_warps=c.num_warps, num_stages=c.num_stages), False)
+    for (rows, n, k), c in gemv.GEGLU_CONFIGS.items():
+        yield (f"geglu {n}x{k}", gemv.gelu_tanh_and_mul_gemv_kernel, dict(BLOCK_M=rows, BLOCK_N=c.block_n,
+               BLOCK_K=c.block_k), dict(num_warps=c.num_warps, num_stages=c.num_stages), False)
+    yield ("split-k", gemv.linear_split_k_kernel, dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, SPLIT_K=2),
+           dict(num_stages=3), False)
+    for residual in (False, True):
+        yield (f"rms_norm residual={residual}", norm.rms_norm_kernel,
+               dict(HIDDEN=2304, BLOCK_H=4096, HAS_RESIDUAL=residual), {}, True)
+    yield "rms_norm_pair", norm.rms_norm_pair_kernel, dict(HIDDEN=2304, BLOCK_H=4096), {}, True
+    for qk_norm in (False, True):
+        yield (f"rotary_and_cache qk_norm={qk_norm}", cache.rotary_and_cache_kernel,
+               dict(NUM_Q_HEADS=8, BLOCK_SIZE=16, HALF=128, BLOCK_HALF=128, USE_QK_NORM=qk_norm),
+               dict(num_warps=2), False)
+    for splits, fused in ((1, False), (64, False), (8, True)):
+        yield (f"decode splits={splits} fused={fused}", decode.paged_decode_split_kernel,
+               dict(QUERIES_PER_KV=2, BLOCK_G=16, HEAD_DIM=256, BLOCK_D=256, BLOCK_SIZE=16, BLOCK_N=32,
+                    NUM_SPLITS=splits, USE_SOFTCAP=True, USE_WINDOW=False, UPCAST=False, FUSED_REDUCE=fused),
+               dict(num_stages=3), False)
+    yield ("decode reduce", decode.paged_decode_reduce_kernel,
+           dict(HEAD_DIM=256, BLOCK_D=256, NUM_SPLITS=64, BLOCK_S=64), {}, False)
+
+for name, fn, consts, options, prefetch in cases():
+    lines = ptx(fn, consts, **options)
+    wait, release = first(lines, r"griddepcontrol\\.wait"), first(lines, r"griddepcontrol\\.launch_dependents")
+    store = first(lines, r"\\b(st\\.global|atom\\.|red\\.)")
+    loads = sum("ld.global" in line for line in lines[:wait])
+    assert wait < release < store < len(lines), (name, wait, release, store)
+    assert (loads > 0) == prefetch, (name, loads)
+    print(name, "wait at", wait, "first store at", store, "loads before the wait", loads)
+plain = ptx(gemv.linear_small_m_kernel, dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=512), pdl=False)
+assert not any("griddepcontrol" in line for line in plain)
+print("ptx ok")
+"""
+
+
+def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_store():
+    """The H100 code itself (no device needed): griddepcontrol.wait comes before every global store and
+    atomic and before launch_dependents; norms load their weights before it, the others nothing."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "ptx ok" in proc.stdout
+
+
+# ---- GPU: the lead runs these on the H100 ----------------------------------------------------------
+
+def _needs_pdl():
+    if not torch.cuda.is_available() or not common.device_supports_pdl(torch.cuda.current_device()):
+        pytest.skip("needs an sm90+ GPU and a triton with launch_pdl")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-equal, NaN where NaN (the paged caches keep NaN in slots no sequence owns)."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def _chain_outputs(run, pdl: str, monkeypatch, graph: bool):
+    monkeypatch.setenv("KERNELS_PDL", pdl)          # read at each launch, and at capture for the graph
+    if graph:
+        run()                                        # compile outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outputs = run()
+        for _ in range(3):
+            g.replay()
+    else:
+        for _ in range(3):
+            outputs = run()
+    torch.cuda.synchronize()
+    h, k_caches, v_caches = outputs
+    return [h.clone()] + [c.clone() for c in k_caches + v_caches]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("variant", ["default", "split_k+fused_reduce"])
+def test_gpu_decode_chain_is_bit_identical_with_pdl_on_and_off(monkeypatch, graph, variant):
+    """Three Gemma-2-2B layers of batch-1 decode kernels back to back (kernels.testing.decode_layer_chain),
+    eagerly and as graph replays; the variant puts the ticket-counter kernels in the chain (split-K qkv
+    and o_proj, the decode merge in-kernel)."""
+    _needs_pdl()
+    from kernels import dispatch
+    from kernels.testing import decode_layer_chain
+    dispatch.set_backend("triton")
+    if variant != "default":
+        split = {key: gemv.GemvConfig(config.block_n, 256, config.num_warps, 3, split_k=2)
+                 for key, config in gemv.LINEAR_CONFIGS.items() if key[1] in (4096, 2304) and key[2] != 9216}
+        monkeypatch.setattr(gemv, "LINEAR_CONFIGS", {**gemv.LINEAR_CONFIGS, **split})
+        monkeypatch.setenv("KERNELS_DECODE_FUSED_REDUCE", "1")
+    run = decode_layer_chain(3)
+    torch.cuda.synchronize()                 # weights are read before the wait: they must be written by now
+    off = _chain_outputs(run, "0", monkeypatch, graph)
+    on = _chain_outputs(run, "1", monkeypatch, graph)
+    assert all(_same(a, b) for a, b in zip(on, off))
+    assert torch.isfinite(on[0]).all()
+    assert not common.ticket_counters(torch.device("cuda")).any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_rows", [1, 3])
+def test_gpu_gemv_and_norm_kernels_identical_with_pdl_on_and_off(monkeypatch, num_rows):
+    """Each kernel alone, back to back 20 times on the same inputs, at shapes with edge masks."""
+    _needs_pdl()
+    gen = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, 2304, generator=gen).cuda().bfloat16()
+    weights = [(torch.randn(n, 2304, generator=gen) / 48).cuda().bfloat16() for n in (4096, 4610, 18432)]
+    w1, w2 = (torch.randn(2304, generator=gen).cuda().bfloat16() * 0.1 for _ in range(2))
+    torch.cuda.synchronize()
+
+    def outputs(pdl: str):
+        monkeypatch.setenv("KERNELS_PDL", pdl)
+        for _ in range(20):
+            ys = [gemv.linear_small_m(x, w) for w in weights[:2]] + [gemv.gelu_tanh_and_mul_gemv(x, weights[2])]
+            ys += list(norm.rms_norm_pair(ys[0][:, :2304], w1, w2, 1e-6, x)) + [norm.rms_norm(x, w1, 1e-6)]
+        torch.cuda.synchronize()
+        return ys
+
+    assert all(torch.equal(a, b) for a, b in zip(outputs("1"), outputs("0")))
+
+
+GPU_ENGINE_SCRIPT = """
+import os
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from serve_fixtures import gemma2_config, gemma3_config, random_model, random_prompts, save_model
+from serve import LLM, SamplingParams
+from kernels.common import pdl_enabled
+params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+prompts = random_prompts([3, 30, 12, 21, 9, 17, 40, 5])
+
+for name, config in (("gemma2", gemma2_config()), ("gemma3", gemma3_config())):
+    path = save_model(random_model(config, seed=3), {path!r} + name)
+    tokens = {{}}
+    for pdl in ("0", "1"):
+        os.environ["KERNELS_PDL"] = pdl           # the graphs are captured in LLM(): one engine per setting
+        assert pdl_enabled(torch.device("cuda"), 1) == (pdl == "1")
+        batched = LLM(path, block_size=4, max_num_batched_tokens=32, max_num_seqs=8)
+        alone = LLM(path, block_size=4, max_num_batched_tokens=32, max_num_seqs=1)   # batch-1 GEMV graphs
+        assert alone.engine.runner.decode_graphs.graphs
+        tokens[pdl] = [[o.outputs[0].token_ids for o in llm.generate(prompts, params)] for llm in (batched, alone)]
+        del batched, alone
+    assert tokens["1"] == tokens["0"], (name, tokens)
+    print(name, "same tokens")
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_engine_greedy_tokens_same_with_pdl_on_and_off(tmp_path):
+    """bf16 engine (CUDA graphs, overlapped loop, batch-1 GEMVs and batched steps): KERNELS_PDL=1 and 0
+    give the same greedy tokens (the kernels compute the same values; only the launch differs)."""
+    _needs_pdl()
+    script = GPU_ENGINE_SCRIPT.format(tests=str(Path(__file__).parent), path=str(tmp_path / "m"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("same tokens") == 2
