@@ -8,7 +8,8 @@ it slimmed by the project's own adapter and `compress.slim.slim_model`, keeping 
 filters of each layer, so uneven and 0-unit layers are the modules `compress prune` writes. One
 forward of `input_ids [batch, seq]` (no padding, hence no attention mask) is timed:
 
-- cuda: bf16 weights; the forward is captured once in a CUDA graph and replayed, because eager
+- cuda: bf16 weights (`--cuda-dtype float16|float32` for others; fp32 without TF32, torch's default);
+  the forward is captured once in a CUDA graph and replayed, because eager
   MiniLM/MPNet at this size are bound by kernel launches and Python, not by the GPU work. After
   warm-up, `trials` timings of `replays` back-to-back replays each (CUDA events); the median
   per-forward ms, with min and max. If capture fails, the eager forward is timed the same way and
@@ -43,7 +44,7 @@ from compress.errors import UserError, exit_code  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ENV = "PYTHONPATH=$PWD COMPRESS_CACHE=/tmp/cache HF_HUB_OFFLINE=1"
-METHOD = ("cuda: bf16 weights, the forward captured once in a CUDA graph (attention mask None, no padding); "
+METHOD = ("cuda: {cuda_dtype} weights (bfloat16 unless --cuda-dtype), the forward captured once in a CUDA graph (attention mask None, no padding); "
           "median per-forward ms over {trials} timings of {replays} back-to-back replays each (CUDA events), "
           "after {warmup} warm-up replays. cpu: fp32, median of {cpu_runs} perf_counter forwards after warm-up, "
           "torch's default thread count. input_ids [batch, {seq}]. FFN widths padded with zero filters to a multiple "
@@ -64,6 +65,9 @@ KNOWN_BASES = {
 }
 
 
+CUDA_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--state", default=str(RESULTS / "glue_pruning_state.json"), help="glue_pruning state.json")
@@ -79,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--replays", type=int, default=20, help="cuda: graph replays per timing")
     p.add_argument("--cpu-runs", type=int, default=7, help="cpu: timed forwards per shape and batch")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cuda-dtype", choices=sorted(CUDA_DTYPES), default="bfloat16",
+                   help="cuda: weights and activations in this dtype (float32: no TF32, as torch defaults)")
     return p.parse_args(argv)
 
 
@@ -243,7 +249,7 @@ def time_shape(model, device: str, args) -> dict:
     """{"b32": timing, "b1": timing} of `model` on `device` (moved there, in place, for cuda)."""
     if device == "cpu":
         return {f"b{b}": time_cpu(model, b, args.seq, args.cpu_runs, min(args.warmup, 2)) for b in args.batches}
-    model.to(device="cuda", dtype=torch.bfloat16)
+    model.to(device="cuda", dtype=CUDA_DTYPES[args.cuda_dtype])
     for module in model.modules():  # some transformers versions read input ids on the host to warn about
         if hasattr(module, "warn_if_padding_and_no_attention_mask"):  # padding: a sync, which breaks capture
             module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
@@ -304,7 +310,7 @@ def describe_devices(devices, args) -> dict:
     out = {}
     for d in devices:
         if d == "cuda":
-            out[d] = dict(name=torch.cuda.get_device_name(), dtype="bfloat16", torch=torch.__version__,
+            out[d] = dict(name=torch.cuda.get_device_name(), dtype=args.cuda_dtype, torch=torch.__version__,
                           timing=f"CUDA graph replays; median of {args.trials} timings of {args.replays} replays")
         else:
             out[d] = dict(name=f"{_cpu_model() or platform.machine()}, {os.cpu_count()} cores",
@@ -326,8 +332,11 @@ def load_result(path: Path, devices: dict, args) -> dict:
     result = json.loads(path.read_text()) if path.is_file() else {}
     for d, desc in devices.items():
         old = result.get("devices", {}).get(d, {}).get("name")
+        old_dtype = result.get("devices", {}).get(d, {}).get("dtype")
         if old and old != desc["name"] and result.get("timings", {}).get(d):
             raise UserError(f"{path} holds {d} timings from {old}, not {desc['name']}: use another --out")
+        if old_dtype and old_dtype != desc["dtype"] and result.get("timings", {}).get(d):
+            raise UserError(f"{path} holds {d} timings in {old_dtype}, not {desc['dtype']}: use another --out")
     if result.get("seq", args.seq) != args.seq:
         raise UserError(f"{path} was timed at sequence length {result['seq']}, not {args.seq}: use another --out")
     result.update(seq=args.seq, batches=sorted(set(result.get("batches", [])) | set(args.batches), reverse=True))

@@ -124,6 +124,16 @@ def test_resume_refuses_timings_from_another_device(tmp_path):
         el.load_result(path, {"cpu": {"name": "this"}}, args)
 
 
+def test_resume_refuses_timings_in_another_dtype(tmp_path):
+    path = tmp_path / "lat.json"
+    path.write_text(json.dumps({"devices": {"cuda": {"name": "H100", "dtype": "bfloat16"}},
+                                "timings": {"cuda": {"k": {}}}, "seq": 128}))
+    args = el.parse_args(["--devices", "cuda", "--cuda-dtype", "float32"])
+    with pytest.raises(UserError, match="bfloat16"):
+        el.load_result(path, el.describe_devices([], args) | {"cuda": {"name": "H100", "dtype": args.cuda_dtype}}, args)
+    el.load_result(path, {"cuda": {"name": "H100", "dtype": "bfloat16"}}, el.parse_args(["--devices", "cuda"]))
+
+
 def test_glue_report_uses_shape_matched_speedups(tmp_path):
     latency = {"command": "python evals/encoder_latency.py", "method": "cuda: bf16, CUDA graph",
                "devices": {"cuda": {"name": "GPU X"}}, "timings": {"cuda": {}},
