@@ -3,9 +3,6 @@
 Gemma-2-2B shapes (8 query / 4 KV heads, head_dim 256, 26 layers) and Gemma-3-1B (4 / 1, QK-norm):
 - rope+cache: rotary_embedding + reshape_and_cache (Gemma 3: plus the two QK rms_norm launches) vs
   the fused rotary_and_cache, one token;
-- decode attention at batch 1: the split kernel + the separate reduction (KERNELS_DECODE_FUSED_REDUCE=0)
-  vs the last split merging in-kernel, over contexts 576 (the serving suite's batch-1 context), 2048
-  and 4096 (all inside Gemma's 4096 window, so full attention);
 - PDL (GPU with sm90+ only): the kernels of 4 Gemma-2-2B decode layers back to back
   (kernels.testing.decode_layer_chain: qkv, rotary_and_cache, decode split + reduce, o_proj, norm pair,
   gate_up, down, norm pair) launched plainly (KERNELS_PDL=0) vs with Programmatic Dependent Launch (=1);
@@ -13,7 +10,8 @@ Gemma-2-2B shapes (8 query / 4 KV heads, head_dim 256, 26 layers) and Gemma-3-1B
 Each pair is first checked to give the same result; times are medians of CUDA-graph replays holding 10
 calls each (evals/bench_kernels.time_ms), the way the engine replays a decode step. The last column
 multiplies the saving by the layer count: what one decode step should gain. The split-K GEMVs are
-timed by `evals/bench_gemv.py --sweep` instead (they need weights rotated past L2).
+timed by `evals/bench_gemv.py --sweep` instead (they need weights rotated past L2). The decode rows
+(split + reduce vs an in-kernel merge) went with the merge, measured slower and removed (kernels/NOTES.md).
 
   python evals/bench_batch1.py [--iters 50]          # GPU; without CUDA it runs the checks only
 """
@@ -30,13 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import cache, decode, norm  # noqa: E402
+from kernels import cache, norm  # noqa: E402
 from kernels.common import device_supports_pdl  # noqa: E402
-from kernels.testing import decode_layer_chain, make_paged_problem, relative_error  # noqa: E402
+from kernels.testing import decode_layer_chain, relative_error  # noqa: E402
 
 MODELS = {"gemma-2-2b": (8, 4, False, 26), "gemma-3-1b": (4, 1, True, 26)}   # Hq, Hkv, QK-norm, layers
 HEAD_DIM, BLOCK_SIZE, MAX_POSITION = 256, 16, 8192
-CONTEXTS = (576, 2048, 4096)        # Gemma's 4096 window covers all of them: full attention it is
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -73,22 +70,6 @@ def rope_cache_pair(num_q: int, num_kv: int, qk_norm: bool):
     return old, new, check
 
 
-def decode_pair(num_q: int, num_kv: int, context: int):
-    problem = make_paged_problem([context - 1], [1], num_heads=num_q, num_kv_heads=num_kv, head_dim=HEAD_DIM,
-                                 block_size=BLOCK_SIZE, device=DEVICE, seed=context)
-    args = (problem.q, problem.k_cache, problem.v_cache, problem.block_tables, problem.seq_lens)
-    kw = dict(scale=HEAD_DIM ** -0.5, sliding_window=None, softcap=50.0)
-    outs = [torch.empty_like(problem.q) for _ in range(2)]
-
-    def run(fused: str, out):
-        os.environ["KERNELS_DECODE_FUSED_REDUCE"] = fused   # read at launch: each graph captures its own
-        return decode.paged_decode_attention(*args, **kw, out=out)
-
-    def check():
-        return relative_error(run("1", outs[1]), run("0", outs[0]))
-    return (lambda: run("0", outs[0])), (lambda: run("1", outs[1])), check
-
-
 def pdl_chain_pair(num_layers: int):
     """The decode kernels of `num_layers` layers, launched plainly vs with PDL (same outputs)."""
     run = decode_layer_chain(num_layers, device=DEVICE)
@@ -107,8 +88,6 @@ def pdl_chain_pair(num_layers: int):
 def cases():
     for model, (num_q, num_kv, qk_norm, layers) in MODELS.items():
         yield f"{model} rope+cache{' +QK-norm' if qk_norm else ''}", layers, rope_cache_pair(num_q, num_kv, qk_norm)
-        for context in CONTEXTS:
-            yield f"{model} decode ctx{context}", layers, decode_pair(num_q, num_kv, context)
     if torch.cuda.is_available() and device_supports_pdl(torch.cuda.current_device()):
         yield "gemma-2-2b 4-layer chain, PDL off vs on", 26 / 4, pdl_chain_pair(4)
 
@@ -132,7 +111,6 @@ def main(argv=None) -> int:
         t_old, t_new = (time_ms(fn, args.iters) * 1e3 for fn in (old, new))
         saved = t_old - t_new
         print(f"| {label} | {t_old:.2f} | {t_new:.2f} | {saved:.2f} | {saved * layers:.1f} | {err:.1e} |", flush=True)
-    os.environ.pop("KERNELS_DECODE_FUSED_REDUCE", None)
     os.environ.pop("KERNELS_PDL", None)
     return 0
 

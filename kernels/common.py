@@ -1,6 +1,6 @@
 """Small Triton helpers shared by the attention kernels, launch-time facts about the device, the
-ticket counters of the one-launch reductions (split-K GEMV, split-KV decode), and the switch and
-in-kernel calls of Programmatic Dependent Launch (PDL) for the decode-step kernels.
+ticket counters of the one-launch reductions (split-K GEMV), and the switch and in-kernel calls of
+Programmatic Dependent Launch (PDL) for the decode-step kernels.
 
 `tanh` is written with exp2 because triton 3.6 and 3.9 expose different libdevice paths
 (`tl.extra.cuda.libdevice` moved) and the interpreter has none; exp2 exists everywhere.

@@ -6,13 +6,9 @@ group, walks its share of the context in tiles of BLOCK_N tokens (each token fin
 through the block table), and keeps an online softmax in log2 units. The visible context starts at
 `seq_len - window` under a sliding window: tiles before it are never visited and their block-table
 entries (possibly stale) never loaded. With several splits, each writes its normalized partial output
-and log-sum-exp, then takes a ticket from a per-(batch, kv_head) counter (kernels.common.ticket_counters);
-the last split to arrive merges all partials of its GQA group and resets the counter, so there is no
-second launch. That in-kernel merge lost on the H100 (batch 1, Gemma-2-2B shapes: 12.1 us against 6.4
-for split + reduce at context 576, 26.0 against 9.6 at 2048; kernels/NOTES.md), so it is off by default
-(FUSED_REDUCE_MAX_BATCH = 0) and kept as an A/B switch (KERNELS_DECODE_FUSED_REDUCE=1); by default the
-separate reduction kernel (grid (batch, q_head)) merges. With one split the kernel writes the final
-output directly.
+and log-sum-exp; the reduction kernel (grid (batch, q_head)) merges them. With one split the kernel
+writes the final output directly. (An in-kernel merge by the last split, saving the reduce launch, was
+measured slower on the H100 and removed; kernels/NOTES.md.)
 
 Shapes: q/out [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
 seq_lens [B] int32 (includes the new token, already in the cache).
@@ -26,15 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import (MAX_TICKETS, device_sms, dot_upcast, next_pow2, pdl_enabled, pdl_launch_kwargs,
-                            pdl_wait, scores_to_log2, ticket_counters)
+from kernels.common import (device_sms, dot_upcast, next_pow2, pdl_enabled, pdl_launch_kwargs, pdl_wait,
+                            scores_to_log2)
 
 # Launch parameters; KERNELS_DECODE_CONFIG="block_n,num_warps,num_stages,programs_per_sm" overrides
 # them for tuning sweeps (evals/bench_kernels.py).
 # Measured on an H100 (kernels/NOTES.md): BLOCK_N 32 with 3 stages beat 64 with 2 by 2.5%.
 DECODE_CONFIG = {"block_n": 32, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2.0}
 MAX_SPLITS = 64
-FUSED_REDUCE_MAX_BATCH = 0     # in-kernel merge measured slower than split + reduce at batch 1 (NOTES.md)
 
 
 @triton.jit(do_not_specialize=["stride_bt_b"])  # block-table width varies per step (see prefill.py)
@@ -45,8 +40,7 @@ def paged_decode_split_kernel(
     seq_lens_ptr,                # [B] int32
     part_out_ptr,                # [B, Hq, NUM_SPLITS, D] fp32 (unused when NUM_SPLITS == 1)
     part_lse_ptr,                # [B, Hq, NUM_SPLITS] fp32, log2 units
-    out_ptr,                     # [B, Hq, D] (written when NUM_SPLITS == 1 or FUSED_REDUCE)
-    count_ptr,                   # [>= B * Hkv] int32 tickets, 0 between launches (FUSED_REDUCE)
+    out_ptr,                     # [B, Hq, D] (written only when NUM_SPLITS == 1)
     qk_scale, softcap, window,
     stride_q_b, stride_q_h,
     stride_kc_block, stride_kc_slot, stride_kc_head,
@@ -59,12 +53,12 @@ def paged_decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    pdl_wait(USE_PDL)            # q and the new token's KV come from the previous kernel; so do the tickets
+    pdl_wait(USE_PDL)            # q and the new token's KV come from the previous kernel
     seq_len = tl.load(seq_lens_ptr + b)
     first = 0
     if USE_WINDOW:
@@ -121,48 +115,6 @@ def paged_decode_split_kernel(
         part = part_out_ptr + b.to(tl.int64) * stride_po_b + heads * stride_po_h + split * stride_po_s
         tl.store(part[:, None] + d[None, :], acc, mask=out_mask)
         tl.store(part_lse_ptr + b * stride_pl_b + heads * stride_pl_h + split, lse, mask=row_mask)
-        if FUSED_REDUCE:
-            tl.debug_barrier()   # every thread's partial is stored before the (one-thread) release
-            ticket = tl.atomic_add(count_ptr + b * tl.num_programs(1) + kv_head, 1, sem="acq_rel")
-            if ticket == NUM_SPLITS - 1:         # the last split: every partial of the group is visible
-                _merge_splits(part_out_ptr + b.to(tl.int64) * stride_po_b, part_lse_ptr + b * stride_pl_b,
-                              out_ptr + b.to(tl.int64) * stride_out_b, kv_head,
-                              tl.cdiv(num_tiles, tl.maximum(tiles_per_split, 1)),
-                              stride_po_h, stride_po_s, stride_pl_h, stride_out_h,
-                              QUERIES_PER_KV, HEAD_DIM, BLOCK_D, 16)
-                tl.store(count_ptr + b * tl.num_programs(1) + kv_head, 0)
-
-
-@triton.jit
-def _merge_splits(part_ptr, lse_ptr, out_ptr, kv_head, num_active,
-                  stride_po_h, stride_po_s, stride_pl_h, stride_out_h,
-                  QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MERGE_S: tl.constexpr):
-    """Merge the first num_active splits' normalized partials of each query head in the GQA group by
-    their log2-sum-exp. Splits past num_active had no tiles and are never loaded; MERGE_S splits at a
-    time (a [MERGE_S, BLOCK_D] tile, online across chunks) keep the registers of the main loop's peak.
-    Split 0 is never empty, so the first chunk makes the running max finite."""
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    for g in range(QUERIES_PER_KV):
-        head = kv_head * QUERIES_PER_KV + g
-        # fp32 scalar tensors from the start (not Python floats), so the loop-carried types never change
-        m = tl.max(tl.full([MERGE_S], -1.0e38, dtype=tl.float32), axis=0)
-        total = tl.sum(tl.zeros([MERGE_S], dtype=tl.float32), axis=0)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for s0 in range(0, num_active, MERGE_S):
-            s = s0 + tl.arange(0, MERGE_S)
-            s_mask = s < num_active
-            lse = tl.load(lse_ptr + head * stride_pl_h + s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-            part = tl.load(part_ptr + head * stride_po_h + s[:, None] * stride_po_s + d[None, :],
-                           mask=s_mask[:, None] & d_mask[None, :], other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m, tl.max(lse, axis=0))
-            alpha = tl.exp2(m - m_new)
-            weight = tl.exp2(lse - m_new)
-            acc = acc * alpha + tl.sum(part * weight[:, None], axis=0)
-            total = total * alpha + tl.sum(weight, axis=0)
-            m = m_new
-        tl.store(out_ptr + head * stride_out_h + d, (acc / total).to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 @triton.jit
@@ -202,15 +154,6 @@ def decode_config() -> dict:
             "programs_per_sm": float(per_sm)}
 
 
-def fused_reduce(batch: int, num_kv_heads: int) -> bool:
-    """Whether the split kernel merges its partials itself: at batch <= FUSED_REDUCE_MAX_BATCH (0: never,
-    the merge measured slower than the reduce launch it saves) or as KERNELS_DECODE_FUSED_REDUCE=0 / 1
-    forces it, within the ticket counters."""
-    forced = os.environ.get("KERNELS_DECODE_FUSED_REDUCE")
-    wanted = batch <= FUSED_REDUCE_MAX_BATCH if forced is None else forced != "0"
-    return wanted and batch * num_kv_heads <= MAX_TICKETS
-
-
 def choose_num_splits(q, k_cache, block_tables, sliding_window, block_n: int, per_sm: float) -> int:
     """Splits per (sequence, KV head) to fill the device, from shapes only (no host sync on seq_lens)."""
     batch, num_kv_heads = q.shape[0], k_cache.shape[2]
@@ -235,11 +178,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
                                config["programs_per_sm"])
     part_out = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
-    fused = splits > 1 and fused_reduce(batch, num_kv_heads)
-    counters = ticket_counters(q.device) if fused else part_lse
     pdl = pdl_enabled(q.device, batch)
     paged_decode_split_kernel[(batch, num_kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out, counters,
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out,
         float(scale), float(softcap or 1.0), int(sliding_window or 0),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -252,10 +193,10 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config["block_n"], NUM_SPLITS=splits,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None,
-        UPCAST=dot_upcast(q.dtype), FUSED_REDUCE=fused, USE_PDL=pdl,
+        UPCAST=dot_upcast(q.dtype), USE_PDL=pdl,
         num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl_launch_kwargs(pdl),
     )
-    if splits > 1 and not fused:
+    if splits > 1:
         paged_decode_reduce_kernel[(batch, num_heads)](
             part_out, part_lse, out,
             part_out.stride(0), part_out.stride(1), part_out.stride(2),

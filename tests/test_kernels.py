@@ -17,7 +17,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
 
 from kernels import decode, prefill, reference  # noqa: E402
-from kernels.common import ticket_counters  # noqa: E402
 from kernels.testing import make_paged_problem, relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,11 +93,9 @@ def test_decode_single_split_and_odd_block_size():
     run_decode(2, 128, None, None, torch.float32, [3, 9, 40], block_size=8)
 
 
-@pytest.mark.parametrize("fused", ["1", "0"])
-def test_decode_splits_merged_in_kernel_or_by_the_reduction(monkeypatch, fused):
-    """Batch 1 over a long context (many splits, as in batch-1 decode): the last split of each KV head
-    merges the group (no second launch, tickets reset for the next replay), or the reduction kernel does."""
-    monkeypatch.setenv("KERNELS_DECODE_FUSED_REDUCE", fused)
+def test_decode_splits_merged_by_the_reduction(monkeypatch):
+    """Batch 2 over a long context (many splits, as in batch-1 decode): the split kernel writes partials
+    and one reduction launch per call, grid (batch, q_head), merges them."""
     launches = []
 
     class Spy:
@@ -106,23 +103,11 @@ def test_decode_splits_merged_in_kernel_or_by_the_reduction(monkeypatch, fused):
             launches.append(grid)
             return _kernel[grid]
     monkeypatch.setattr(decode, "paged_decode_reduce_kernel", Spy())
-    # as many splits as the context allows (35 here: the merge walks them 16 at a time), as at batch 1
+    # as many splits as the context allows (35 here), as at batch 1
     monkeypatch.setitem(decode.DECODE_CONFIG, "programs_per_sm", 16.0)
     for group, window, contexts in ((2, 100, [300, 37]), (8, None, [1100, 37])):
         run_decode(group, 128, window, 50.0, torch.bfloat16, contexts, block_size=16)
-    assert bool(launches) == (fused == "0")
-    assert not ticket_counters(torch.device(DEVICE)).any()
-
-
-def test_decode_merges_in_kernel_at_small_batch_only(monkeypatch):
-    monkeypatch.delenv("KERNELS_DECODE_FUSED_REDUCE", raising=False)
-    monkeypatch.setattr(decode, "FUSED_REDUCE_MAX_BATCH", 8)
-    assert decode.fused_reduce(1, 4) and decode.fused_reduce(decode.FUSED_REDUCE_MAX_BATCH, 8)
-    assert not decode.fused_reduce(32, 4)                    # the throughput kernel stays as measured
-    monkeypatch.setattr(decode, "FUSED_REDUCE_MAX_BATCH", 0)  # the default: measured slower at batch 1
-    assert not decode.fused_reduce(1, 4)
-    monkeypatch.setenv("KERNELS_DECODE_FUSED_REDUCE", "1")
-    assert decode.fused_reduce(32, 4) and not decode.fused_reduce(2 ** 16, 2)   # out of tickets
+    assert launches == [(2, NUM_HEADS)] * 2
 
 
 def test_prefill_long_window_chunk_with_prefix():

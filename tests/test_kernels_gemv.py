@@ -272,11 +272,10 @@ for qk_norm in (False, True):
                    options={"num_warps": 2})
 from kernels import decode
 kinds = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16",
-         "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "count_ptr": "*i32", "part_out_ptr": "*fp32",
-         "part_lse_ptr": "*fp32", "qk_scale": "fp32", "softcap": "fp32"}
+         "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+         "qk_scale": "fp32", "softcap": "fp32"}
 consts = {"QUERIES_PER_KV": 2, "BLOCK_G": 16, "HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_SIZE": 16, "BLOCK_N": 32,
-          "NUM_SPLITS": 8, "USE_SOFTCAP": True, "USE_WINDOW": False, "UPCAST": False, "FUSED_REDUCE": True,
-          "USE_PDL": False}
+          "NUM_SPLITS": 8, "USE_SOFTCAP": True, "USE_WINDOW": False, "UPCAST": False, "USE_PDL": False}
 sig = {name: "constexpr" if name in consts else kinds.get(name, "i32")
        for name in decode.paged_decode_split_kernel.arg_names}
 triton.compile(ASTSource(fn=decode.paged_decode_split_kernel, signature=sig, constexprs=consts), target=target,

@@ -177,10 +177,10 @@ def cases():
         yield (f"rotary_and_cache qk_norm={qk_norm}", cache.rotary_and_cache_kernel,
                dict(NUM_Q_HEADS=8, BLOCK_SIZE=16, HALF=128, BLOCK_HALF=128, USE_QK_NORM=qk_norm),
                dict(num_warps=2), False)
-    for splits, fused in ((1, False), (64, False), (8, True)):
-        yield (f"decode splits={splits} fused={fused}", decode.paged_decode_split_kernel,
+    for splits in (1, 64):
+        yield (f"decode splits={splits}", decode.paged_decode_split_kernel,
                dict(QUERIES_PER_KV=2, BLOCK_G=16, HEAD_DIM=256, BLOCK_D=256, BLOCK_SIZE=16, BLOCK_N=32,
-                    NUM_SPLITS=splits, USE_SOFTCAP=True, USE_WINDOW=False, UPCAST=False, FUSED_REDUCE=fused),
+                    NUM_SPLITS=splits, USE_SOFTCAP=True, USE_WINDOW=False, UPCAST=False),
                dict(num_stages=3), False)
     yield ("decode reduce", decode.paged_decode_reduce_kernel,
            dict(HEAD_DIM=256, BLOCK_D=256, NUM_SPLITS=64, BLOCK_S=64), {}, False)
@@ -242,11 +242,11 @@ def _chain_outputs(run, pdl: str, monkeypatch, graph: bool):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("graph", [False, True])
-@pytest.mark.parametrize("variant", ["default", "split_k+fused_reduce"])
+@pytest.mark.parametrize("variant", ["default", "split_k"])
 def test_gpu_decode_chain_is_bit_identical_with_pdl_on_and_off(monkeypatch, graph, variant):
     """Three Gemma-2-2B layers of batch-1 decode kernels back to back (kernels.testing.decode_layer_chain),
-    eagerly and as graph replays; the variant puts the ticket-counter kernels in the chain (split-K qkv
-    and o_proj, the decode merge in-kernel)."""
+    eagerly and as graph replays; the split_k variant puts the ticket-counter kernel in the chain (split-K
+    qkv and o_proj GEMVs)."""
     _needs_pdl()
     from kernels import dispatch
     from kernels.testing import decode_layer_chain
@@ -255,7 +255,6 @@ def test_gpu_decode_chain_is_bit_identical_with_pdl_on_and_off(monkeypatch, grap
         split = {key: gemv.GemvConfig(config.block_n, 256, config.num_warps, 3, split_k=2)
                  for key, config in gemv.LINEAR_CONFIGS.items() if key[1] in (4096, 2304) and key[2] != 9216}
         monkeypatch.setattr(gemv, "LINEAR_CONFIGS", {**gemv.LINEAR_CONFIGS, **split})
-        monkeypatch.setenv("KERNELS_DECODE_FUSED_REDUCE", "1")
     run = decode_layer_chain(3)
     torch.cuda.synchronize()                 # weights are read before the wait: they must be written by now
     off = _chain_outputs(run, "0", monkeypatch, graph)
