@@ -75,17 +75,22 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(RESULTS / "encoder_latency"), help="output path without suffix")
     p.add_argument("--models", nargs="+", default=None, help="only these models (default: all in the state)")
     p.add_argument("--methods", nargs="+", default=None, help="only these methods (fisher, magnitude, random)")
+    add_timing_args(p, trials=20)
+    p.add_argument("--cpu-runs", type=int, default=7, help="cpu: timed forwards per shape and batch")
+    return p.parse_args(argv)
+
+
+def add_timing_args(p: argparse.ArgumentParser, trials: int) -> None:
+    """The shape and CUDA timing flags `time_shape` reads, shared with evals/encoder_profile.py."""
     p.add_argument("--filter-multiple", type=int, default=8,
                    help="pad FFN widths with zero filters to this multiple, as `compress prune` does (1: none)")
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batches", nargs="+", type=int, default=[32, 1])
-    p.add_argument("--trials", type=int, default=20, help="cuda: timings per shape and batch")
+    p.add_argument("--trials", type=int, default=trials, help="cuda: timings per shape and batch")
     p.add_argument("--replays", type=int, default=20, help="cuda: graph replays per timing")
-    p.add_argument("--cpu-runs", type=int, default=7, help="cpu: timed forwards per shape and batch")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cuda-dtype", choices=sorted(CUDA_DTYPES), default="bfloat16",
                    help="cuda: weights and activations in this dtype (float32: no TF32, as torch defaults)")
-    return p.parse_args(argv)
 
 
 # --- what to time ---------------------------------------------------------------------------------

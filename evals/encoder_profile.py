@@ -73,8 +73,8 @@ def kernel_times(model, batch: int, seq: int, iters: int) -> dict:
 
 
 def profile_model(model, batches, args) -> dict:
-    timings = latency.time_shape(model, "cuda", args)  # bf16 on cuda, graph replays; moves back to cpu
-    model.to(device="cuda", dtype=torch.bfloat16)
+    timings = latency.time_shape(model, "cuda", args)  # graph replays in --cuda-dtype; moves back to cpu
+    model.to(device="cuda", dtype=latency.CUDA_DTYPES[args.cuda_dtype])
     try:
         return {b: dict(replay_ms=timings[f"b{b}"]["ms"], kernels=kernel_times(model, b, args.seq, args.iters))
                 for b in batches}
@@ -113,13 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--state", default=str(latency.RESULTS / "glue_pruning_state.json"))
     p.add_argument("--variant", default="mpnet-base-mrpc/fisher-0.5:prune",
                    help="suffix of the state key whose heads and filters give the slimmed shape")
-    p.add_argument("--batches", type=int, nargs="+", default=[32, 1])
-    p.add_argument("--seq", type=int, default=128)
+    latency.add_timing_args(p, trials=10)
     p.add_argument("--iters", type=int, default=10, help="eager forwards profiled per model and batch")
-    p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--replays", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--filter-multiple", type=int, default=8)
     p.add_argument("--out", default=None, help="write the table here (.md) and its data beside it (.json)")
     return p.parse_args(argv)
 

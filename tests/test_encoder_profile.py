@@ -34,3 +34,11 @@ def test_markdown_ratios():
     assert "**1.25x**" in md                      # replay 2.0 / 1.6
     assert "1700 / 1100 us = **1.55x**" in md     # gemm + attention + gelu only
     assert "| layernorm | 260 | 1 | 260 | 1 | 1.00x |" in md
+
+
+def test_parse_args_has_every_flag_time_shape_reads():
+    """profile_model hands its args to encoder_latency.time_shape: they share the timing flags."""
+    args = ep.parse_args([])
+    assert (args.seq, args.batches, args.trials, args.replays, args.warmup, args.filter_multiple,
+            args.cuda_dtype) == (128, [32, 1], 10, 20, 3, 8, "bfloat16")
+    assert ep.parse_args(["--cuda-dtype", "float32"]).cuda_dtype == "float32"
