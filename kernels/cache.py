@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import next_pow2, pdl_enabled, pdl_launch_kwargs, pdl_wait
+from kernels.common import next_pow2, pdl_launch, pdl_wait
 
 
 @triton.jit
@@ -137,7 +137,6 @@ def rotary_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin
     if any(t.stride(-1) != 1 for t in (q, k, v, k_cache, v_cache, cos_sin_cache)) or head_dim % 2:
         raise ValueError("rotary_and_cache needs the head dimension contiguous and even")
     half = head_dim // 2
-    pdl = pdl_enabled(q.device, num_tokens)
     rotary_and_cache_kernel[(num_tokens, num_q_heads + k.shape[1])](
         positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache,
         q_norm if q_norm is not None else cos_sin_cache, k_norm if k_norm is not None else cos_sin_cache,
@@ -146,7 +145,7 @@ def rotary_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, BLOCK_SIZE=k_cache.shape[1], HALF=half, BLOCK_HALF=next_pow2(half),
-        USE_QK_NORM=q_norm is not None, USE_PDL=pdl, num_warps=1 if head_dim <= 128 else 2,
-        **pdl_launch_kwargs(pdl),
+        USE_QK_NORM=q_norm is not None, num_warps=1 if head_dim <= 128 else 2,
+        **pdl_launch(q.device, num_tokens),
     )
     return q

@@ -93,9 +93,12 @@ def pdl_enabled(device: torch.device, rows: int) -> bool:
     return supported
 
 
-def pdl_launch_kwargs(pdl: bool) -> dict:
-    """The launch keyword for a PDL launch; nothing otherwise, so a triton without it never sees it."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_launch(device: torch.device, rows: int) -> dict:
+    """The launch arguments of a PDL-capable kernel over `rows` rows: its `USE_PDL` constexpr and, only
+    when that is on, `launch_pdl` (so a triton without it never sees it). One dict for both, because
+    they must agree: a PDL launch of a kernel compiled without the wait would race its predecessor."""
+    pdl = pdl_enabled(device, rows)
+    return {"USE_PDL": True, "launch_pdl": True} if pdl else {"USE_PDL": False}
 
 
 def dot_upcast(dtype: torch.dtype) -> bool:

@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import (device_sms, dot_upcast, next_pow2, pdl_enabled, pdl_launch_kwargs, pdl_wait,
-                            scores_to_log2)
+from kernels.common import device_sms, dot_upcast, next_pow2, pdl_launch, pdl_wait, scores_to_log2
 
 # Launch parameters; KERNELS_DECODE_CONFIG="block_n,num_warps,num_stages,programs_per_sm" overrides
 # them for tuning sweeps (evals/bench_kernels.py).
@@ -178,7 +177,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
                                config["programs_per_sm"])
     part_out = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
-    pdl = pdl_enabled(q.device, batch)
+    pdl = pdl_launch(q.device, batch)
     paged_decode_split_kernel[(batch, num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, out,
         float(scale), float(softcap or 1.0), int(sliding_window or 0),
@@ -193,8 +192,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config["block_n"], NUM_SPLITS=splits,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None,
-        UPCAST=dot_upcast(q.dtype), USE_PDL=pdl,
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl_launch_kwargs(pdl),
+        UPCAST=dot_upcast(q.dtype),
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl,
     )
     if splits > 1:
         paged_decode_reduce_kernel[(batch, num_heads)](
@@ -203,6 +202,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
             part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
-            NUM_SPLITS=splits, BLOCK_S=next_pow2(splits), USE_PDL=pdl, **pdl_launch_kwargs(pdl),
+            NUM_SPLITS=splits, BLOCK_S=next_pow2(splits), **pdl,
         )
     return out

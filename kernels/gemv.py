@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import MAX_TICKETS, next_pow2, pdl_enabled, pdl_launch_kwargs, pdl_wait, ticket_counters
+from kernels.common import MAX_TICKETS, next_pow2, pdl_launch, pdl_wait, ticket_counters
 
 MAX_ROWS_PER_PROGRAM = 4       # rows of x that share one read of the weights
 # jit code may read module globals only as constexprs
@@ -211,10 +211,9 @@ def launch(kernel, x, weight, out, n_out: int, config: GemvConfig) -> None:
             raise ValueError("split_k > 1 is for linear_small_m_kernel only (GeGLU needs whole sums)")
         if grid[0] * grid[1] <= MAX_TICKETS:
             return _launch_split_k(x, weight, out, grid, block_m, config)
-    pdl = pdl_enabled(x.device, num_rows)
     kernel[grid](x, weight, out, num_rows, n_out, k, x.stride(0), weight.stride(0), out.stride(0),
-                 BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_PDL=pdl,
-                 num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(pdl))
+                 BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                 num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device, num_rows))
 
 
 def _launch_split_k(x, weight, out, grid, block_m: int, config: GemvConfig) -> None:
@@ -222,12 +221,11 @@ def _launch_split_k(x, weight, out, grid, block_m: int, config: GemvConfig) -> N
     n_out = weight.shape[0]
     # fp32 partials from the caching allocator: inside a CUDA graph capture they live in its pool
     part = torch.empty(config.split_k, num_rows, n_out, dtype=torch.float32, device=x.device)
-    pdl = pdl_enabled(x.device, num_rows)
     linear_split_k_kernel[(*grid, config.split_k)](
         x, weight, out, part, ticket_counters(x.device), num_rows, n_out, k,
         x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        USE_PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_kwargs(pdl))
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device, num_rows))
 
 
 def _empty_or_zero(out: torch.Tensor, k: int) -> bool:

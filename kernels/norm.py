@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import next_pow2, pdl_enabled, pdl_launch_kwargs, pdl_wait
+from kernels.common import next_pow2, pdl_launch, pdl_wait
 
 
 @triton.jit
@@ -89,12 +89,11 @@ def rms_norm_pair(x, w1, w2, eps: float, residual):
     out, summed = torch.empty_like(x), torch.empty_like(x)
     out2, sum2 = out.view(-1, hidden), summed.view(-1, hidden)
     if x2.shape[0] > 0:
-        pdl = pdl_enabled(x.device, x2.shape[0])
         rms_norm_pair_kernel[(x2.shape[0],)](
             x2, res2, w1, w2, out2, sum2, float(eps),
             x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0),
-            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), USE_PDL=pdl, num_warps=4 if hidden <= 4096 else 8,
-            **pdl_launch_kwargs(pdl),
+            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), num_warps=4 if hidden <= 4096 else 8,
+            **pdl_launch(x.device, x2.shape[0]),
         )
     return out, summed
 
@@ -109,12 +108,11 @@ def rms_norm(x, weight, eps: float, residual=None, out=None):
     res2 = residual.reshape(-1, hidden) if residual is not None else x2
     sum2 = summed.view(-1, hidden)
     if x2.shape[0] > 0:
-        pdl = pdl_enabled(x.device, x2.shape[0])
         rms_norm_kernel[(x2.shape[0],)](
             x2, res2, weight, out2, sum2, float(eps),
             x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0),
-            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), HAS_RESIDUAL=residual is not None, USE_PDL=pdl,
-            num_warps=4 if hidden <= 4096 else 8, **pdl_launch_kwargs(pdl),
+            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), HAS_RESIDUAL=residual is not None,
+            num_warps=4 if hidden <= 4096 else 8, **pdl_launch(x.device, x2.shape[0]),
         )
     return out if residual is None else (out, summed)
 

@@ -72,7 +72,7 @@ def test_pdl_is_off_on_cpu_and_under_the_interpreter(monkeypatch):
         assert not common.pdl_enabled(torch.device("cpu"), 1)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert not common.pdl_enabled(torch.device("cuda", 0), 1)
-    assert common.pdl_launch_kwargs(False) == {}          # a triton without launch_pdl never sees it
+        assert common.pdl_launch(torch.device("cuda", 0), 1) == {"USE_PDL": False}   # no launch_pdl key
 
 
 def test_pdl_switch_follows_the_device_and_kernels_pdl(monkeypatch):
@@ -80,7 +80,7 @@ def test_pdl_switch_follows_the_device_and_kernels_pdl(monkeypatch):
     monkeypatch.delenv("KERNELS_PDL", raising=False)
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(common, "device_supports_pdl", lambda index: True)
-    assert common.pdl_enabled(cuda, 1) and common.pdl_launch_kwargs(True) == {"launch_pdl": True}
+    assert common.pdl_enabled(cuda, 1) and common.pdl_launch(cuda, 1) == {"USE_PDL": True, "launch_pdl": True}
     assert common.pdl_enabled(cuda, common.PDL_MAX_ROWS)
     assert not common.pdl_enabled(cuda, common.PDL_MAX_ROWS + 1)      # large grids launch as before
     monkeypatch.setenv("KERNELS_PDL", "0")
