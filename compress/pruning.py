@@ -116,8 +116,9 @@ def _masks(config, adapter, model, calib, device, phases, progress, record):
             filters = rearrange.rearrange(filters, filter_grads, alive_filters)
     if config.tune:
         with phases("tune"):
-            heads, filters, record["tune"] = tune.tune_masks(model, adapter, calib["batches"], heads, filters,
-                                                             device, config.damp, progress)
+            tuner = tune.tune_weights if config.tune_weights else tune.tune_masks
+            heads, filters, record["tune"] = tuner(model, adapter, calib["batches"], heads, filters, device,
+                                                   config.damp, progress)
     return heads, filters, flops_model
 
 

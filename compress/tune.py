@@ -11,10 +11,19 @@ each with the already-tuned earlier layers in place. For a branch with kept unit
   solved from the normal equations (fp64, torch, on the model's device). The damping pulls the
   scales toward the binary mask (which is feasible), so the reconstruction error never rises.
 Statistics are accumulated batch by batch (Gram matrix `[K, K]`, never the `[tokens, hidden, K]` A).
+
+`tune_weights` goes past the paper: instead of one scale per kept unit it refits the kept input
+columns of the branch's output projection and its bias on the same reconstruction problem,
+min_W ||Z W^T + c - b||^2 + lam ||(W, c) - (W0, c0)||^2 with Z the kept units' (masked) outputs, a
+ridge regression toward the current weights with the same damping rule. It has hidden-size times
+more free parameters than the masks, so it undoes much more of what pruning removed; the slimmed
+model shape is unchanged. Teacher targets then come from the original weights, restored for the
+teacher's forward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -103,9 +112,12 @@ def branch_setup(adapter, layer, branch, heads, filters) -> tuple[Branch, dict]:
 
 
 @torch.no_grad()
-def _student_stats(model, adapter, batches, layer, branch, heads, filters, targets, device):
-    """Gram matrix, right-hand side and squared norms for one branch of `layer` under the current masks."""
+def _student_stats(model, adapter, batches, layer, branch, heads, filters, targets, device, weights=False):
+    """Gram matrix, right-hand side and squared norms for one branch of `layer` under the current masks:
+    over the kept units' mask values, or with `weights` over the output projection's kept columns and bias."""
     br, stats = branch_setup(adapter, layer, branch, heads, filters)
+    if weights:
+        stats.update(cols=_unit_columns(br), branch=br)
     for batch, target in zip(batches, targets):
         grab, valid = {}, _valid(batch, device)
 
@@ -125,7 +137,10 @@ def _student_stats(model, adapter, batches, layer, branch, heads, filters, targe
                 h.remove()
         if "x" not in grab:  # layer has no units of this kind left
             continue
-        _accumulate(stats, br.contributions(grab["x"]), br.scale, grab["s"], target[branch])
+        if weights:
+            _accumulate_weights(stats, br, grab["x"], grab["s"], target[branch])
+        else:
+            _accumulate(stats, br.contributions(grab["x"]), br.scale, grab["s"], target[branch])
     return stats
 
 
@@ -173,3 +188,100 @@ def _solve(stats, mask, damp):
     tuned = mask.clone()
     tuned[keep] = scales.to(tuned.dtype)
     return tuned, {"error_before": stats["err"], "error_after": max(after, 0.0)}
+
+
+def tune_weights(model, adapter, batches, head_masks, filter_masks, device, damp: float = 1.0,
+                 progress: bool = True):
+    """Refit, layer by layer, the output projections' kept columns and biases (in place, see the module
+    docstring); the masks are returned unchanged, with the same per-layer error report as `tune_masks`."""
+    heads = [m.clone().float().to(device) for m in head_masks]
+    filters = [m.clone().float().to(device) for m in filter_masks]
+    originals = _projection_copies(adapter)
+    report = []
+    for layer in tqdm(range(adapter.num_layers), desc="tune weights", unit="layer", disable=not progress):
+        with _restored(originals):
+            targets = _teacher_targets(model, adapter, batches, layer, device)
+        entry = {}
+        for branch in ("attention", "ffn"):
+            stats = _student_stats(model, adapter, batches, layer, branch, heads, filters, targets, device,
+                                   weights=True)
+            entry[branch] = _solve_weights(stats, damp)
+        report.append(entry)
+    return [m.cpu() for m in heads], [m.cpu() for m in filters], report
+
+
+def _projection_copies(adapter) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, copy of its value) for every output projection's weight and bias."""
+    out = []
+    for layer in range(adapter.num_layers):
+        parts = adapter.layer_parts(layer)
+        for proj in (parts.o, parts.ffn_out):
+            out += [(p, p.detach().clone()) for p in (proj.weight, proj.bias) if p is not None]
+    return out
+
+
+@contextlib.contextmanager
+def _restored(originals):
+    """The original projection weights in place for the duration (the dense teacher), then the tuned ones."""
+    tuned = [p.detach().clone() for p, _ in originals]
+    with torch.no_grad():
+        for p, orig in originals:
+            p.copy_(orig)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (p, _), t in zip(originals, tuned):
+                p.copy_(t)
+
+
+def _unit_columns(br: Branch) -> torch.Tensor:
+    """Input columns of the output projection that belong to the kept units (a head: its D columns)."""
+    if br.kind == "ffn":
+        return br.keep
+    d = br.proj.in_features // br.parts.num_heads
+    return (br.keep[:, None] * d + torch.arange(d, device=br.keep.device)).flatten()
+
+
+def _unit_inputs(br: Branch, x: torch.Tensor) -> torch.Tensor:
+    """The kept units' masked outputs `[n, columns]`: what the projection's kept columns multiply."""
+    if br.kind == "ffn":
+        return x[:, br.keep] * br.scale
+    n, d = x.shape[0], br.proj.in_features // br.parts.num_heads
+    return (x.view(n, br.parts.num_heads, d)[:, br.keep] * br.scale[:, None]).reshape(n, -1)
+
+
+def _accumulate_weights(stats, br: Branch, x, s, t):
+    z = _unit_inputs(br, x)
+    w = br.proj.weight.float()[:, stats["cols"]]
+    bias = br.proj.bias
+    current = z @ w.T + (bias.float() if bias is not None else 0.0)
+    b = t - (s - current)
+    if bias is not None:
+        z = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)
+    stats["gram"] = stats["gram"] + (z.T @ z).double()
+    stats["rhs"] = stats["rhs"] + (z.T @ b).double()
+    stats["b2"] += float(b.double().pow(2).sum())
+    stats["err"] += float((s - t).double().pow(2).sum())
+
+
+@torch.no_grad()
+def _solve_weights(stats, damp: float) -> dict:
+    """Ridge solution for the kept columns (and bias), written into the projection; errors before/after."""
+    if not torch.is_tensor(stats["gram"]) or stats["gram"].shape[0] == 0:  # nothing ran, or no column nor bias
+        return {"error_before": stats["err"], "error_after": stats["err"]}
+    gram, rhs, cols, proj = stats["gram"], stats["rhs"], stats["cols"], stats["branch"].proj
+    prior = proj.weight[:, cols].double().T  # [columns, hidden]
+    if proj.bias is not None:
+        prior = torch.cat([prior, proj.bias.double()[None]], dim=0)
+    lam = damp * 1e-2 * float(gram.diagonal().mean()) + 1e-12
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    sol = torch.linalg.solve(gram + lam * eye, rhs + lam * prior)
+    after = float((sol * (gram @ sol)).sum() - 2 * (sol * rhs).sum()) + stats["b2"]
+    if after > stats["err"]:  # only by rounding; keep the weights then
+        return {"error_before": stats["err"], "error_after": stats["err"]}
+    weight = proj.weight.data
+    weight[:, cols] = sol[: len(cols)].T.to(weight.dtype)
+    if proj.bias is not None:
+        proj.bias.data.copy_(sol[-1].to(proj.bias.dtype))
+    return {"error_before": stats["err"], "error_after": max(after, 0.0)}

@@ -37,7 +37,8 @@ def parse_args(argv=None):
                    help="fisher, magnitude, random; fisher-empirical / fisher-model: the Fisher method with that "
                         "Fisher, to compare the two in one run (fisher alone uses --fisher); fisher-iterK (e.g. "
                         "fisher-iter4): the empirical Fisher with K search steps (compress prune --search-steps), "
-                        "fisher-model-iterK the same with the model Fisher")
+                        "fisher-model-iterK the same with the model Fisher; a trailing -weights (fisher-weights, "
+                        "fisher-iter4-weights) tunes the output projections instead of the masks (--tune-weights)")
     p.add_argument("--fisher", choices=FISHERS, default=None,
                    help="the Fisher of the 'fisher' method (default: compress prune's default)")
     p.add_argument("--data-dir", default=None)
@@ -94,7 +95,8 @@ def pruned_model(args, state, dense, task, method, flops):
                              data_dir=args.data_dir, overwrite=True, **method_settings(method, args.fisher))
         record = prune(config)
         state.put(key, {"seconds": record["seconds"], "flops_ratio": record["flops_ratio"], "fisher": config.fisher,
-                        "search_steps": config.search_steps, "heads": record["num_attention_heads_per_layer"],
+                        "search_steps": config.search_steps, "tune_weights": config.tune_weights,
+                        "heads": record["num_attention_heads_per_layer"],
                         "filters": record["intermediate_size_per_layer"],
                         **({"steps": record["steps"]} if "steps" in record else {})})
     return out
@@ -102,9 +104,13 @@ def pruned_model(args, state, dense, task, method, flops):
 
 def method_settings(method: str, fisher: str | None) -> dict:
     """PruneConfig fields of a --methods name: `fisher` (its Fisher from --fisher), `fisher-empirical`,
-    `fisher-model`, `fisher-iterK` (empirical, K search steps), `fisher-model-iterK`, the baselines."""
+    `fisher-model`, `fisher-iterK` (empirical, K search steps), `fisher-model-iterK`, the baselines; a
+    trailing `-weights` (e.g. `fisher-weights`, `fisher-iter4-weights`) tunes weights, not masks."""
     base, *parts = method.split("-")
     settings = {"method": base}
+    if parts and parts[-1] == "weights":
+        parts.pop()
+        settings["tune_weights"] = True
     if parts and parts[-1].startswith("iter") and parts[-1][4:].isdigit():
         settings["search_steps"] = int(parts.pop()[4:])
         parts = parts or ["empirical"]  # a named variant says its Fisher; --fisher is the bare column's

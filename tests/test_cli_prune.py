@@ -59,6 +59,19 @@ def test_model_fisher_runs_end_to_end_and_is_recorded(work):
     assert record["recipe"]["fisher"] == "model" and record["flops_ratio"] <= 0.5 + 1e-9
 
 
+def test_weight_tuning_runs_end_to_end(work):
+    root, data, ft = work
+    out = root / "pruned-tuned-weights"
+    assert main(["prune", "--model", str(ft), "--task", "sst2", "--data-dir", str(data), "-o", str(out),
+                 "--flops", "0.5", "--num-samples", "32", "--tune-weights"]) == 0
+    record = json.loads((out / "prune.json").read_text())
+    assert record["recipe"]["tune_weights"] is True and "tune" in record["seconds"]
+    assert all(layer["ffn"]["error_after"] <= layer["ffn"]["error_before"] for layer in record["tune"])
+    from compress.arch import get_adapter
+
+    assert get_adapter(modeling.load(out)).num_heads() == record["num_attention_heads_per_layer"]
+
+
 def test_recipe_maps_onto_config_and_flags_override(work, tmp_path):
     root, data, ft = work
     recipe = tmp_path / "r.yaml"

@@ -117,6 +117,9 @@ def test_glue_pruning_method_names_map_onto_the_config_and_the_report():
     assert settings("fisher-empirical", "model") == {"method": "fisher", "fisher": "empirical"}
     assert settings("fisher", "model") == {"method": "fisher", "fisher": "model"}
     assert settings("magnitude", None) == {"method": "magnitude"}
+    assert settings("fisher-weights", None) == {"method": "fisher", "tune_weights": True}
+    assert settings("fisher-iter4-weights", None) == {"method": "fisher", "tune_weights": True, "search_steps": 4,
+                                                      "fisher": "empirical"}
     prune = {"seconds": {"fisher": 4.0, "total": 9.0}, "fisher": "empirical", "search_steps": 4}
     rows = [{"model": "mpnet-base", "task": "stsb", "method": m, "flops": 0.6, "metrics": {"pearson": v},
              "dense": {"pearson": 87.4}, "prune": prune, "speedup": {}}

@@ -82,3 +82,83 @@ def test_tuning_sees_through_the_fast_path(kind, monkeypatch):
             results.append(tune.tune_masks(model, adapter, _batches(), heads, filters, "cpu", progress=False))
     for plain, fast in zip(results[0][:2], results[1][:2]):
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, fast))
+
+
+def _masked_outputs(model, adapter, heads, filters, batches):
+    with torch.no_grad(), adapter.masks(heads, filters):
+        return [model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_weight_tuning_beats_mask_tuning_and_keeps_the_masks(kind):
+    """Refitting the output projections lowers every branch's error at least as far as the masks do (the
+    mask scales are one point of its search space), leaves the masks binary, and touches no pruned column."""
+    batches = _batches()
+    masked_model = tiny_model(kind)
+    masked_adapter = get_adapter(masked_model)
+    by_mask = tune.tune_masks(masked_model, masked_adapter, batches, *_half_masks(masked_adapter), "cpu", damp=0.0,
+                              progress=False)[2]
+    model = tiny_model(kind)
+    adapter = get_adapter(model)
+    heads, filters = _half_masks(adapter)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out_heads, out_filters, report = tune.tune_weights(model, adapter, batches, heads, filters, "cpu", damp=0.0,
+                                                       progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(heads + filters, out_heads + out_filters))
+    # only layer 0 sees the same input under both tunings; later layers' inputs differ
+    assert report[0]["ffn"]["error_after"] < 0.5 * by_mask[0]["ffn"]["error_after"]
+    for layer in report:
+        for branch in ("attention", "ffn"):
+            assert layer[branch]["error_after"] <= layer[branch]["error_before"] * (1 + 1e-9)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    parts = adapter.layer_parts(1)  # layer 0 keeps every head (_half_masks), so its attention has nothing to fix
+    o_name = next(n for n, p in model.named_parameters() if p is parts.o.weight)
+    ffn_name = next(n for n, p in model.named_parameters() if p is parts.ffn_out.weight)
+    assert o_name in changed and ffn_name in changed
+    assert all(n.endswith(("weight", "bias")) for n in changed)
+    pruned = (filters[1] == 0).nonzero().flatten()
+    torch.testing.assert_close(parts.ffn_out.weight[:, pruned], before[ffn_name][:, pruned], rtol=0, atol=0)
+
+
+def test_weight_tuning_error_matches_a_direct_measurement():
+    """The error reported after weight tuning is ||S - T||^2 of the tuned model against the untouched teacher."""
+    teacher = tiny_model("bert")
+    model = tiny_model("bert")
+    adapter = get_adapter(model)
+    heads, filters = _half_masks(adapter)
+    batches = _batches()
+    _, _, report = tune.tune_weights(model, adapter, batches, heads, filters, "cpu", progress=False)
+    targets = tune._teacher_targets(teacher, get_adapter(teacher), batches, 1, "cpu")
+    stats = tune._student_stats(model, adapter, batches, 1, "ffn", heads, filters, targets, "cpu")
+    assert stats["err"] == pytest.approx(report[1]["ffn"]["error_after"], rel=1e-3)
+
+
+def test_weight_tuning_with_full_masks_and_no_damping_leaves_the_model():
+    """All units kept, no damping: the dense weights already fit exactly, so the outputs do not move."""
+    model = tiny_model("bert")
+    adapter = get_adapter(model)
+    heads, filters = adapter.ones_masks()
+    batches = _batches()
+    reference = _masked_outputs(model, adapter, heads, filters, batches)
+    tune.tune_weights(model, adapter, batches, heads, filters, "cpu", damp=0.0, progress=False)
+    for ref, out in zip(reference, _masked_outputs(model, adapter, heads, filters, batches)):
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_weight_tuned_model_slims_to_the_masked_function():
+    """After weight tuning, slimming (a layer left with no head keeps only its tuned bias) computes what the
+    masked model with the tuned weights computes."""
+    from compress import slim
+
+    model = tiny_model("bert")
+    adapter = get_adapter(model)
+    heads, filters = _half_masks(adapter)
+    heads[1] = torch.zeros_like(heads[1])
+    batches = _batches()
+    tune.tune_weights(model, adapter, batches, heads, filters, "cpu", progress=False)
+    reference = _masked_outputs(model, adapter, heads, filters, batches)
+    with torch.no_grad():
+        slim.slim_model(adapter, heads, filters, filter_multiple=8)
+    assert adapter.num_heads()[1] == 0
+    for ref, out in zip(reference, _masked_outputs(model, adapter, None, None, batches)):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

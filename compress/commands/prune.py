@@ -12,10 +12,11 @@ from compress.config import FISHERS
 from compress.errors import UserError
 
 DECODER_METHODS = ("activation", "activation-mlp", "fisher-mlp")  # the encoder pruner has no such criterion
-ENCODER_ONLY = ("latency_ms", "max_seq_length", "eval", "filter_multiple", "fisher", "search_steps")
+ENCODER_ONLY = ("latency_ms", "max_seq_length", "eval", "filter_multiple", "fisher", "search_steps", "tune_weights")
 DECODER_ONLY = ("calib", "seq_len", "context_len", "dtype")
 FIELDS = ("model", "task", "output", "flops", "latency_ms", "method", "fisher", "search_steps", "num_samples", "seed",
-          "max_seq_length", "batch_size", "damp", "filter_multiple", "data_dir", "device", "eval", "overwrite", "rearrange", "tune")
+          "max_seq_length", "batch_size", "damp", "filter_multiple", "data_dir", "device", "eval", "overwrite", "rearrange", "tune",
+          "tune_weights")
 
 
 def register(subparsers) -> None:
@@ -51,6 +52,10 @@ def register(subparsers) -> None:
     p.add_argument("--no-rearrange", dest="rearrange", action="store_false", default=None,
                    help="skip the mask rearrangement")
     p.add_argument("--no-tune", dest="tune", action="store_false", default=None, help="skip the mask tuning")
+    p.add_argument("--tune-weights", action="store_true", default=None,
+                   help="instead of one scale per kept head or filter, refit the kept columns and bias of each "
+                        "layer's output projections by the same damped least squares (past the paper: more "
+                        "accuracy kept, same shapes; encoders only)")
     p.add_argument("--eval", action="store_true", default=None, help="report the dev metric before and after")
     p.add_argument("--recipe", help="YAML file whose keys are these settings; flags override it")
     add_data_flags(p)
