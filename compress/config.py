@@ -37,7 +37,7 @@ class PruneConfig:
     batch_size: int = 32
     rearrange: bool = True
     tune: bool = True
-    tune_weights: bool = False  # tune the output projections' kept columns and biases instead of the masks
+    tune_weights: bool = True  # tune the output projections' kept columns and biases; False: the paper's masks
     damp: float = 1.0
     filter_multiple: int = 8  # FFN widths padded with zero filters to a multiple of this (1: no padding)
     latency_batch_size: int = 32

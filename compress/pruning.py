@@ -112,8 +112,8 @@ def _masks(config, adapter, model, calib, device, phases, progress, record):
     if config.rearrange:
         with phases("rearrange"):
             alive_heads, alive_filters = before or (None, None)
-            heads = rearrange.rearrange(heads, head_grads, alive_heads)
-            filters = rearrange.rearrange(filters, filter_grads, alive_filters)
+            heads = rearrange.rearrange(heads, head_grads, alive_heads, device)
+            filters = rearrange.rearrange(filters, filter_grads, alive_filters, device)
     if config.tune:
         with phases("tune"):
             tuner = tune.tune_weights if config.tune_weights else tune.tune_masks

@@ -54,16 +54,16 @@ def rearrange_layer(mask: torch.Tensor, fisher: torch.Tensor, max_swaps: int | N
     return (p == 0).to(mask.dtype)
 
 
-def rearrange(masks: list[torch.Tensor], grads: list[torch.Tensor], alive=None) -> list[torch.Tensor]:
+def rearrange(masks: list[torch.Tensor], grads: list[torch.Tensor], alive=None, device=None) -> list[torch.Tensor]:
     """Rearrange every layer's mask (heads or filters) with its own Fisher block; with `alive`
-    (per-layer masks), only among the units alive there, the others staying as they are."""
-    if alive is None:
-        return [rearrange_layer(m, block_fisher(g)) for m, g in zip(masks, grads)]
-    return [_rearrange_alive(m, g, a) for m, g, a in zip(masks, grads, alive)]
-
-
-def _rearrange_alive(mask: torch.Tensor, grads: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    idx = torch.as_tensor(alive).ne(0).nonzero().flatten()
-    out = mask.clone()
-    out[idx] = rearrange_layer(mask[idx], block_fisher(grads[:, idx]))
+    (per-layer masks), only among the units alive there, the others staying as they are. The swaps run
+    on `device` (default: the gradients'); on a GPU a 3072-filter layer's 256 swaps take well under a
+    second instead of seconds on the host. Masks come back on their own device."""
+    out = []
+    for i, (mask, g) in enumerate(zip(masks, grads)):
+        g = g.to(device) if device is not None else g
+        idx = (torch.arange(len(mask)) if alive is None else torch.as_tensor(alive[i]).ne(0).nonzero().flatten())
+        new = mask.clone()
+        new[idx] = rearrange_layer(mask[idx].to(g.device), block_fisher(g[:, idx.to(g.device)])).to(mask.device)
+        out.append(new)
     return out

@@ -37,8 +37,8 @@ def parse_args(argv=None):
                    help="fisher, magnitude, random; fisher-empirical / fisher-model: the Fisher method with that "
                         "Fisher, to compare the two in one run (fisher alone uses --fisher); fisher-iterK (e.g. "
                         "fisher-iter4): the empirical Fisher with K search steps (compress prune --search-steps), "
-                        "fisher-model-iterK the same with the model Fisher; a trailing -weights (fisher-weights, "
-                        "fisher-iter4-weights) tunes the output projections instead of the masks (--tune-weights)")
+                        "fisher-model-iterK the same with the model Fisher; a trailing -weights or -masks (fisher-masks, "
+                        "fisher-iter4-weights) picks what is tuned (compress prune --[no-]tune-weights)")
     p.add_argument("--fisher", choices=FISHERS, default=None,
                    help="the Fisher of the 'fisher' method (default: compress prune's default)")
     p.add_argument("--data-dir", default=None)
@@ -105,12 +105,12 @@ def pruned_model(args, state, dense, task, method, flops):
 def method_settings(method: str, fisher: str | None) -> dict:
     """PruneConfig fields of a --methods name: `fisher` (its Fisher from --fisher), `fisher-empirical`,
     `fisher-model`, `fisher-iterK` (empirical, K search steps), `fisher-model-iterK`, the baselines; a
-    trailing `-weights` (e.g. `fisher-weights`, `fisher-iter4-weights`) tunes weights, not masks."""
+    trailing `-weights` or `-masks` (e.g. `fisher-masks`, `fisher-iter4-weights`) says what is tuned
+    (compress prune's default, without it: the weights)."""
     base, *parts = method.split("-")
     settings = {"method": base}
-    if parts and parts[-1] == "weights":
-        parts.pop()
-        settings["tune_weights"] = True
+    if parts and parts[-1] in ("weights", "masks"):
+        settings["tune_weights"] = parts.pop() == "weights"
     if parts and parts[-1].startswith("iter") and parts[-1][4:].isdigit():
         settings["search_steps"] = int(parts.pop()[4:])
         parts = parts or ["empirical"]  # a named variant says its Fisher; --fisher is the bare column's

@@ -31,7 +31,10 @@ one long run was split over 10-minute calls):
     {command}
 
 Fine-tuning: 3 epochs, lr 5e-5, batch 32, max length 128, seed 0 (one seed: RTE and MRPC dev sets are
-small, so differences of a point are within seed noise). Calibration: 2,048 training examples."""
+small, so differences of a point are within seed noise). Calibration: 2,048 training examples.
+Tuning: the paper's mask tuning, compress prune's default when this table was made (now
+`--no-tune-weights`, method name `fisher-masks`; the default weight tuning is compared with it in
+glue_pruning_weights.md)."""
 
 EAGER_CAVEAT = """**Caveat on the cuda columns:** latency is the mean of `--latency-reps` (10 here) eager Hugging Face
 forwards (bf16 autocast) after 3 warm-ups. At batch 32 x 128 tokens MiniLM does ~0.1 TFLOP, a fraction

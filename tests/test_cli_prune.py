@@ -59,13 +59,14 @@ def test_model_fisher_runs_end_to_end_and_is_recorded(work):
     assert record["recipe"]["fisher"] == "model" and record["flops_ratio"] <= 0.5 + 1e-9
 
 
-def test_weight_tuning_runs_end_to_end(work):
+@pytest.mark.parametrize("flag,weights", [([], True), (["--no-tune-weights"], False)])
+def test_weight_or_mask_tuning_runs_end_to_end(work, flag, weights):
     root, data, ft = work
-    out = root / "pruned-tuned-weights"
+    out = root / f"pruned-tuned-{weights}"
     assert main(["prune", "--model", str(ft), "--task", "sst2", "--data-dir", str(data), "-o", str(out),
-                 "--flops", "0.5", "--num-samples", "32", "--tune-weights"]) == 0
+                 "--flops", "0.5", "--num-samples", "32", *flag]) == 0
     record = json.loads((out / "prune.json").read_text())
-    assert record["recipe"]["tune_weights"] is True and "tune" in record["seconds"]
+    assert record["recipe"]["tune_weights"] is weights and "tune" in record["seconds"]
     assert all(layer["ffn"]["error_after"] <= layer["ffn"]["error_before"] for layer in record["tune"])
     from compress.arch import get_adapter
 

@@ -23,7 +23,7 @@ def setup():
 
 def _run(setup, flops, steps):
     model, adapter, calib = setup
-    config = PruneConfig(model="m", task="sst2", output="o", flops=flops, search_steps=steps)
+    config = PruneConfig(model="m", task="sst2", output="o", flops=flops, search_steps=steps, tune_weights=False)
     record = {}
     heads, filters, flops_model = pruning._masks(config, adapter, model, calib, "cpu", pruning.Phases(), False,
                                                  record)
@@ -118,6 +118,7 @@ def test_glue_pruning_method_names_map_onto_the_config_and_the_report():
     assert settings("fisher", "model") == {"method": "fisher", "fisher": "model"}
     assert settings("magnitude", None) == {"method": "magnitude"}
     assert settings("fisher-weights", None) == {"method": "fisher", "tune_weights": True}
+    assert settings("fisher-masks", "model") == {"method": "fisher", "tune_weights": False, "fisher": "model"}
     assert settings("fisher-iter4-weights", None) == {"method": "fisher", "tune_weights": True, "search_steps": 4,
                                                       "fisher": "empirical"}
     prune = {"seconds": {"fisher": 4.0, "total": 9.0}, "fisher": "empirical", "search_steps": 4}

@@ -6,6 +6,8 @@ pruned with the language-modelling loss (compress.decoder_prune).
 
 from __future__ import annotations
 
+import argparse
+
 from compress import decoder_prune
 from compress.commands._common import add_data_flags, overrides
 from compress.config import FISHERS
@@ -46,16 +48,17 @@ def register(subparsers) -> None:
     p.add_argument("--max-seq-length", type=int,
                    help="truncate inputs to this many tokens (default: the task's, 128; SQuAD 384)")
     p.add_argument("--batch-size", type=int, help="calibration batch size (default 32; decoders 4)")
-    p.add_argument("--damp", type=float, help="damping of the least-squares mask tuning (default 1.0)")
+    p.add_argument("--damp", type=float, help="damping of the least-squares tuning (default 1.0)")
     p.add_argument("--filter-multiple", type=int, help="pad FFN widths with zero filters to a multiple of this "
                    "(same outputs, tensor-core friendly GEMMs; default 8, 1 = none)")
     p.add_argument("--no-rearrange", dest="rearrange", action="store_false", default=None,
                    help="skip the mask rearrangement")
     p.add_argument("--no-tune", dest="tune", action="store_false", default=None, help="skip the mask tuning")
-    p.add_argument("--tune-weights", action="store_true", default=None,
-                   help="instead of one scale per kept head or filter, refit the kept columns and bias of each "
-                        "layer's output projections by the same damped least squares (past the paper: more "
-                        "accuracy kept, same shapes; encoders only)")
+    p.add_argument("--tune-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="tune by refitting the kept columns and bias of each layer's output projections with "
+                        "damped layer-wise least squares (default; past the paper, it keeps far more accuracy at "
+                        "the same shapes: evals/results/glue_pruning_weights.md). --no-tune-weights tunes one "
+                        "scale per kept head or filter instead, the paper's mask tuning. Encoders only")
     p.add_argument("--eval", action="store_true", default=None, help="report the dev metric before and after")
     p.add_argument("--recipe", help="YAML file whose keys are these settings; flags override it")
     add_data_flags(p)
