@@ -198,7 +198,10 @@ def _shape_record(adapter, flops_model, config, phases, parent_shape, zero_filte
 
 def format_summary(record: dict) -> str:
     """The end-of-run summary: FLOPs kept, per-layer shapes, time per phase, dev metric before/after."""
-    lines = [f"pruned {record['model']} on {record['task']} ({record['method']}, {record['constraint']})",
+    recipe = record.get("recipe", {})
+    tuned = ("" if record["method"] != "fisher" or not recipe.get("tune", True)
+             else ", tuned weights" if recipe.get("tune_weights", True) else ", tuned masks")
+    lines = [f"pruned {record['model']} on {record['task']} ({record['method']}, {record['constraint']}{tuned})",
              f"  FLOPs kept: {100 * record['flops_ratio']:.1f}% ({record['flops_after'] / 1e9:.2f} of "
              f"{record['flops_before'] / 1e9:.2f} GFLOPs per example at seq len {record['seq_len']})",
              f"  heads per layer:   {record['num_attention_heads_per_layer']}",

@@ -8,7 +8,8 @@ mean of the task's metrics: MRPC accuracy and F1, STS-B Pearson and Spearman, el
     python evals/glue_pruning_draws.py evals/results/glue_pruning_weights_state.json \
         --out evals/results/glue_pruning_weights
 
-The state file holds {"draws": {label: state, ...}, "commands": {label: [command, ...]}}; a plain
+The state file holds {"draws": {label: state, ...}, "commands": {label: [command, ...]}, "notes": [...]}
+(a command's "  # " starts a remark printed after it); a plain
 state.json of glue_pruning.py is read as one draw labelled by its file name.
 """
 
@@ -52,8 +53,8 @@ def collect(draws: dict) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], commands: dict, source: str) -> str:
-    methods = sorted({m for r in rows for m in r["methods"]}, key=lambda m: (m != "fisher", m))
+def markdown(rows: list[dict], commands: dict, source: str, notes=()) -> str:
+    methods = sorted({m for r in rows for m in r["methods"]}, key=lambda m: (m != "fisher-masks", m != "fisher-weights", m))
     show = lambda v: "/".join(f"{x:.1f}" for k, x in v.items() if k != "num_examples")  # noqa: E731
     lines = ["# GLUE pruning over fine-tune draws: mask tuning (`fisher`) against weight tuning (`fisher-weights`)", "",
              f"Regenerate this file: `python evals/glue_pruning_draws.py {source} --out OUT` (the state file holds "
@@ -81,6 +82,8 @@ def markdown(rows: list[dict], commands: dict, source: str) -> str:
             if drops:
                 lines.append(f"| {flops:g} | {m} | {len(drops)} | {min(drops):+.1f} | "
                              f"{sum(d >= -1.0 for d in drops)} of {len(drops)} |")
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -89,19 +92,20 @@ def main(argv=None) -> int:
     p.add_argument("states", nargs="+", help="a {draws: ...} file, or glue_pruning.py state.json files")
     p.add_argument("--out", required=True, help="output path without suffix (.md and .json are written)")
     args = p.parse_args(argv)
-    draws, commands = {}, {}
+    draws, commands, notes = {}, {}, []
     for path in map(Path, args.states):
         data = json.loads(path.read_text())
         if "draws" in data:
             draws.update(data["draws"])
             commands.update(data.get("commands", {}))
+            notes += data.get("notes", [])
         else:
             draws[path.stem] = data
     rows = collect(draws)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "commands": commands}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(rows, commands, " ".join(args.states)))
+    out.with_suffix(".md").write_text(markdown(rows, commands, " ".join(args.states), notes))
     print(f"wrote {out}.md and .json ({len(rows)} rows)")
     return 0
 

@@ -60,11 +60,12 @@ def test_model_fisher_runs_end_to_end_and_is_recorded(work):
 
 
 @pytest.mark.parametrize("flag,weights", [([], True), (["--no-tune-weights"], False)])
-def test_weight_or_mask_tuning_runs_end_to_end(work, flag, weights):
+def test_weight_or_mask_tuning_runs_end_to_end(work, flag, weights, capsys):
     root, data, ft = work
     out = root / f"pruned-tuned-{weights}"
     assert main(["prune", "--model", str(ft), "--task", "sst2", "--data-dir", str(data), "-o", str(out),
                  "--flops", "0.5", "--num-samples", "32", *flag]) == 0
+    assert f"{{'flops': 0.5}}, tuned {'weights' if weights else 'masks'})" in capsys.readouterr().out
     record = json.loads((out / "prune.json").read_text())
     assert record["recipe"]["tune_weights"] is weights and "tune" in record["seconds"]
     assert all(layer["ffn"]["error_after"] <= layer["ffn"]["error_before"] for layer in record["tune"])
