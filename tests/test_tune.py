@@ -39,17 +39,17 @@ def test_tuning_lowers_each_layers_reconstruction_error(kind):
         assert torch.equal(t == 0, m == 0)  # tuning never revives a pruned unit
 
 
-def test_tuned_error_matches_a_direct_measurement():
-    """The reported error after tuning equals ||S - T||^2 measured by running the tuned model."""
-    model = tiny_model("bert")
+@pytest.mark.parametrize("tuner,layer", [("tune_masks", 0), ("tune_weights", 1)])
+def test_reported_error_after_tuning_matches_a_direct_measurement(tuner, layer):
+    """The reported error after tuning equals ||S - T||^2 of the tuned model against an untouched teacher."""
+    teacher, model = tiny_model("bert"), tiny_model("bert")
     adapter = get_adapter(model)
-    heads, filters = _half_masks(adapter)
     batches = _batches()
-    tuned_heads, tuned_filters, report = tune.tune_masks(model, adapter, batches, heads, filters, "cpu",
-                                                         progress=False)
-    targets = tune._teacher_targets(model, adapter, batches, 0, "cpu")
-    stats = tune._student_stats(model, adapter, batches, 0, "ffn", tuned_heads, tuned_filters, targets, "cpu")
-    assert stats["err"] == pytest.approx(report[0]["ffn"]["error_after"], rel=1e-3)
+    heads, filters, report = getattr(tune, tuner)(model, adapter, batches, *_half_masks(adapter), "cpu",
+                                                  progress=False)
+    targets = tune._teacher_targets(teacher, get_adapter(teacher), batches, layer, "cpu")
+    stats = tune._student_stats(model, adapter, batches, layer, "ffn", heads, filters, targets, "cpu")
+    assert stats["err"] == pytest.approx(report[layer]["ffn"]["error_after"], rel=1e-3)
 
 
 def test_zero_damping_is_plain_least_squares():
@@ -118,19 +118,6 @@ def test_weight_tuning_beats_mask_tuning_and_keeps_the_masks(kind):
     assert all(n.endswith(("weight", "bias")) for n in changed)
     pruned = (filters[1] == 0).nonzero().flatten()
     torch.testing.assert_close(parts.ffn_out.weight[:, pruned], before[ffn_name][:, pruned], rtol=0, atol=0)
-
-
-def test_weight_tuning_error_matches_a_direct_measurement():
-    """The error reported after weight tuning is ||S - T||^2 of the tuned model against the untouched teacher."""
-    teacher = tiny_model("bert")
-    model = tiny_model("bert")
-    adapter = get_adapter(model)
-    heads, filters = _half_masks(adapter)
-    batches = _batches()
-    _, _, report = tune.tune_weights(model, adapter, batches, heads, filters, "cpu", progress=False)
-    targets = tune._teacher_targets(teacher, get_adapter(teacher), batches, 1, "cpu")
-    stats = tune._student_stats(model, adapter, batches, 1, "ffn", heads, filters, targets, "cpu")
-    assert stats["err"] == pytest.approx(report[1]["ffn"]["error_after"], rel=1e-3)
 
 
 def test_weight_tuning_with_full_masks_and_no_damping_leaves_the_model():

@@ -24,7 +24,9 @@ FIELDS = ("model", "task", "output", "flops", "latency_ms", "method", "fisher", 
 def register(subparsers) -> None:
     p = subparsers.add_parser("prune", help="prune heads and FFN filters after training (Kwon et al. 2022)",
                               description="Fisher-based post-training pruning: mask search under a FLOPs or "
-                                          "latency budget, rearrangement, least-squares mask tuning, slimming.")
+                                          "latency budget, rearrangement, least-squares tuning (of the output "
+                                          "projections by default, of the masks as in the paper with "
+                                          "--no-tune-weights), slimming.")
     p.add_argument("--model", help="fine-tuned encoder or Gemma decoder: local directory, offline name or hub id")
     p.add_argument("--task", help="task the encoder was fine-tuned on (its train split is the calibration data); "
                                   "omit it for a decoder")
@@ -53,7 +55,7 @@ def register(subparsers) -> None:
                    "(same outputs, tensor-core friendly GEMMs; default 8, 1 = none)")
     p.add_argument("--no-rearrange", dest="rearrange", action="store_false", default=None,
                    help="skip the mask rearrangement")
-    p.add_argument("--no-tune", dest="tune", action="store_false", default=None, help="skip the mask tuning")
+    p.add_argument("--no-tune", dest="tune", action="store_false", default=None, help="skip the tuning")
     p.add_argument("--tune-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="tune by refitting the kept columns and bias of each layer's output projections with "
                         "damped layer-wise least squares (default; past the paper, it keeps far more accuracy at "
