@@ -3,7 +3,7 @@
 load -> calibration windows (compress.calib) -> LM-loss mask gradients (compress.lm_scores) ->
 GQA-aware search under the decoder cost model (compress.gqa, compress.decoder_cost) -> GQA-shaped
 rearrangement -> least-squares mask tuning of each branch before its post-norm, in fp32
-(compress.decoder_tune, layer-local) -> slim (compress.slim) -> save (compress.modeling.save). Only compress.arch.gemma
+(compress.tune_layerwise, layer-local) -> slim (compress.slim) -> save (compress.modeling.save). Only compress.arch.gemma
 knows module paths. `fisher-mlp` is the Fisher pipeline restricted to MLP filters (an ablation).
 Baselines (`method` magnitude / activation / activation-mlp, the last pruning MLP filters only) replace the Fisher by their scores and skip rearrangement, but go through the same search, tuning and slimming, so a comparison at the
 same FLOPs isolates the importance criterion.
@@ -193,7 +193,7 @@ def masks_from_scores(config, adapter, model, batches, scores, device, phases, p
     import torch
 
     from compress import decoder_cost, gqa
-    from compress.decoder_tune import tune_masks_layerwise
+    from compress.tune_layerwise import tune_layerwise
     from compress.rearrange import block_fisher, rearrange_layer
 
     cost = decoder_cost.decoder_cost(adapter, config.context_len)
@@ -212,8 +212,8 @@ def masks_from_scores(config, adapter, model, batches, scores, device, phases, p
                        for m, g in zip(filters, scores["filter_grads"])]
     if config.tune:
         with phases("tune"):
-            heads, filters, record["tune"] = tune_masks_layerwise(model, adapter, batches, heads, filters, device,
-                                                                  config.damp, progress)
+            heads, filters, record["tune"] = tune_layerwise(model, adapter, batches, heads, filters, device,
+                                                            config.damp, progress)
     return heads, filters, cost
 
 

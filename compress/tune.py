@@ -19,6 +19,10 @@ ridge regression toward the current weights with the same damping rule. It has h
 more free parameters than the masks, so it undoes much more of what pruning removed; the slimmed
 model shape is unchanged. Teacher targets then come from the original weights, restored for the
 teacher's forward pass.
+
+Both run by default through compress.tune_layerwise (each layer once per pass, on cached hidden
+states); the code here that re-runs the model from the embedding for every layer and branch is the
+reference it is tested against (`layerwise=False`).
 """
 
 from __future__ import annotations
@@ -35,8 +39,12 @@ class _Stop(Exception):
 
 
 def tune_masks(model, adapter, batches, head_masks, filter_masks, device, damp: float = 1.0,
-               progress: bool = True):
-    """Tuned (real-valued) masks, same shapes as the 0/1 inputs, plus per-layer errors before/after."""
+               progress: bool = True, layerwise: bool = True):
+    """Tuned (real-valued) masks, same shapes as the 0/1 inputs, plus per-layer errors before/after.
+    `layerwise` (default): compress.tune_layerwise, one layer pass at a time on cached hidden states;
+    False: the reference path here, a forward from the embedding for every layer and branch."""
+    if layerwise:
+        return _layerwise(model, adapter, batches, head_masks, filter_masks, device, damp, progress, False)
     heads = [m.clone().float().to(device) for m in head_masks]
     filters = [m.clone().float().to(device) for m in filter_masks]
     report = []
@@ -48,6 +56,14 @@ def tune_masks(model, adapter, batches, head_masks, filter_masks, device, damp: 
             masks[layer], entry[branch] = _solve(stats, masks[layer], damp)
         report.append(entry)
     return [m.cpu() for m in heads], [m.cpu() for m in filters], report
+
+
+def _layerwise(model, adapter, batches, head_masks, filter_masks, device, damp, progress, weights):
+    from compress.tune_layerwise import tune_layerwise
+
+    return tune_layerwise(model, adapter, batches, head_masks, filter_masks, device, damp, progress, weights,
+                          forward=lambda batch: _run(model, batch, device),
+                          valid=[_valid(batch, device) for batch in batches])
 
 
 def _valid(batch, device) -> torch.Tensor:
@@ -191,9 +207,12 @@ def _solve(stats, mask, damp):
 
 
 def tune_weights(model, adapter, batches, head_masks, filter_masks, device, damp: float = 1.0,
-                 progress: bool = True):
+                 progress: bool = True, layerwise: bool = True):
     """Refit, layer by layer, the output projections' kept columns and biases (in place, see the module
-    docstring); the masks are returned unchanged, with the same per-layer error report as `tune_masks`."""
+    docstring); the masks are returned unchanged, with the same per-layer error report as `tune_masks`.
+    `layerwise` as in `tune_masks` (the reference path restores the original weights for each teacher pass)."""
+    if layerwise:
+        return _layerwise(model, adapter, batches, head_masks, filter_masks, device, damp, progress, True)
     heads = [m.clone().float().to(device) for m in head_masks]
     filters = [m.clone().float().to(device) for m in filter_masks]
     originals = _projection_copies(adapter)

@@ -274,8 +274,8 @@ def test_calibration_windows_and_perplexity(tmp_path):
 
 
 def test_layerwise_tuning_equals_the_generic_tuning(kind):
-    from compress.decoder_tune import tune_masks_layerwise
     from compress.tune import tune_masks
+    from compress.tune_layerwise import tune_layerwise
 
     model = _model(kind)
     adapter = GemmaAdapter(model)
@@ -283,8 +283,8 @@ def test_layerwise_tuning_equals_the_generic_tuning(kind):
     heads, filters = [(m != 0).float() for m in heads], [(m != 0).float() for m in filters]
     ids = _ids(4, 16)
     batches = [{"input_ids": ids[i:i + 2], "attention_mask": torch.ones_like(ids[i:i + 2])} for i in (0, 2)]
-    h1, f1, r1 = tune_masks(model, adapter, batches, heads, filters, "cpu", progress=False)
-    h2, f2, r2 = tune_masks_layerwise(model, adapter, batches, heads, filters, "cpu", progress=False)
+    h1, f1, r1 = tune_masks(model, adapter, batches, heads, filters, "cpu", progress=False, layerwise=False)
+    h2, f2, r2 = tune_layerwise(model, adapter, batches, heads, filters, "cpu", progress=False)
     for a, b in zip(h1 + f1, h2 + f2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(a, m) for a, m in zip(h2 + f2, heads + filters))  # tuning changed something

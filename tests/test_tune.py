@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from compress import tune  # noqa: E402
 from compress.arch import get_adapter  # noqa: E402
-from _tiny import tiny_inputs, tiny_model  # noqa: E402
+from _tiny import KINDS, tiny_inputs, tiny_model  # noqa: E402
 
 
 def _batches():
@@ -89,7 +89,7 @@ def _masked_outputs(model, adapter, heads, filters, batches):
         return [model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]
 
 
-@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_weight_tuning_beats_mask_tuning_and_keeps_the_masks(kind):
     """Refitting the output projections lowers every branch's error at least as far as the masks do (the
     mask scales are one point of its search space), leaves the masks binary, and touches no pruned column."""
@@ -132,12 +132,13 @@ def test_weight_tuning_with_full_masks_and_no_damping_leaves_the_model():
         torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
 
 
-def test_weight_tuned_model_slims_to_the_masked_function():
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_tuned_model_slims_to_the_masked_function(kind):
     """After weight tuning, slimming (a layer left with no head keeps only its tuned bias) computes what the
     masked model with the tuned weights computes."""
     from compress import slim
 
-    model = tiny_model("bert")
+    model = tiny_model(kind)
     adapter = get_adapter(model)
     heads, filters = _half_masks(adapter)
     heads[1] = torch.zeros_like(heads[1])
@@ -149,3 +150,36 @@ def test_weight_tuned_model_slims_to_the_masked_function():
     assert adapter.num_heads()[1] == 0
     for ref, out in zip(reference, _masked_outputs(model, adapter, None, None, batches)):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tuner", ["tune_masks", "tune_weights"])
+def test_layerwise_tuning_equals_the_reference_path(kind, tuner):
+    """One layer at a time on cached hidden states (the default) gives the masks, weights and errors of
+    the reference path that re-runs the model from the embedding for every layer and branch."""
+    results = []
+    for layerwise in (False, True):
+        model = tiny_model(kind)
+        adapter = get_adapter(model)
+        heads, filters = _half_masks(adapter)
+        out = getattr(tune, tuner)(model, adapter, _batches_padded(), heads, filters, "cpu", progress=False,
+                                   layerwise=layerwise)
+        results.append((out, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (ref, ref_params), (new, new_params) = results
+    for a, b in zip(ref[0] + ref[1], new[0] + new[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for name, p in ref_params.items():
+        torch.testing.assert_close(new_params[name], p, rtol=1e-4, atol=1e-5)
+    for r, n in zip(ref[2], new[2]):
+        for branch in ("attention", "ffn"):
+            assert n[branch]["error_after"] == pytest.approx(r[branch]["error_after"], rel=1e-3, abs=1e-6)
+
+
+def _batches_padded():
+    """Two batches with padding at different places, so that only the valid tokens may count."""
+    out = []
+    for s, lengths in ((0, (12, 7, 3)), (1, (9, 12, 5))):
+        batch = dict(tiny_inputs(3, 12, seed=s), labels=torch.zeros(3, dtype=torch.long))
+        batch["attention_mask"] = (torch.arange(12)[None] < torch.tensor(lengths)[:, None]).long()
+        out.append(batch)
+    return out

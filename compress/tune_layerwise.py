@@ -1,0 +1,141 @@
+"""Layer-local least-squares tuning: the objective of compress.tune, one layer at a time.
+
+`compress.tune`'s reference path re-runs the model from the embedding up to layer l for every layer
+and branch, which costs ~L^2/2 layer passes. Here the dense ("teacher") and pruned ("student")
+hidden states entering layer l are kept for every calibration batch, so each layer is run only on
+its own inputs: ~4 passes of one layer per layer. The layer's other inputs (attention masks,
+position embeddings or MPNet's relative bias, a Gemma's sliding or full causal mask) are captured
+once, per layer, by pre-hooks during one dense forward, so nothing here knows how a model builds them.
+
+The objective, the reconstruction points (each branch's output before its post-norm, fp32
+statistics over the valid tokens, fp64 solve), the damping and both unknowns (the mask scales, or
+with `weights` the output projections' kept columns and bias) are exactly those of `compress.tune`,
+whose accumulation and solvers are reused; the result equals the reference path up to float rounding.
+The teacher needs no weight restoring: layer l's teacher pass runs before layer l is tuned, and
+earlier layers are never run again.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from compress.tune import _accumulate, _accumulate_weights, _solve, _solve_weights, _unit_columns, branch_setup
+
+
+class _Stop(Exception):
+    """Raised in a hook to end a pass once what is needed has been captured."""
+
+
+@torch.no_grad()
+def tune_layerwise(model, adapter, batches, head_masks, filter_masks, device, damp: float = 1.0,
+                   progress: bool = True, weights: bool = False, forward=None, valid=None):
+    """Tuned masks (or, with `weights`, the masks unchanged and the output projections refitted in place)
+    and per-layer errors before/after. `forward(batch)` runs the whole dense model on a batch (default: a
+    decoder's `adapter.final_hidden`); `valid[b]`: batch b's non-padding tokens (default: all)."""
+    heads = [m.clone().float().to(device) for m in head_masks]
+    filters = [m.clone().float().to(device) for m in filter_masks]
+    forward = forward or (lambda batch: adapter.final_hidden(batch["input_ids"].to(device)))
+    valid = valid or [None] * len(batches)
+    inputs, layer_calls = _capture(adapter, batches, forward)
+    teacher, student, report = inputs, [h.clone() for h in inputs], []
+    desc = "tune weights" if weights else "tune"
+    for layer in tqdm(range(adapter.num_layers), desc=desc, unit="layer", disable=not progress):
+        block, calls = adapter.layer_modules()[layer], [c[layer] for c in layer_calls]
+        targets, teacher = _teacher(adapter, layer, block, teacher, calls, valid)
+        entry = {}
+        for branch, masks in (("attention", heads), ("ffn", filters)):
+            stats = _branch_stats(adapter, layer, block, branch, student, calls, valid, heads, filters, targets,
+                                  weights)
+            if weights:
+                entry[branch] = _solve_weights(stats, damp)
+            else:
+                masks[layer], entry[branch] = _solve(stats, masks[layer], damp)
+        with adapter.masks(heads, filters):
+            student = [_layer_out(block, h, call) for h, call in zip(student, calls)]
+        report.append(entry)
+    return [m.cpu() for m in heads], [m.cpu() for m in filters], report
+
+
+def _capture(adapter, batches, forward):
+    """Hidden states entering layer 0 per batch, and each layer's other call arguments per batch."""
+    blocks, inputs, layer_calls = adapter.layer_modules(), [], []
+    for batch in batches:
+        seen = {}
+
+        def grab(index):
+            def hook(module, args, kwargs):
+                if index == 0:
+                    inputs.append(args[0] if args else kwargs["hidden_states"])
+                seen[index] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            return hook
+
+        hooks = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        try:
+            forward(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        layer_calls.append([seen[i] for i in range(len(blocks))])
+    return inputs, layer_calls
+
+
+def _layer_out(block, hidden, call):
+    args, kwargs = call
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run_until(block, hidden, call, hooks):
+    try:
+        _layer_out(block, hidden, call)
+    except _Stop:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _teacher(adapter, layer, block, teacher, calls, valid):
+    """Dense branch outputs (before the post-norms) of `layer`, and the dense inputs of the next layer."""
+    parts, targets, nxt = adapter.layer_parts(layer), [], []
+    for hidden, call, keep in zip(teacher, calls, valid):
+        grab = {}
+        hooks = [parts.attn_norm.register_forward_pre_hook(lambda m, a: grab.__setitem__("attention", _rows(a[0], keep))),
+                 parts.ffn_norm.register_forward_pre_hook(lambda m, a: grab.__setitem__("ffn", _rows(a[0], keep)))]
+        try:
+            nxt.append(_layer_out(block, hidden, call))
+        finally:
+            for h in hooks:
+                h.remove()
+        targets.append(grab)
+    return targets, nxt
+
+
+def _branch_stats(adapter, layer, block, branch, student, calls, valid, heads, filters, targets, weights):
+    br, stats = branch_setup(adapter, layer, branch, heads, filters)
+    if weights:
+        stats.update(cols=_unit_columns(br), branch=br)
+    for hidden, call, keep, target in zip(student, calls, valid, targets):
+        grab = {}
+
+        def at_norm(module, args):
+            grab["s"] = _rows(args[0], keep)
+            raise _Stop
+
+        hooks = [br.proj.register_forward_pre_hook(lambda m, a: grab.__setitem__("x", _rows(a[0], keep)), prepend=True),
+                 br.norm.register_forward_pre_hook(at_norm)]
+        with adapter.masks(heads, filters):
+            _run_until(block, hidden, call, hooks)
+        if weights and "x" in grab:  # no unit left still leaves the bias to fit
+            _accumulate_weights(stats, br, grab["x"], grab["s"], target[branch])
+        elif "x" not in grab or len(br.keep) == 0:
+            stats["err"] += float((grab["s"] - target[branch]).double().pow(2).sum())
+        else:
+            _accumulate(stats, br.contributions(grab["x"]), br.scale, grab["s"], target[branch])
+    return stats
+
+
+def _rows(x: torch.Tensor, keep) -> torch.Tensor:
+    """`[tokens, features]` fp32 of the valid tokens (`keep` None: every token, e.g. unpadded windows)."""
+    return (x.reshape(-1, x.shape[-1]) if keep is None else x[keep]).float()
