@@ -62,7 +62,10 @@ def rearrange(masks: list[torch.Tensor], grads: list[torch.Tensor], alive=None, 
     out = []
     for i, (mask, g) in enumerate(zip(masks, grads)):
         g = g.to(device) if device is not None else g
-        idx = (torch.arange(len(mask)) if alive is None else torch.as_tensor(alive[i]).ne(0).nonzero().flatten())
+        if alive is None:  # every unit may move
+            out.append(rearrange_layer(mask.to(g.device), block_fisher(g)).to(mask.device))
+            continue
+        idx = torch.as_tensor(alive[i]).ne(0).nonzero().flatten()
         new = mask.clone()
         new[idx] = rearrange_layer(mask[idx].to(g.device), block_fisher(g[:, idx.to(g.device)])).to(mask.device)
         out.append(new)

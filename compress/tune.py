@@ -43,17 +43,32 @@ def tune_masks(model, adapter, batches, head_masks, filter_masks, device, damp: 
     """Tuned (real-valued) masks, same shapes as the 0/1 inputs, plus per-layer errors before/after.
     `layerwise` (default): compress.tune_layerwise, one layer pass at a time on cached hidden states;
     False: the reference path here, a forward from the embedding for every layer and branch."""
-    if layerwise:
-        return _layerwise(model, adapter, batches, head_masks, filter_masks, device, damp, progress, False)
+    tuner = _layerwise if layerwise else _reference
+    return tuner(model, adapter, batches, head_masks, filter_masks, device, damp, progress, False)
+
+
+def tune_weights(model, adapter, batches, head_masks, filter_masks, device, damp: float = 1.0,
+                 progress: bool = True, layerwise: bool = True):
+    """Refit, layer by layer, the output projections' kept columns and biases (in place, see the module
+    docstring); the masks are returned unchanged, with the same per-layer error report as `tune_masks`.
+    `layerwise` as in `tune_masks` (the reference path restores the original weights for each teacher pass)."""
+    tuner = _layerwise if layerwise else _reference
+    return tuner(model, adapter, batches, head_masks, filter_masks, device, damp, progress, True)
+
+
+def _reference(model, adapter, batches, head_masks, filter_masks, device, damp, progress, weights):
     heads = [m.clone().float().to(device) for m in head_masks]
     filters = [m.clone().float().to(device) for m in filter_masks]
+    originals = _projection_copies(adapter) if weights else []
     report = []
-    for layer in tqdm(range(adapter.num_layers), desc="tune", unit="layer", disable=not progress):
-        targets = _teacher_targets(model, adapter, batches, layer, device)
+    for layer in tqdm(range(adapter.num_layers), desc="tune weights" if weights else "tune", unit="layer",
+                      disable=not progress):
+        with _restored(originals):
+            targets = _teacher_targets(model, adapter, batches, layer, device)
         entry = {}
         for branch, masks in (("attention", heads), ("ffn", filters)):
-            stats = _student_stats(model, adapter, batches, layer, branch, heads, filters, targets, device)
-            masks[layer], entry[branch] = _solve(stats, masks[layer], damp)
+            stats = _student_stats(model, adapter, batches, layer, branch, heads, filters, targets, device, weights)
+            entry[branch] = solve_branch(stats, masks, layer, damp, weights)
         report.append(entry)
     return [m.cpu() for m in heads], [m.cpu() for m in filters], report
 
@@ -117,23 +132,43 @@ class Branch:
         return _contributions(x, self.proj.weight.float(), self.keep, self.kind, self.parts)
 
 
-def branch_setup(adapter, layer, branch, heads, filters) -> tuple[Branch, dict]:
-    """The branch of `layer` and empty least-squares statistics over its kept units."""
+def branch_setup(adapter, layer, branch, heads, filters, weights: bool = False) -> tuple[Branch, dict]:
+    """The branch of `layer` and empty least-squares statistics over its kept units' mask values, or with
+    `weights` over the output projection's kept columns and bias."""
     parts = adapter.layer_parts(layer)
     proj, norm = (parts.o, parts.attn_norm) if branch == "attention" else (parts.ffn_out, parts.ffn_norm)
     mask = (heads if branch == "attention" else filters)[layer]
     keep = mask.nonzero().flatten()
+    br = Branch(branch, parts, proj, norm, keep, mask[keep])
     stats = {"gram": 0.0, "rhs": 0.0, "b2": 0.0, "err": 0.0, "keep": keep}
-    return Branch(branch, parts, proj, norm, keep, mask[keep]), stats
+    if weights:
+        stats.update(cols=_unit_columns(br), branch=br)
+    return br, stats
+
+
+def accumulate_branch(stats, br: Branch, grab: dict, target: torch.Tensor, weights: bool) -> None:
+    """Add one batch: `grab` holds the projection input "x" (absent if it never ran) and the norm input "s"."""
+    if weights and "x" in grab:  # no unit left still leaves the bias to fit
+        _accumulate_weights(stats, br, grab["x"], grab["s"], target)
+    elif "x" not in grab or len(br.keep) == 0:
+        stats["err"] += float((grab["s"] - target).double().pow(2).sum())
+    else:
+        _accumulate(stats, br.contributions(grab["x"]), br.scale, grab["s"], target)
+
+
+def solve_branch(stats, masks: list, layer: int, damp: float, weights: bool) -> dict:
+    """Solve one branch: tune `masks[layer]` in place of the list, or the projection's weights; its errors."""
+    if weights:
+        return _solve_weights(stats, damp)
+    masks[layer], errors = _solve(stats, masks[layer], damp)
+    return errors
 
 
 @torch.no_grad()
 def _student_stats(model, adapter, batches, layer, branch, heads, filters, targets, device, weights=False):
     """Gram matrix, right-hand side and squared norms for one branch of `layer` under the current masks:
     over the kept units' mask values, or with `weights` over the output projection's kept columns and bias."""
-    br, stats = branch_setup(adapter, layer, branch, heads, filters)
-    if weights:
-        stats.update(cols=_unit_columns(br), branch=br)
+    br, stats = branch_setup(adapter, layer, branch, heads, filters, weights)
     for batch, target in zip(batches, targets):
         grab, valid = {}, _valid(batch, device)
 
@@ -151,12 +186,7 @@ def _student_stats(model, adapter, batches, layer, branch, heads, filters, targe
         finally:
             for h in hooks:
                 h.remove()
-        if "x" not in grab:  # layer has no units of this kind left
-            continue
-        if weights:
-            _accumulate_weights(stats, br, grab["x"], grab["s"], target[branch])
-        else:
-            _accumulate(stats, br.contributions(grab["x"]), br.scale, grab["s"], target[branch])
+        accumulate_branch(stats, br, grab, target[branch], weights)
     return stats
 
 
@@ -204,29 +234,6 @@ def _solve(stats, mask, damp):
     tuned = mask.clone()
     tuned[keep] = scales.to(tuned.dtype)
     return tuned, {"error_before": stats["err"], "error_after": max(after, 0.0)}
-
-
-def tune_weights(model, adapter, batches, head_masks, filter_masks, device, damp: float = 1.0,
-                 progress: bool = True, layerwise: bool = True):
-    """Refit, layer by layer, the output projections' kept columns and biases (in place, see the module
-    docstring); the masks are returned unchanged, with the same per-layer error report as `tune_masks`.
-    `layerwise` as in `tune_masks` (the reference path restores the original weights for each teacher pass)."""
-    if layerwise:
-        return _layerwise(model, adapter, batches, head_masks, filter_masks, device, damp, progress, True)
-    heads = [m.clone().float().to(device) for m in head_masks]
-    filters = [m.clone().float().to(device) for m in filter_masks]
-    originals = _projection_copies(adapter)
-    report = []
-    for layer in tqdm(range(adapter.num_layers), desc="tune weights", unit="layer", disable=not progress):
-        with _restored(originals):
-            targets = _teacher_targets(model, adapter, batches, layer, device)
-        entry = {}
-        for branch in ("attention", "ffn"):
-            stats = _student_stats(model, adapter, batches, layer, branch, heads, filters, targets, device,
-                                   weights=True)
-            entry[branch] = _solve_weights(stats, damp)
-        report.append(entry)
-    return [m.cpu() for m in heads], [m.cpu() for m in filters], report
 
 
 def _projection_copies(adapter) -> list[tuple[torch.Tensor, torch.Tensor]]:

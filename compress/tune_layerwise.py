@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from compress.tune import _accumulate, _accumulate_weights, _solve, _solve_weights, _unit_columns, branch_setup
+from compress.tune import accumulate_branch, branch_setup, solve_branch
 
 
 class _Stop(Exception):
@@ -47,10 +47,7 @@ def tune_layerwise(model, adapter, batches, head_masks, filter_masks, device, da
         for branch, masks in (("attention", heads), ("ffn", filters)):
             stats = _branch_stats(adapter, layer, block, branch, student, calls, valid, heads, filters, targets,
                                   weights)
-            if weights:
-                entry[branch] = _solve_weights(stats, damp)
-            else:
-                masks[layer], entry[branch] = _solve(stats, masks[layer], damp)
+            entry[branch] = solve_branch(stats, masks, layer, damp, weights)
         with adapter.masks(heads, filters):
             student = [_layer_out(block, h, call) for h, call in zip(student, calls)]
         report.append(entry)
@@ -113,9 +110,7 @@ def _teacher(adapter, layer, block, teacher, calls, valid):
 
 
 def _branch_stats(adapter, layer, block, branch, student, calls, valid, heads, filters, targets, weights):
-    br, stats = branch_setup(adapter, layer, branch, heads, filters)
-    if weights:
-        stats.update(cols=_unit_columns(br), branch=br)
+    br, stats = branch_setup(adapter, layer, branch, heads, filters, weights)
     for hidden, call, keep, target in zip(student, calls, valid, targets):
         grab = {}
 
@@ -127,12 +122,7 @@ def _branch_stats(adapter, layer, block, branch, student, calls, valid, heads, f
                  br.norm.register_forward_pre_hook(at_norm)]
         with adapter.masks(heads, filters):
             _run_until(block, hidden, call, hooks)
-        if weights and "x" in grab:  # no unit left still leaves the bias to fit
-            _accumulate_weights(stats, br, grab["x"], grab["s"], target[branch])
-        elif "x" not in grab or len(br.keep) == 0:
-            stats["err"] += float((grab["s"] - target[branch]).double().pow(2).sum())
-        else:
-            _accumulate(stats, br.contributions(grab["x"]), br.scale, grab["s"], target[branch])
+        accumulate_branch(stats, br, grab, target[branch], weights)
     return stats
 
 

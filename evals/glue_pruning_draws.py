@@ -21,6 +21,9 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evals.glue_pruning_report import metric_text  # noqa: E402
+
 KEY = re.compile(r"(?P<work>.*)/(?P<model>[^/]+)-(?P<task>[a-z0-9]+)/(?P<name>[^/]+):eval$")
 
 
@@ -55,7 +58,6 @@ def collect(draws: dict) -> list[dict]:
 
 def markdown(rows: list[dict], commands: dict, source: str, notes=()) -> str:
     methods = sorted({m for r in rows for m in r["methods"]}, key=lambda m: (m != "fisher-masks", m != "fisher-weights", m))
-    show = lambda v: "/".join(f"{x:.1f}" for k, x in v.items() if k != "num_examples")  # noqa: E731
     lines = ["# GLUE pruning over fine-tune draws: mask tuning (`fisher`) against weight tuning (`fisher-weights`)", "",
              f"Regenerate this file: `python evals/glue_pruning_draws.py {source} --out OUT` (the state file holds "
              "every number below). The draws were made on the H100 machine by:", ""]
@@ -70,8 +72,8 @@ def markdown(rows: list[dict], commands: dict, source: str, notes=()) -> str:
               + " | ".join(f"delta {m}" for m in methods) + " |",
               "|" + "---|" * (5 + 2 * len(methods))]
     for r in rows:
-        cells = [r["model"], r["task"], f"{r['flops']:g}", r["draw"], show(r["dense"])]
-        cells += [show(r["methods"][m]) if m in r["methods"] else "-" for m in methods]
+        cells = [r["model"], r["task"], f"{r['flops']:g}", r["draw"], metric_text(r["dense"])]
+        cells += [metric_text(r["methods"][m]) if m in r["methods"] else "-" for m in methods]
         cells += [f"{r['drop'][m]:+.1f}" if m in r["drop"] else "-" for m in methods]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Worst delta over every (model, task, draw) cell, and cells within 1 point of dense:", "",

@@ -84,7 +84,8 @@ def _header(result: dict) -> list[str]:
     return lines + ["Devices: " + ", ".join(f"{k} = {v}" for k, v in devices.items()), ""]
 
 
-def _metric(values: dict) -> str:
+def metric_text(values: dict) -> str:
+    """A row's metrics as one cell: percent values joined by '/' (MRPC acc/F1, STS-B Pearson/Spearman)."""
     return "/".join(f"{v:.1f}" for k, v in values.items() if k != "num_examples")
 
 
@@ -106,8 +107,8 @@ def markdown(result: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * (5 + len(methods) + len(keys))]
     for (model, task, flops), group in _grouped(result["rows"]).items():
         fisher = group.get("fisher")
-        cells = [model, task, f"{flops:g}", _metric(next(iter(group.values()))["dense"])]
-        cells += [_metric(group[m]["metrics"]) if m in group else "-" for m in methods]
+        cells = [model, task, f"{flops:g}", metric_text(next(iter(group.values()))["dense"])]
+        cells += [metric_text(group[m]["metrics"]) if m in group else "-" for m in methods]
         cells.append(f"{fisher['prune']['seconds']['total']:.1f}" if fisher and fisher.get("prune") else "-")
         cells += [_speed(fisher, k) if fisher else "-" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
