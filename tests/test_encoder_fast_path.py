@@ -133,6 +133,27 @@ def test_slimmed_fast_path_equals_the_masked_model(kind, slim_first, backend, no
     assert len(norm_calls) == 4 * (1 if slim_first else 2)  # the 0-head layer's norm is fused too
 
 
+@pytest.mark.parametrize("kind", KINDS + ("distilbert",))
+def test_zero_head_output_projection_is_its_broadcast_bias(kind, backend, norm_calls):
+    """A 0-head layer's output projection (no inputs) is not run on the fast path: its bias, broadcast
+    as a view, goes into the add + norm kernel (row stride 0), with the logits of the masked model. The
+    projection runs again, hooks firing, once something hooks it (weight tuning does)."""
+    model = tiny_model(kind)
+    fast = copy.deepcopy(model)
+    slim_model(get_adapter(fast), HEADS, FILTERS)
+    get_adapter(fast).install_fast_path()
+    o = get_adapter(fast).layer_parts(1).o
+    assert o.in_features == 0
+    calls = []
+    o.forward = lambda x, _forward=o.forward: calls.append(1) or _forward(x)
+    assert relative_error(_logits(fast), _masked_logits(model)) < 1e-5 and not calls
+    seen = []
+    hook = o.register_forward_hook(lambda m, a, out: seen.append(out.stride()))
+    assert relative_error(_logits(fast), _masked_logits(model)) < 1e-5
+    hook.remove()
+    assert calls == [1] and seen == [(9 * 64, 64, 1)]  # the Linear's own, materialised output
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_default_runs_the_unfused_ops_exactly(kind, norm_calls):
     model = tiny_model(kind)
@@ -243,7 +264,7 @@ def test_fast_path_is_captured_in_a_cuda_graph(kind, norm_calls):
     from evals import encoder_latency as el
 
     model = el.slimmed_copy(el.dense_model(tiny_config(kind)), [3, 0], [57, 128])
-    args = argparse.Namespace(batches=[4], seq=16, trials=1, replays=2, warmup=2)
+    args = argparse.Namespace(batches=[4], seq=16, trials=1, replays=2, warmup=2, cuda_dtype="bfloat16")
     timing = el.time_shape(model, "cuda", args)["b4"]
     assert timing["mode"] == "cuda-graph", timing
     assert norm_calls  # the fused kernels ran in the warm-up before capture

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress.arch.fast_path import project
+
 
 @dataclass
 class LayerParts:
@@ -49,7 +51,7 @@ class EmptyAttention(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         empty = hidden_states.new_zeros(*hidden_states.shape[:-1], 0)
         o = getattr(self, self.o_name, None)
-        out = o(empty) if o is not None else empty
+        out = project(o, empty) if o is not None else empty
         return (out,) + (None,) * (self.num_outputs - 1)
 
 

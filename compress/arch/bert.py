@@ -55,7 +55,7 @@ class BertAdapter(Adapter):
         blk = self.layer_modules()[layer]
         if num_heads == 0:
             if not isinstance(blk.attention.self, EmptyAttention):
-                blk.attention.self = EmptyAttention(self.hidden_size(), None, num_outputs=2)
+                blk.attention.self = EmptyAttention(self.hidden_size(), None, num_outputs=2).train(blk.training)
             return
         blk.attention.self.num_attention_heads = num_heads
         blk.attention.self.all_head_size = num_heads * self.head_dim()
@@ -89,7 +89,8 @@ class DistilBertAdapter(Adapter):
         blk = self.layer_modules()[layer]
         if num_heads == 0:
             if not isinstance(blk.attention, EmptyAttention):
-                blk.attention = EmptyAttention(self.hidden_size(), blk.attention.out_lin, 2, o_name="out_lin")
+                blk.attention = EmptyAttention(self.hidden_size(), blk.attention.out_lin, 2,
+                                               o_name="out_lin").train(blk.training)
             return
         blk.attention.n_heads = num_heads
 
@@ -168,7 +169,8 @@ class MPNetAdapter(Adapter):
         blk = self.layer_modules()[layer]
         if num_heads == 0:
             if not isinstance(blk.attention.attn, EmptyAttention):
-                blk.attention.attn = EmptyAttention(self.hidden_size(), blk.attention.attn.o, num_outputs=1)
+                blk.attention.attn = EmptyAttention(self.hidden_size(), blk.attention.attn.o,
+                                                    num_outputs=1).train(blk.training)
             return
         blk.attention.attn.num_attention_heads = num_heads
         blk.attention.attn.all_head_size = num_heads * self.head_dim()
