@@ -17,24 +17,23 @@ LATENCY_JSON = Path(__file__).parent / "results" / "encoder_latency.json"
 
 # How the numbers in the committed evals/results/glue_pruning_state.json were made; printed above a
 # table rendered from it (--report-only).
-HISTORY = """How these numbers were made (H100 machine, 2026-11-24; the script resumes from `--work/state.json`, so
-one long run was split over 10-minute calls):
+HISTORY = """How these numbers were made (H100 machine, 2026-11-24, session 9): five 10-minute calls in one machine
+hold, so every dense model and its pruned children come from the same fine-tune (the script resumes
+from `--work/state.json`; the fourth call stopped inside MPNet SST-2 and the fifth finished it):
 
-    # calls 1-2 on the GPU machine (latency on cuda and on its 16-core host CPU)
-    python evals/glue_pruning.py --models minilm mpnet-base --tasks sst2 mrpc stsb rte \\
-        --data-dir DATA --work /tmp/gp2 --latency-reps 10
-    # calls 3-4 (same work dir; CPU latency dropped to fit the device budget: '-' cells in eager timings)
-    python evals/glue_pruning.py --models minilm mpnet-base --tasks sst2 mrpc stsb rte \\
-        --data-dir DATA --work /tmp/gp2 --latency-reps 10 --latency-devices cuda
+    # calls 1-5 on the GPU machine: minilm with TASKS "sst2 mrpc", "stsb rte";
+    # mpnet-base with "mrpc rte", "stsb sst2", "sst2"
+    python evals/glue_pruning.py --models MODEL --tasks TASKS --flops 0.4 0.5 0.6 0.7 \\
+        --methods fisher magnitude random --data-dir DATA --work /tmp/gp3 --latency-devices cuda --latency-reps 2
     # this table, from the saved numbers (committed as glue_pruning_state.json)
-    mkdir -p /tmp/gp2 && cp evals/results/glue_pruning_state.json /tmp/gp2/state.json
+    mkdir -p /tmp/gp3 && cp evals/results/glue_pruning_state.json /tmp/gp3/state.json
     {command}
 
 Fine-tuning: 3 epochs, lr 5e-5, batch 32, max length 128, seed 0 (one seed: RTE and MRPC dev sets are
-small, so differences of a point are within seed noise). Calibration: 2,048 training examples.
-Tuning: the paper's mask tuning, compress prune's default when this table was made (now
-`--no-tune-weights`, method name `fisher-masks`; the default weight tuning is compared with it in
-glue_pruning_weights.md)."""
+small, so differences of a point are within seed noise; glue_pruning_weights.md has four more draws at
+FLOPs 0.5 and 0.6). Calibration: 2,048 training examples. Tuning: compress prune's default, the weights
+of each layer's output projections (`--tune-weights`). The paper's mask tuning (`--no-tune-weights`)
+on an earlier fine-tune, with the same baselines: glue_pruning_masks.md."""
 
 EAGER_CAVEAT = """**Caveat on the cuda columns:** latency is the mean of `--latency-reps` (10 here) eager Hugging Face
 forwards (bf16 autocast) after 3 warm-ups. At batch 32 x 128 tokens MiniLM does ~0.1 TFLOP, a fraction
