@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import cache, norm  # noqa: E402
-from kernels.common import device_supports_pdl  # noqa: E402
-from kernels.testing import decode_layer_chain, relative_error  # noqa: E402
+from compress.kernels import cache, norm  # noqa: E402
+from compress.kernels.common import device_supports_pdl  # noqa: E402
+from compress.kernels.testing import decode_layer_chain, relative_error  # noqa: E402
 
 MODELS = {"gemma-2-2b": (8, 4, False, 26), "gemma-3-1b": (4, 1, True, 26)}   # Hq, Hkv, QK-norm, layers
 HEAD_DIM, BLOCK_SIZE, MAX_POSITION = 256, 16, 8192

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_kernels import copy_bandwidth_gbs, time_ms  # noqa: E402
-from kernels import gemv  # noqa: E402
-from kernels.common import next_pow2  # noqa: E402
-from kernels.testing import relative_error  # noqa: E402
+from compress.kernels import gemv  # noqa: E402
+from compress.kernels.common import next_pow2  # noqa: E402
+from compress.kernels.testing import relative_error  # noqa: E402
 
 SHAPES = {"qkv": (4096, 2304, "linear"), "o_proj": (2304, 2048, "linear"), "gate_up": (18432, 2304, "geglu"),
           "down": (2304, 9216, "linear"), "lm_head": (256000, 2304, "linear")}

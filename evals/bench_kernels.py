@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import decode, prefill
-from kernels.reference import gather_kv
-from kernels.testing import make_paged_problem, relative_error
+from compress.kernels import decode, prefill
+from compress.kernels.reference import gather_kv
+from compress.kernels.testing import make_paged_problem, relative_error
 
 # decode: (BLOCK_N, num_warps, num_stages, programs per SM); prefill: (BLOCK_M, BLOCK_N, warps, stages)
 DECODE_SWEEP = [(32, 4, 3, 2.0), (32, 4, 3, 1.0), (32, 4, 3, 4.0), (64, 4, 2, 2.0), (32, 4, 2, 2.0),

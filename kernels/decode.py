@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import device_sms, dot_upcast, next_pow2, pdl_launch, pdl_wait, scores_to_log2
+from .common import device_sms, dot_upcast, next_pow2, pdl_launch, pdl_wait, scores_to_log2
 
 # Launch parameters; KERNELS_DECODE_CONFIG="block_n,num_warps,num_stages,programs_per_sm" overrides
 # them for tuning sweeps (evals/bench_kernels.py).

@@ -2,7 +2,7 @@
 
 Backends: "triton" (kernels/cache.py, prefill.py, decode.py, norm.py, layer_norm.py, gemv.py) when CUDA and Triton are present,
 else "reference" (kernels/reference.py, plain torch, any device). Env KERNELS_BACKEND=triton|reference
-overrides the choice at import; tests call `set_backend`. Signatures are those of the paged-KV contract in kernels/__init__.py.
+overrides the choice at import; tests call `set_backend`. Signatures are those of the paged-KV contract in compress/kernels.py.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def default_backend() -> str:
 
 def load_backend(name: str) -> SimpleNamespace:
     if name == "reference":
-        module = importlib.import_module("kernels.reference")
+        module = importlib.import_module(".reference", __package__)
         return SimpleNamespace(name=name, **{op: getattr(module, op + "_ref") for op in OPS})
     if name != "triton":
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {BACKENDS}")
@@ -48,7 +48,7 @@ def load_backend(name: str) -> SimpleNamespace:
                                ("norm", ["rms_norm", "rms_norm_pair", "rotary_embedding"]),
                                ("layer_norm", ["add_layer_norm"]),
                                ("gemv", ["linear_small_m", "gelu_tanh_and_mul_gemv"])):
-        module = importlib.import_module(f"kernels.{module_name}")
+        module = importlib.import_module(f".{module_name}", __package__)
         ops.update({op: getattr(module, op) for op in names})
     return SimpleNamespace(name=name, **ops)
 

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import MAX_TICKETS, next_pow2, pdl_launch, pdl_wait, ticket_counters
+from .common import MAX_TICKETS, next_pow2, pdl_launch, pdl_wait, ticket_counters
 
 MAX_ROWS_PER_PROGRAM = 4       # rows of x that share one read of the weights
 # jit code may read module globals only as constexprs

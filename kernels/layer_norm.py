@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import next_pow2
+from .common import next_pow2
 
 MAX_HIDDEN = 8192
 ELEMENTS_PER_THREAD = 8     # one 16-byte load of bf16 per thread and row chunk

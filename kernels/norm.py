@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import next_pow2, pdl_launch, pdl_wait
+from .common import next_pow2, pdl_launch, pdl_wait
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import triton.language as tl
 
 import torch
 
-from kernels.common import dot_upcast, next_pow2, scores_to_log2
+from .common import dot_upcast, next_pow2, scores_to_log2
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Plain-torch reference twins of every kernel in kernels/: slow, per-sequence, obviously correct.
 
-Each `<name>_ref` has the signature of the Triton launcher `<name>` (see kernels/__init__.py for the
+Each `<name>_ref` has the signature of the Triton launcher `<name>` (see compress/kernels.py for the
 contract). They run on any device and are the CPU path of the serving runtime.
 
 Shapes: paged KV cache `[num_blocks, block_size, num_kv_heads, head_dim]`; logical block i of sequence

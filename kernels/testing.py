@@ -98,7 +98,7 @@ def decode_layer_chain(num_layers: int, shape: DecodeChainShape = DecodeChainSha
     GEMV, norm pair. Returns run() -> (final normed hidden [1, H], [k caches], [v caches]); every call
     recomputes from the same inputs (the cache write is the same token each time), so two calls under
     different launch settings (PDL on / off) must agree exactly."""
-    import kernels
+    from compress import kernels
     s, gen = shape, torch.Generator().manual_seed(seed)
 
     def rand(*size, scale=1.0):

@@ -66,7 +66,7 @@ class KernelBackend(AttentionBackend):
     """The ops of one kernels/ backend: `reference` (plain torch, any device) or `triton`."""
 
     def __init__(self, name: str):
-        from kernels.dispatch import load_backend
+        from compress.kernels.dispatch import load_backend
         ops = load_backend(name)
         self.name = name
         self.reshape_and_cache = ops.reshape_and_cache
@@ -77,7 +77,7 @@ class KernelBackend(AttentionBackend):
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
-        from kernels.dispatch import load_backend  # noqa: F401
+        from compress.kernels.dispatch import load_backend  # noqa: F401
     except ImportError:
         return False
     return True

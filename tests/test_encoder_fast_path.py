@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+from compress import kernels
 from compress.arch import fast_path, get_adapter
 from compress.arch.bert import MPNetSdpaSelfAttention
 from compress.slim import slim_model
-from kernels import dispatch
-from kernels.testing import relative_error
+from compress.kernels import dispatch
+from compress.kernels.testing import relative_error
 from tests._tiny import tiny_config, tiny_inputs, tiny_model
 
 KINDS = ("bert", "roberta", "mpnet")

@@ -31,7 +31,7 @@ print("same tokens", triton)
 
 def test_triton_backend_matches_reference(tmp_path):
     pytest.importorskip("triton")
-    pytest.importorskip("kernels.dispatch")
+    pytest.importorskip("compress.kernels.dispatch")
     script = SCRIPT.format(tests=str(Path(__file__).parent), path=str(tmp_path / "m"))
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)

@@ -16,8 +16,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
 
-from kernels import decode, prefill, reference  # noqa: E402
-from kernels.testing import make_paged_problem, relative_error  # noqa: E402
+from compress.kernels import decode, prefill, reference  # noqa: E402
+from compress.kernels.testing import make_paged_problem, relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FULL_GRID = torch.cuda.is_available() or os.environ.get("KERNELS_FULL_GRID") == "1"

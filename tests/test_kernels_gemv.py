@@ -19,9 +19,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
 
-from kernels import dispatch, gemv, norm, reference  # noqa: E402
-from kernels.common import next_pow2, ticket_counters  # noqa: E402
-from kernels.testing import relative_error  # noqa: E402
+from compress.kernels import dispatch, gemv, norm, reference  # noqa: E402
+from compress.kernels.common import next_pow2, ticket_counters  # noqa: E402
+from compress.kernels.testing import relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.2e-2}
@@ -183,8 +183,8 @@ SLIM_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 from safetensors.torch import save_file
-import kernels
-from kernels import dispatch
+from compress import kernels
+from compress.kernels import dispatch
 from serve import LLM, SamplingParams
 from serve_fixtures import gemma3_config, hf_greedy, random_model, random_prompts, save_model
 from test_engine_slimmed import KEEP, mask_dense, slim_state_dict
@@ -233,7 +233,7 @@ COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import cache, gemv, norm
+from compress.kernels import cache, gemv, norm
 target = GPUTarget("cuda", 90, 32)
 gemv_sig = {name: "i32" for name in ("M", "N", "K", "stride_x_m", "stride_w_n", "stride_out_m")}
 gemv_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", **gemv_sig,
@@ -270,7 +270,7 @@ for qk_norm in (False, True):
     sig = {**rope_sig, **{name: "constexpr" for name in consts}}
     triton.compile(ASTSource(fn=cache.rotary_and_cache_kernel, signature=sig, constexprs=consts), target=target,
                    options={"num_warps": 2})
-from kernels import decode
+from compress.kernels import decode
 kinds = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16",
          "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
          "qk_scale": "fp32", "softcap": "fp32"}

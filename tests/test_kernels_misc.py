@@ -15,8 +15,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
 
-from kernels import cache, dispatch, norm, reference  # noqa: E402
-from kernels.testing import relative_error  # noqa: E402
+from compress.kernels import cache, dispatch, norm, reference  # noqa: E402
+from compress.kernels.testing import relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

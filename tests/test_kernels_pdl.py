@@ -24,7 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
 
-from kernels import cache, common, decode, gemv, norm  # noqa: E402
+from compress.kernels import cache, common, decode, gemv, norm  # noqa: E402
 
 # The Triton kernels of one batch-1 decode step on the fast path (kernels/NOTES.md lists the torch ops
 # between them); linear_split_k_kernel runs instead of linear_small_m_kernel where a table entry has
@@ -135,7 +135,7 @@ import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import cache, decode, gemv, norm
+from compress.kernels import cache, decode, gemv, norm
 
 POINTERS = {"positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "block_tables_ptr": "*i32",
             "seq_lens_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "part_out_ptr": "*fp32",
@@ -248,8 +248,8 @@ def test_gpu_decode_chain_is_bit_identical_with_pdl_on_and_off(monkeypatch, grap
     eagerly and as graph replays; the split_k variant puts the ticket-counter kernel in the chain (split-K
     qkv and o_proj GEMVs)."""
     _needs_pdl()
-    from kernels import dispatch
-    from kernels.testing import decode_layer_chain
+    from compress.kernels import dispatch
+    from compress.kernels.testing import decode_layer_chain
     dispatch.set_backend("triton")
     if variant != "default":
         split = {key: gemv.GemvConfig(config.block_n, 256, config.num_warps, 3, split_k=2)
@@ -293,7 +293,7 @@ import torch
 sys.path.insert(0, {tests!r})
 from serve_fixtures import gemma2_config, gemma3_config, random_model, random_prompts, save_model
 from serve import LLM, SamplingParams
-from kernels.common import pdl_enabled
+from compress.kernels.common import pdl_enabled
 params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 prompts = random_prompts([3, 30, 12, 21, 9, 17, 40, 5])
 

@@ -38,7 +38,7 @@ from transformers.models.bert.modeling_bert import BertSelfAttention, eager_atte
 from transformers.models.mpnet.modeling_mpnet import MPNetAttention
 from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 
-import kernels  # the dispatcher only: triton is imported once a Triton op is first called
+from compress import kernels  # the dispatcher only: triton is imported once a Triton op is first called
 
 FAST_DEVICES = ("cuda",)
 MAX_NORM_HIDDEN = 8192  # kernels/layer_norm.py keeps a row in registers (its MAX_HIDDEN)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from compress import kernels
 
 from serve.attention import AttentionBackend, AttentionMetadata
 from serve.models.gemma_config import GemmaSpec
