@@ -155,6 +155,24 @@ def test_zero_head_output_projection_is_its_broadcast_bias(kind, backend, norm_c
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_zero_filter_ffn_output_is_its_broadcast_bias(kind, backend, norm_calls):
+    """The same for a layer whose FFN keeps no filter: its output projection has no inputs either."""
+    model = tiny_model(kind)
+    fast = copy.deepcopy(model)
+    filters = [torch.zeros(128), FILTERS[1]]
+    slim_model(get_adapter(fast), HEADS, filters)
+    get_adapter(fast).install_fast_path()
+    ffn_out = get_adapter(fast).layer_parts(0).ffn_out
+    assert ffn_out.in_features == 0
+    calls = []
+    ffn_out.forward = lambda x, _forward=ffn_out.forward: calls.append(1) or _forward(x)
+    with torch.no_grad(), get_adapter(model).masks(HEADS, filters):
+        want = model(**tiny_inputs(batch=3, seq=9)).logits
+    assert relative_error(_logits(fast), want) < 1e-5 and not calls
+    assert len(norm_calls) == 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_cpu_default_runs_the_unfused_ops_exactly(kind, norm_calls):
     model = tiny_model(kind)
     fast = copy.deepcopy(model)
