@@ -61,8 +61,8 @@ def _logits(model, inputs=None):
         return model(**(inputs or tiny_inputs(batch=3, seq=9))).logits
 
 
-def _masked_logits(model, inputs=None):
-    with torch.no_grad(), get_adapter(model).masks(HEADS, FILTERS):
+def _masked_logits(model, inputs=None, filters=FILTERS):
+    with torch.no_grad(), get_adapter(model).masks(HEADS, filters):
         return model(**(inputs or tiny_inputs(batch=3, seq=9))).logits
 
 
@@ -86,19 +86,26 @@ def _installed_copy(kind: str):
     return model, fast, _qkv_calls(fast)
 
 
-def _fast(model, slim_first: bool):
+def _fast(model, slim_first: bool, filters=FILTERS):
     """A copy of `model` with the fast path installed and the slimming applied, in either order
     (compress.load slims, then installs; evals/encoder_latency.py installs, then slims). Installed
     first, a fused forward runs before the slimming: the QKV buffers must then follow the new weights."""
     model = copy.deepcopy(model)
     adapter = get_adapter(model)
     if slim_first:
-        slim_model(adapter, HEADS, FILTERS)
+        slim_model(adapter, HEADS, filters)
     adapter.install_fast_path()
     if not slim_first:
         _logits(model)
-        slim_model(adapter, HEADS, FILTERS)
+        slim_model(adapter, HEADS, filters)
     return model
+
+
+def _counting(linear) -> list:
+    """A list that grows by one each time `linear`'s forward runs."""
+    calls = []
+    linear.forward = lambda x, _forward=linear.forward: calls.append(1) or _forward(x)
+    return calls
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -139,13 +146,10 @@ def test_zero_head_output_projection_is_its_broadcast_bias(kind, backend, norm_c
     as a view, goes into the add + norm kernel (row stride 0), with the logits of the masked model. The
     projection runs again, hooks firing, once something hooks it (weight tuning does)."""
     model = tiny_model(kind)
-    fast = copy.deepcopy(model)
-    slim_model(get_adapter(fast), HEADS, FILTERS)
-    get_adapter(fast).install_fast_path()
+    fast = _fast(model, slim_first=True)
     o = get_adapter(fast).layer_parts(1).o
     assert o.in_features == 0
-    calls = []
-    o.forward = lambda x, _forward=o.forward: calls.append(1) or _forward(x)
+    calls = _counting(o)
     assert relative_error(_logits(fast), _masked_logits(model)) < 1e-5 and not calls
     seen = []
     hook = o.register_forward_hook(lambda m, a, out: seen.append(out.stride()))
@@ -157,18 +161,12 @@ def test_zero_head_output_projection_is_its_broadcast_bias(kind, backend, norm_c
 @pytest.mark.parametrize("kind", KINDS)
 def test_zero_filter_ffn_output_is_its_broadcast_bias(kind, backend, norm_calls):
     """The same for a layer whose FFN keeps no filter: its output projection has no inputs either."""
-    model = tiny_model(kind)
-    fast = copy.deepcopy(model)
-    filters = [torch.zeros(128), FILTERS[1]]
-    slim_model(get_adapter(fast), HEADS, filters)
-    get_adapter(fast).install_fast_path()
+    model, filters = tiny_model(kind), [torch.zeros(128), FILTERS[1]]
+    fast = _fast(model, slim_first=True, filters=filters)
     ffn_out = get_adapter(fast).layer_parts(0).ffn_out
     assert ffn_out.in_features == 0
-    calls = []
-    ffn_out.forward = lambda x, _forward=ffn_out.forward: calls.append(1) or _forward(x)
-    with torch.no_grad(), get_adapter(model).masks(HEADS, filters):
-        want = model(**tiny_inputs(batch=3, seq=9)).logits
-    assert relative_error(_logits(fast), want) < 1e-5 and not calls
+    calls = _counting(ffn_out)
+    assert relative_error(_logits(fast), _masked_logits(model, filters=filters)) < 1e-5 and not calls
     assert len(norm_calls) == 4
 
 
