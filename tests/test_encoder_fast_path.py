@@ -9,6 +9,7 @@ runs here, through both kernel backends (Triton under TRITON_INTERPRET=1, and th
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,20 @@ def test_dense_fast_path_equals_the_unfused_forward(kind, backend, norm_calls):
     assert relative_error(got, want) < 1e-5
     assert len(norm_calls) == 4 and not qkv_calls  # two norms per layer, no separate q/k/v GEMMs
     assert all(layer.qkv_weight.shape == (192, 64) for layer in _attentions(fast))
+
+
+@pytest.mark.parametrize("kind", ("bert", "roberta"))
+def test_fused_and_fallback_attention_pass_the_cache_argument_as_given(kind, fast_on_cpu):
+    """transformers 5.25 renamed the attention's `past_key_values` to `cache` and warns when both are set;
+    the fused attention forwards whichever the caller gave, fused or not (a hooked q runs unfused)."""
+    model, fast, _ = _installed_copy(kind)
+    want = _logits(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        fused = _logits(fast)
+        get_adapter(fast).layer_parts(0).q.register_forward_hook(lambda *args: None)
+        fallback = _logits(fast)
+    assert relative_error(fused, want) < 1e-5 and relative_error(fallback, want) < 1e-5
 
 
 def test_fused_qkv_goes_through_the_configured_attention(fast_on_cpu, norm_calls):

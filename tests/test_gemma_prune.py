@@ -113,6 +113,10 @@ def test_zero_head_layer_generates_with_cache(kind):
     heads = [torch.zeros(4), torch.ones(4)]
     slim_model(adapter, heads, [torch.ones(f) for f in adapter.num_filters()])
     ids = _ids(1, 12)
+    with torch.no_grad():  # the 0-head layer keeps its cache layer in step (transformers passes it as
+        prefill = model(input_ids=ids, use_cache=True)  # `cache` from 5.25, `past_key_values` before)
+    cache = getattr(prefill, "cache", None) or prefill.past_key_values
+    assert [cache.get_seq_length(layer) for layer in range(2)] == [12, 12]
     out = model.generate(ids, max_new_tokens=6, do_sample=False)
     with torch.no_grad():  # greedy with the cache must match step-by-step full recomputation
         seq = ids

@@ -39,6 +39,7 @@ from transformers.models.mpnet.modeling_mpnet import MPNetAttention
 from transformers.models.roberta.modeling_roberta import RobertaSelfAttention
 
 from compress import kernels  # the dispatcher only: triton is imported once a Triton op is first called
+from compress.arch.hf_compat import kv_cache, without_cache
 
 FAST_DEVICES = ("cuda",)
 MAX_NORM_HIDDEN = 8192  # kernels/layer_norm.py keeps a row in registers (its MAX_HIDDEN)
@@ -169,15 +170,15 @@ class FusedQKVSelfAttention:
     is the Hugging Face forward (its attention interface, its mask). Mixed in front of the HF class and
     set as an instance's class (`fuse_qkv`), so the instance keeps every attribute and parameter."""
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
         projections = (self.query, self.key, self.value)
-        if (past_key_values is not None or kwargs.get("encoder_hidden_states") is not None
+        if (kv_cache(kwargs) is not None or kwargs.get("encoder_hidden_states") is not None
                 or not fused_qkv_applies(self, hidden_states, projections)):
-            return super().forward(hidden_states, attention_mask=attention_mask, past_key_values=past_key_values,
-                                   **kwargs)
+            return super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
         q, k, v = fused_qkv(self, hidden_states, projections, self.attention_head_size)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, probs = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        out, probs = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling,
+                               **without_cache(kwargs))
         return out.reshape(*hidden_states.shape[:-1], -1).contiguous(), probs
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from compress.arch.base import Adapter, LayerParts
+from compress.arch.hf_compat import kv_cache
 
 MODEL_TYPES = ("gemma2", "gemma3_text", "gemma3")
 
@@ -41,11 +42,12 @@ class GemmaEmptyAttention(nn.Module):
         self.sliding_window = sliding_window
         self.num_key_value_groups = 1
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         b, s = hidden_states.shape[:2]
-        if past_key_values is not None:
+        cache = kv_cache(kwargs)
+        if cache is not None:
             empty = hidden_states.new_zeros(b, 0, s, self.head_dim)  # [B, 0 heads, S, D]
-            past_key_values.update(empty, empty, self.layer_idx)
+            cache.update(empty, empty, self.layer_idx)
         return self.o_proj(hidden_states.new_zeros(b, s, 0)), None
 
 
