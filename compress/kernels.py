@@ -1,9 +1,9 @@
 """Paged-attention, fused-norm and small-batch GEMV kernels for the serving runtime, and the fused
-residual-add LayerNorm of the encoders' fast path (Triton on GPU, plain torch elsewhere).
+residual-add LayerNorm and narrow FFN block of the encoders' fast path (Triton on GPU, plain torch elsewhere).
 
 Use the dispatched API: `from compress.kernels import paged_decode_attention, ...`; the backend is
 chosen once (kernels/dispatch.py). Every Triton launcher `<name>` in kernels/{cache,prefill,decode,norm,
-layer_norm,gemv}.py has a plain-torch twin `<name>_ref` in kernels/reference.py with the same signature.
+layer_norm,ffn,gemv}.py has a plain-torch twin `<name>_ref` in kernels/reference.py with the same signature.
 
 Why this module is the package of the top-level kernels/ directory: the import name `kernels` belongs to
 Hugging Face's `kernels` distribution, which transformers imports whenever it is installed (a hard
@@ -21,8 +21,8 @@ _here = Path(__file__).resolve()
 _installed = _here.with_suffix("")  # site-packages/compress/kernels/ in a wheel install
 __path__ = [str(_installed if (_installed / "dispatch.py").is_file() else _here.parents[1] / "kernels")]
 
-from compress.kernels.dispatch import (add_layer_norm, backend_name, gelu_tanh_and_mul_gemv,  # noqa: E402
-                                       linear_small_m, paged_decode_attention, paged_prefill_attention,
+from compress.kernels.dispatch import (add_layer_norm, backend_name, ffn_add_layer_norm,  # noqa: E402
+                                       gelu_tanh_and_mul_gemv, linear_small_m, paged_decode_attention, paged_prefill_attention,
                                        reshape_and_cache, rms_norm, rms_norm_pair, rotary_and_cache,
                                        rotary_embedding, set_backend)
 
@@ -31,6 +31,7 @@ from compress.kernels.dispatch import (add_layer_norm, backend_name, gelu_tanh_a
 # 2.02 vs 2.26 ms) but not yet at 2 or 4 (0.95x, 0.67x with untuned configs), so batch 1 only.
 GEMV_MAX_TOKENS = 1
 
-__all__ = ["GEMV_MAX_TOKENS", "add_layer_norm", "backend_name", "gelu_tanh_and_mul_gemv", "linear_small_m",
+__all__ = ["GEMV_MAX_TOKENS", "add_layer_norm", "backend_name", "ffn_add_layer_norm", "gelu_tanh_and_mul_gemv",
+           "linear_small_m",
            "paged_decode_attention", "paged_prefill_attention", "reshape_and_cache", "rms_norm",
            "rms_norm_pair", "rotary_and_cache", "rotary_embedding", "set_backend"]

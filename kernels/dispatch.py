@@ -1,6 +1,6 @@
 """Picks the kernel backend once and exposes one API for both (the runtime imports only this).
 
-Backends: "triton" (kernels/cache.py, prefill.py, decode.py, norm.py, layer_norm.py, gemv.py) when CUDA and Triton are present,
+Backends: "triton" (kernels/cache.py, prefill.py, decode.py, norm.py, layer_norm.py, ffn.py, gemv.py) when CUDA and Triton are present,
 else "reference" (kernels/reference.py, plain torch, any device). Env KERNELS_BACKEND=triton|reference
 overrides the choice at import; tests call `set_backend`. Signatures are those of the paged-KV contract in compress/kernels.py.
 """
@@ -15,7 +15,8 @@ import torch
 
 BACKENDS = ("triton", "reference")
 OPS = ("reshape_and_cache", "rotary_and_cache", "paged_prefill_attention", "paged_decode_attention", "rms_norm",
-       "rms_norm_pair", "rotary_embedding", "linear_small_m", "gelu_tanh_and_mul_gemv", "add_layer_norm")
+       "rms_norm_pair", "rotary_embedding", "linear_small_m", "gelu_tanh_and_mul_gemv", "add_layer_norm",
+       "ffn_add_layer_norm")
 
 
 def triton_available() -> bool:
@@ -47,6 +48,7 @@ def load_backend(name: str) -> SimpleNamespace:
                                ("decode", ["paged_decode_attention"]),
                                ("norm", ["rms_norm", "rms_norm_pair", "rotary_embedding"]),
                                ("layer_norm", ["add_layer_norm"]),
+                               ("ffn", ["ffn_add_layer_norm"]),
                                ("gemv", ["linear_small_m", "gelu_tanh_and_mul_gemv"])):
         module = importlib.import_module(f".{module_name}", __package__)
         ops.update({op: getattr(module, op) for op in names})
@@ -103,6 +105,10 @@ def rms_norm(x, weight, eps: float, residual=None, out=None):
 
 def add_layer_norm(x, residual, weight, bias, eps: float):
     return backend().add_layer_norm(x, residual, weight, bias, eps)
+
+
+def ffn_add_layer_norm(x, w1, b1, w2, b2, weight, bias, eps: float):
+    return backend().ffn_add_layer_norm(x, w1, b1, w2, b2, weight, bias, eps)
 
 
 def rotary_embedding(positions, q, k, cos_sin_cache):

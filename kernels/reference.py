@@ -117,6 +117,12 @@ def add_layer_norm_ref(x, residual, weight, bias, eps: float):
     return F.layer_norm(summed, (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
+def ffn_add_layer_norm_ref(x, w1, b1, w2, b2, weight, bias, eps: float):
+    """LayerNorm(x + W2 gelu(W1 x + b1) + b2): a post-norm encoder's FFN sublayer, run as its modules run
+    it (two Linears and the exact GELU in x.dtype, then `add_layer_norm_ref`)."""
+    return add_layer_norm_ref(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), x, weight, bias, eps)
+
+
 def linear_small_m_ref(x, weight, out=None):
     """x [M, K] @ weight [N, K]^T -> [M, N] in x.dtype (any M; the Triton twin is meant for M <= 4)."""
     y = F.linear(x, weight)
