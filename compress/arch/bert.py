@@ -65,6 +65,7 @@ class BertAdapter(Adapter):
             fast_path.fuse_qkv(blk.attention.self)
             blk.attention.output = fast_path.add_norm_output(blk.attention.output)
             blk.output = fast_path.add_norm_output(blk.output)
+            fast_path.link_ffn(blk)
 
     def classifier_prefixes(self):
         return ("classifier.",)
@@ -190,6 +191,7 @@ class MPNetAdapter(Adapter):
                 blk.attention.attn = MPNetSdpaSelfAttention(att, torch.arange(att.num_attention_heads))
             blk.attention = fast_path.mpnet_add_norm_attention(blk.attention)
             blk.output = fast_path.add_norm_output(blk.output)
+            fast_path.link_ffn(blk)
 
     def record_shapes(self):
         super().record_shapes()

@@ -10,6 +10,13 @@ Two fusions, installed by the adapters' `install_fast_path` (compress.arch.bert)
   on the H100 (MPNet-base, batch 32 x 128, bf16) the three cost 355 us per forward against 292 us
   fused for the dense model, ~300 against 219 us for a FLOPs-0.5 slimmed one.
 
+- a narrow FFN (at most NARROW_FFN_MAX_FILTERS filters, as pruning leaves many late layers) with its
+  residual add and LayerNorm as one kernel, `kernels.ffn_add_layer_norm`: the layer's intermediate
+  module hands its input through (FusableIntermediate) and its output module runs the whole block.
+  At these widths cuBLAS costs what the [tokens, hidden] traffic costs, not the arithmetic: 16.2 us for
+  the block and the add + norm at 8 to 64 filters (MPNet-base, batch 32 x 128, bf16, H200), 11-13.5 us
+  as one kernel (evals/results/encoder_ffn.md); from 128 filters on the two are level.
+
 A projection with no inputs (the output projection of a layer with 0 heads) costs cuBLAS two
 elementwise passes that materialise its bias over every token (13 us per layer on MPNet-base, batch
 32 x 128, bf16, H100); `project` returns a broadcast view of the bias instead, which the add + norm
@@ -33,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules import module as torch_module
+from transformers.activations import GELUActivation
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertSelfAttention, eager_attention_forward
 from transformers.models.mpnet.modeling_mpnet import MPNetAttention
@@ -43,6 +51,11 @@ from compress.arch.hf_compat import kv_cache, without_cache
 
 FAST_DEVICES = ("cuda",)
 MAX_NORM_HIDDEN = 8192  # kernels/layer_norm.py keeps a row in registers (its MAX_HIDDEN)
+# FFN blocks up to this many filters run as one kernel (at most kernels/ffn.py's MAX_FILTERS); wider
+# ones are cuBLAS's, whose arithmetic rate the fused kernel does not reach. Chosen by
+# evals/bench_encoder_ffn.py --fused (evals/results/encoder_ffn.md).
+NARROW_FFN_MAX_FILTERS = 64
+NARROW_FFN_DTYPES = (torch.bfloat16, torch.float16)  # the kernel's tl.dot would run fp32 as TF32
 
 
 def fast_path_applies(module: nn.Module, x: torch.Tensor, *tensors) -> bool:
@@ -87,20 +100,71 @@ def project(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 class AddNormOutput(nn.Module):
     """A BERT-style output sublayer, `LayerNorm(dropout(dense(h)) + input)` (BertSelfOutput, BertOutput,
-    their RoBERTa twins, MPNetOutput), with the add and the norm fused on the fast path."""
+    their RoBERTa twins, MPNetOutput), with the add and the norm fused on the fast path. The FFN's output
+    sublayer, linked to its FusableIntermediate (`link_ffn`), runs a narrow FFN whole when that module
+    handed its input through."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.dense, self.dropout, self.LayerNorm = inner.dense, inner.dropout, inner.LayerNorm
         self.training = inner.training
+        self.__dict__["intermediate"] = None  # a plain attribute: not a submodule, the state dict stays
 
     def forward(self, hidden_states, input_tensor):
+        inter = self.intermediate
+        if hidden_states is input_tensor and inter is not None and narrow_ffn_applies(inter, self, input_tensor):
+            return kernels.ffn_add_layer_norm(input_tensor, inter.dense.weight, inter.dense.bias, self.dense.weight,
+                                              self.dense.bias, self.LayerNorm.weight, self.LayerNorm.bias,
+                                              self.LayerNorm.eps)
         hidden_states = project(self.dense, hidden_states)
         return residual_layer_norm(self, self.LayerNorm, self.dropout, hidden_states, input_tensor)
 
 
 def add_norm_output(inner: nn.Module) -> nn.Module:
     return inner if isinstance(inner, AddNormOutput) else AddNormOutput(inner)
+
+
+class FusableIntermediate(nn.Module):
+    """A BERT-style FFN input sublayer, `act(dense(x))` (BertIntermediate, its RoBERTa twin,
+    MPNetIntermediate), that on the fast path hands x through untouched when its FFN is narrow: the
+    layer then passes x as both arguments of its output sublayer, which runs the block in one kernel.
+    Both sides decide with `narrow_ffn_applies` on the same x, so they always agree."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.dense, self.intermediate_act_fn = inner.dense, inner.intermediate_act_fn
+        self.training = inner.training
+        self.__dict__["output"] = None
+
+    def forward(self, hidden_states):
+        if self.output is not None and narrow_ffn_applies(self, self.output, hidden_states):
+            return hidden_states
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+def link_ffn(layer: nn.Module) -> None:
+    """Make `layer.intermediate` and `layer.output` (an AddNormOutput) one fusable FFN block."""
+    if not isinstance(layer.intermediate, FusableIntermediate):
+        layer.intermediate = FusableIntermediate(layer.intermediate)
+    layer.intermediate.__dict__["output"] = layer.output
+    layer.output.__dict__["intermediate"] = layer.intermediate
+
+
+def narrow_ffn_applies(inter: FusableIntermediate, out: AddNormOutput, x: torch.Tensor) -> bool:
+    """Whether the FFN block (inter, out) runs as one `kernels.ffn_add_layer_norm` on input x."""
+    act, ffn_in, ffn_out = inter.intermediate_act_fn, inter.dense, out.dense
+    if inter.output is not out or out.intermediate is not inter or x.dtype not in NARROW_FFN_DTYPES:
+        return False
+    if type(act) is not GELUActivation or act.act is not F.gelu:  # the exact GELU (hidden_act "gelu")
+        return False
+    filters, hidden = ffn_in.weight.shape
+    if not 0 < filters <= NARROW_FFN_MAX_FILTERS or hidden % 64 or ffn_out.weight.shape != (hidden, filters):
+        return False
+    if ffn_in.bias is None or ffn_out.bias is None or any(hooked(m) for m in (inter, act, ffn_in, ffn_out)):
+        return False
+    tensors = (ffn_in.weight, ffn_in.bias, ffn_out.weight, ffn_out.bias)
+    return all(t.dtype == x.dtype for t in tensors) and _fusable_norm(out, out.LayerNorm, x, x) and \
+        fast_path_applies(out, x, *tensors)
 
 
 class MPNetAddNormAttention(MPNetAttention):
