@@ -49,7 +49,8 @@ METHOD = ("cuda: {cuda_dtype} weights (bfloat16 unless --cuda-dtype), the forwar
           "after {warmup} warm-up replays. cpu: fp32, median of {cpu_runs} perf_counter forwards after warm-up, "
           "torch's default thread count. input_ids [batch, {seq}]. FFN widths padded with zero filters to a multiple "
           "of {filter_multiple}, as `compress prune` writes them (same outputs). The fast path `compress.load` installs "
-          "(cuda: residual add + LayerNorm as one Triton kernel, Q/K/V as one GEMM, MPNet attention through SDPA "
+          "(cuda: residual add + LayerNorm as one Triton kernel, Q/K/V as one GEMM, in 16-bit dtypes an FFN of at most "
+          "{narrow_ffn} filters with its add + LayerNorm as one Triton kernel, MPNet attention through SDPA "
           "with the relative bias; cpu: the unfused Hugging Face ops) in dense and slimmed models alike.")
 
 # Shape fields of the offline models' config.json, for machines without their weight packages (the
@@ -77,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=None, help="only these methods (fisher, magnitude, random)")
     add_timing_args(p, trials=20)
     p.add_argument("--cpu-runs", type=int, default=7, help="cpu: timed forwards per shape and batch")
+    p.add_argument("--narrow-ffn-max", type=int, default=None,
+                   help="A/B: FFN widths up to this run as one kernel (compress.arch.fast_path.NARROW_FFN_MAX_FILTERS; "
+                        "0 turns the fusion off)")
     return p.parse_args(argv)
 
 
@@ -404,8 +408,10 @@ def _speeds(result: dict, key: str, dense_key: str) -> tuple[dict, dict]:
 def run(args) -> dict:
     from tqdm.auto import tqdm
 
-    from compress.arch import get_adapter
+    from compress.arch import fast_path, get_adapter
 
+    if args.narrow_ffn_max is not None:
+        fast_path.NARROW_FFN_MAX_FILTERS = args.narrow_ffn_max
     devices = args.devices or (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
     if set(devices) - {"cuda", "cpu"} or ("cuda" in devices and not torch.cuda.is_available()):
         raise UserError(f"--devices {' '.join(devices)}: use cpu, and cuda only where a GPU is visible")
@@ -414,7 +420,8 @@ def run(args) -> dict:
     result = load_result(out, describe_devices(devices, args), args)
     this = " ".join(["python", "evals/encoder_latency.py"] + sys.argv[1:])
     result["commands"] = [c for c in result.get("commands", []) if c != this] + [this]  # a resumed file: all, in order
-    result.update(command=" && ".join(result["commands"]), env=ENV, method=METHOD.format(**vars(args)))
+    result.update(command=" && ".join(result["commands"]), env=ENV, method=METHOD.format(**vars(args),
+                                                                                narrow_ffn=fast_path.NARROW_FFN_MAX_FILTERS))
     shapes = distinct_shapes(variants)
     todo, dense = pending(result, shapes, devices, args.batches), {}
     t0 = time.perf_counter()

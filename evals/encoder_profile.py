@@ -72,11 +72,29 @@ def kernel_times(model, batch: int, seq: int, iters: int) -> dict:
     return {kind: (us[kind], count[kind] / iters) for kind in KINDS}
 
 
+@torch.inference_mode()
+def kernel_trace(model, batch: int, seq: int) -> list:
+    """[(kernel name, us)] of one eager forward, in launch order (after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = latency._input_ids(model.config, batch, seq, "cuda")
+    for _ in range(3):
+        model(input_ids=ids)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(input_ids=ids)
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0]
+    events.sort(key=lambda e: e.time_range.start)
+    return [(e.name[:90], round(e.device_time, 2)) for e in events]
+
+
 def profile_model(model, batches, args) -> dict:
     timings = latency.time_shape(model, "cuda", args)  # graph replays in --cuda-dtype; moves back to cpu
     model.to(device="cuda", dtype=latency.CUDA_DTYPES[args.cuda_dtype])
     try:
-        return {b: dict(replay_ms=timings[f"b{b}"]["ms"], kernels=kernel_times(model, b, args.seq, args.iters))
+        return {b: dict(replay_ms=timings[f"b{b}"]["ms"], kernels=kernel_times(model, b, args.seq, args.iters),
+                        **({"trace": kernel_trace(model, b, args.seq)} if args.trace else {}))
                 for b in batches}
     finally:
         model.to("cpu")
@@ -116,6 +134,7 @@ def parse_args(argv=None):
     latency.add_timing_args(p, trials=10)
     p.add_argument("--iters", type=int, default=10, help="eager forwards profiled per model and batch")
     p.add_argument("--out", default=None, help="write the table here (.md) and its data beside it (.json)")
+    p.add_argument("--trace", action="store_true", help="also keep every kernel of one forward, in order (.json)")
     return p.parse_args(argv)
 
 
