@@ -48,13 +48,18 @@ def backend(request, fast_on_cpu):
     return request.param
 
 
+def _kernel_calls(monkeypatch, name: str) -> list:
+    """A list that grows by one each time the dispatched op `kernels.<name>` runs."""
+    calls = []
+    op = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *args: calls.append(1) or op(*args))
+    return calls
+
+
 @pytest.fixture
 def norm_calls(monkeypatch):
     """How many times the fused add + LayerNorm ran."""
-    calls = []
-    op = kernels.add_layer_norm
-    monkeypatch.setattr(kernels, "add_layer_norm", lambda *args: calls.append(1) or op(*args))
-    return calls
+    return _kernel_calls(monkeypatch, "add_layer_norm")
 
 
 def _logits(model, inputs=None):
@@ -325,10 +330,7 @@ def test_hooked_modules_run_unfused_so_their_hooks_fire(kind, fast_on_cpu, norm_
 @pytest.fixture
 def ffn_calls(monkeypatch):
     """How many times the fused narrow FFN block ran."""
-    calls = []
-    op = kernels.ffn_add_layer_norm
-    monkeypatch.setattr(kernels, "ffn_add_layer_norm", lambda *args: calls.append(1) or op(*args))
-    return calls
+    return _kernel_calls(monkeypatch, "ffn_add_layer_norm")
 
 
 @pytest.mark.parametrize("kind", KINDS)
