@@ -133,3 +133,9 @@ def ticket_counters(device: torch.device) -> torch.Tensor:
 
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def as_rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
+    """t as [rows, hidden] with a contiguous last dimension (a view where possible)."""
+    t2 = t.reshape(-1, hidden)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_upcast, next_pow2
+from .common import as_rows, dot_upcast, next_pow2
 
 # Widths the kernel takes: checked on the H200 up to 128 (BLOCK_F 128). At 256 (32 rows, 8 warps) its
 # output was wrong on the GPU while right in the interpreter (not investigated: from 128 filters on
@@ -149,8 +149,7 @@ def ffn_add_layer_norm(x, w1, b1, w2, b2, weight, bias, eps: float, config: tupl
     tensors = (w1, b1, w2, b2, weight, bias)
     if any(t.dtype != x.dtype for t in tensors):
         raise ValueError("ffn_add_layer_norm needs x, weights and biases in one dtype")
-    x2 = x.reshape(-1, hidden)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    x2 = as_rows(x, hidden)
     w1, b1, w2, b2, weight, bias = (t.contiguous() for t in tensors)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out2 = out.view(-1, hidden)

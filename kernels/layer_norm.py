@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import next_pow2
+from .common import as_rows, next_pow2
 
 MAX_HIDDEN = 8192
 ELEMENTS_PER_THREAD = 8     # one 16-byte load of bf16 per thread and row chunk
@@ -68,7 +68,7 @@ def add_layer_norm(x, residual, weight, bias, eps: float):
                          f"{tuple(residual.shape)} {residual.dtype}")
     if hidden > MAX_HIDDEN:
         raise ValueError(f"add_layer_norm keeps a row in registers: hidden {hidden} > {MAX_HIDDEN}")
-    x2, res2 = _rows(x, hidden), _rows(residual, hidden)
+    x2, res2 = as_rows(x, hidden), as_rows(residual, hidden)
     weight, bias = weight.contiguous(), bias.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out2 = out.view(-1, hidden)
@@ -82,9 +82,3 @@ def add_layer_norm(x, residual, weight, bias, eps: float):
         HIDDEN=hidden, BLOCK_H=next_pow2(hidden), BLOCK_T=block_t, num_warps=num_warps,
     )
     return out
-
-
-def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
-    """t as [rows, hidden] with a contiguous last dimension (a view where possible)."""
-    t2 = t.reshape(-1, hidden)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()

@@ -52,8 +52,8 @@ from compress.arch.hf_compat import kv_cache, without_cache
 FAST_DEVICES = ("cuda",)
 MAX_NORM_HIDDEN = 8192  # kernels/layer_norm.py keeps a row in registers (its MAX_HIDDEN)
 # FFN blocks up to this many filters run as one kernel (at most kernels/ffn.py's MAX_FILTERS); wider
-# ones are cuBLAS's, whose arithmetic rate the fused kernel does not reach. Chosen by
-# evals/bench_encoder_ffn.py --fused (evals/results/encoder_ffn.md).
+# ones are cuBLAS's, whose arithmetic rate the fused kernel does not reach. Chosen from the `+norm` and
+# `fused` columns of evals/bench_encoder_ffn.py (evals/results/encoder_ffn.md).
 NARROW_FFN_MAX_FILTERS = 64
 NARROW_FFN_DTYPES = (torch.bfloat16, torch.float16)  # the kernel's tl.dot would run fp32 as TF32
 
