@@ -28,6 +28,8 @@ class PruneConfig:
     output: str = ""
     flops: float | None = None
     latency_ms: float | None = None
+    speedup: float | None = None  # latency budget = the table's dense time / speedup
+    latency_table: str | None = None  # a `compress latency-table` JSON; None: measure one on this device
     method: str = "fisher"
     fisher: str = "empirical"  # FISHERS: the loss at the gold label, or the model's own predictions
     search_steps: int = 1  # Fisher + search rounds down to --flops, each with the previous masks applied
@@ -48,12 +50,19 @@ class PruneConfig:
 
     def validate(self) -> "PruneConfig":
         _require_str(self, "model", "task", "output")
-        if (self.flops is None) == (self.latency_ms is None):
-            raise UserError("give exactly one constraint: --flops F or --latency-ms MS")
+        if self.flops is None and self.latency_ms is None and self.speedup is None:
+            raise UserError("give a constraint: --flops F, --latency-ms MS or --speedup S (FLOPs and latency may "
+                            "go together)")
+        if self.latency_ms is not None and self.speedup is not None:
+            raise UserError("give one latency budget: --latency-ms MS or --speedup S, not both")
         if self.flops is not None and not 0.0 < self.flops <= 1.0:
             raise UserError(f"--flops must be in (0, 1], got {self.flops}")
         if self.latency_ms is not None and not self.latency_ms > 0:
             raise UserError(f"--latency-ms must be positive, got {self.latency_ms}")
+        if self.speedup is not None and not self.speedup > 0:
+            raise UserError(f"--speedup must be positive, got {self.speedup}")
+        if self.latency_table is not None and not self.has_latency_budget:
+            raise UserError("--latency-table needs a latency budget (--latency-ms or --speedup)")
         if self.method not in METHODS:
             raise UserError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.fisher not in FISHERS:
@@ -72,8 +81,10 @@ class PruneConfig:
             raise UserError(f"--search-steps must be an integer >= 1, got {steps!r}")
         if steps > 1 and self.method != "fisher":
             raise UserError(f"--search-steps {steps} needs --method fisher (the baselines search once)")
-        if steps > 1 and self.flops is None:
-            raise UserError(f"--search-steps {steps} needs --flops (the steps interpolate the FLOPs budget)")
+
+    @property
+    def has_latency_budget(self) -> bool:
+        return self.latency_ms is not None or self.speedup is not None
 
 
 @dataclass

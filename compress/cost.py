@@ -10,18 +10,19 @@ length S (taken from the calibration data):
 With grouped-query attention a kv head's K and V projections are shared by its query heads; the
 per-query-head cost charges each query head its share (exact when groups are pruned whole).
 
-The latency table (for `--latency-ms`) times, on the current device, one attention block with
-h = 0..H heads and one FFN block at a grid of widths, built from plain torch ops with the model's
-shapes; a layer's latency is attention[h] + ffn(f) (linear interpolation between grid points).
+The latency table (for `--latency-ms`, measured by `compress.latency.measure_table`): a layer's
+latency is attention[h] + ffn(f) for h kept heads and f kept filters, plus the time of everything
+else; ffn(f) interpolates linearly between the measured widths, unless the table is `exact_widths`
+(measured on a GPU), in which case the search keeps only the measured widths.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -65,6 +66,7 @@ class LatencyTable:
     ffn_widths: list[int]
     ffn_ms: list[float]
     overhead_ms: float = 0.0  # embeddings, classifier and anything else not pruned
+    exact_widths: bool = False  # the search may keep only `ffn_widths` (time is a step function of width)
     meta: dict = field(default_factory=dict)
 
     def ffn(self, width: float) -> float:
@@ -77,6 +79,22 @@ class LatencyTable:
 
     def layer_ms(self, heads: int, filters: int) -> float:
         return self.attention_ms[heads] + self.ffn(filters)
+
+    def model_ms(self, heads: list[int], filters: list[int]) -> float:
+        """Predicted forward time of a model with these kept heads and filters per layer."""
+        return self.overhead_ms + sum(self.layer_ms(h, f) for h, f in zip(heads, filters))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyTable":
+        table = cls(**d)
+        if len(table.ffn_widths) != len(table.ffn_ms) or len(table.ffn_widths) < 2 or len(table.attention_ms) < 2:
+            raise ValueError("attention_ms needs 2+ entries and ffn_widths / ffn_ms 2+ of equal length")
+        if list(table.ffn_widths) != sorted(set(table.ffn_widths)) or table.ffn_widths[0] != 0:
+            raise ValueError("ffn_widths must rise from 0")
+        return table
 
 
 def _timer(device: torch.device):
@@ -99,37 +117,3 @@ def _timer(device: torch.device):
         return (time.perf_counter() - t0) * 1000 / reps
 
     return measure
-
-
-@torch.inference_mode()
-def measure_latency_table(hidden: int, head_dim: int, num_heads: int, num_filters: int, batch: int,
-                          seq: int, device="cpu", dtype=torch.float32, num_widths: int = 9,
-                          reps: int = 5) -> LatencyTable:
-    """Time attention with 0..num_heads heads and the FFN at `num_widths` widths on `device`."""
-    device = torch.device(device)
-    x = torch.randn(batch, seq, hidden, device=device, dtype=dtype)
-    measure = _timer(device)
-    attention = [0.0] + [measure(_attention_fn(x, h, head_dim), reps) for h in range(1, num_heads + 1)]
-    widths = sorted({round(num_filters * k / (num_widths - 1)) for k in range(num_widths)})
-    ffn = [measure(_ffn_fn(x, w), reps) if w else 0.0 for w in widths]
-    meta = dict(device=str(device), batch=batch, seq=seq, dtype=str(dtype).replace("torch.", ""))
-    return LatencyTable(attention, widths, ffn, 0.0, meta)
-
-
-def _attention_fn(x, heads: int, head_dim: int):
-    hidden = x.shape[-1]
-    qkv = nn.Linear(hidden, 3 * heads * head_dim).to(x)
-    out = nn.Linear(heads * head_dim, hidden).to(x)
-
-    def run():
-        q, k, v = qkv(x).unflatten(-1, (3, heads, head_dim)).permute(2, 0, 3, 1, 4)  # [B, H, S, D] each
-        ctx = nn.functional.scaled_dot_product_attention(q, k, v)
-        return out(ctx.transpose(1, 2).flatten(-2))
-
-    return run
-
-
-def _ffn_fn(x, width: int):
-    hidden = x.shape[-1]
-    up, down = nn.Linear(hidden, width).to(x), nn.Linear(width, hidden).to(x)
-    return lambda: down(nn.functional.gelu(up(x)))

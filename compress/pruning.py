@@ -45,8 +45,9 @@ class Phases:
 def prune(config: PruneConfig, progress: bool = True) -> dict:
     """Run the pipeline; returns the record also written to `<output>/prune.json`."""
     config.validate()
-    if config.method != "fisher" and config.flops is None:
-        raise UserError(f"--method {config.method} needs --flops (the baselines have no latency search)")
+    if config.method != "fisher" and (config.flops is None or config.has_latency_budget):
+        raise UserError(f"--method {config.method} needs --flops and no latency budget (the baselines have no "
+                        "latency search)")
     check_output_dir(config.output, config.overwrite)
     resolve_data_dir(config.data_dir)
     task, phases, device = get_task(config.task), Phases(), pick_device(config.device)
@@ -56,6 +57,9 @@ def prune(config: PruneConfig, progress: bool = True) -> dict:
     adapter = get_adapter(model.to(device))
     parent_shape = (adapter.num_heads(), adapter.num_filters())
     record = {"model": str(config.model), "source_dir": str(path), "task": task.name}
+    if config.has_latency_budget:  # before the Fisher: a wrong table or budget fails fast
+        with phases("latency_table"):
+            record["latency"] = _latency_budget(config, adapter, calib)
     if config.eval:
         with phases("eval_before"):
             record["eval_before"] = evaluate(model, tokenizer, task, config.data_dir, device, progress=progress)
@@ -123,13 +127,19 @@ def _masks(config, adapter, model, calib, device, phases, progress, record):
 
 
 def _fisher_search(config, adapter, model, calib, device, phases, progress, record, flops_model, full):
-    """Fisher then search, `search_steps` times down `search.flops_schedule` (once under a latency
-    budget), each Fisher taken with the previous step's masks applied and each search kept among the
-    units those keep. Returns the masks, the last mask gradients and the masks these were taken at
-    (None: all ones); with more than one step, `record["steps"]` lists what each step kept."""
+    """Fisher then search, `search_steps` times down `search.flops_schedule` (and the latency budget
+    down the same linear schedule from the dense time), each Fisher taken with the previous step's
+    masks applied and each search kept among the units those keep. Returns the masks, the last mask
+    gradients and the masks these were taken at (None: all ones); with more than one step,
+    `record["steps"]` lists what each step kept."""
     from compress import fisher
 
-    targets = [None] if config.flops is None else search.flops_schedule(config.flops, config.search_steps)
+    steps = config.search_steps
+    targets = [None] * steps if config.flops is None else search.flops_schedule(config.flops, steps)
+    if config.has_latency_budget:
+        lat = record["latency"]
+        lat["step_budgets_ms"] = [lat["dense_ms"] - (lat["dense_ms"] - lat["budget_ms"]) * i / steps
+                                  for i in range(1, steps)] + [lat["budget_ms"]]
     masks = None
     for step, target in enumerate(targets, 1):
         before = masks
@@ -138,27 +148,30 @@ def _fisher_search(config, adapter, model, calib, device, phases, progress, reco
             grads = fisher.mask_gradients(model, adapter, calib["batches"], device, progress, config.fisher,
                                           masks=before, label=label)
         with phases("search"):
-            masks = _search(config, adapter, model, calib, flops_model, full, *grads, record, target, before)
+            masks = _search(config, flops_model, full, *grads, record, target, before, step)
         if len(targets) > 1:
             record.setdefault("steps", []).append(_step_record(target, *masks))
     return masks, grads, before
 
 
-def _search(config, adapter, model, calib, flops_model, full, head_grads, filter_grads, record, flops, alive):
-    """Masks at FLOPs fraction `flops` (None: the latency budget) among the `alive` units (None: all)."""
+def _search(config, flops_model, full, head_grads, filter_grads, record, flops, alive, step=1):
+    """Masks at FLOPs fraction `flops` (None: no FLOPs budget) and, if the config has one, under the latency
+    budget of search step `step`, among the `alive` units (None: all)."""
     from compress.fisher import fisher_diagonal
 
     head_scores, filter_scores = fisher_diagonal(head_grads), fisher_diagonal(filter_grads)
-    if flops is not None:
+    if not config.has_latency_budget:
         return search.search_flops(head_scores, filter_scores, flops_model.head_cost, flops_model.filter_cost,
                                    flops * full, alive)
-    table = _latency_table(config, adapter, model, calib)
-    record["latency_table"] = dataclasses.asdict(table)
-    budget = config.latency_ms - table.overhead_ms
-    if budget <= 0:
-        raise UserError(f"--latency-ms {config.latency_ms} is below the unprunable part of the model "
-                        f"({table.overhead_ms:.2f} ms at batch {config.latency_batch_size})")
-    return search.search_latency(head_scores, filter_scores, table, budget)
+    table = cost.LatencyTable.from_dict(record["latency"]["latency_table"])
+    budget = record["latency"]["step_budgets_ms"][step - 1] - table.overhead_ms
+    both = None if flops is None else (flops_model.head_cost, flops_model.filter_cost, flops * full)
+    try:
+        heads, filters = search.search_latency(head_scores, filter_scores, table, budget, flops=both, alive=alive)
+    except ValueError as err:
+        raise UserError(f"latency search: {err}") from None
+    record["latency"]["predicted_ms"] = table.model_ms([int(m.sum()) for m in heads], [int(m.sum()) for m in filters])
+    return heads, filters
 
 
 def _step_record(flops: float, heads, filters) -> dict:
@@ -166,19 +179,25 @@ def _step_record(flops: float, heads, filters) -> dict:
     return {"flops": flops, "heads": [int(m.sum()) for m in heads], "filters": [int(m.sum()) for m in filters]}
 
 
-def _latency_table(config, adapter, model, calib):
-    """Per-layer latency table plus the measured time of everything outside the layers."""
-    device = next(model.parameters()).device
-    seq, batch = max(1, round(calib["seq_len"])), config.latency_batch_size
-    table = cost.measure_latency_table(adapter.hidden_size(), adapter.head_dim(), max(adapter.num_heads()),
-                                       max(adapter.num_filters()), batch, seq, device)
-    ids = torch.randint(5, 100, (batch, seq), device=device)
-    with torch.inference_mode():
-        total = cost._timer(device)(lambda: model(input_ids=ids), 3)
-    layers = sum(table.layer_ms(h, f) for h, f in zip(adapter.num_heads(), adapter.num_filters()))
-    table.overhead_ms = max(total - layers, 0.0)
-    table.meta["dense_ms"] = total
-    return table
+def _latency_budget(config, adapter, calib) -> dict:
+    """The latency budget in ms and the table it is measured by: the table of `--latency-table`, or one
+    measured now on this device at the calibration length."""
+    from compress import latency
+
+    if config.latency_table is not None:
+        table = latency.load_table(config.latency_table)
+    else:
+        device = next(adapter.model.parameters()).device.type
+        seq = max(1, round(calib["seq_len"]))
+        table = latency.measure_table(adapter.model.config, config.latency_batch_size, seq, device)
+    latency.check_table(table, adapter)
+    dense_ms = table.meta.get("dense_ms") or table.model_ms(adapter.num_heads(), adapter.num_filters())
+    limit = config.latency_ms if config.latency_ms is not None else dense_ms / config.speedup
+    if limit <= table.overhead_ms:
+        raise UserError(f"a latency budget of {limit:.3f} ms is below the unprunable part of the model "
+                        f"({table.overhead_ms:.3f} ms at batch {table.meta.get('batch')})")
+    return {"budget_ms": limit, "dense_ms": dense_ms, "table": config.latency_table or "measured",
+            "latency_table": table.to_dict()}
 
 
 def _shape_record(adapter, flops_model, config, phases, parent_shape, zero_filters) -> dict:
@@ -186,7 +205,7 @@ def _shape_record(adapter, flops_model, config, phases, parent_shape, zero_filte
     heads, filters = adapter.num_heads(), adapter.num_filters()
     before = flops_model.flops_counts(*parent_shape)
     after = flops_model.flops_counts(heads, [f - z for f, z in zip(filters, zero_filters)])
-    constraint = {"flops": config.flops} if config.flops is not None else {"latency_ms": config.latency_ms}
+    constraint = {k: getattr(config, k) for k in ("flops", "latency_ms", "speedup") if getattr(config, k) is not None}
     return {"method": config.method, "constraint": constraint, "seq_len": round(flops_model.seq_len, 2),
             "flops_before": before, "flops_after": after, "flops_ratio": after / before,
             "num_attention_heads_per_layer": heads, "intermediate_size_per_layer": filters,
@@ -208,6 +227,13 @@ def format_summary(record: dict) -> str:
              f"  filters per layer: {record['intermediate_size_per_layer']}"
              + (f" (zero padding: {record['zero_filters_per_layer']})" if any(record.get("zero_filters_per_layer", ())) else ""),
              "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in record["seconds"].items())]
+    if "latency" in record:
+        lat = record["latency"]
+        meta = lat["latency_table"]["meta"]
+        lines.insert(2, f"  latency ({meta.get('device', '?')}, batch {meta.get('batch')} x {meta.get('seq')}, "
+                        f"{meta.get('dtype')}): {lat['predicted_ms']:.3f} ms predicted by the table against "
+                        f"{lat['dense_ms']:.3f} ms dense ({lat['dense_ms'] / lat['predicted_ms']:.2f}x), "
+                        f"budget {lat['budget_ms']:.3f} ms")
     if "steps" in record:
         lines.insert(2, "  search steps: " + "; ".join(f"FLOPs {s['flops']:.3g} -> {sum(s['heads'])} heads, "
                                                         f"{sum(s['filters'])} filters" for s in record["steps"]))

@@ -14,6 +14,7 @@ alive and a pruned unit is never revived; `flops_schedule` gives the per-step bu
 Latency: attention latency is not linear in the head count, so `search_latency` solves the
 multiple-choice knapsack over layers (heads per layer, FFN width per layer on a grid) by dynamic
 programming on the budget discretised into bins (costs rounded up, so the result always fits).
+Given a FLOPs budget as well, it keeps both, through a Lagrangian penalty on FLOPs (`_with_flops`).
 """
 
 from __future__ import annotations
@@ -103,27 +104,94 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def search_latency(head_scores, filter_scores, table, budget_ms: float, num_bins: int = 4000,
-                   width_step: int | None = None):
-    """Best masks whose summed layer latency (from `table`) is <= budget_ms."""
-    options = []  # per group: (costs[ms], values, counts)
-    for scores in head_scores:
-        counts = np.arange(len(scores) + 1)
-        options.append(([table.attention_ms[h] for h in counts], _sorted_prefix(scores), counts, "head"))
-    for scores in filter_scores:
-        n = len(scores)
-        step = width_step or max(1, n // 64)
-        counts = np.unique(np.append(np.arange(0, n + 1, step), n))
-        options.append(([table.ffn(f) for f in counts], _sorted_prefix(scores)[counts], counts, "filter"))
-    picks = _knapsack([(np.asarray(c), np.asarray(v)) for c, v, _, _ in options], budget_ms, num_bins)
+                   width_step: int | None = None, flops=None, alive=None):
+    """Best masks whose summed layer latency (from `table`) is <= budget_ms; with `flops` =
+    (head_cost, filter_cost, budget), also FLOPs <= budget (Lagrangian relaxation, `_with_flops`).
+    FFN widths: the table's own when it is `exact_widths`, else every `width_step` (n // 64) filters.
+    `alive`: optional (head_masks, filter_masks); only units where they are nonzero can be kept."""
+    options = []  # per group: (costs[ms], values, counts, unit FLOPs)
+    head_cost, filter_cost, _ = flops or ([0.0] * len(head_scores), [0.0] * len(filter_scores), None)
+    head_scores, filter_scores = _alive_scores(head_scores, alive and alive[0]), _alive_scores(filter_scores, alive and alive[1])
+    for scores, unit in zip(head_scores, head_cost):
+        counts = np.arange(_num_alive(scores) + 1)
+        if len(table.attention_ms) < len(scores) + 1:
+            raise ValueError(f"the latency table covers {len(table.attention_ms) - 1} heads, a layer has {len(scores)}")
+        options.append((np.array([table.attention_ms[h] for h in counts]), _sorted_prefix(scores)[counts], counts, unit))
+    for scores, unit in zip(filter_scores, filter_cost):
+        counts = _width_options(_num_alive(scores), table, width_step)
+        options.append((np.array([table.ffn(f) for f in counts]), _sorted_prefix(scores)[counts], counts, unit))
+    groups = [(c, v) for c, v, _, _ in options]
+    if flops is None:
+        picks = _knapsack(groups, budget_ms, num_bins)
+    else:
+        picks = _with_flops(groups, [counts * unit for _, _, counts, unit in options], flops[2], budget_ms, num_bins)
     heads = [top_k_mask(s, int(o[2][p])) for s, o, p in zip(head_scores, options, picks)]
     filters = [top_k_mask(s, int(o[2][p])) for s, o, p in zip(filter_scores, options[len(head_scores):],
                                                                picks[len(head_scores):])]
     return heads, filters
 
 
+def _alive_scores(scores, masks):
+    """Scores as float64, with the units outside `masks` (None: none) at -inf: never kept, sorted last."""
+    out = [torch.as_tensor(s).double() for s in scores]
+    if masks is None:
+        return out
+    return [s.masked_fill(torch.as_tensor(m) == 0, -math.inf) for s, m in zip(out, masks)]
+
+
+def _num_alive(scores) -> int:
+    return int(torch.isfinite(scores).sum())
+
+
+def _width_options(n: int, table, width_step: int | None) -> np.ndarray:
+    if table.exact_widths:
+        return np.array([w for w in table.ffn_widths if w <= n] + ([n] if n not in table.ffn_widths else []))
+    step = width_step or max(1, n // 64)
+    return np.unique(np.append(np.arange(0, n + 1, step), n))
+
+
+def _with_flops(groups, group_flops, flops_budget: float, budget_ms: float, num_bins: int,
+                iters: int = 40) -> list[int]:
+    """The latency knapsack with a second budget, on FLOPs: maximise value - mu * FLOPs under the
+    latency budget, mu >= 0 the smallest (found by bisection) whose picks also fit the FLOPs budget.
+    Every answer fits both budgets; it is the optimum when the FLOPs budget is slack at mu = 0, and
+    near it otherwise (the relaxation may leave a little of the FLOPs budget unused)."""
+    def solve(mu):
+        picks = _knapsack([(c, v - mu * f) for (c, v), f in zip(groups, group_flops)], budget_ms, num_bins)
+        used = sum(float(f[p]) for f, p in zip(group_flops, picks))
+        value = sum(float(v[p]) for (_, v), p in zip(groups, picks))
+        return picks, used, value
+
+    picks, used, _ = solve(0.0)
+    if used <= flops_budget * (1 + 1e-12):
+        return picks
+    full_value = sum(float(v[-1]) for _, v in groups)
+    full_flops = sum(float(f[-1]) for f in group_flops) or 1.0
+    lo, hi = 0.0, full_value / full_flops
+    best = None
+    for _ in range(60):  # grow hi until its picks fit
+        picks, used, value = solve(hi)
+        if used <= flops_budget * (1 + 1e-12):
+            best = (value, picks)
+            break
+        lo, hi = hi, hi * 4
+    if best is None:
+        raise ValueError("no masks fit both the latency and the FLOPs budget")
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        picks, used, value = solve(mid)
+        if used <= flops_budget * (1 + 1e-12):
+            hi = mid
+            best = max(best, (value, picks), key=lambda t: t[0])
+        else:
+            lo = mid
+    return best[1]
+
+
 def _sorted_prefix(scores) -> np.ndarray:
+    """[0, best, best + second, ...] over the finite scores (units outside `alive` are -inf)."""
     s = np.sort(torch.as_tensor(scores).double().numpy())[::-1]
-    return np.concatenate([[0.0], np.cumsum(s)])
+    return np.concatenate([[0.0], np.cumsum(s[np.isfinite(s)])])
 
 
 def _knapsack(groups, budget: float, num_bins: int) -> list[int]:

@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,8 @@ if not __package__:  # run as a file: make the repo root importable
 import torch  # noqa: E402
 
 from compress.errors import UserError, exit_code  # noqa: E402
+from compress.latency import DTYPES as CUDA_DTYPES  # noqa: E402,F401  (encoder_profile reads it here)
+from compress.latency import dense_model, input_ids, slimmed_copy, time_cpu, time_model  # noqa: E402,F401
 
 RESULTS = Path(__file__).parent / "results"
 ENV = "PYTHONPATH=$PWD COMPRESS_CACHE=/tmp/cache HF_HUB_OFFLINE=1"
@@ -64,9 +65,6 @@ KNOWN_BASES = {
                        intermediate_size=3072, vocab_size=30527, max_position_embeddings=514,
                        relative_attention_num_buckets=32, hidden_act="gelu", layer_norm_eps=1e-5, pad_token_id=1),
 }
-
-
-CUDA_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def parse_args(argv=None):
@@ -153,163 +151,13 @@ def base_config(name: str):
         return config, f"shape fields in evals/encoder_latency.py (compress.hub: {err})"
 
 
-def dense_model(config, seed: int = 0):
-    """The dense parent with random weights, fp32, on CPU, eval mode, with the fast path `compress.load`
-    installs (compress/arch/fast_path.py; MPNet: SDPA instead of Hugging Face's eager attention)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from compress.arch import get_adapter
-
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(config).eval()
-    get_adapter(model).install_fast_path()
-    return model
-
-
-def slimmed_copy(dense, heads, filters, filter_multiple: int = 8):
-    """A copy of `dense` slimmed to the first `heads[l]` heads and `filters[l]` filters of each layer l,
-    FFN widths padded with zero filters to a multiple of `filter_multiple`, as `compress prune` does."""
-    from compress.arch import get_adapter
-    from compress.slim import slim_model
-
-    model = copy.deepcopy(dense)
-    adapter = get_adapter(model)
-    full_heads, full_filters = adapter.num_heads(), adapter.num_filters()
-    if len(heads) != len(full_heads) or len(filters) != len(full_filters):
-        raise UserError(f"{len(heads)} head counts / {len(filters)} widths for a {len(full_heads)}-layer model")
-    if any(k > n for k, n in zip(heads + filters, full_heads + full_filters)):
-        raise UserError(f"kept units exceed the model's: heads {heads}, filters {filters}")
-    slim_model(adapter, [_first(k, n) for k, n in zip(heads, full_heads)],
-               [_first(k, n) for k, n in zip(filters, full_filters)], filter_multiple=filter_multiple)
-    return model
-
-
-def _first(k: int, n: int) -> torch.Tensor:
-    mask = torch.zeros(n)
-    mask[:k] = 1.0
-    return mask
-
-
-def _input_ids(config, batch: int, seq: int, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(3, config.vocab_size, (batch, seq), generator=g).to(device)  # above special ids
-
-
-# --- timers ---------------------------------------------------------------------------------------
-def _summary(times_ms: list[float], mode: str, note: str | None = None) -> dict:
-    out = dict(ms=statistics.median(times_ms), min=min(times_ms), max=max(times_ms), n=len(times_ms), mode=mode)
-    return out if note is None else dict(out, note=note)
-
-
-@torch.inference_mode()
-def time_cpu(model, batch: int, seq: int, runs: int = 7, warmup: int = 2) -> dict:
-    """Median ms of `runs` fp32 forwards on CPU (perf_counter) after `warmup` untimed ones."""
-    ids = _input_ids(model.config, batch, seq, "cpu")
-    for _ in range(warmup):
-        model(input_ids=ids)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model(input_ids=ids)
-        times.append((time.perf_counter() - t0) * 1000)
-    return _summary(times, "eager")
-
-
-@torch.inference_mode()
-def time_cuda(model, batch: int, seq: int, trials: int = 20, replays: int = 20, warmup: int = 3) -> dict:
-    """Median per-forward ms of CUDA-graph replays (eager if capture fails), timed with CUDA events."""
-    ids = _input_ids(model.config, batch, seq, "cuda")
-    forward = lambda: model(input_ids=ids).logits  # noqa: E731
-    graph, error = _capture(forward, warmup)
-    step = graph.replay if graph is not None else forward
-    for _ in range(warmup):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(trials):
-        start.record()
-        for _ in range(replays):
-            step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return _summary(times, "cuda-graph" if graph is not None else "eager", error)
-
-
-def _capture(forward, warmup: int):
-    """(graph, None) with `forward` captured, or (None, reason) when capture fails."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    try:
-        with torch.cuda.stream(stream):  # warm up on a side stream, as torch.cuda.graph asks
-            for _ in range(warmup):
-                forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forward()
-        return graph, None
-    except Exception as err:  # a host sync or pageable copy inside the forward: time it eagerly instead
-        torch.cuda.synchronize()
-        return None, f"capture failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-
-
+# --- timers
 def time_shape(model, device: str, args) -> dict:
-    """{"b32": timing, "b1": timing} of `model` on `device` (moved there, in place, for cuda)."""
+    """{"b32": timing, "b1": timing} of `model` on `device` (moved there in --cuda-dtype, and back, for cuda)."""
     if device == "cpu":
         return {f"b{b}": time_cpu(model, b, args.seq, args.cpu_runs, min(args.warmup, 2)) for b in args.batches}
-    model.to(device="cuda", dtype=CUDA_DTYPES[args.cuda_dtype])
-    for module in model.modules():  # some transformers versions read input ids on the host to warn about
-        if hasattr(module, "warn_if_padding_and_no_attention_mask"):  # padding: a sync, which breaks capture
-            module.warn_if_padding_and_no_attention_mask = lambda *args, **kwargs: None
-        if hasattr(module, "compute_position_bias"):
-            module.compute_position_bias = _memoized_position_bias(module.compute_position_bias)
-    module = sys.modules[type(model).__module__]
-    make_mask = getattr(module, "create_bidirectional_mask", None)
-    if make_mask is not None:
-        module.create_bidirectional_mask = _memoized_mask(make_mask)
-    try:
-        return {f"b{b}": time_cuda(model, b, args.seq, args.trials, args.replays, args.warmup) for b in args.batches}
-    finally:
-        if make_mask is not None:
-            module.create_bidirectional_mask = make_mask
-        model.to("cpu")
-        torch.cuda.empty_cache()
-
-
-def _memoized_position_bias(compute):
-    """MPNet's relative-position bias depends on the shape alone; some transformers versions build it
-    from host tensors (a pageable copy, which capture refuses). Compute it once, in the warm-up."""
-    def key(x, position_ids=None, num_buckets=32):
-        return None if position_ids is not None else (tuple(x.shape[:2]), x.dtype, num_buckets)
-
-    return _shape_memo(compute, key)
-
-
-def _memoized_mask(make_mask):
-    """The attention mask of an unpadded batch depends on its shape alone; eager attention (MPNet) builds
-    it with a host scalar, which capture refuses. Build it once, in the warm-up."""
-    def key(*args, attention_mask=None, inputs_embeds=None, **kwargs):
-        if attention_mask is not None or inputs_embeds is None:
-            return None
-        return tuple(inputs_embeds.shape[:2]), inputs_embeds.dtype
-
-    return _shape_memo(make_mask, key)
-
-
-def _shape_memo(fn, key_of):
-    """`fn` cached by `key_of(*args, **kwargs)`; a None key calls `fn` every time."""
-    cache = {}
-
-    def cached(*args, **kwargs):
-        key = key_of(*args, **kwargs)
-        if key is None:
-            return fn(*args, **kwargs)
-        if key not in cache:
-            cache[key] = fn(*args, **kwargs)
-        return cache[key]
-
-    return cached
+    return {f"b{b}": time_model(model, "cuda", b, args.seq, args.cuda_dtype, args.trials, args.replays, args.warmup)
+            for b in args.batches}
 
 
 # --- results --------------------------------------------------------------------------------------

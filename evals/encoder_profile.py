@@ -55,7 +55,7 @@ def kernel_times(model, batch: int, seq: int, iters: int) -> dict:
     """{kind: (us per forward, launches per forward)} over `iters` eager forwards after warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids = latency._input_ids(model.config, batch, seq, "cuda")
+    ids = latency.input_ids(model.config, batch, seq, "cuda")
     for _ in range(3):
         model(input_ids=ids)
     torch.cuda.synchronize()
@@ -77,7 +77,7 @@ def kernel_trace(model, batch: int, seq: int) -> list:
     """[(kernel name, us)] of one eager forward, in launch order (after warm-up)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids = latency._input_ids(model.config, batch, seq, "cuda")
+    ids = latency.input_ids(model.config, batch, seq, "cuda")
     for _ in range(3):
         model(input_ids=ids)
     torch.cuda.synchronize()

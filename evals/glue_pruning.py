@@ -37,10 +37,14 @@ def parse_args(argv=None):
                    help="fisher, magnitude, random; fisher-empirical / fisher-model: the Fisher method with that "
                         "Fisher, to compare the two in one run (fisher alone uses --fisher); fisher-iterK (e.g. "
                         "fisher-iter4): the empirical Fisher with K search steps (compress prune --search-steps), "
-                        "fisher-model-iterK the same with the model Fisher; a trailing -weights or -masks (fisher-masks, "
-                        "fisher-iter4-weights) picks what is tuned (compress prune --[no-]tune-weights)")
+                        "fisher-model-iterK the same with the model Fisher; fisher-speedupS (e.g. fisher-speedup1.6): "
+                        "the Fisher method under the FLOPs target and a latency budget of the dense time / S, both "
+                        "from --latency-table (compress prune --flops F --speedup S); a trailing -weights or -masks "
+                        "(fisher-masks, fisher-iter4-weights) picks what is tuned (compress prune --[no-]tune-weights)")
     p.add_argument("--fisher", choices=FISHERS, default=None,
                    help="the Fisher of the 'fisher' method (default: compress prune's default)")
+    p.add_argument("--latency-table", default=None,
+                   help="`compress latency-table` JSON for the fisher-speedupS methods (measured where the models run)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--work", default="runs/glue_pruning", help="models and state.json (resumable)")
     p.add_argument("--out", default=str(RESULTS / "glue_pruning"), help="output path without suffix")
@@ -91,24 +95,34 @@ def pruned_model(args, state, dense, task, method, flops):
     out = dense.parent / f"{method}-{flops:g}"
     key = f"{out}:prune"
     if state.get(key) is None or not (out / "model.safetensors").is_file():
+        settings = method_settings(method, args.fisher)
+        if "speedup" in settings:
+            if not args.latency_table:
+                raise SystemExit(f"--methods {method} needs --latency-table")
+            settings["latency_table"] = args.latency_table
         config = PruneConfig(model=str(dense), task=task, output=str(out), flops=flops, num_samples=args.num_samples,
-                             data_dir=args.data_dir, overwrite=True, **method_settings(method, args.fisher))
+                             data_dir=args.data_dir, overwrite=True, **settings)
         record = prune(config)
         state.put(key, {"seconds": record["seconds"], "flops_ratio": record["flops_ratio"], "fisher": config.fisher,
                         "search_steps": config.search_steps, "tune_weights": config.tune_weights,
                         "heads": record["num_attention_heads_per_layer"],
                         "filters": record["intermediate_size_per_layer"],
-                        **({"steps": record["steps"]} if "steps" in record else {})})
+                        **({"steps": record["steps"]} if "steps" in record else {}),
+                        **({"latency": {k: v for k, v in record["latency"].items() if k != "latency_table"}}
+                           if "latency" in record else {})})
     return out
 
 
 def method_settings(method: str, fisher: str | None) -> dict:
     """PruneConfig fields of a --methods name: `fisher` (its Fisher from --fisher), `fisher-empirical`,
-    `fisher-model`, `fisher-iterK` (empirical, K search steps), `fisher-model-iterK`, the baselines; a
-    trailing `-weights` or `-masks` (e.g. `fisher-masks`, `fisher-iter4-weights`) says what is tuned
-    (compress prune's default, without it: the weights)."""
+    `fisher-model`, `fisher-iterK` (empirical, K search steps), `fisher-model-iterK`, `fisher-speedupS`
+    (a latency budget of the dense time / S beside the FLOPs target), the baselines; a trailing `-weights`
+    or `-masks` (e.g. `fisher-masks`, `fisher-iter4-weights`) says what is tuned (compress prune's
+    default, without it: the weights)."""
     base, *parts = method.split("-")
     settings = {"method": base}
+    if parts and parts[0].startswith("speedup"):
+        settings["speedup"] = float(parts.pop(0)[len("speedup"):])
     if parts and parts[-1] in ("weights", "masks"):
         settings["tune_weights"] = parts.pop() == "weights"
     if parts and parts[-1].startswith("iter") and parts[-1][4:].isdigit():

@@ -133,3 +133,97 @@ def test_flops_schedule_is_linear_and_ends_exactly_at_the_target():
     assert search.flops_schedule(0.7, 3)[-1] == 0.7  # the target itself, not 1 - (1 - 0.7) * 3 / 3
     steps = search.flops_schedule(0.35, 7)
     assert all(a > b for a, b in zip(steps, steps[1:])) and steps[-1] == 0.35
+
+
+def _joint_problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    heads = [torch.rand(4, generator=g) for _ in range(3)]
+    filters = [torch.rand(128, generator=g) for _ in range(3)]
+    table = cost.LatencyTable(attention_ms=[0.0, 1.0, 1.2, 2.0, 2.1], ffn_widths=[0, 32, 64, 96, 128],
+                              ffn_ms=[0.0, 1.0, 1.0, 2.0, 2.0], exact_widths=True)
+    head_cost, filter_cost = [50.0] * 3, [1.0] * 3
+    return heads, filters, table, head_cost, filter_cost
+
+
+def _used(table, hm, fm, head_cost, filter_cost):
+    ms = sum(table.layer_ms(int(h.sum()), int(f.sum())) for h, f in zip(hm, fm))
+    flops = sum(float(h.sum()) * c for h, c in zip(hm, head_cost)) + sum(float(f.sum()) * c for f, c in zip(fm, filter_cost))
+    return ms, flops
+
+
+def test_exact_width_tables_keep_only_measured_widths():
+    heads, filters, table, _, _ = _joint_problem()
+    hm, fm = search.search_latency(heads, filters, table, 7.0)
+    assert all(int(f.sum()) in table.ffn_widths for f in fm)
+    # on a step-shaped table the search keeps the widest width of each step: 64 costs what 32 does
+    assert all(int(f.sum()) in (0, 64, 128) for f in fm)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_latency_and_flops_budgets_hold_together(seed):
+    heads, filters, table, head_cost, filter_cost = _joint_problem(seed)
+    full = 12 * 50.0 + 384 * 1.0
+    for ms_budget, flops_frac in [(7.0, 0.5), (9.0, 0.4), (12.0, 0.6), (5.0, 0.9)]:
+        hm, fm = search.search_latency(heads, filters, table, ms_budget,
+                                       flops=(head_cost, filter_cost, flops_frac * full))
+        ms, flops = _used(table, hm, fm, head_cost, filter_cost)
+        assert ms <= ms_budget + 1e-9 and flops <= flops_frac * full + 1e-9
+        value = sum(float((h * s).sum()) for h, s in zip(hm, heads)) + sum(float((f * s).sum()) for f, s in zip(fm, filters))
+        # against every combination of options (0..4 heads x 5 widths per layer): within the relaxation's gap
+        best = _best_option_combination(heads, filters, table, head_cost, filter_cost, ms_budget, flops_frac * full)
+        assert 0.98 * best <= value <= best * (1 + 1e-6)
+
+
+def _best_option_combination(heads, filters, table, head_cost, filter_cost, ms_budget, flops_budget):
+    import numpy as np
+
+    def prefix(s):
+        return np.concatenate([[0.0], np.cumsum(np.sort(s.double().numpy())[::-1])])
+
+    layers = []
+    for h, f, hc, fc in zip(heads, filters, head_cost, filter_cost):
+        ph, pf = prefix(h), prefix(f)
+        layers.append([(table.layer_ms(nh, w), nh * hc + w * fc, ph[nh] + pf[w])
+                       for nh in range(len(h) + 1) for w in table.ffn_widths])
+    best = -1.0
+    for combo in itertools.product(*layers):
+        if sum(c[0] for c in combo) <= ms_budget + 1e-9 and sum(c[1] for c in combo) <= flops_budget + 1e-9:
+            best = max(best, sum(c[2] for c in combo))
+    return best
+
+
+def test_a_slack_flops_budget_changes_nothing():
+    heads, filters, table, head_cost, filter_cost = _joint_problem()
+    alone = search.search_latency(heads, filters, table, 7.0)
+    both = search.search_latency(heads, filters, table, 7.0, flops=(head_cost, filter_cost, 1e9))
+    assert all(torch.equal(a, b) for a, b in zip(alone[0] + alone[1], both[0] + both[1]))
+
+
+def test_latency_table_round_trips_and_rejects_malformed(tmp_path):
+    from compress import latency
+    from compress.errors import UserError
+
+    table = cost.LatencyTable([0.0, 1.0], [0, 8, 16], [0.0, 0.5, 0.5], overhead_ms=2.0, exact_widths=True,
+                              meta={"batch": 32})
+    path = latency.save_table(table, tmp_path / "t.json")
+    assert latency.load_table(path) == table
+    assert table.model_ms([1, 0], [16, 8]) == pytest.approx(2.0 + 1.0 + 0.5 + 0.5)
+    for text in ["{", '{"attention_ms": [0.0]}', '{"attention_ms": [0, 1], "ffn_widths": [8, 0], "ffn_ms": [0, 1]}']:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(UserError, match="not one `compress latency-table` writes"):
+            latency.load_table(tmp_path / "bad.json")
+    with pytest.raises(UserError, match="not found"):
+        latency.load_table(tmp_path / "missing.json")
+
+
+def test_latency_search_never_revives_a_pruned_unit():
+    heads, filters, table, head_cost, filter_cost = _joint_problem(1)
+    alive = ([torch.tensor([1.0, 0, 1, 0])] * 3, [torch.cat([torch.ones(64), torch.zeros(64)])] * 3)
+    for ms_budget in (3.0, 7.0, 100.0):
+        hm, fm = search.search_latency(heads, filters, table, ms_budget, alive=alive,
+                                       flops=(head_cost, filter_cost, 0.9 * (12 * 50.0 + 384)))
+        for m, a in zip(hm + fm, alive[0] + alive[1]):
+            assert not bool((m * (1 - a)).any())
+        assert sum(table.layer_ms(int(h.sum()), int(f.sum())) for h, f in zip(hm, fm)) <= ms_budget + 1e-9
+    # with room for everything alive, everything alive is kept
+    assert [int(h.sum()) for h in hm] == [2, 2, 2] and [int(f.sum()) for f in fm] == [64, 64, 64]

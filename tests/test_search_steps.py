@@ -92,15 +92,16 @@ def test_each_fisher_is_taken_at_the_previous_steps_masks(setup, monkeypatch):
     assert changed > 1e-6  # the scores of surviving heads moved once their layer-mates were masked
 
 
-def test_search_steps_need_the_fisher_method_and_a_flops_budget():
+def test_search_steps_need_the_fisher_method_and_a_budget():
     from compress.errors import UserError
 
     base = dict(model="m", task="sst2", output="o")
     for bad in (0, -1, 1.5, "2", True):
         with pytest.raises(UserError, match="--search-steps must be an integer >= 1"):
             PruneConfig(**base, flops=0.5, search_steps=bad).validate()
-    with pytest.raises(UserError, match="needs --flops"):
-        PruneConfig(**base, latency_ms=3.0, search_steps=2).validate()
+    with pytest.raises(UserError, match="give a constraint"):
+        PruneConfig(**base, search_steps=2).validate()
+    assert PruneConfig(**base, latency_ms=3.0, search_steps=2).validate().search_steps == 2
     with pytest.raises(UserError, match="needs --method fisher"):
         PruneConfig(**base, flops=0.5, method="magnitude", search_steps=2).validate()
     assert PruneConfig(**base, latency_ms=3.0).validate().search_steps == 1

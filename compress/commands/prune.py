@@ -14,9 +14,9 @@ from compress.config import FISHERS
 from compress.errors import UserError
 
 DECODER_METHODS = ("activation", "activation-mlp", "fisher-mlp")  # the encoder pruner has no such criterion
-ENCODER_ONLY = ("latency_ms", "max_seq_length", "eval", "filter_multiple", "fisher", "search_steps", "tune_weights")
+ENCODER_ONLY = ("latency_ms", "speedup", "latency_table", "latency_batch_size", "max_seq_length", "eval", "filter_multiple", "fisher", "search_steps", "tune_weights")
 DECODER_ONLY = ("calib", "seq_len", "context_len", "dtype")
-FIELDS = ("model", "task", "output", "flops", "latency_ms", "method", "fisher", "search_steps", "num_samples", "seed",
+FIELDS = ("model", "task", "output", "flops", "latency_ms", "speedup", "latency_table", "latency_batch_size", "method", "fisher", "search_steps", "num_samples", "seed",
           "max_seq_length", "batch_size", "damp", "filter_multiple", "data_dir", "device", "eval", "overwrite", "rearrange", "tune",
           "tune_weights")
 
@@ -32,7 +32,16 @@ def register(subparsers) -> None:
                                   "omit it for a decoder")
     p.add_argument("-o", "--output", help="output directory (written atomically)")
     p.add_argument("--flops", type=float, help="fraction of the prunable FLOPs to keep, in (0, 1]")
-    p.add_argument("--latency-ms", type=float, help="latency budget in ms on this device at --latency-batch-size")
+    p.add_argument("--latency-ms", type=float,
+                   help="latency budget in ms of one forward at the latency table's batch size (with --flops: both)")
+    p.add_argument("--speedup", type=float,
+                   help="latency budget as a speedup over the dense model, both timed by the latency table "
+                        "(e.g. 1.6; with --flops: both)")
+    p.add_argument("--latency-table", metavar="FILE",
+                   help="the per-layer latency table, from `compress latency-table` on the machine that will run "
+                        "the model (default: measure one now, on --device, at the calibration length)")
+    p.add_argument("--latency-batch-size", type=int,
+                   help="batch size of the table measured when --latency-table is not given (default 32)")
     p.add_argument("--method", choices=("fisher", "magnitude", "random") + DECODER_METHODS,
                    help="mask selection (default fisher; random is encoder-only, "
                         f"{', '.join(DECODER_METHODS)} decoder-only)")
