@@ -254,8 +254,9 @@ def measure_table(config, batch: int, seq: int, device: str = "cpu", dtype: str 
                      disable=not progress):
         model = dense if (h, f) == (heads, filters) else slimmed_copy(dense, [h] * layers, [f] * layers, 1)
         times[h, f] = time_model(model, device, batch, seq, dtype, trials, replays)["ms"]
-    attention = [(times[h, filters] - times[0, filters]) / layers for h in range(heads + 1)]
-    ffn = [(times[heads, w] - times[heads, 0]) / layers for w in widths]
+    # differences of noisy timings can dip below zero where a few units cost next to nothing: clamp at 0
+    attention = [max(0.0, (times[h, filters] - times[0, filters]) / layers) for h in range(heads + 1)]
+    ffn = [max(0.0, (times[heads, w] - times[heads, 0]) / layers) for w in widths]
     table = LatencyTable(attention, widths, ffn, overhead_ms=times[0, 0], exact_widths=device != "cpu")
     predicted = table.model_ms([heads] * layers, [filters] * layers)
     table.meta = dict(device=_device_name(device), dtype=dtype if device != "cpu" else "float32", batch=batch,

@@ -203,7 +203,7 @@ def _knapsack(groups, budget: float, num_bins: int) -> list[int]:
     best[0] = 0.0
     choice = []
     for costs, values in groups:
-        bins = np.ceil(costs / unit - 1e-9).astype(np.int64)
+        bins = np.maximum(np.ceil(costs / unit - 1e-9), 0).astype(np.int64)  # a negative cost is free
         new, arg = np.full_like(best, -np.inf), np.zeros(len(best), dtype=np.int64)
         for o, (b, v) in enumerate(zip(bins, values)):
             if b > num_bins:
@@ -221,7 +221,7 @@ def _knapsack(groups, budget: float, num_bins: int) -> list[int]:
     for (costs, _), arg in zip(reversed(groups), reversed(choice)):
         o = int(arg[b])
         picks.append(o)
-        b -= int(np.ceil(costs[o] / unit - 1e-9))
+        b -= max(int(np.ceil(costs[o] / unit - 1e-9)), 0)
     return picks[::-1]
 
 

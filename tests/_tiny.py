@@ -85,3 +85,15 @@ def write_tiny_sst2(data_dir: Path, num_train: int = 96, num_dev: int = 32) -> P
             lines.append(f"{' '.join(words)}\t{label}")
         (task_dir / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     return data_dir
+
+
+def finetuned_tiny_sst2(root: Path, max_steps: int = 20) -> tuple[Path, Path]:
+    """(data dir, checkpoint): the tiny SST-2 task and a tiny BERT fine-tuned on it through the CLI."""
+    from compress.cli import main
+
+    data = write_tiny_sst2(root / "data")
+    save_tiny_model_dir(root / "base", "bert", with_head=False)
+    ft = root / "ft"
+    assert main(["finetune", "--model", str(root / "base"), "--task", "sst2", "--data-dir", str(data),
+                 "-o", str(ft), "--max-steps", str(max_steps), "--learning-rate", "1e-3", "--batch-size", "16"]) == 0
+    return data, ft

@@ -10,17 +10,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from compress import modeling  # noqa: E402
 from compress.cli import main  # noqa: E402
-from _tiny import save_tiny_model_dir, write_tiny_sst2  # noqa: E402
+from _tiny import finetuned_tiny_sst2  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    data = write_tiny_sst2(root / "data")
-    save_tiny_model_dir(root / "base", "bert", with_head=False)
-    ft = root / "ft"
-    assert main(["finetune", "--model", str(root / "base"), "--task", "sst2", "--data-dir", str(data),
-                 "-o", str(ft), "--max-steps", "20", "--learning-rate", "1e-3", "--batch-size", "16"]) == 0
+    data, ft = finetuned_tiny_sst2(root)
     return root, data, ft
 
 

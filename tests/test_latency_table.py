@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from compress import latency  # noqa: E402
 from compress.arch import get_adapter  # noqa: E402
 from compress.cli import main  # noqa: E402
-from _tiny import save_tiny_model_dir, tiny_config, write_tiny_sst2  # noqa: E402
+from _tiny import finetuned_tiny_sst2, tiny_config  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["bert", "mpnet"])
@@ -49,11 +49,7 @@ def test_check_table_refuses_another_architecture():
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("lat")
-    data = write_tiny_sst2(root / "data")
-    save_tiny_model_dir(root / "base", "bert", with_head=False)
-    ft = root / "ft"
-    assert main(["finetune", "--model", str(root / "base"), "--task", "sst2", "--data-dir", str(data),
-                 "-o", str(ft), "--max-steps", "10", "--learning-rate", "1e-3", "--batch-size", "16"]) == 0
+    data, ft = finetuned_tiny_sst2(root, max_steps=10)
     table = root / "table.json"
     assert main(["latency-table", "--model", str(ft), "-o", str(table), "--device", "cpu", "--batch-size", "4",
                  "--seq-len", "16", "--trials", "2"]) == 0
@@ -143,3 +139,23 @@ def test_gpu_table_predicts_a_mixed_shape():
     measured = latency.time_model(latency.slimmed_copy(latency.dense_model(config), heads, filters, 1), "cuda",
                                   32, 128)["ms"]
     assert measured == pytest.approx(table.model_ms(heads, filters), rel=0.1)
+
+
+def test_latency_search_report_joins_metrics_and_timings(tmp_path):
+    from evals import latency_search_report as report
+
+    run = "/w/mpnet-base-rte"
+    state = {f"{run}/dense:eval": {"accuracy": 66.0, "num_examples": 277},
+             f"{run}/fisher-speedup1.6-0.5:prune": {"flops_ratio": 0.49, "heads": [1], "filters": [8],
+                                                    "latency": {"predicted_ms": 1.1, "budget_ms": 1.13, "dense_ms": 1.8}},
+             f"{run}/fisher-speedup1.6-0.5:eval": {"accuracy": 65.0, "num_examples": 277},
+             f"{run}/fisher-0.5:prune": {"flops_ratio": 0.5, "heads": [2], "filters": [16]}}  # never evaluated
+    latency = {"command": "python evals/encoder_latency.py", "dense": {"mpnet-base": {"cuda:b32": 1.8, "cuda:b1": 0.5}},
+               "entries": [{"task": "rte", "method": "fisher-speedup1.6", "flops": 0.5,
+                            "ms": {"cuda:b32": 1.125}, "speedup": {"cuda:b32": 1.6, "cuda:b1": 1.2}}]}
+    (tmp_path / "s.json").write_text(json.dumps(state))
+    (tmp_path / "l.json").write_text(json.dumps(latency))
+    assert report.main(["--round", "r", str(tmp_path / "s.json"), str(tmp_path / "l.json"), "--out", str(tmp_path / "o")]) == 0
+    md = (tmp_path / "o.md").read_text()
+    assert "| rte | fisher-speedup1.6 | 0.490 | 66.0 | 65.0 | -1.0 | 1.100 | 1.125 | 1.60x | 1.20x |" in md
+    assert "| rte | fisher |" not in md
