@@ -6,7 +6,7 @@ fisher-speedupS methods the budget and predicted ms from `compress prune --laten
 encoder_latency.py JSON timed from that same state (CUDA-graph replays of each shape). Each round of
 runs is one `--round NAME STATE LATENCY` triple; rounds are different fine-tunes, so they are kept apart.
 
-    python evals/latency_search_report.py \
+    python evals/latency_search_report.py --table evals/results/latency_table_h200_mpnet-base.json \
         --round "round 1" evals/results/latency_search_r1_state.json evals/results/latency_search_r1_latency.json \
         --round "round 2" evals/results/latency_search_r2_state.json evals/results/latency_search_r2_latency.json \
         --out evals/results/latency_search
@@ -28,11 +28,12 @@ from evals.glue_pruning_report import metric_text  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--round", nargs=3, action="append", required=True, metavar=("NAME", "STATE", "LATENCY"))
+    p.add_argument("--table", required=True, help="the latency table the runs used: every row is predicted by it")
     p.add_argument("--out", required=True, help="output path without suffix (.md and .json)")
     return p.parse_args(argv)
 
 
-def rows_of(name: str, state: dict, latency: dict) -> list[dict]:
+def rows_of(name: str, state: dict, latency: dict, table) -> list[dict]:
     measured = {(e["task"], e["method"], e["flops"]): e for e in latency["entries"]}
     rows = []
     for key, value in state.items():
@@ -48,7 +49,7 @@ def rows_of(name: str, state: dict, latency: dict) -> list[dict]:
         lat = value.get("latency", {})
         rows.append(dict(round=name, task=task, method=method, flops=float(flops), flops_ratio=value["flops_ratio"],
                          heads=value["heads"], filters=value["filters"], dense=dense, metrics=metrics,
-                         predicted_ms=lat.get("predicted_ms"), budget_ms=lat.get("budget_ms"),
+                         predicted_ms=table.model_ms(value["heads"], value["filters"]), budget_ms=lat.get("budget_ms"),
                          table_dense_ms=lat.get("dense_ms"),
                          ms=(timing or {}).get("ms", {}), speedup=(timing or {}).get("speedup", {})))
     return sorted(rows, key=lambda r: (r["task"], r["method"]))
@@ -60,8 +61,13 @@ def markdown(rounds: list[dict]) -> str:
              "evals/results/latency_table_h200_mpnet-base.json` (the FLOPs budget and a latency budget of the "
              "table's dense time / S, together); `-iter4`: with `--search-steps 4`. `fisher`: `--flops 0.5` alone. "
              "Metrics in percent (MRPC acc/F1, STS-B Pearson/Spearman); change = first metric minus the dense "
-             "model's. Predicted: the table's ms for the kept shape. Measured: evals/encoder_latency.py, CUDA-graph "
-             "replays of the same shape, batch 32 x 128, against the dense model timed in the same run.", ""]
+             "model's. Predicted: the table's ms for the kept shape (widths off its grid interpolated). Measured: "
+             "evals/encoder_latency.py, CUDA-graph replays of the same shape, batch 32 x 128, against the dense model "
+             "timed in the same run.", ""]
+    errors = [row["ms"]["cuda:b32"] / row["predicted_ms"] - 1 for r in rounds for row in r["rows"] if row["ms"].get("cuda:b32")]
+    if errors:
+        lines += [f"The table against the measurements, {len(errors)} pruned shapes: measured minus predicted "
+                  f"{100 * min(errors):+.1f}% to {100 * max(errors):+.1f}% (mean {100 * sum(errors) / len(errors):+.1f}%).", ""]
     for r in rounds:
         lines += [f"## {r['name']}", "", f"Pruned and evaluated by: `{r['command']}`.", "",
                   f"Timed by: `{r['latency_command']}` (from the committed state: `python evals/encoder_latency.py "
@@ -84,13 +90,16 @@ def markdown(rounds: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from compress.latency import load_table
+
+    table = load_table(args.table)
     rounds = []
     for name, state_path, latency_path in args.round:
         state, latency = json.loads(Path(state_path).read_text()), json.loads(Path(latency_path).read_text())
         dense = next(iter(latency["dense"].values()))
         rounds.append(dict(name=name, command=state.get("_command", "see the file's header"), state=state_path,
                            latency_command=latency["command"], dense_ms=dense["cuda:b32"], dense_b1=dense["cuda:b1"],
-                           rows=rows_of(name, state, latency)))
+                           rows=rows_of(name, state, latency, table)))
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"rounds": rounds}, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(rounds))

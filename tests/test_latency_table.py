@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from compress import latency  # noqa: E402
 from compress.arch import get_adapter  # noqa: E402
 from compress.cli import main  # noqa: E402
+from compress.cost import LatencyTable  # noqa: E402
 from _tiny import finetuned_tiny_sst2, tiny_config  # noqa: E402
 
 
@@ -150,12 +151,26 @@ def test_latency_search_report_joins_metrics_and_timings(tmp_path):
                                                     "latency": {"predicted_ms": 1.1, "budget_ms": 1.13, "dense_ms": 1.8}},
              f"{run}/fisher-speedup1.6-0.5:eval": {"accuracy": 65.0, "num_examples": 277},
              f"{run}/fisher-0.5:prune": {"flops_ratio": 0.5, "heads": [2], "filters": [16]}}  # never evaluated
-    latency = {"command": "python evals/encoder_latency.py", "dense": {"mpnet-base": {"cuda:b32": 1.8, "cuda:b1": 0.5}},
+    timings = {"command": "python evals/encoder_latency.py", "dense": {"mpnet-base": {"cuda:b32": 1.8, "cuda:b1": 0.5}},
                "entries": [{"task": "rte", "method": "fisher-speedup1.6", "flops": 0.5,
                             "ms": {"cuda:b32": 1.125}, "speedup": {"cuda:b32": 1.6, "cuda:b1": 1.2}}]}
     (tmp_path / "s.json").write_text(json.dumps(state))
-    (tmp_path / "l.json").write_text(json.dumps(latency))
-    assert report.main(["--round", "r", str(tmp_path / "s.json"), str(tmp_path / "l.json"), "--out", str(tmp_path / "o")]) == 0
+    (tmp_path / "l.json").write_text(json.dumps(timings))
+    table = latency.save_table(LatencyTable([0.0, 0.4], [0, 8, 16], [0.0, 0.2, 0.3], overhead_ms=0.5), tmp_path / "t.json")
+    assert report.main(["--table", str(table), "--round", "r", str(tmp_path / "s.json"), str(tmp_path / "l.json"),
+                        "--out", str(tmp_path / "o")]) == 0
     md = (tmp_path / "o.md").read_text()
     assert "| rte | fisher-speedup1.6 | 0.490 | 66.0 | 65.0 | -1.0 | 1.100 | 1.125 | 1.60x | 1.20x |" in md
     assert "| rte | fisher |" not in md
+    assert "1 pruned shapes: measured minus predicted +2.3% to +2.3%" in md
+
+
+def test_latency_table_plot_writes_a_png(tmp_path):
+    from evals import latency_table_plot
+
+    table = LatencyTable([0.0, 0.4, 0.5], [0, 8, 16], [0.0, 0.2, 0.3], overhead_ms=0.5,
+                         meta={"model_type": "bert", "layers": 2, "heads": 2, "filters": 16, "device": "x"})
+    path = latency.save_table(table, tmp_path / "t.json")
+    assert latency_table_plot.main([str(path), "--out", str(tmp_path / "t.png")]) == 0
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert latency_table_plot.main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "u.png")]) == 2
