@@ -30,6 +30,7 @@ class PruneConfig:
     latency_ms: float | None = None
     speedup: float | None = None  # latency budget = the table's dense time / speedup
     latency_table: str | None = None  # a `compress latency-table` JSON; None: measure one on this device
+    keep_last_head: bool = True  # latency budgets: the last layer keeps a head (an empty last layer collapses)
     method: str = "fisher"
     fisher: str = "empirical"  # FISHERS: the loss at the gold label, or the model's own predictions
     search_steps: int = 1  # Fisher + search rounds down to --flops, each with the previous masks applied

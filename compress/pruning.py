@@ -167,7 +167,8 @@ def _search(config, flops_model, full, head_grads, filter_grads, record, flops, 
     budget = record["latency"]["step_budgets_ms"][step - 1] - table.overhead_ms
     both = None if flops is None else (flops_model.head_cost, flops_model.filter_cost, flops * full)
     try:
-        heads, filters = search.search_latency(head_scores, filter_scores, table, budget, flops=both, alive=alive)
+        heads, filters = search.search_latency(head_scores, filter_scores, table, budget, flops=both, alive=alive,
+                                               min_last_heads=int(config.keep_last_head))
     except ValueError as err:
         raise UserError(f"latency search: {err}") from None
     record["latency"]["predicted_ms"] = table.model_ms([int(m.sum()) for m in heads], [int(m.sum()) for m in filters])
@@ -189,7 +190,8 @@ def _latency_budget(config, adapter, calib) -> dict:
     else:
         device = next(adapter.model.parameters()).device.type
         seq = max(1, round(calib["seq_len"]))
-        table = latency.measure_table(adapter.model.config, config.latency_batch_size, seq, device)
+        trials = 3 if device == "cpu" else 10  # a CPU forward at batch 32 takes seconds; a graph replay, a millisecond
+        table = latency.measure_table(adapter.model.config, config.latency_batch_size, seq, device, trials=trials)
     latency.check_table(table, adapter)
     dense_ms = table.meta.get("dense_ms") or table.model_ms(adapter.num_heads(), adapter.num_filters())
     limit = config.latency_ms if config.latency_ms is not None else dense_ms / config.speedup

@@ -104,16 +104,19 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def search_latency(head_scores, filter_scores, table, budget_ms: float, num_bins: int = 4000,
-                   width_step: int | None = None, flops=None, alive=None):
+                   width_step: int | None = None, flops=None, alive=None, min_last_heads: int = 0):
     """Best masks whose summed layer latency (from `table`) is <= budget_ms; with `flops` =
     (head_cost, filter_cost, budget), also FLOPs <= budget (Lagrangian relaxation, `_with_flops`).
     FFN widths: the table's own when it is `exact_widths`, else every `width_step` (n // 64) filters.
-    `alive`: optional (head_masks, filter_masks); only units where they are nonzero can be kept."""
+    `alive`: optional (head_masks, filter_masks); only units where they are nonzero can be kept.
+    `min_last_heads`: the last layer keeps at least this many heads (of those alive)."""
     options = []  # per group: (costs[ms], values, counts, unit FLOPs)
     head_cost, filter_cost, _ = flops or ([0.0] * len(head_scores), [0.0] * len(filter_scores), None)
     head_scores, filter_scores = _alive_scores(head_scores, alive and alive[0]), _alive_scores(filter_scores, alive and alive[1])
-    for scores, unit in zip(head_scores, head_cost):
-        counts = np.arange(_num_alive(scores) + 1)
+    for layer, (scores, unit) in enumerate(zip(head_scores, head_cost)):
+        alive_heads = _num_alive(scores)
+        low = min(min_last_heads, alive_heads) if layer == len(head_scores) - 1 else 0
+        counts = np.arange(low, alive_heads + 1)
         if len(table.attention_ms) < len(scores) + 1:
             raise ValueError(f"the latency table covers {len(table.attention_ms) - 1} heads, a layer has {len(scores)}")
         options.append((np.array([table.attention_ms[h] for h in counts]), _sorted_prefix(scores)[counts], counts, unit))

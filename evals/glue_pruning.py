@@ -39,7 +39,8 @@ def parse_args(argv=None):
                         "fisher-iter4): the empirical Fisher with K search steps (compress prune --search-steps), "
                         "fisher-model-iterK the same with the model Fisher; fisher-speedupS (e.g. fisher-speedup1.6): "
                         "the Fisher method under the FLOPs target and a latency budget of the dense time / S, both "
-                        "from --latency-table (compress prune --flops F --speedup S); a trailing -weights or -masks "
+                        "from --latency-table (compress prune --flops F --speedup S; fisher-speedupS-free adds "
+                        "--no-keep-last-head); a trailing -weights or -masks "
                         "(fisher-masks, fisher-iter4-weights) picks what is tuned (compress prune --[no-]tune-weights)")
     p.add_argument("--fisher", choices=FISHERS, default=None,
                    help="the Fisher of the 'fisher' method (default: compress prune's default)")
@@ -116,13 +117,17 @@ def pruned_model(args, state, dense, task, method, flops):
 def method_settings(method: str, fisher: str | None) -> dict:
     """PruneConfig fields of a --methods name: `fisher` (its Fisher from --fisher), `fisher-empirical`,
     `fisher-model`, `fisher-iterK` (empirical, K search steps), `fisher-model-iterK`, `fisher-speedupS`
-    (a latency budget of the dense time / S beside the FLOPs target), the baselines; a trailing `-weights`
+    (a latency budget of the dense time / S beside the FLOPs target; `fisher-speedupS-free` without
+    `--keep-last-head`), the baselines; a trailing `-weights`
     or `-masks` (e.g. `fisher-masks`, `fisher-iter4-weights`) says what is tuned (compress prune's
     default, without it: the weights)."""
     base, *parts = method.split("-")
     settings = {"method": base}
     if parts and parts[0].startswith("speedup"):
         settings["speedup"] = float(parts.pop(0)[len("speedup"):])
+        if parts and parts[0] == "free":
+            parts.pop(0)
+            settings["keep_last_head"] = False
     if parts and parts[-1] in ("weights", "masks"):
         settings["tune_weights"] = parts.pop() == "weights"
     if parts and parts[-1].startswith("iter") and parts[-1][4:].isdigit():

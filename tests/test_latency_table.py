@@ -174,3 +174,14 @@ def test_latency_table_plot_writes_a_png(tmp_path):
     assert latency_table_plot.main([str(path), "--out", str(tmp_path / "t.png")]) == 0
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert latency_table_plot.main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "u.png")]) == 2
+
+
+def test_prune_measures_its_own_table_without_one(work, tmp_path):
+    root, data, ft, _ = work
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(ft), "--task", "sst2", "--data-dir", str(data), "-o", str(out),
+                 "--num-samples", "16", "--flops", "0.6", "--speedup", "1.1", "--latency-batch-size", "2"]) == 0
+    lat = json.loads((out / "prune.json").read_text())["latency"]
+    assert lat["table"] == "measured" and lat["latency_table"]["meta"]["batch"] == 2
+    assert not lat["latency_table"]["exact_widths"]  # cpu: 9 widths, interpolated
+    assert lat["predicted_ms"] <= lat["budget_ms"] + 1e-9

@@ -235,3 +235,15 @@ def test_latency_search_takes_a_negative_table_entry_as_free():
                               exact_widths=True)
     hm, fm = search.search_latency([torch.tensor([1.0, 2.0])], [torch.rand(16)], table, 0.5)
     assert int(hm[0].sum()) == 1 and int(fm[0].sum()) == 8
+
+
+def test_latency_search_can_be_told_to_keep_a_head_in_the_last_layer():
+    heads, filters, table, _, _ = _joint_problem(2)
+    heads[-1] = heads[-1] * 1e-3  # the last layer's heads look worthless to the Fisher
+    free = search.search_latency(heads, filters, table, 4.0)
+    assert int(free[0][-1].sum()) == 0
+    kept = search.search_latency(heads, filters, table, 4.0, min_last_heads=1)
+    assert int(kept[0][-1].sum()) >= 1
+    assert sum(table.layer_ms(int(h.sum()), int(f.sum())) for h, f in zip(*kept)) <= 4.0 + 1e-9
+    alive = ([torch.ones(4)] * 2 + [torch.zeros(4)], [torch.ones(128)] * 3)  # nothing left to keep: no error
+    assert int(search.search_latency(heads, filters, table, 4.0, alive=alive, min_last_heads=1)[0][-1].sum()) == 0

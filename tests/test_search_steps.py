@@ -122,6 +122,9 @@ def test_glue_pruning_method_names_map_onto_the_config_and_the_report():
     assert settings("fisher-masks", "model") == {"method": "fisher", "tune_weights": False, "fisher": "model"}
     assert settings("fisher-iter4-weights", None) == {"method": "fisher", "tune_weights": True, "search_steps": 4,
                                                       "fisher": "empirical"}
+    assert settings("fisher-speedup1.65", None) == {"method": "fisher", "speedup": 1.65}
+    assert settings("fisher-speedup1.7-free-iter4", None) == {"method": "fisher", "speedup": 1.7, "keep_last_head": False,
+                                                             "search_steps": 4, "fisher": "empirical"}
     prune = {"seconds": {"fisher": 4.0, "total": 9.0}, "fisher": "empirical", "search_steps": 4}
     rows = [{"model": "mpnet-base", "task": "stsb", "method": m, "flops": 0.6, "metrics": {"pearson": v},
              "dense": {"pearson": 87.4}, "prune": prune, "speedup": {}}

@@ -14,9 +14,10 @@ from compress.config import FISHERS
 from compress.errors import UserError
 
 DECODER_METHODS = ("activation", "activation-mlp", "fisher-mlp")  # the encoder pruner has no such criterion
-ENCODER_ONLY = ("latency_ms", "speedup", "latency_table", "latency_batch_size", "max_seq_length", "eval", "filter_multiple", "fisher", "search_steps", "tune_weights")
+ENCODER_ONLY = ("latency_ms", "speedup", "latency_table", "latency_batch_size", "keep_last_head", "max_seq_length", "eval", "filter_multiple", "fisher", "search_steps", "tune_weights")
 DECODER_ONLY = ("calib", "seq_len", "context_len", "dtype")
-FIELDS = ("model", "task", "output", "flops", "latency_ms", "speedup", "latency_table", "latency_batch_size", "method", "fisher", "search_steps", "num_samples", "seed",
+FIELDS = ("model", "task", "output", "flops", "latency_ms", "speedup", "latency_table", "latency_batch_size",
+          "keep_last_head", "method", "fisher", "search_steps", "num_samples", "seed",
           "max_seq_length", "batch_size", "damp", "filter_multiple", "data_dir", "device", "eval", "overwrite", "rearrange", "tune",
           "tune_weights")
 
@@ -42,6 +43,10 @@ def register(subparsers) -> None:
                         "the model (default: measure one now, on --device, at the calibration length)")
     p.add_argument("--latency-batch-size", type=int,
                    help="batch size of the table measured when --latency-table is not given (default 32)")
+    p.add_argument("--keep-last-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="under a latency budget, keep at least one attention head in the last layer (default on: "
+                        "the search otherwise empties late layers whole, and every model it left with an empty "
+                        "last layer collapsed, evals/results/latency_search.md)")
     p.add_argument("--method", choices=("fisher", "magnitude", "random") + DECODER_METHODS,
                    help="mask selection (default fisher; random is encoder-only, "
                         f"{', '.join(DECODER_METHODS)} decoder-only)")
