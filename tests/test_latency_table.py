@@ -156,13 +156,16 @@ def test_latency_search_report_joins_metrics_and_timings(tmp_path):
                             "ms": {"cuda:b32": 1.125}, "speedup": {"cuda:b32": 1.6, "cuda:b1": 1.2}}]}
     (tmp_path / "s.json").write_text(json.dumps(state))
     (tmp_path / "l.json").write_text(json.dumps(timings))
-    table = latency.save_table(LatencyTable([0.0, 0.4], [0, 8, 16], [0.0, 0.2, 0.3], overhead_ms=0.5), tmp_path / "t.json")
+    table = latency.save_table(LatencyTable([0.0, 0.4], [0, 8, 16], [0.0, 0.2, 0.3], overhead_ms=0.5,
+                                            meta={"dense_ms": 1.76}), tmp_path / "t.json")
     assert report.main(["--table", str(table), "--round", "r", str(tmp_path / "s.json"), str(tmp_path / "l.json"),
                         "--out", str(tmp_path / "o")]) == 0
     md = (tmp_path / "o.md").read_text()
-    assert "| rte | fisher-speedup1.6 | 0.490 | 66.0 | 65.0 | -1.0 | 1.100 | 1.125 | 1.60x | 1.20x |" in md
+    assert "| rte | fisher-speedup1.6 | 0.490 | 66.0 | 65.0 | -1.0 | 1.100 (1.60x) | 1.125 | 1.60x | 1.20x |" in md
     assert "| rte | fisher |" not in md
     assert "1 pruned shapes: measured minus predicted +2.3% to +2.3%" in md
+    assert report.main(["--table", str(table), "--round", "r", str(tmp_path / "s.json"), "-", "--out", str(tmp_path / "p")]) == 0
+    assert "| 1.100 (1.60x) | - | - | - |" in (tmp_path / "p.md").read_text()
 
 
 def test_latency_table_plot_writes_a_png(tmp_path):
