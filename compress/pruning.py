@@ -170,7 +170,8 @@ def _search(config, flops_model, full, head_grads, filter_grads, record, flops, 
         heads, filters = search.search_latency(head_scores, filter_scores, table, budget, flops=both, alive=alive,
                                                min_last_heads=int(config.keep_last_head))
     except ValueError as err:
-        raise UserError(f"latency search: {err}") from None
+        hint = " (the last layer keeps a head: --no-keep-last-head lifts that)" if config.keep_last_head else ""
+        raise UserError(f"latency search: {err}{hint}") from None
     record["latency"]["predicted_ms"] = table.model_ms([int(m.sum()) for m in heads], [int(m.sum()) for m in filters])
     return heads, filters
 

@@ -51,17 +51,22 @@ def test_check_table_refuses_another_architecture():
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("lat")
     data, ft = finetuned_tiny_sst2(root, max_steps=10)
-    table = root / "table.json"
-    assert main(["latency-table", "--model", str(ft), "-o", str(table), "--device", "cpu", "--batch-size", "4",
+    measured = root / "measured.json"
+    assert main(["latency-table", "--model", str(ft), "-o", str(measured), "--device", "cpu", "--batch-size", "4",
                  "--seq-len", "16", "--trials", "2"]) == 0
-    return root, data, ft, table
+    # the pruning tests budget with a noise-free table of the same model (CPU timings of a tiny model are noise)
+    table = latency.load_table(measured)
+    table.attention_ms, table.ffn_widths, table.ffn_ms = [0.0, 0.1, 0.2, 0.3, 0.4], [0, 64, 128], [0.0, 0.3, 0.6]
+    table.overhead_ms, table.exact_widths = 0.5, False
+    table.meta["dense_ms"] = table.model_ms([4, 4], [128, 128])
+    return root, data, ft, latency.save_table(table, root / "table.json")
 
 
 def test_latency_table_command_writes_a_loadable_table(work, capsys):
     root, data, ft, table = work
-    loaded = latency.load_table(table)
+    loaded = latency.load_table(root / "measured.json")
     assert loaded.meta["batch"] == 4 and loaded.meta["seq"] == 16 and len(loaded.attention_ms) == 5
-    assert main(["latency-table", "--model", str(ft), "-o", str(table), "--device", "cpu"]) == 2
+    assert main(["latency-table", "--model", str(ft), "-o", str(root / "measured.json"), "--device", "cpu"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
@@ -106,6 +111,7 @@ def _bad(argv, tmp_path, capsys, message):
     (["--latency-ms", "3", "--speedup", "1.5"], "not both"),
     (["--speedup", "0"], "--speedup must be positive"),
     (["--latency-table", "{table}", "--speedup", "1000"], "below the unprunable part"),
+    (["--latency-table", "{table}", "--speedup", "4.5"], "--no-keep-last-head lifts that"),
     (["--latency-table", "{table}", "--speedup", "1.5", "--method", "random", "--flops", "0.5"],
      "needs --flops and no latency budget"),
     (["--latency-table", "{table}", "--speedup", "1.5", "--search-steps", "2", "--method", "random"],
