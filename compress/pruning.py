@@ -199,6 +199,9 @@ def _latency_budget(config, adapter, calib) -> dict:
     if limit <= table.overhead_ms:
         raise UserError(f"a latency budget of {limit:.3f} ms is below the unprunable part of the model "
                         f"({table.overhead_ms:.3f} ms at batch {table.meta.get('batch')})")
+    if config.keep_last_head and limit < table.overhead_ms + table.attention_ms[1]:
+        raise UserError(f"a latency budget of {limit:.3f} ms leaves no room for the last layer's head "
+                        f"({table.overhead_ms + table.attention_ms[1]:.3f} ms with it; --no-keep-last-head lifts that)")
     return {"budget_ms": limit, "dense_ms": dense_ms, "table": config.latency_table or "measured",
             "latency_table": table.to_dict()}
 
