@@ -206,16 +206,16 @@ def _shape_memo(fn, key_of):
     return cached
 
 
-def time_model(model, device: str, batch: int, seq: int, dtype: str = "bfloat16", trials: int = 10,
+def time_model(model, device: str, batches: list[int], seq: int, dtype: str = "bfloat16", trials: int = 10,
                replays: int = 10, warmup: int = 3) -> dict:
-    """One timing (`time_cuda` or `time_cpu`) of `model`; on cuda the model is moved there in `dtype` and
-    back to the CPU afterwards."""
+    """{"bB": timing} of `model` at each batch size B (`time_cuda` or `time_cpu`); on cuda the model is
+    moved there in `dtype` once, and back to the CPU afterwards."""
     if device == "cpu":
-        return time_cpu(model, batch, seq, trials, min(warmup, 2))
+        return {f"b{b}": time_cpu(model, b, seq, trials, min(warmup, 2)) for b in batches}
     model.to(device="cuda", dtype=DTYPES[dtype])
     try:
         with capturable(model):
-            return time_cuda(model, batch, seq, trials, replays, warmup)
+            return {f"b{b}": time_cuda(model, b, seq, trials, replays, warmup) for b in batches}
     finally:
         model.to("cpu")
         torch.cuda.empty_cache()
@@ -253,7 +253,7 @@ def measure_table(config, batch: int, seq: int, device: str = "cpu", dtype: str 
     for h, f in tqdm(list(dict.fromkeys(shapes)), desc=f"latency table ({device})", unit="shape",
                      disable=not progress):
         model = dense if (h, f) == (heads, filters) else slimmed_copy(dense, [h] * layers, [f] * layers, 1)
-        times[h, f] = time_model(model, device, batch, seq, dtype, trials, replays)["ms"]
+        times[h, f] = time_model(model, device, [batch], seq, dtype, trials, replays)[f"b{batch}"]["ms"]
     # differences of noisy timings can dip below zero where a few units cost next to nothing: clamp at 0
     attention = [max(0.0, (times[h, filters] - times[0, filters]) / layers) for h in range(heads + 1)]
     ffn = [max(0.0, (times[heads, w] - times[heads, 0]) / layers) for w in widths]

@@ -151,13 +151,11 @@ def base_config(name: str):
         return config, f"shape fields in evals/encoder_latency.py (compress.hub: {err})"
 
 
-# --- timers
+# --- timers ---------------------------------------------------------------------------------------
 def time_shape(model, device: str, args) -> dict:
     """{"b32": timing, "b1": timing} of `model` on `device` (moved there in --cuda-dtype, and back, for cuda)."""
-    if device == "cpu":
-        return {f"b{b}": time_cpu(model, b, args.seq, args.cpu_runs, min(args.warmup, 2)) for b in args.batches}
-    return {f"b{b}": time_model(model, "cuda", b, args.seq, args.cuda_dtype, args.trials, args.replays, args.warmup)
-            for b in args.batches}
+    runs = args.cpu_runs if device == "cpu" else args.trials
+    return time_model(model, device, args.batches, args.seq, args.cuda_dtype, runs, args.replays, args.warmup)
 
 
 # --- results --------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def test_gpu_table_predicts_a_mixed_shape():
     assert table.exact_widths
     heads, filters = [12, 7, 2, 0], [3072, 1536, 320, 64]
     measured = latency.time_model(latency.slimmed_copy(latency.dense_model(config), heads, filters, 1), "cuda",
-                                  32, 128)["ms"]
+                                  [32], 128)["b32"]["ms"]
     assert measured == pytest.approx(table.model_ms(heads, filters), rel=0.1)
 
 
