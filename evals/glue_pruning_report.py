@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 
 LATENCY_JSON = Path(__file__).parent / "results" / "encoder_latency.json"
+# Rounds of latency-budgeted pruning (evals/latency_search_report.py), summarized under the table.
+LATENCY_SEARCH_JSONS = [Path(__file__).parent / "results" / f"latency_search{s}.json" for s in ("", "_minilm")]
 
 # How the numbers in the committed evals/results/glue_pruning_state.json were made; printed above a
 # table rendered from it (--report-only).
@@ -111,6 +113,7 @@ def markdown(result: dict) -> str:
         cells.append(f"{fisher['prune']['seconds']['total']:.1f}" if fisher and fisher.get("prune") else "-")
         cells += [_speed(fisher, k) if fisher else "-" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += latency_search_summary()
     lines += ["", "Seconds per pruning phase (fisher):", ""]
     for (model, task, flops), group in _grouped(result["rows"]).items():
         for method in [m for m in methods if m.startswith("fisher")]:
@@ -120,6 +123,37 @@ def markdown(result: dict) -> str:
                 lines.append(f"- {model} {task} FLOPs {flops:g}{name}: "
                              + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     return "\n".join(lines) + "\n"
+
+
+def latency_search_summary(paths=None) -> list[str]:
+    """The latency-budgeted rows (`fisher-speedupS`, guarded or not) of the latency_search*.json rounds, one
+    line per round and method: tasks, FLOPs kept, measured b32 speedup range, dev change per task."""
+    lines = []
+    for path in [Path(p) for p in (paths or LATENCY_SEARCH_JSONS)]:
+        if not path.is_file():
+            continue
+        for rnd in json.loads(path.read_text())["rounds"]:
+            by_method: dict = {}
+            for row in rnd["rows"]:
+                if "speedup" in row["method"] and row.get("speedup", {}).get("cuda:b32"):
+                    by_method.setdefault(row["method"], []).append(row)
+            for method, rows in sorted(by_method.items()):
+                speed = [r["speedup"]["cuda:b32"] for r in rows]
+                kept = [r["flops_ratio"] for r in rows]
+                changes = ", ".join(f"{r['task']} {_change(r):+.1f}" for r in rows)
+                lines.append(f"- {_shown(path)}, {rnd['name']}, `{method}`: b32 {min(speed):.2f}-{max(speed):.2f}x, "
+                             f"FLOPs kept {min(kept):.2f}-{max(kept):.2f}, dev change {changes}")
+    if not lines:
+        return []
+    return ["", "With a latency budget as well (`compress prune --flops 0.5 --speedup S --latency-table T`, the "
+            "table measured on the H200; CUDA-graph replays in bf16 at batch 32 x 128 against the dense model "
+            "timed in the same run; first metric minus the dense model's; rows and commands in the files "
+            "named):", ""] + lines
+
+
+def _change(row) -> float:
+    first = [k for k in row["metrics"] if k != "num_examples"][0]
+    return row["metrics"][first] - row["dense"][first]
 
 
 def _fisher_note(rows) -> list[str]:

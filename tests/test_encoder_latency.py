@@ -175,3 +175,19 @@ def test_known_bases_match_the_offline_configs(name):
     config = json.loads(path.read_text())
     fields = el.KNOWN_BASES[name]
     assert {k: config.get(k) for k in fields} == fields
+
+
+def test_glue_report_summarizes_latency_budgeted_rounds(tmp_path):
+    def row(task, method, speedup, acc):
+        return {"task": task, "method": method, "flops_ratio": 0.49, "dense": {"accuracy": 90.0},
+                "metrics": {"accuracy": acc, "num_examples": 10}, "speedup": {"cuda:b32": speedup}}
+    rounds = {"rounds": [{"name": "R", "rows": [row("sst2", "fisher", 1.5, 90.0),
+                                                 row("sst2", "fisher-speedup1.65", 1.62, 89.5),
+                                                 row("rte", "fisher-speedup1.65", 1.60, 91.0)]}]}
+    (tmp_path / "ls.json").write_text(json.dumps(rounds))
+    lines = report.latency_search_summary([tmp_path / "ls.json", tmp_path / "absent.json"])
+    budgeted = [line for line in lines if line.startswith("- ")]
+    assert len(budgeted) == 1   # the FLOPs-only row is not a latency-budgeted one
+    assert "`fisher-speedup1.65`: b32 1.60-1.62x" in budgeted[0]
+    assert "sst2 -0.5, rte +1.0" in budgeted[0]
+    assert report.latency_search_summary([tmp_path / "absent.json"]) == []
