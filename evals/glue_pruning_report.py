@@ -140,7 +140,7 @@ def latency_search_summary(paths=None) -> list[str]:
             for method, rows in sorted(by_method.items()):
                 speed = [r["speedup"]["cuda:b32"] for r in rows]
                 kept = [r["flops_ratio"] for r in rows]
-                changes = ", ".join(f"{r['task']} {_change(r):+.1f}" for r in rows)
+                changes = ", ".join(f"{r['task']} {metric_change(r):+.1f}" for r in rows)
                 lines.append(f"- {_shown(path)}, {rnd['name']}, `{method}`: b32 {min(speed):.2f}-{max(speed):.2f}x, "
                              f"FLOPs kept {min(kept):.2f}-{max(kept):.2f}, dev change {changes}")
     if not lines:
@@ -151,8 +151,9 @@ def latency_search_summary(paths=None) -> list[str]:
             "named):", ""] + lines
 
 
-def _change(row) -> float:
-    first = [k for k in row["metrics"] if k != "num_examples"][0]
+def metric_change(row) -> float:
+    """A pruned row's first metric (accuracy, MRPC accuracy, STS-B Pearson) minus its dense model's."""
+    first = next(k for k in row["metrics"] if k != "num_examples")
     return row["metrics"][first] - row["dense"][first]
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evals.glue_pruning_report import metric_text  # noqa: E402
+from evals.glue_pruning_report import metric_change, metric_text  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -84,8 +84,7 @@ def markdown(rounds: list[dict], title: str, table_path: str, note: str | None =
         lines += ["| task | method | FLOPs kept | dense | pruned | change | predicted ms (speedup) | measured b32 ms | "
                   "speedup b32 | speedup b1 |", "|---|---|---|---|---|---|---|---|---|---|"]
         for row in r["rows"]:
-            first = next(iter(k for k in row["metrics"] if k != "num_examples"))
-            change = row["metrics"][first] - row["dense"][first]
+            change = metric_change(row)
             b32, b1, ms = row["speedup"].get("cuda:b32"), row["speedup"].get("cuda:b1"), row["ms"].get("cuda:b32")
             lines.append(f"| {row['task']} | {row['method']} | {row['flops_ratio']:.3f} | {metric_text(row['dense'])} | "
                          f"{metric_text(row['metrics'])} | {change:+.1f} | {row['predicted_ms']:.3f} "
