@@ -1,8 +1,9 @@
 """Overlapped vs synchronous decode loop (serve/lookahead.py) on one engine: offline throughput and
 batch-1 decode step time, the two loops alternated `--repeats` times so drift shows up as spread.
 `--compare pdl` alternates Programmatic Dependent Launch of the decode kernels off and on instead
-(KERNELS_PDL=0 / 1, kernels/NOTES.md "PDL"), the overlapped loop on in both; the decode graphs are
-re-captured at each switch because a graph keeps the launch setting it was captured with.
+(KERNELS_PDL=0 / 1, kernels/NOTES.md "PDL"), the overlapped loop on in both; `--compare fusion` the
+logits, fp32 cast and soft-cap in one launch at batch 1 off and on (KERNELS_FUSED_LOGITS). The decode
+graphs are re-captured at each switch because a graph keeps the launch settings it was captured with.
 
 Same workload and models as evals/bench_serve.py (seeded random prompts 128..1024 tokens, 256 output
 tokens each, EOS ignored, greedy; a public Gemma shape with random bf16 weights). The loop is switched
@@ -12,6 +13,7 @@ wall time of `engine.step()`), the graph replay alone and the bandwidth floor, a
 
   python evals/bench_overlap.py --model gemma-2-2b                         # GPU machine, ~2 minutes
   python evals/bench_overlap.py --model gemma-2-2b --compare pdl --repeats 3   # PDL off / on (sm90+)
+  python evals/bench_overlap.py --model gemma-2-2b --compare fusion --num-requests 64   # fused logits off / on
   python evals/bench_overlap.py --model gemma-3-270m --num-requests 4 --output-len 8 --min-prompt 8 \
       --max-prompt 32 --latency-tokens 8 --max-model-len 256               # smoke run (CPU: fast path on)
 """
@@ -39,19 +41,20 @@ def make_llm(path: Path, args):
                max_model_len=args.max_model_len, enable_prefix_caching=False, fast_path="on", overlap=True)
 
 
-def set_pdl(llm, on: bool) -> None:
-    """KERNELS_PDL is read at every launch and frozen into a CUDA graph when it is captured."""
-    os.environ["KERNELS_PDL"] = "1" if on else "0"
+def set_env(llm, env: dict) -> None:
+    """KERNELS_PDL and the fusion switches are read at every launch and frozen into a CUDA graph when it
+    is captured, so the decode graphs are captured again."""
+    os.environ.update(env)
     graphs = llm.engine.runner.decode_graphs
     if graphs is not None and graphs.graphs:
         graphs.capture()
 
 
-def one_round(llm, args, prompts, vocab: int, copy_gbs: float, name: str, overlap: bool, pdl=None) -> dict:
+def one_round(llm, args, prompts, vocab: int, copy_gbs: float, name: str, overlap: bool, env=None) -> dict:
     lookahead = llm.engine.lookahead
     lookahead.enabled = overlap
-    if pdl is not None:
-        set_pdl(llm, pdl)
+    if env:
+        set_env(llm, env)
     ahead = lookahead.num_ahead
     row = run_offline(llm, prompts, args.output_len, name)
     row["output_tok_s"] = row["output_tokens"] / row["seconds"]
@@ -76,8 +79,9 @@ def parse_args(argv=None):
     add_workload_args(p)
     p.add_argument("--latency-tokens", type=int, default=128, help="batch-1 output tokens")
     p.add_argument("--repeats", type=int, default=2, help="rounds of (off, on)")
-    p.add_argument("--compare", choices=["overlap", "pdl"], default="overlap",
-                   help="what is off then on in each round: the overlapped loop, or PDL of the decode kernels")
+    p.add_argument("--compare", choices=["overlap", "pdl", "fusion"], default="overlap",
+                   help="what changes between the runs of a round: the overlapped loop (off, on), PDL of the decode "
+                        "kernels (off, on), or the batch-1 logits in one launch (KERNELS_FUSED_LOGITS off, on)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -92,7 +96,8 @@ def main(argv=None) -> list[dict]:
     if args.compare == "overlap":
         settings = [("overlap off", dict(overlap=False)), ("overlap on", dict(overlap=True))]
     else:
-        settings = [("pdl off", dict(overlap=True, pdl=False)), ("pdl on", dict(overlap=True, pdl=True))]
+        name, var = {"pdl": ("pdl", "KERNELS_PDL"), "fusion": ("fused logits", "KERNELS_FUSED_LOGITS")}[args.compare]
+        settings = [(f"{name} {v}", dict(overlap=True, env={var: "1" if v == "on" else "0"})) for v in ("off", "on")]
     rows = [one_round(llm, args, prompts, vocab, copy_gbs, name, **kw)
             for _ in range(args.repeats) for name, kw in settings]
     print(f"{args.model} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")

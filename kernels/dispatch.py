@@ -15,8 +15,8 @@ import torch
 
 BACKENDS = ("triton", "reference")
 OPS = ("reshape_and_cache", "rotary_and_cache", "paged_prefill_attention", "paged_decode_attention", "rms_norm",
-       "rms_norm_pair", "rotary_embedding", "linear_small_m", "gelu_tanh_and_mul_gemv", "add_layer_norm",
-       "ffn_add_layer_norm")
+       "rms_norm_pair", "rotary_embedding", "linear_small_m", "logits_small_m", "gelu_tanh_and_mul_gemv",
+       "add_layer_norm", "ffn_add_layer_norm")
 
 
 def triton_available() -> bool:
@@ -49,7 +49,7 @@ def load_backend(name: str) -> SimpleNamespace:
                                ("norm", ["rms_norm", "rms_norm_pair", "rotary_embedding"]),
                                ("layer_norm", ["add_layer_norm"]),
                                ("ffn", ["ffn_add_layer_norm"]),
-                               ("gemv", ["linear_small_m", "gelu_tanh_and_mul_gemv"])):
+                               ("gemv", ["linear_small_m", "logits_small_m", "gelu_tanh_and_mul_gemv"])):
         module = importlib.import_module(f".{module_name}", __package__)
         ops.update({op: getattr(module, op) for op in names})
     return SimpleNamespace(name=name, **ops)
@@ -121,6 +121,20 @@ def rms_norm_pair(x, w1, w2, eps: float, residual):
 
 def linear_small_m(x, weight, out=None):
     return backend().linear_small_m(x, weight, out=out)
+
+
+def fused_logits() -> bool:
+    """Whether the GEMV path computes the logits, their fp32 cast and the soft-cap in one launch
+    (logits_small_m); KERNELS_FUSED_LOGITS=0 keeps the four launches (A/B). Read when the model runs, so
+    a captured CUDA graph keeps the choice it was captured with."""
+    value = os.environ.get("KERNELS_FUSED_LOGITS")
+    if value not in (None, "0", "1"):
+        raise ValueError(f"KERNELS_FUSED_LOGITS must be 0 or 1, got {value!r}")
+    return value != "0"
+
+
+def logits_small_m(x, weight, softcap=None):
+    return backend().logits_small_m(x, weight, softcap)
 
 
 def gelu_tanh_and_mul_gemv(x, gate_up_weight):

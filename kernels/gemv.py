@@ -36,13 +36,13 @@ Shapes: x [M, K] (last dim contiguous), weight [N, K] (row-major), out [M, N].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import MAX_TICKETS, next_pow2, pdl_launch, pdl_wait, ticket_counters
+from .common import MAX_TICKETS, next_pow2, pdl_launch, pdl_wait, tanh, ticket_counters
 
 MAX_ROWS_PER_PROGRAM = 4       # rows of x that share one read of the weights
 # jit code may read module globals only as constexprs
@@ -132,6 +132,29 @@ def linear_small_m_kernel(
 
 
 @triton.jit
+def logits_small_m_kernel(
+    x_ptr,                       # [M, K]
+    w_ptr,                       # [N, K] (the lm_head or tied embedding)
+    out_ptr,                     # [M, N] fp32
+    M, N, K,
+    stride_x_m, stride_w_n, stride_out_m, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, feat_mask = rows < M, feats < N
+    pdl_wait(USE_PDL)            # x is the previous kernel's output
+    y = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    y = y.to(x_ptr.dtype.element_ty).to(tl.float32)      # rounded where the product's output would be
+    if USE_SOFTCAP:
+        y = softcap * tanh(y / softcap)
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out_m + feats[None, :]
+    tl.store(out, y, mask=row_mask[:, None] & feat_mask[None, :])
+
+
+@triton.jit
 def gelu_tanh_and_mul_gemv_kernel(
     x_ptr,                       # [M, K]
     w_ptr,                       # [2I, K]: gate rows [0, I), up rows [I, 2I)
@@ -201,8 +224,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError("gemv needs the K dimension contiguous in x and weight")
 
 
-def launch(kernel, x, weight, out, n_out: int, config: GemvConfig) -> None:
-    """Run `kernel` over out [M, n_out] with `config` (the benchmark's sweep calls this directly)."""
+def launch(kernel, x, weight, out, n_out: int, config: GemvConfig, **extra) -> None:
+    """Run `kernel` over out [M, n_out] with `config` (the benchmark's sweep calls this directly);
+    `extra`: the kernel's own further arguments, by name."""
     num_rows, k = x.shape
     block_m = rows_bucket(num_rows)
     grid = (triton.cdiv(n_out, config.block_n), triton.cdiv(num_rows, block_m))
@@ -211,7 +235,7 @@ def launch(kernel, x, weight, out, n_out: int, config: GemvConfig) -> None:
             raise ValueError("split_k > 1 is for linear_small_m_kernel only (GeGLU needs whole sums)")
         if grid[0] * grid[1] <= MAX_TICKETS:
             return _launch_split_k(x, weight, out, grid, block_m, config)
-    kernel[grid](x, weight, out, num_rows, n_out, k, x.stride(0), weight.stride(0), out.stride(0),
+    kernel[grid](x, weight, out, num_rows, n_out, k, x.stride(0), weight.stride(0), out.stride(0), **extra,
                  BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                  num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch(x.device, num_rows))
 
@@ -245,6 +269,19 @@ def linear_small_m(x, weight, out=None):
     if not _empty_or_zero(out, x.shape[1]):
         config = pick_config(LINEAR_CONFIGS, x.shape[0], weight.shape[0], x.shape[1])
         launch(linear_small_m_kernel, x, weight, out, weight.shape[0], config)
+    return out
+
+
+def logits_small_m(x, weight, softcap=None):
+    """Logits of a decode step: fp32 [M, N] = softcap * tanh(y / softcap) for y = x @ weight^T rounded to
+    x.dtype (what `linear_small_m(x, weight).float()` and the separate soft-cap ops give, up to the last
+    bits of tanh), in one launch instead of four."""
+    _check(x, weight)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    if not _empty_or_zero(out, x.shape[1]):
+        config = pick_config(LINEAR_CONFIGS, x.shape[0], weight.shape[0], x.shape[1])
+        launch(logits_small_m_kernel, x, weight, out, weight.shape[0], replace(config, split_k=1),
+               softcap=float(softcap or 1.0), USE_SOFTCAP=softcap is not None)
     return out
 
 

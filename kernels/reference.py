@@ -123,6 +123,12 @@ def ffn_add_layer_norm_ref(x, w1, b1, w2, b2, weight, bias, eps: float):
     return add_layer_norm_ref(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), x, weight, bias, eps)
 
 
+def logits_small_m_ref(x, weight, softcap=None):
+    """fp32 logits of x [M, K] against weight [N, K], soft-capped (cap * tanh(y / cap)) when softcap is set."""
+    logits = F.linear(x, weight).float()
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
 def linear_small_m_ref(x, weight, out=None):
     """x [M, K] @ weight [N, K]^T -> [M, N] in x.dtype (any M; the Triton twin is meant for M <= 4)."""
     y = F.linear(x, weight)

@@ -55,6 +55,25 @@ def test_linear_small_m_matches_reference(num_rows, dtype):
         assert relative_error(out, want) < TOLERANCE[dtype], config
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [1, 3])
+def test_logits_small_m_matches_product_float_and_softcap(num_rows, dtype, softcap):
+    """The decode step's logits in one launch: fp32, the product rounded to x.dtype first, then capped.
+    Large logits (scale 8) so the cap of 30 bends them."""
+    x, weight = _inputs(num_rows, 77, 300, dtype, scale=8.0)
+    got = gemv.logits_small_m(x, weight, softcap)
+    assert got.dtype == torch.float32
+    product = gemv.linear_small_m(x, weight).float()        # the rounding the kernel reproduces
+    want = product if softcap is None else softcap * torch.tanh(product / softcap)
+    assert (got - want).abs().max() < 1e-4 * (softcap or want.abs().max())
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    if softcap is not None:
+        assert got.abs().max() < softcap and product.abs().max() > softcap / 2
+    ref = reference.logits_small_m_ref(x.float(), weight.float(), softcap)
+    assert relative_error(got, ref) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_rows", [1, 3, 4, 5])
 def test_gelu_tanh_and_mul_gemv_matches_reference(num_rows, dtype):
@@ -280,6 +299,10 @@ sig = {name: "constexpr" if name in consts else kinds.get(name, "i32")
        for name in decode.paged_decode_split_kernel.arg_names}
 triton.compile(ASTSource(fn=decode.paged_decode_split_kernel, signature=sig, constexprs=consts), target=target,
                options={"num_warps": 4, "num_stages": 3})
+logits_sig = {**gemv_sig, "out_ptr": "*fp32", "softcap": "fp32", "USE_SOFTCAP": "constexpr"}
+triton.compile(ASTSource(fn=gemv.logits_small_m_kernel, signature=logits_sig,
+                         constexprs={"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 256, "USE_SOFTCAP": True,
+                                     "USE_PDL": False}), target=target, options={"num_warps": 4})
 print("compiled")
 """
 

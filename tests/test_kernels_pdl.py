@@ -31,7 +31,8 @@ from compress.kernels import cache, common, decode, gemv, norm  # noqa: E402
 # split_k > 1 (none by default).
 STEP_KERNELS = {
     "rms_norm_kernel": norm, "rms_norm_pair_kernel": norm, "linear_small_m_kernel": gemv,
-    "gelu_tanh_and_mul_gemv_kernel": gemv, "linear_split_k_kernel": gemv, "rotary_and_cache_kernel": cache,
+    "gelu_tanh_and_mul_gemv_kernel": gemv, "linear_split_k_kernel": gemv, "logits_small_m_kernel": gemv,
+    "rotary_and_cache_kernel": cache,
     "paged_decode_split_kernel": decode, "paged_decode_reduce_kernel": decode,
 }
 # What may be loaded before the wait: model weights, which no kernel writes while a step runs.
@@ -95,6 +96,17 @@ def test_pdl_switch_follows_the_device_and_kernels_pdl(monkeypatch):
     monkeypatch.setenv("KERNELS_PDL", "on")
     with pytest.raises(ValueError, match="0 or 1"):
         common.pdl_enabled(cuda, 1)
+
+
+def test_fused_logits_switch(monkeypatch):
+    from compress.kernels import dispatch
+    monkeypatch.delenv("KERNELS_FUSED_LOGITS", raising=False)
+    assert dispatch.fused_logits()
+    monkeypatch.setenv("KERNELS_FUSED_LOGITS", "0")
+    assert not dispatch.fused_logits()
+    monkeypatch.setenv("KERNELS_FUSED_LOGITS", "on")
+    with pytest.raises(ValueError, match="KERNELS_FUSED_LOGITS"):
+        dispatch.fused_logits()
 
 
 def test_this_triton_has_launch_pdl_and_the_gdc_calls():
@@ -167,6 +179,8 @@ def cases():
     for (rows, n, k), c in gemv.GEGLU_CONFIGS.items():
         yield (f"geglu {n}x{k}", gemv.gelu_tanh_and_mul_gemv_kernel, dict(BLOCK_M=rows, BLOCK_N=c.block_n,
                BLOCK_K=c.block_k), dict(num_warps=c.num_warps, num_stages=c.num_stages), False)
+    yield ("logits", gemv.logits_small_m_kernel, dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, USE_SOFTCAP=True),
+           dict(num_stages=3), False)
     yield ("split-k", gemv.linear_split_k_kernel, dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, SPLIT_K=2),
            dict(num_stages=3), False)
     for residual in (False, True):
@@ -300,15 +314,17 @@ prompts = random_prompts([3, 30, 12, 21, 9, 17, 40, 5])
 for name, config in (("gemma2", gemma2_config()), ("gemma3", gemma3_config())):
     path = save_model(random_model(config, seed=3), {path!r} + name)
     tokens = {{}}
-    for pdl in ("0", "1"):
-        os.environ["KERNELS_PDL"] = pdl           # the graphs are captured in LLM(): one engine per setting
+    # PDL off with the logits in four launches, PDL on with them fused, PDL on with them in four
+    for setting in ("0 0", "1 1", "1 0"):
+        pdl, logits = setting.split()
+        os.environ["KERNELS_PDL"], os.environ["KERNELS_FUSED_LOGITS"] = pdl, logits   # captured in LLM()
         assert pdl_enabled(torch.device("cuda"), 1) == (pdl == "1")
         batched = LLM(path, block_size=4, max_num_batched_tokens=32, max_num_seqs=8)
         alone = LLM(path, block_size=4, max_num_batched_tokens=32, max_num_seqs=1)   # batch-1 GEMV graphs
         assert alone.engine.runner.decode_graphs.graphs
-        tokens[pdl] = [[o.outputs[0].token_ids for o in llm.generate(prompts, params)] for llm in (batched, alone)]
+        tokens[setting] = [[o.outputs[0].token_ids for o in llm.generate(prompts, params)] for llm in (batched, alone)]
         del batched, alone
-    assert tokens["1"] == tokens["0"], (name, tokens)
+    assert tokens["1 1"] == tokens["0 0"] == tokens["1 0"], (name, tokens)
     print(name, "same tokens")
 """
 
