@@ -113,6 +113,19 @@ def _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m
 
 
 @triton.jit
+def _small_m_product(x_ptr, w_ptr, out_ptr, M, N, K, stride_x_m, stride_w_n, stride_out_m,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's tile of x @ w^T (fp32 [BLOCK_M, BLOCK_N]) with its output pointers and mask."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, feat_mask = rows < M, feats < N
+    y = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out_m + feats[None, :]
+    return y, out, row_mask[:, None] & feat_mask[None, :]
+
+
+@triton.jit
 def linear_small_m_kernel(
     x_ptr,                       # [M, K]
     w_ptr,                       # [N, K]
@@ -121,14 +134,10 @@ def linear_small_m_kernel(
     stride_x_m, stride_w_n, stride_out_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, feat_mask = rows < M, feats < N
     pdl_wait(USE_PDL)            # x is the previous kernel's output
-    y = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
-                       BLOCK_M, BLOCK_N, BLOCK_K)
-    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out_m + feats[None, :]
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & feat_mask[None, :])
+    y, out, mask = _small_m_product(x_ptr, w_ptr, out_ptr, M, N, K, stride_x_m, stride_w_n, stride_out_m,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -141,17 +150,13 @@ def logits_small_m_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, feat_mask = rows < M, feats < N
     pdl_wait(USE_PDL)            # x is the previous kernel's output
-    y = _rows_dot_tile(x_ptr, w_ptr, rows, row_mask, feats, feat_mask, K, stride_x_m, stride_w_n,
-                       BLOCK_M, BLOCK_N, BLOCK_K)
+    y, out, mask = _small_m_product(x_ptr, w_ptr, out_ptr, M, N, K, stride_x_m, stride_w_n, stride_out_m,
+                                    BLOCK_M, BLOCK_N, BLOCK_K)
     y = y.to(x_ptr.dtype.element_ty).to(tl.float32)      # rounded where the product's output would be
     if USE_SOFTCAP:
         y = softcap * tanh(y / softcap)
-    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out_m + feats[None, :]
-    tl.store(out, y, mask=row_mask[:, None] & feat_mask[None, :])
+    tl.store(out, y, mask=mask)
 
 
 @triton.jit
