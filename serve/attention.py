@@ -18,7 +18,7 @@ import torch
 @dataclass
 class GroupMetadata:
     """Per KV group (full attention, or one sliding window): where each new token's K/V goes."""
-    slot_mapping: torch.Tensor     # [T] int64, -1 = skip
+    slot_mapping: torch.Tensor     # [T] int64 (int32 in the decode graphs), -1 = skip
     block_tables: torch.Tensor     # [B, M] int32
 
 

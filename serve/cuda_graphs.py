@@ -62,9 +62,6 @@ class DecodeGraphs:
         self.stamps = {k: [None] * m for k in self.keys}   # per row: whose table it holds (see pack)
         self.dev = self._views(self.device_buf)
         dev = runner.device
-        self.ids = torch.zeros(m, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(m, dtype=torch.int64, device=dev)
-        self.slots = {k: torch.full((m,), -1, dtype=torch.int64, device=dev) for k in self.keys}
         self.cu_seqlens = torch.arange(m + 1, dtype=torch.int32, device=dev)
         # recorded after each copy out of the pinned buffer; packing waits on it before overwriting
         self.copied = torch.cuda.Event() if runner.device.type == "cuda" else None
@@ -111,17 +108,14 @@ class DecodeGraphs:
 
     # ---- device side: one model step over persistent buffers ------------------------------------
     def _step(self, bucket: int) -> torch.Tensor:
-        """The captured region: cast the packed metadata, run the model, return logits [bucket, V]."""
+        """The captured region: run the model on the packed metadata, return logits [bucket, V]. Ids,
+        positions and slots stay int32 (the embedding, the kernels and their references take int32
+        indices), so the step starts with the embedding, not with four cast launches."""
         runner, dev = self.runner, self.dev
-        self.ids[:bucket].copy_(dev["ids"][:bucket])
-        self.positions[:bucket].copy_(dev["positions"][:bucket])
-        groups = {}
-        for key in self.keys:
-            self.slots[key][:bucket].copy_(dev[("slots", key)][:bucket])
-            groups[key] = GroupMetadata(self.slots[key][:bucket], dev[("tables", key)][:bucket])
+        groups = {key: GroupMetadata(dev[("slots", key)][:bucket], dev[("tables", key)][:bucket]) for key in self.keys}
         meta = AttentionMetadata(cu_seqlens_q=self.cu_seqlens[:bucket + 1], seq_lens=dev["seq_lens"][:bucket],
                                  max_seqlen_q=1, is_decode=True, groups=groups)
-        hidden = runner.model(self.ids[:bucket], self.positions[:bucket], meta, runner.kv_caches, runner.backend)
+        hidden = runner.model(dev["ids"][:bucket], dev["positions"][:bucket], meta, runner.kv_caches, runner.backend)
         return runner.model.compute_logits(hidden)
 
     @torch.inference_mode()
