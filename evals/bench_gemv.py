@@ -9,6 +9,10 @@ in a real decode step where every layer has its own). GB/s counts weights + x + 
 The step estimate sums 26 layers of the four per-layer products and one lm_head.
 
     python evals/bench_gemv.py [--sweep] [--rows 1 2 4] [--shapes qkv down] [--json out.json] [--out out.md]
+    python evals/bench_gemv.py --rows 1 --shapes qkv o_proj down --l2-hot   # one weight copy, L2-resident
+
+`--l2-hot` times each product on a single weight copy replayed back to back, so a weight that fits in L2
+is read from it: the bound on what a prefetch of the weights into L2 could save (kernels/NOTES.md).
 
 `--sweep` times a grid of launch configs per (shape, M) first, uses the best ones for the table, and
 prints them as entries for LINEAR_CONFIGS / GEGLU_CONFIGS in kernels/gemv.py. On the linear shapes with
@@ -72,11 +76,11 @@ def l2_bytes() -> int:
 class Problem:
     """Weight copies of one shape (working set > 2x L2) and an input of `rows` rows."""
 
-    def __init__(self, name: str, rows: int):
+    def __init__(self, name: str, rows: int, hot: bool = False):
         self.name, self.rows = name, rows
         self.n, self.k, self.kind = SHAPES[name]
         weight_bytes = self.n * self.k * 2
-        self.copies = 2 * l2_bytes() // weight_bytes + 1          # strictly more than 2x L2 in all
+        self.copies = 1 if hot else 2 * l2_bytes() // weight_bytes + 1    # cold: strictly more than 2x L2
         generator = torch.Generator(device=DEVICE).manual_seed(0)
         self.weights = [torch.randn(self.n, self.k, device=DEVICE, dtype=DTYPE, generator=generator)
                         / self.k ** 0.5 for _ in range(self.copies)]
@@ -201,7 +205,7 @@ def run_all(args) -> tuple[list[dict], list[dict], dict]:
     rows, sweeps, best = [], [], {}
     for name in args.shapes:
         for m in args.rows:
-            problem = Problem(name, m)
+            problem = Problem(name, m, hot=args.l2_hot)
             if args.sweep:
                 config, results = sweep(problem, args.iters, args.split_k)
                 sweeps += results
@@ -215,11 +219,12 @@ def run_all(args) -> tuple[list[dict], list[dict], dict]:
     return rows, sweeps, best
 
 
-def report(command: str, rows: list[dict], best: dict, copy_gbs: float) -> str:
+def report(command: str, rows: list[dict], best: dict, copy_gbs: float, hot: bool = False) -> str:
     import triton
+    working_set = "one weight copy, L2-resident where it fits" if hot else "working set > 2x L2"
     lines = [f"# Small-batch GEMV on {torch.cuda.get_device_name()}", "",
              f"torch {torch.__version__}, triton {triton.__version__}, bf16; copy bandwidth {copy_gbs:.0f} GB/s; "
-             f"L2 {l2_bytes() / 2 ** 20:.0f} MiB (working set > 2x L2).", "",
+             f"L2 {l2_bytes() / 2 ** 20:.0f} MiB ({working_set}).", "",
              f"Command: `python evals/bench_gemv.py {command}`", "", markdown(rows), "",
              "Decode-step products (26 layers + lm_head):", *step_estimate(rows, copy_gbs)]
     if best:
@@ -235,6 +240,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true", help="time launch configs first and use the best")
     parser.add_argument("--split-k", type=int, nargs="+", default=[1, 2, 3, 4],
                         help="split-K factors the sweep tries on linear shapes with N <= %d" % SPLIT_K_MAX_N)
+    parser.add_argument("--l2-hot", action="store_true", help="one weight copy (read from L2 where it fits)")
     parser.add_argument("--json", type=Path, help="write rows (and sweep results) as JSON here")
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     argv = sys.argv[1:] if argv is None else argv
@@ -244,7 +250,7 @@ def main(argv=None) -> int:
         return 2
     copy_gbs = copy_bandwidth_gbs(args.iters)
     rows, sweeps, best = run_all(args)
-    text = report(" ".join(argv), rows, best, copy_gbs)
+    text = report(" ".join(argv), rows, best, copy_gbs, args.l2_hot)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
