@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     programs = torch.cuda.get_device_properties(0).multi_processor_count * 4
     flush = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda")
     scratch = torch.zeros(programs, device="cuda")
-    print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}; GEMV alone after an L2 flush and the mode's kernel")
+    print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}; "
+          "GEMV alone after an L2 flush and the mode's kernel")
     print("| shape | mode | GEMV us (median) | vs cold | rel. err |")
     print("| --- | --- | ---: | ---: | ---: |")
     for name, (n, k) in SHAPES.items():

@@ -255,12 +255,9 @@ class GemmaForCausalLM(nn.Module):
                                               backend)
         return h
 
-    def lm_weight(self) -> torch.Tensor:
-        return self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> fp32 logits [N, vocab], soft-capped when the config says so."""
-        weight = self.lm_weight()
+        weight = self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
         cap = self.spec.final_logit_softcapping
         if self.rope_tables is not None and few_tokens(hidden):    # fast path, decode at small batch
             if kernels.fused_logits():
