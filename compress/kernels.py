@@ -21,9 +21,9 @@ _here = Path(__file__).resolve()
 _installed = _here.with_suffix("")  # site-packages/compress/kernels/ in a wheel install
 __path__ = [str(_installed if (_installed / "dispatch.py").is_file() else _here.parents[1] / "kernels")]
 
-from compress.kernels.dispatch import (add_layer_norm, backend_name, ffn_add_layer_norm, fused_logits,  # noqa: E402
-                                       gelu_tanh_and_mul_gemv, linear_small_m, logits_small_m,
-                                       paged_decode_attention, paged_prefill_attention,
+from compress.kernels.dispatch import (add_layer_norm, backend_name, embed_rms_norm,  # noqa: E402
+                                       ffn_add_layer_norm, fused_logits, gelu_tanh_and_mul_gemv,
+                                       linear_small_m, logits_small_m, paged_decode_attention, paged_prefill_attention,
                                        reshape_and_cache, rms_norm, rms_norm_pair, rotary_and_cache,
                                        rotary_embedding, set_backend)
 
@@ -32,7 +32,7 @@ from compress.kernels.dispatch import (add_layer_norm, backend_name, ffn_add_lay
 # 2.02 vs 2.26 ms) but not yet at 2 or 4 (0.95x, 0.67x with untuned configs), so batch 1 only.
 GEMV_MAX_TOKENS = 1
 
-__all__ = ["GEMV_MAX_TOKENS", "add_layer_norm", "backend_name", "ffn_add_layer_norm", "fused_logits",
-           "gelu_tanh_and_mul_gemv", "linear_small_m", "logits_small_m",
+__all__ = ["GEMV_MAX_TOKENS", "add_layer_norm", "backend_name", "embed_rms_norm", "ffn_add_layer_norm",
+           "fused_logits", "gelu_tanh_and_mul_gemv", "linear_small_m", "logits_small_m",
            "paged_decode_attention", "paged_prefill_attention", "reshape_and_cache", "rms_norm",
            "rms_norm_pair", "rotary_and_cache", "rotary_embedding", "set_backend"]

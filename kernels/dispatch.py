@@ -15,7 +15,7 @@ import torch
 
 BACKENDS = ("triton", "reference")
 OPS = ("reshape_and_cache", "rotary_and_cache", "paged_prefill_attention", "paged_decode_attention", "rms_norm",
-       "rms_norm_pair", "rotary_embedding", "linear_small_m", "logits_small_m", "gelu_tanh_and_mul_gemv",
+       "rms_norm_pair", "embed_rms_norm", "rotary_embedding", "linear_small_m", "logits_small_m", "gelu_tanh_and_mul_gemv",
        "add_layer_norm", "ffn_add_layer_norm")
 
 
@@ -46,7 +46,7 @@ def load_backend(name: str) -> SimpleNamespace:
     for module_name, names in (("cache", ["reshape_and_cache", "rotary_and_cache"]),
                                ("prefill", ["paged_prefill_attention"]),
                                ("decode", ["paged_decode_attention"]),
-                               ("norm", ["rms_norm", "rms_norm_pair", "rotary_embedding"]),
+                               ("norm", ["rms_norm", "rms_norm_pair", "embed_rms_norm", "rotary_embedding"]),
                                ("layer_norm", ["add_layer_norm"]),
                                ("ffn", ["ffn_add_layer_norm"]),
                                ("gemv", ["linear_small_m", "logits_small_m", "gelu_tanh_and_mul_gemv"])):
@@ -117,6 +117,10 @@ def rotary_embedding(positions, q, k, cos_sin_cache):
 
 def rms_norm_pair(x, w1, w2, eps: float, residual):
     return backend().rms_norm_pair(x, w1, w2, eps, residual)
+
+
+def embed_rms_norm(ids, table, scale: float, weight, eps: float, src_rows=None, prev_tokens=None):
+    return backend().embed_rms_norm(ids, table, scale, weight, eps, src_rows=src_rows, prev_tokens=prev_tokens)
 
 
 def linear_small_m(x, weight, out=None):

@@ -7,6 +7,7 @@ add saves one read and one write of the hidden state per norm (Gemma has four no
 one kernel (post-attention + pre-feedforward; post-feedforward + the next layer's input norm), so a
 layer launches two norm kernels instead of four. Under PDL (kernels/common.py) the norm weights are
 loaded before waiting on the previous kernel.
+`embed_rms_norm` starts a step: the embedding gather, Gemma's sqrt(hidden) scale and the first input norm.
 Rotary is rotate-half (NeoX / Hugging Face) over the whole head: q, k [T, H, D] rotated in place from
 a [max_position, D] fp32 table of cos (first D/2 columns) and sin (last D/2).
 """
@@ -115,6 +116,55 @@ def rms_norm(x, weight, eps: float, residual=None, out=None):
             num_warps=4 if hidden <= 4096 else 8, **pdl_launch(x.device, x2.shape[0]),
         )
     return out if residual is None else (out, summed)
+
+
+@triton.jit
+def embed_rms_norm_kernel(
+    ids_ptr,                     # [T] token ids (int32 or int64)
+    src_rows_ptr,                # [T] int32: >= 0 takes prev_tokens[src] instead (read when HAS_SRC)
+    prev_ptr,                    # [*] int64 tokens sampled by the previous step
+    table_ptr,                   # [V, H] embedding
+    weight_ptr,                  # [H] the first layer's input norm
+    out_ptr,                     # [T, H] norm(embedding * scale)
+    sum_ptr,                     # [T, H] embedding * scale, the residual stream
+    scale, eps,
+    stride_table, stride_out_t, stride_sum_t,
+    HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, HAS_SRC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    mask = h < HIDDEN
+    dtype = table_ptr.dtype.element_ty
+    token = tl.load(ids_ptr + row).to(tl.int64)
+    if HAS_SRC:
+        src = tl.load(src_rows_ptr + row)
+        prev = tl.load(prev_ptr + tl.maximum(src, 0)).to(tl.int64)
+        token = tl.where(src >= 0, prev, token)
+    x = tl.load(table_ptr + token * stride_table + h, mask=mask, other=0.0)
+    x = (x.to(tl.float32) * scale).to(dtype)           # rounded as the separate multiply rounds
+    tl.store(sum_ptr + row * stride_sum_t + h, x, mask=mask)
+    weight = tl.load(weight_ptr + h, mask=mask, other=0.0).to(tl.float32)
+    out = _gemma_norm(x.to(tl.float32), weight, eps, HIDDEN)
+    tl.store(out_ptr + row * stride_out_t + h, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def embed_rms_norm(ids, table, scale: float, weight, eps: float, src_rows=None, prev_tokens=None):
+    """(norm(table[ids] * scale), table[ids] * scale) [T, H] in one launch: a Gemma step's embedding, its
+    sqrt(hidden) scale (`scale`, already rounded to the table's dtype) and the first input norm. With
+    `src_rows` [T], a row whose entry is >= 0 embeds prev_tokens[src] instead of its id: a decode step
+    launched ahead takes the previous step's tokens on the device (serve/lookahead.py). Not a PDL launch:
+    it is the first kernel of a step, behind the metadata copy."""
+    num_tokens, hidden = ids.shape[0], table.shape[1]
+    out = table.new_empty(num_tokens, hidden)
+    summed = torch.empty_like(out)
+    if num_tokens > 0:
+        has_src = src_rows is not None
+        embed_rms_norm_kernel[(num_tokens,)](
+            ids, src_rows if has_src else ids, prev_tokens if has_src else ids, table, weight, out, summed,
+            float(scale), float(eps), table.stride(0), out.stride(0), summed.stride(0),
+            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), HAS_SRC=has_src, num_warps=4 if hidden <= 4096 else 8,
+        )
+    return out, summed
 
 
 @triton.jit

@@ -105,6 +105,16 @@ def rms_norm_ref(x, weight, eps: float, residual=None, out=None):
     return normed if residual is None else (normed, summed)
 
 
+def embed_rms_norm_ref(ids, table, scale: float, weight, eps: float, src_rows=None, prev_tokens=None):
+    """(norm(table[ids] * scale), table[ids] * scale); rows with src_rows >= 0 embed prev_tokens[src]."""
+    ids = ids.long()
+    if src_rows is not None:
+        src = src_rows.long()
+        ids = torch.where(src >= 0, prev_tokens.long()[src.clamp(min=0)], ids)
+    x = F.embedding(ids, table) * torch.tensor(scale, dtype=table.dtype)
+    return rms_norm_ref(x, weight, eps), x
+
+
 def rms_norm_pair_ref(x, w1, w2, eps: float, residual):
     """(norm2(norm1(x) + residual), norm1(x) + residual): two Gemma norms with the residual add between."""
     return rms_norm_ref(rms_norm_ref(x, w1, eps), w2, eps, residual=residual)

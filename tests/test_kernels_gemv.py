@@ -184,6 +184,31 @@ def test_rms_norm_pair_matches_two_norms(dtype, hidden):
     assert relative_error(summed, two_sum) < 1e-6 and relative_error(out, two_out) < 1e-6
 
 
+@pytest.mark.parametrize("dtype,hidden", [(torch.float32, 640), (torch.bfloat16, 1152)])
+@pytest.mark.parametrize("ahead", [False, True])
+def test_embed_rms_norm_matches_embedding_scale_and_norm(dtype, hidden, ahead):
+    """One launch for the embedding, the sqrt(hidden) scale and the first norm; in a step launched ahead,
+    rows with a source row take the previous step's token instead of their (stale) id."""
+    vocab, rows = 300, 6
+    table = torch.randn(vocab, hidden, device=DEVICE).to(dtype)
+    weight = torch.randn(hidden, device=DEVICE) * 0.3
+    ids = torch.randint(0, vocab, (rows,), device=DEVICE, dtype=torch.int32)
+    scale = torch.tensor(hidden ** 0.5, dtype=dtype).item()
+    src_rows = prev = None
+    want_ids = ids.long()
+    if ahead:
+        src_rows = torch.tensor([2, -1, 0, 4, -1, 1], device=DEVICE, dtype=torch.int32)
+        prev = torch.randint(0, vocab, (8,), device=DEVICE)
+        want_ids = torch.where(src_rows >= 0, prev[src_rows.long().clamp(min=0)], want_ids)
+    out, summed = norm.embed_rms_norm(ids, table, scale, weight, 1e-6, src_rows=src_rows, prev_tokens=prev)
+    want_out, want_sum = reference.embed_rms_norm_ref(ids, table, scale, weight, 1e-6, src_rows, prev)
+    assert torch.equal(want_sum, table[want_ids] * torch.tensor(scale, dtype=dtype))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert relative_error(summed, want_sum) < tol and relative_error(out, want_out) < tol
+    if DEVICE == "cuda":      # the interpreter truncates to bf16; compiled kernels round like torch
+        assert torch.equal(summed, want_sum) and torch.equal(out, norm.rms_norm(want_sum, weight, 1e-6))
+
+
 def test_dispatcher_runs_new_ops_on_both_backends():
     x, weight = _inputs(2, 48, 64, torch.float32)
     residual, w = torch.randn(2, 64, device=DEVICE), torch.randn(64, device=DEVICE) * 0.1
