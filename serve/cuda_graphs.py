@@ -19,9 +19,17 @@ the model needs are cast from it, so one memcpy moves a step's metadata. Without
 
 A step launched ahead (serve/lookahead.py) does not know its input tokens on the host: they are the
 previous step's samples, still on the device. Its rows carry `src_rows` (row i takes the token sampled
-in row src_rows[i] of the previous step), and after the metadata copy one gather writes those tokens
-over the ids on the device. Since the host may pack step N+1 while step N's copy out of the pinned
-buffer is still queued, packing first waits for an event recorded after that copy.
+in row src_rows[i] of the previous step; -1 in a step whose ids came from the host), and the step's
+first kernel (kernels.embed_rms_norm: embedding, scale and first norm) picks the token from the
+persistent `tokens` buffer. The graph ends with the logits' argmax written into that buffer, so a greedy
+step chains into the next one with no launch outside the graphs but the copies; a step sampled any
+other way has its tokens copied into the buffer before the next replay.
+
+The metadata copy moves the block tables only when a row's table changed since the last copy (about
+one step in block_size per sequence); otherwise only the per-row fields at the front of the buffer
+(ids to slots, a few KB instead of max_batch x max_model_len / block_size entries per group).
+Since the host may pack step N+1 while step N's copy out of the pinned buffer is still queued, packing
+first waits for an event recorded after that copy.
 """
 
 from __future__ import annotations
@@ -63,6 +71,10 @@ class DecodeGraphs:
         self.dev = self._views(self.device_buf)
         dev = runner.device
         self.cu_seqlens = torch.arange(m + 1, dtype=torch.int32, device=dev)
+        self.tokens = torch.zeros(m, dtype=torch.int64, device=dev)   # the last step's argmax (see above)
+        self.argmax: torch.Tensor | None = None      # the last run's rows of it, for the sampler
+        self.header = m * (4 + len(self.keys))       # ids | positions | seq_lens | src_rows | slots
+        self.tables_dirty = True                     # host tables changed since the last copy
         # recorded after each copy out of the pinned buffer; packing waits on it before overwriting
         self.copied = torch.cuda.Event() if runner.device.type == "cuda" else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -88,8 +100,10 @@ class DecodeGraphs:
         pos = np.fromiter((seq.num_computed_tokens for seq in seqs), dtype=np.int64, count=num)
         if src_rows is None:
             views["ids"][:num] = [seq.token_ids[p] for seq, p in zip(seqs, pos.tolist())]
+            views["src_rows"][:num] = -1
         else:
             views["src_rows"][:num] = src_rows
+        views["src_rows"][num:bucket] = -1
         views["positions"][:num], views["seq_lens"][:num] = pos, pos + 1
         views["ids"][num:bucket], views["positions"][num:bucket], views["seq_lens"][num:bucket] = 0, 0, 1
         rows = np.arange(num)
@@ -100,10 +114,13 @@ class DecodeGraphs:
                 stamp = (seq.seq_id, seq.block_table_version, len(table))
                 if stamps[i] != stamp:
                     tables[i, :len(table)], stamps[i] = table, stamp
+                    self.tables_dirty = True
             views[("slots", key)][:num] = tables[rows, pos // block_size] * block_size + pos % block_size
             views[("slots", key)][num:bucket] = -1
-            tables[num:bucket, 0] = 0
-            stamps[num:bucket] = [None] * (bucket - num)
+            if any(stamp is not None for stamp in stamps[num:bucket]):
+                tables[num:bucket, 0] = 0
+                stamps[num:bucket] = [None] * (bucket - num)
+                self.tables_dirty = True
         return bucket
 
     # ---- device side: one model step over persistent buffers ------------------------------------
@@ -115,8 +132,11 @@ class DecodeGraphs:
         groups = {key: GroupMetadata(dev[("slots", key)][:bucket], dev[("tables", key)][:bucket]) for key in self.keys}
         meta = AttentionMetadata(cu_seqlens_q=self.cu_seqlens[:bucket + 1], seq_lens=dev["seq_lens"][:bucket],
                                  max_seqlen_q=1, is_decode=True, groups=groups)
-        hidden = runner.model(dev["ids"][:bucket], dev["positions"][:bucket], meta, runner.kv_caches, runner.backend)
-        return runner.model.compute_logits(hidden)
+        hidden = runner.model(dev["ids"][:bucket], dev["positions"][:bucket], meta, runner.kv_caches, runner.backend,
+                              src_rows=dev["src_rows"][:bucket], prev_tokens=self.tokens)
+        logits = runner.model.compute_logits(hidden)
+        torch.argmax(logits, dim=1, out=self.tokens[:bucket])    # read by the next step's embedding
+        return logits
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -125,6 +145,7 @@ class DecodeGraphs:
         self.graphs.clear()
         self.outputs.clear()
         self.np["seq_lens"][:] = 1
+        self.np["src_rows"][:] = -1
         for key in self.keys:
             self.np[("slots", key)][:] = -1
         self.device_buf.copy_(self.host)
@@ -141,19 +162,26 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def run(self, seqs, prev_tokens: torch.Tensor | None = None, src_rows: list[int] | None = None) -> torch.Tensor:
-        """Logits [B, V] fp32 of a pure decode batch (one new token per sequence, every one sampling).
-        A step launched ahead passes the previous step's sampled tokens (int64, on the device) and,
-        per row, the row of that step whose token it decodes."""
+        """Logits [B, V] fp32 of a pure decode batch (one new token per sequence, every one sampling);
+        their argmax is left in `self.argmax`. A step launched ahead passes the previous step's sampled
+        tokens (int64, on the device) and, per row, the row of that step whose token it decodes."""
         if self.copied is not None:
             self.copied.synchronize()
         bucket = self.pack(seqs, src_rows)
-        self.device_buf.copy_(self.host, non_blocking=True)
+        size = self.device_buf.numel() if self.tables_dirty else self.header
+        self.device_buf[:size].copy_(self.host[:size], non_blocking=True)
+        self.tables_dirty = False
         if self.copied is not None:
             self.copied.record()
-        if prev_tokens is not None:
-            num = len(seqs)
-            self.dev["ids"][:num].copy_(prev_tokens.index_select(0, self.dev["src_rows"][:num]))
+        if prev_tokens is not None and prev_tokens.data_ptr() != self.tokens.data_ptr():
+            self.tokens[:len(prev_tokens)].copy_(prev_tokens)      # sampled, not the graph's argmax
+        num = len(seqs)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
-            return self.outputs[bucket][:len(seqs)]
-        return self._step(bucket)[:len(seqs)]
+            logits = self.outputs[bucket][:num]
+        else:
+            logits = self._step(bucket)[:num]
+        # On the GPU the next step overwrites the buffer only after this step's copies, in stream order;
+        # on the CPU it runs at once, before this step's tokens are read.
+        self.argmax = self.tokens[:num] if self.tokens.is_cuda else self.tokens[:num].clone()
+        return logits

@@ -147,10 +147,14 @@ class LLMEngine:
     def _step_sync(self, batch: ScheduledBatch) -> list[RequestOutput]:
         sampling = [seq for seq, samples in zip(batch.seqs, batch.sampling) if samples]
         logits = self.runner.run(batch)
+        graphs = self.runner.decode_graphs
+        argmax = graphs.argmax if graphs is not None else None     # a decode graph's, else None
         self.scheduler.advance(batch)
         num_scheduled = len(sampling)
-        logits = self._fork_all(sampling, logits)
-        tokens, logprobs = sample(logits, sampling) if sampling else ([], [])
+        forked = self._fork_all(sampling, logits)
+        if forked is not logits:
+            argmax, logits = None, forked
+        tokens, logprobs = sample(logits, sampling, argmax) if sampling else ([], [])
         finished = [i for i, (seq, token, logprob) in enumerate(zip(sampling, tokens, logprobs))
                     if self._append(seq, token, logprob)]
         self.metrics.generation_tokens += len(tokens)

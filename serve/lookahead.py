@@ -117,7 +117,8 @@ class Lookahead:
         return all(reserve(seq) for seq in seqs)
 
     def _in_flight(self, seqs: list[Sequence], logits: torch.Tensor) -> InFlight:
-        tokens = sample_tokens(logits, seqs)
+        # both launches of this class run through the decode graphs, which leave the argmax behind
+        tokens = sample_tokens(logits, seqs, argmax=self.runner.decode_graphs.argmax)
         if self._buffers is None:
             return InFlight(seqs, tokens, None, None)
         host, ready = self._buffers[self._flip]

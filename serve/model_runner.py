@@ -96,8 +96,10 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [N, vocab] (fp32) for the sequences of `batch` that sample this step, in batch order."""
         self.copy_blocks(batch.copies)
-        if self.decode_graphs is not None and self._is_pure_decode(batch):
-            return self.decode_graphs.run(batch.seqs)
+        if self.decode_graphs is not None:
+            if self._is_pure_decode(batch):
+                return self.decode_graphs.run(batch.seqs)
+            self.decode_graphs.argmax = None        # these logits have no argmax computed yet
         input_ids, positions, meta, rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
         return self.model.compute_logits(hidden[rows])

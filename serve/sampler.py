@@ -49,10 +49,11 @@ def _noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return noise
 
 
-def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Next token per row, int64 [N] on the logits' device; nothing here waits for the device."""
+def sample_tokens(logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token per row, int64 [N] on the logits' device; nothing here waits for the device.
+    `argmax`: the logits' argmax where the step computed it already (the decode graphs do)."""
     params = [seq.params for seq in seqs]
-    tokens = logits.argmax(dim=1)
+    tokens = logits.argmax(dim=1) if argmax is None else argmax
     if not all(p.greedy for p in params):
         greedy = _to_device([p.greedy for p in params], logits.device)
         temps = _to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], logits.device)
@@ -66,9 +67,10 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return tokens
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
+def sample(logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None
+           ) -> tuple[list[int], list[dict | None]]:
     """Next token per row, and per row {token: logprob, ...top alternatives} when logprobs was asked."""
-    token_list = sample_tokens(logits, seqs).tolist()      # the step's one host sync
+    token_list = sample_tokens(logits, seqs, argmax).tolist()      # the step's one host sync
     return token_list, _logprobs(logits, token_list, [seq.params for seq in seqs])
 
 

@@ -77,7 +77,7 @@ def test_incremental_packing_equals_packing_from_scratch(tmp_path):
     model = random_model(gemma2_config(), seed=5)
     path = save_model(model, tmp_path / "m")
     llm = LLM(path, block_size=4, max_num_batched_tokens=16, num_kv_blocks=14, max_model_len=48, fast_path="on")
-    graphs, checked, previous = llm.engine.runner.decode_graphs, [], []
+    graphs, checked, previous, header_only = llm.engine.runner.decode_graphs, [], [], []
     original = graphs.pack
 
     def checked_pack(seqs, src_rows=None):
@@ -97,15 +97,27 @@ def test_incremental_packing_equals_packing_from_scratch(tmp_path):
                 assert views[("slots", key)][i] == table[pos // 4] * 4 + pos % 4
         assert (views["seq_lens"][len(seqs):bucket] == 1).all()
         checked.append(src_rows is not None)
+        header_only.append(not graphs.tables_dirty)
         previous.append(list(seqs))
         return bucket
 
     graphs.pack = checked_pack
+    original_run = graphs.run
+
+    def checked_run(seqs, prev_tokens=None, src_rows=None):
+        # the copy moves the tables only when they changed: afterwards the device holds all of the host's
+        logits = original_run(seqs, prev_tokens, src_rows)
+        assert torch.equal(graphs.device_buf, graphs.host)
+        assert torch.equal(graphs.argmax, logits.argmax(dim=1))
+        return logits
+
+    graphs.run = checked_run
     params = SamplingParams(temperature=0.8, seed=1, n=2, max_tokens=NEW_TOKENS, ignore_eos=True)
     llm.generate(random_prompts(LENGTHS, seed=3), params)
     assert len(checked) > NEW_TOKENS and llm.engine.scheduler.num_preemptions > 0
     llm.generate(random_prompts(LENGTHS, seed=4), GREEDY)                   # steps launched ahead
     assert any(checked) and not all(checked)
+    assert any(header_only) and not all(header_only)
 
 
 GPU_SCRIPT = """

@@ -231,10 +231,15 @@ class GemmaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         return x * torch.tensor(self.spec.hidden_size ** 0.5, dtype=x.dtype)
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches: list, backend) -> torch.Tensor:
-        """input_ids, positions [T] -> final hidden states [T, hidden]."""
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches: list, backend,
+                src_rows=None, prev_tokens=None) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, hidden]. On the fast path, a row i with
+        src_rows[i] >= 0 takes its input token from prev_tokens[src_rows[i]] (device-side, for a decode
+        step launched before the host has the previous step's tokens: serve/cuda_graphs.py)."""
         if self.rope_tables is not None:
-            return self._forward_fused(input_ids, positions, meta, kv_caches, backend)
+            return self._forward_fused(input_ids, positions, meta, kv_caches, backend, src_rows, prev_tokens)
+        if src_rows is not None:
+            raise ValueError("src_rows needs the fast path (fuse())")
         x = self._embed(input_ids)
         rope = {}
         for i, layer in enumerate(self.model.layers):
@@ -244,10 +249,12 @@ class GemmaForCausalLM(nn.Module):
             x = layer(x, *rope[key], meta, kv_caches[i], backend)
         return self.model.norm(x)
 
-    def _forward_fused(self, input_ids, positions, meta, kv_caches, backend) -> torch.Tensor:
+    def _forward_fused(self, input_ids, positions, meta, kv_caches, backend, src_rows, prev_tokens) -> torch.Tensor:
         layers = self.model.layers
-        residual = self._embed(input_ids)
-        h = layers[0].input_layernorm.fused(residual)
+        table, first_norm = self.model.embed_tokens.weight, layers[0].input_layernorm
+        scale = torch.tensor(self.spec.hidden_size ** 0.5, dtype=table.dtype).item()    # rounded as in _embed
+        h, residual = kernels.embed_rms_norm(input_ids, table, scale, first_norm.weight, first_norm.eps,
+                                             src_rows=src_rows, prev_tokens=prev_tokens)
         for i, layer in enumerate(layers):
             rope = self.rope_tables[(self.spec.rope_theta[i], self.spec.rope_linear_factor[i])]
             next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
