@@ -227,9 +227,13 @@ class GemmaForCausalLM(nn.Module):
         self.rope_tables = {key: rope_table(max_model_len, self.spec.head_dim, *key, device)
                             for key in zip(self.spec.rope_theta, self.spec.rope_linear_factor)}
 
+    def _embed_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """sqrt(hidden) rounded to the activation dtype, as Hugging Face's Gemma scales its embeddings."""
+        return torch.tensor(self.spec.hidden_size ** 0.5, dtype=dtype)
+
     def _embed(self, input_ids):
         x = self.model.embed_tokens(input_ids)
-        return x * torch.tensor(self.spec.hidden_size ** 0.5, dtype=x.dtype)
+        return x * self._embed_scale(x.dtype)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches: list, backend,
                 src_rows=None, prev_tokens=None) -> torch.Tensor:
@@ -252,7 +256,7 @@ class GemmaForCausalLM(nn.Module):
     def _forward_fused(self, input_ids, positions, meta, kv_caches, backend, src_rows, prev_tokens) -> torch.Tensor:
         layers = self.model.layers
         table, first_norm = self.model.embed_tokens.weight, layers[0].input_layernorm
-        scale = torch.tensor(self.spec.hidden_size ** 0.5, dtype=table.dtype).item()    # rounded as in _embed
+        scale = self._embed_scale(table.dtype).item()
         h, residual = kernels.embed_rms_norm(input_ids, table, scale, first_norm.weight, first_norm.eps,
                                              src_rows=src_rows, prev_tokens=prev_tokens)
         for i, layer in enumerate(layers):
