@@ -15,8 +15,8 @@ import torch
 
 BACKENDS = ("triton", "reference")
 OPS = ("reshape_and_cache", "rotary_and_cache", "paged_prefill_attention", "paged_decode_attention", "rms_norm",
-       "rms_norm_pair", "embed_rms_norm", "rotary_embedding", "linear_small_m", "logits_small_m", "gelu_tanh_and_mul_gemv",
-       "add_layer_norm", "ffn_add_layer_norm")
+       "rms_norm_pair", "embed_rms_norm", "rotary_embedding", "linear_small_m", "logits_small_m",
+       "gelu_tanh_and_mul_gemv", "add_layer_norm", "ffn_add_layer_norm")
 
 
 def triton_available() -> bool:
