@@ -137,8 +137,8 @@ def fused_logits() -> bool:
     return value != "0"
 
 
-def logits_small_m(x, weight, softcap=None):
-    return backend().logits_small_m(x, weight, softcap)
+def logits_small_m(x, weight, softcap=None, argmax_out=None):
+    return backend().logits_small_m(x, weight, softcap, argmax_out=argmax_out)
 
 
 def gelu_tanh_and_mul_gemv(x, gate_up_weight):

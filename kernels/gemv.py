@@ -147,16 +147,40 @@ def logits_small_m_kernel(
     out_ptr,                     # [M, N] fp32
     M, N, K,
     stride_x_m, stride_w_n, stride_out_m, softcap,
+    best_ptr,                    # [M] int64 packed (value, index) maxima, INT64_MIN between launches
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    ARGMAX: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    pdl_wait(USE_PDL)            # x is the previous kernel's output
+    pdl_wait(USE_PDL)            # x is the previous kernel's output (and `best` the last finish's reset)
     y, out, mask = _small_m_product(x_ptr, w_ptr, out_ptr, M, N, K, stride_x_m, stride_w_n, stride_out_m,
                                     BLOCK_M, BLOCK_N, BLOCK_K)
     y = y.to(x_ptr.dtype.element_ty).to(tl.float32)      # rounded where the product's output would be
     if USE_SOFTCAP:
         y = softcap * tanh(y / softcap)
     tl.store(out, y, mask=mask)
+    if ARGMAX:
+        # This tile's maximum per row, packed as (ordered value bits << 32) | (2^32 - 1 - index) so that one
+        # signed 64-bit max picks the larger value and, on a tie, the smaller index (torch.argmax's first
+        # maximum); every program adds its candidate with a fire-and-forget atomic max.
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        y = tl.where(mask, y + 0.0, float("-inf"))       # + 0.0: -0.0 ties with +0.0, as in torch
+        tile_max = tl.max(y, axis=1)
+        index = tl.min(tl.where(y == tile_max[:, None], feats[None, :], N), axis=1)
+        bits = tile_max.to(tl.int32, bitcast=True)
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)   # monotone in the float value
+        packed = (ordered << 32) | (0xFFFFFFFF - index.to(tl.int64))
+        tl.atomic_max(best_ptr + rows, packed, mask=rows < M, sem="relaxed")
+
+
+@triton.jit
+def argmax_finish_kernel(best_ptr, tokens_ptr, USE_PDL: tl.constexpr):
+    """tokens[row] = the index packed in best[row]; best[row] back to INT64_MIN for the next launch."""
+    row = tl.program_id(0)
+    pdl_wait(USE_PDL)            # every program of the logits kernel has added its candidate
+    packed = tl.load(best_ptr + row)
+    tl.store(tokens_ptr + row, 0xFFFFFFFF - (packed & 0xFFFFFFFF))
+    tl.store(best_ptr + row, -9223372036854775807 - 1)
 
 
 @triton.jit
@@ -277,16 +301,41 @@ def linear_small_m(x, weight, out=None):
     return out
 
 
-def logits_small_m(x, weight, softcap=None):
+_argmax_slots: dict = {}
+
+
+def argmax_slots(device: torch.device, rows: int) -> torch.Tensor:
+    """The device's persistent packed-maximum words of `logits_small_m(..., argmax_out=)`, INT64_MIN
+    between launches (each finish resets its rows). Allocated once, so captured graphs stay valid; shared
+    in stream order like the ticket counters."""
+    slots = _argmax_slots.get(device)
+    if slots is None or slots.numel() < rows:
+        if slots is not None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("argmax slots must be allocated before a CUDA graph capture")
+        slots = torch.full((max(rows, 64),), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
+        _argmax_slots[device] = slots
+    return slots
+
+
+def logits_small_m(x, weight, softcap=None, argmax_out=None):
     """Logits of a decode step: fp32 [M, N] = softcap * tanh(y / softcap) for y = x @ weight^T rounded to
     x.dtype (what `linear_small_m(x, weight).float()` and the separate soft-cap ops give, up to the last
-    bits of tanh), in one launch instead of four."""
+    bits of tanh), in one launch instead of four. With `argmax_out` (int64 [M]) the row-wise argmax too
+    (torch.argmax's first maximum), from atomic maxima the same programs add, and a one-program-per-row
+    finish launch instead of torch's reduction over the logits."""
     _check(x, weight)
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+    num_rows, n_out = x.shape[0], weight.shape[0]
+    out = torch.empty(num_rows, n_out, dtype=torch.float32, device=x.device)
+    fused_argmax = argmax_out is not None and n_out > 0 and x.shape[1] > 0
     if not _empty_or_zero(out, x.shape[1]):
-        config = pick_config(LINEAR_CONFIGS, x.shape[0], weight.shape[0], x.shape[1])
-        launch(logits_small_m_kernel, x, weight, out, weight.shape[0], replace(config, split_k=1),
-               softcap=float(softcap or 1.0), USE_SOFTCAP=softcap is not None)
+        config = pick_config(LINEAR_CONFIGS, num_rows, n_out, x.shape[1])
+        best = argmax_slots(x.device, num_rows) if fused_argmax else out
+        launch(logits_small_m_kernel, x, weight, out, n_out, replace(config, split_k=1), best_ptr=best,
+               softcap=float(softcap or 1.0), USE_SOFTCAP=softcap is not None, ARGMAX=fused_argmax)
+        if fused_argmax:
+            argmax_finish_kernel[(num_rows,)](best, argmax_out, **pdl_launch(x.device, num_rows))
+    if argmax_out is not None and not fused_argmax:
+        torch.argmax(out, dim=1, out=argmax_out)
     return out
 
 

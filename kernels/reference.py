@@ -133,10 +133,14 @@ def ffn_add_layer_norm_ref(x, w1, b1, w2, b2, weight, bias, eps: float):
     return add_layer_norm_ref(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2), x, weight, bias, eps)
 
 
-def logits_small_m_ref(x, weight, softcap=None):
-    """fp32 logits of x [M, K] against weight [N, K], soft-capped (cap * tanh(y / cap)) when softcap is set."""
+def logits_small_m_ref(x, weight, softcap=None, argmax_out=None):
+    """fp32 logits of x [M, K] against weight [N, K], soft-capped (cap * tanh(y / cap)) when softcap is set;
+    with argmax_out [M] int64, their row-wise argmax written there too."""
     logits = F.linear(x, weight).float()
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    logits = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    if argmax_out is not None:
+        torch.argmax(logits, dim=1, out=argmax_out)
+    return logits
 
 
 def linear_small_m_ref(x, weight, out=None):

@@ -134,9 +134,8 @@ class DecodeGraphs:
                                  max_seqlen_q=1, is_decode=True, groups=groups)
         hidden = runner.model(dev["ids"][:bucket], dev["positions"][:bucket], meta, runner.kv_caches, runner.backend,
                               src_rows=dev["src_rows"][:bucket], prev_tokens=self.tokens)
-        logits = runner.model.compute_logits(hidden)
-        torch.argmax(logits, dim=1, out=self.tokens[:bucket])    # read by the next step's embedding
-        return logits
+        # the argmax is read by the next step's embedding (and by the sampler)
+        return runner.model.compute_logits(hidden, argmax_out=self.tokens[:bucket])
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -74,6 +74,25 @@ def test_logits_small_m_matches_product_float_and_softcap(num_rows, dtype, softc
     assert relative_error(got, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("num_rows", [1, 3, 5])
+def test_logits_small_m_argmax_is_torch_argmax_of_its_logits(num_rows, softcap):
+    """The argmax the logits kernel adds (atomic maxima of packed value|index, then a finish launch)
+    is torch.argmax of the same logits: ties go to the first index, all-negative rows work, and the
+    persistent slots are reset between launches."""
+    x, weight = _inputs(num_rows, 77, 300, torch.bfloat16, scale=8.0)
+    weight[4] = (x[0].float() * 0.01).to(weight.dtype)        # row 0's maximum at 4, tied at 5 (the same
+    weight[5], weight[33], weight[60] = weight[4], weight[4], weight[4]     # tile), 33 and 60 (others)
+    cases = [(x, weight), (x.abs(), -weight.abs()), (x, weight.flip(0))]   # all-negative logits; the tie reversed
+    for x_i, w_i in cases * 2:                                # twice: the slots must come back reset
+        tokens = torch.full((num_rows,), -1, dtype=torch.int64, device=DEVICE)
+        logits = gemv.logits_small_m(x_i, w_i, softcap, argmax_out=tokens)
+        assert torch.equal(tokens, logits.argmax(-1)), (tokens, logits.argmax(-1))
+    first = gemv.logits_small_m(x, weight, softcap)
+    assert first[0, 4] == first[0, 5] == first[0, 33] == first[0, 60] == first[0].max()
+    assert gemv.argmax_slots(torch.device(DEVICE), num_rows).eq(torch.iinfo(torch.int64).min).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_rows", [1, 3, 4, 5])
 def test_gelu_tanh_and_mul_gemv_matches_reference(num_rows, dtype):
@@ -324,10 +343,15 @@ sig = {name: "constexpr" if name in consts else kinds.get(name, "i32")
        for name in decode.paged_decode_split_kernel.arg_names}
 triton.compile(ASTSource(fn=decode.paged_decode_split_kernel, signature=sig, constexprs=consts), target=target,
                options={"num_warps": 4, "num_stages": 3})
-logits_sig = {**gemv_sig, "out_ptr": "*fp32", "softcap": "fp32", "USE_SOFTCAP": "constexpr"}
-triton.compile(ASTSource(fn=gemv.logits_small_m_kernel, signature=logits_sig,
-                         constexprs={"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 256, "USE_SOFTCAP": True,
-                                     "USE_PDL": False}), target=target, options={"num_warps": 4})
+logits_sig = {**gemv_sig, "out_ptr": "*fp32", "softcap": "fp32", "best_ptr": "*i64", "USE_SOFTCAP": "constexpr",
+              "ARGMAX": "constexpr"}
+for argmax in (False, True):
+    triton.compile(ASTSource(fn=gemv.logits_small_m_kernel, signature=logits_sig,
+                             constexprs={"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 256, "USE_SOFTCAP": True,
+                                         "ARGMAX": argmax, "USE_PDL": False}), target=target, options={"num_warps": 4})
+triton.compile(ASTSource(fn=gemv.argmax_finish_kernel, signature={"best_ptr": "*i64", "tokens_ptr": "*i64",
+                                                                   "USE_PDL": "constexpr"},
+                         constexprs={"USE_PDL": False}), target=target)
 print("compiled")
 """
 

@@ -32,6 +32,7 @@ from compress.kernels import cache, common, decode, gemv, norm  # noqa: E402
 STEP_KERNELS = {
     "rms_norm_kernel": norm, "rms_norm_pair_kernel": norm, "linear_small_m_kernel": gemv,
     "gelu_tanh_and_mul_gemv_kernel": gemv, "linear_split_k_kernel": gemv, "logits_small_m_kernel": gemv,
+    "argmax_finish_kernel": gemv,
     "rotary_and_cache_kernel": cache,
     "paged_decode_split_kernel": decode, "paged_decode_reduce_kernel": decode,
 }
@@ -151,7 +152,7 @@ from compress.kernels import cache, decode, gemv, norm
 
 POINTERS = {"positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "block_tables_ptr": "*i32",
             "seq_lens_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "part_out_ptr": "*fp32",
-            "part_lse_ptr": "*fp32", "cos_sin_ptr": "*fp32"}
+            "part_lse_ptr": "*fp32", "cos_sin_ptr": "*fp32", "best_ptr": "*i64", "tokens_ptr": "*i64"}
 
 def signature(fn, consts):
     def kind(name):
@@ -179,8 +180,10 @@ def cases():
     for (rows, n, k), c in gemv.GEGLU_CONFIGS.items():
         yield (f"geglu {n}x{k}", gemv.gelu_tanh_and_mul_gemv_kernel, dict(BLOCK_M=rows, BLOCK_N=c.block_n,
                BLOCK_K=c.block_k), dict(num_warps=c.num_warps, num_stages=c.num_stages), False)
-    yield ("logits", gemv.logits_small_m_kernel, dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, USE_SOFTCAP=True),
-           dict(num_stages=3), False)
+    for argmax in (False, True):
+        yield (f"logits argmax={argmax}", gemv.logits_small_m_kernel,
+               dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=256, USE_SOFTCAP=True, ARGMAX=argmax), dict(num_stages=3), False)
+    yield "argmax finish", gemv.argmax_finish_kernel, {}, {}, False
     yield ("split-k", gemv.linear_split_k_kernel, dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, SPLIT_K=2),
            dict(num_stages=3), False)
     for residual in (False, True):

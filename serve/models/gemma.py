@@ -266,14 +266,18 @@ class GemmaForCausalLM(nn.Module):
                                               backend)
         return h
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> fp32 logits [N, vocab], soft-capped when the config says so."""
+    def compute_logits(self, hidden: torch.Tensor, argmax_out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, hidden] -> fp32 logits [N, vocab], soft-capped when the config says so; with
+        `argmax_out` (int64 [N]) their argmax is written there too (by the logits kernel where it runs)."""
         weight = self.lm_head.weight if hasattr(self, "lm_head") else self.model.embed_tokens.weight
         cap = self.spec.final_logit_softcapping
         if self.rope_tables is not None and few_tokens(hidden):    # fast path, decode at small batch
-            if kernels.fused_logits():
-                return kernels.logits_small_m(hidden, weight, cap)    # product, fp32 and soft-cap: one launch
+            if kernels.fused_logits():   # product, fp32, soft-cap and argmax: one launch and a finish
+                return kernels.logits_small_m(hidden, weight, cap, argmax_out=argmax_out)
             logits = kernels.linear_small_m(hidden, weight).float()
         else:
             logits = F.linear(hidden, weight).float()
-        return logits if cap is None else cap * torch.tanh(logits / cap)
+        logits = logits if cap is None else cap * torch.tanh(logits / cap)
+        if argmax_out is not None:
+            torch.argmax(logits, dim=1, out=argmax_out)
+        return logits
