@@ -14,6 +14,11 @@ the weight stream, not arithmetic, is the limit.
 for the same BLOCK_N features, so tanh-GELU and the product happen in registers (fp32) instead of in
 two more elementwise kernels over [M, 2I].
 
+`logits_small_m` is the decode step's last product: the logits in fp32 with the soft-cap applied and,
+when asked, their row-wise argmax (the greedy token) without a reduction kernel over the logits: each
+program folds its tile's maximum and index into one int64 per row with an atomic max, and a
+one-program-per-row finish launch unpacks it and resets the word for the next step.
+
 Split-K (`GemvConfig.split_k > 1`, linear only) is for the small matrices (qkv 4096x2304, o_proj
 2304x2048), whose few microseconds are mostly ramp-up and tail: SPLIT_K programs share an output tile,
 each streams 1/SPLIT_K of K and writes fp32 partials; each then takes a ticket from a per-tile counter
