@@ -9,6 +9,12 @@ decode it replaces two launches (rotary_embedding, reshape_and_cache) and one ro
 Cache layout `[num_blocks, block_size, num_kv_heads, head_dim]`; slot = block * block_size + offset;
 slot -1 marks a token whose KV is not stored (padding, or a position a sliding window no longer needs).
 Offsets are computed in int64: a large cache passes 2**31 elements.
+
+Under PDL (kernels/common.py) `rotary_and_cache` reads positions, slots and the RoPE table before its
+wait, while the kernel before it (the qkv product) still runs. That is safe because they are a step's
+metadata, copied in before the step's first kernel, or constants: the contract is that the kernel
+launched just before never writes them (the paged decode kernel reads seq_lens and block tables the
+same way).
 """
 
 from __future__ import annotations
@@ -95,12 +101,15 @@ def rotary_and_cache_kernel(
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)                  # [0, Hq): a query head; [Hq, Hq + Hkv): a KV head
-    pdl_wait(USE_PDL)            # q, k, v are the previous kernel's output
-    pos = tl.load(positions_ptr + token).to(tl.int64)
+    # The step's metadata (positions, slots) and the RoPE table are read before the PDL wait, while the
+    # qkv product still runs: no kernel of the step writes them (module docstring).
+    pos = tl.load(positions_ptr + token, cache_modifier=".cg").to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token, cache_modifier=".cg").to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
     i_mask = i < HALF
     cos = tl.load(cos_sin_ptr + pos * stride_cs_p + i, mask=i_mask, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs_p + HALF + i, mask=i_mask, other=0.0)
+    pdl_wait(USE_PDL)            # q, k, v are the previous kernel's output
     if head < NUM_Q_HEADS:
         base = q_ptr + token * stride_q_t + head.to(tl.int64) * stride_q_h
         x1, x2 = _head_halves(base, i, i_mask, q_norm_ptr, eps, HALF, USE_QK_NORM)
@@ -108,7 +117,6 @@ def rotary_and_cache_kernel(
         tl.store(base + HALF + i, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty), mask=i_mask)
     else:
         kv = (head - NUM_Q_HEADS).to(tl.int64)
-        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
         mask = i_mask & (slot + i * 0 >= 0)  # slot -1: nothing stored (a vector mask, as in reshape_and_cache)
         slot = tl.maximum(slot, 0)
         block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE

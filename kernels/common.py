@@ -7,8 +7,13 @@ Programmatic Dependent Launch (PDL) for the decode-step kernels.
 
 PDL (sm90+, kernels/NOTES.md "PDL"): a kernel launched with `launch_pdl=True` may start while the
 previous kernel on the stream drains. Each such kernel takes `USE_PDL: tl.constexpr` and calls
-`pdl_wait(USE_PDL)` at its top level, before its first load of anything an earlier kernel wrote and
-before its first store; only weights and other constants of the model may be loaded before it. Both
+`pdl_wait(USE_PDL)` at its top level, before its first load of anything the kernel just before it may
+have written and before its first store. What may be loaded before it: weights and other constants of
+the model; the step's metadata (positions, slots, seq_lens, block tables), copied in before the step's
+first kernel and written by none; and data written two or more kernels back, which the caller must
+declare (rms_norm_pair's `residual_settled`). The last is safe because a PDL kernel starts only after
+every program of the kernel before it has passed its own wait, i.e. after the one before that has
+completed and flushed its writes; such loads go to L2 (`.cg`). Both
 triton 3.6 and 3.9 have `launch_pdl` and `tl.extra.cuda.gdc_wait`; the interpreter has neither, which
 is why the call sits behind the constexpr and `pdl_enabled` is False there.
 """

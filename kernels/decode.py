@@ -10,6 +10,10 @@ and log-sum-exp; the reduction kernel (grid (batch, q_head)) merges them. With o
 writes the final output directly. (An in-kernel merge by the last split, saving the reduce launch, was
 measured slower on the H100 and removed; kernels/NOTES.md.)
 
+Under PDL (kernels/common.py) the split kernel reads seq_lens and the block tables, and the block
+numbers of its first tile, before its wait: they are the step's metadata, which the kernel launched
+just before never writes (the engine copies them in before a step's first kernel).
+
 Shapes: q/out [B, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks] int32;
 seq_lens [B] int32 (includes the new token, already in the cache).
 """
@@ -57,8 +61,10 @@ def paged_decode_split_kernel(
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    pdl_wait(USE_PDL)            # q and the new token's KV come from the previous kernel
-    seq_len = tl.load(seq_lens_ptr + b)
+    # The step's metadata (seq_lens, block tables) is read before the PDL wait, while the rotary kernel
+    # still runs: no kernel of the step writes it (module docstring). So are the block numbers of this
+    # split's first tile, two dependent loads that would otherwise open the critical path.
+    seq_len = tl.load(seq_lens_ptr + b, cache_modifier=".cg")
     first = 0
     if USE_WINDOW:
         first = tl.maximum(seq_len - window, 0)
@@ -66,6 +72,11 @@ def paged_decode_split_kernel(
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    pos_lo = first + tile_lo * BLOCK_N + tl.arange(0, BLOCK_N)
+    blocks_lo = tl.load(block_tables_ptr + b.to(tl.int64) * stride_bt_b + pos_lo // BLOCK_SIZE,
+                        mask=(pos_lo < seq_len) & (pos_lo < first + tile_hi * BLOCK_N), other=0,
+                        cache_modifier=".cg")
+    pdl_wait(USE_PDL)            # q and the new token's KV come from the previous kernel
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -84,7 +95,9 @@ def paged_decode_split_kernel(
     for tile in range(tile_lo, tile_hi):
         pos = first + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = pos < seq_len
-        block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        later = pos >= first + (tile_lo + 1) * BLOCK_N       # not the first tile, whose blocks are loaded
+        block = tl.load(table + pos // BLOCK_SIZE, mask=valid & later, other=0)
+        block = tl.where(later, block, blocks_lo).to(tl.int64)
         slot = pos % BLOCK_SIZE
         kv_mask = valid[:, None] & d_mask[None, :]
         k_off = block * stride_kc_block + slot * stride_kc_slot + kv_head * stride_kc_head

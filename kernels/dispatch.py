@@ -115,8 +115,8 @@ def rotary_embedding(positions, q, k, cos_sin_cache):
     return backend().rotary_embedding(positions, q, k, cos_sin_cache)
 
 
-def rms_norm_pair(x, w1, w2, eps: float, residual):
-    return backend().rms_norm_pair(x, w1, w2, eps, residual)
+def rms_norm_pair(x, w1, w2, eps: float, residual, residual_settled: bool = False):
+    return backend().rms_norm_pair(x, w1, w2, eps, residual, residual_settled=residual_settled)
 
 
 def embed_rms_norm(ids, table, scale: float, weight, eps: float, src_rows=None, prev_tokens=None):

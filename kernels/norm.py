@@ -5,8 +5,8 @@ residual stream), the norm runs in fp32 and multiplies by (1 + weight), then rou
 add saves one read and one write of the hidden state per norm (Gemma has four norms per layer).
 `rms_norm_pair` goes further: a branch's post-norm, the residual add and the following pre-norm in
 one kernel (post-attention + pre-feedforward; post-feedforward + the next layer's input norm), so a
-layer launches two norm kernels instead of four. Under PDL (kernels/common.py) the norm weights are
-loaded before waiting on the previous kernel.
+layer launches two norm kernels instead of four. Under PDL (kernels/common.py) the norm weights, and
+a residual stream the caller says is settled, are loaded before waiting on the previous kernel.
 `embed_rms_norm` starts a step: the embedding gather, Gemma's sqrt(hidden) scale and the first input norm.
 Rotary is rotate-half (NeoX / Hugging Face) over the whole head: q, k [T, H, D] rotated in place from
 a [max_position, D] fp32 table of cos (first D/2 columns) and sin (last D/2).
@@ -63,7 +63,7 @@ def rms_norm_pair_kernel(
     sum_ptr,                     # [T, H] norm1(x) + residual, the new stream
     eps,
     stride_x_t, stride_residual_t, stride_out_t, stride_sum_t,
-    HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, RESIDUAL_SETTLED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
@@ -71,20 +71,26 @@ def rms_norm_pair_kernel(
     dtype = x_ptr.dtype.element_ty
     w1 = tl.load(w1_ptr + h, mask=mask, other=0.0).to(tl.float32)
     w2 = tl.load(w2_ptr + h, mask=mask, other=0.0).to(tl.float32)
-    pdl_wait(USE_PDL)            # x and the residual are earlier kernels' outputs
+    if RESIDUAL_SETTLED:         # written before the kernel just before: complete by now (read from L2)
+        residual = tl.load(residual_ptr + row * stride_residual_t + h, mask=mask, other=0.0, cache_modifier=".cg")
+    pdl_wait(USE_PDL)            # x (and an unsettled residual) are earlier kernels' outputs
     x = tl.load(x_ptr + row * stride_x_t + h, mask=mask, other=0.0).to(tl.float32)
+    if not RESIDUAL_SETTLED:
+        residual = tl.load(residual_ptr + row * stride_residual_t + h, mask=mask, other=0.0)
     # round where the two separate norm calls would: norm1's output, then the residual sum
     normed = _gemma_norm(x, w1, eps, HIDDEN).to(dtype)
-    residual = tl.load(residual_ptr + row * stride_residual_t + h, mask=mask, other=0.0)
     summed = (normed.to(tl.float32) + residual.to(tl.float32)).to(dtype)
     tl.store(sum_ptr + row * stride_sum_t + h, summed, mask=mask)
     out = _gemma_norm(summed.to(tl.float32), w2, eps, HIDDEN)
     tl.store(out_ptr + row * stride_out_t + h, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm_pair(x, w1, w2, eps: float, residual):
+def rms_norm_pair(x, w1, w2, eps: float, residual, residual_settled: bool = False):
     """(norm2(norm1(x) + residual), norm1(x) + residual) for x, residual [T, H]: Gemma 2's post-branch
-    norm, residual add and the next pre-norm in one launch (two launches and one round trip saved)."""
+    norm, residual add and the next pre-norm in one launch (two launches and one round trip saved).
+    `residual_settled`: the residual was not written by the kernel launched just before this one (true
+    of a layer's residual stream, which a branch of several kernels separates from the norm that wrote
+    it), so under PDL it is loaded before the wait, while that kernel still runs (kernels/common.py)."""
     hidden = x.shape[-1]
     x2, res2 = x.reshape(-1, hidden), residual.reshape(-1, hidden)
     out, summed = torch.empty_like(x), torch.empty_like(x)
@@ -93,8 +99,8 @@ def rms_norm_pair(x, w1, w2, eps: float, residual):
         rms_norm_pair_kernel[(x2.shape[0],)](
             x2, res2, w1, w2, out2, sum2, float(eps),
             x2.stride(0), res2.stride(0), out2.stride(0), sum2.stride(0),
-            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), num_warps=4 if hidden <= 4096 else 8,
-            **pdl_launch(x.device, x2.shape[0]),
+            HIDDEN=hidden, BLOCK_H=next_pow2(hidden), RESIDUAL_SETTLED=residual_settled,
+            num_warps=4 if hidden <= 4096 else 8, **pdl_launch(x.device, x2.shape[0]),
         )
     return out, summed
 

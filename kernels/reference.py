@@ -115,8 +115,9 @@ def embed_rms_norm_ref(ids, table, scale: float, weight, eps: float, src_rows=No
     return rms_norm_ref(x, weight, eps), x
 
 
-def rms_norm_pair_ref(x, w1, w2, eps: float, residual):
-    """(norm2(norm1(x) + residual), norm1(x) + residual): two Gemma norms with the residual add between."""
+def rms_norm_pair_ref(x, w1, w2, eps: float, residual, residual_settled: bool = False):
+    """(norm2(norm1(x) + residual), norm1(x) + residual): two Gemma norms with the residual add between
+    (`residual_settled` is a launch hint of the Triton twin)."""
     return rms_norm_ref(rms_norm_ref(x, w1, eps), w2, eps, residual=residual)
 
 

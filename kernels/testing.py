@@ -135,9 +135,9 @@ def decode_layer_chain(num_layers: int, shape: DecodeChainShape = DecodeChainSha
                                                   scale=s.head_dim ** -0.5, softcap=50.0)
             o = kernels.linear_small_m(attn.reshape(1, -1), layer["o"])
             post_attn, pre_ffn, post_ffn = layer["norms"][1:]
-            h, residual = kernels.rms_norm_pair(o, post_attn, pre_ffn, 1e-6, residual)
+            h, residual = kernels.rms_norm_pair(o, post_attn, pre_ffn, 1e-6, residual, residual_settled=True)
             down = kernels.linear_small_m(kernels.gelu_tanh_and_mul_gemv(h, layer["gate_up"]), layer["down"])
             following = layers[i + 1]["norms"][0] if i + 1 < len(layers) else final_norm
-            h, residual = kernels.rms_norm_pair(down, post_ffn, following, 1e-6, residual)
+            h, residual = kernels.rms_norm_pair(down, post_ffn, following, 1e-6, residual, residual_settled=True)
         return h, [layer["paged"].k_cache for layer in layers], [layer["paged"].v_cache for layer in layers]
     return run

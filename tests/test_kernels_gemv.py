@@ -190,6 +190,8 @@ def test_rms_norm_pair_matches_two_norms(dtype, hidden):
     residual = torch.randn_like(x)
     w1, w2 = torch.randn(hidden, device=DEVICE) * 0.3, torch.randn(hidden, device=DEVICE) * 0.3
     out, summed = norm.rms_norm_pair(x, w1, w2, 1e-6, residual)
+    settled = norm.rms_norm_pair(x, w1, w2, 1e-6, residual, residual_settled=True)   # loaded before the wait
+    assert torch.equal(settled[0], out) and torch.equal(settled[1], summed)
     want_out, want_sum = reference.rms_norm_pair_ref(x, w1, w2, 1e-6, residual)
     first = reference.rms_norm_ref(x, w1, 1e-6)
     assert torch.equal(want_sum, first + residual)       # the twin is the two norms it replaces
@@ -318,9 +320,11 @@ for split_k, rows in ((2, 1), (3, 4)):
 norm_sig = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "w1_ptr": "*fp32", "w2_ptr": "*fp32",
             "out_ptr": "*bf16", "sum_ptr": "*bf16", "eps": "fp32", "stride_x_t": "i32",
             "stride_residual_t": "i32", "stride_out_t": "i32", "stride_sum_t": "i32",
-            "HIDDEN": "constexpr", "BLOCK_H": "constexpr", "USE_PDL": "constexpr"}
-triton.compile(ASTSource(fn=norm.rms_norm_pair_kernel, signature=norm_sig,
-                         constexprs={"HIDDEN": 2304, "BLOCK_H": 4096, "USE_PDL": False}), target=target)
+            "HIDDEN": "constexpr", "BLOCK_H": "constexpr", "RESIDUAL_SETTLED": "constexpr", "USE_PDL": "constexpr"}
+for settled in (False, True):
+    triton.compile(ASTSource(fn=norm.rms_norm_pair_kernel, signature=norm_sig,
+                             constexprs={"HIDDEN": 2304, "BLOCK_H": 4096, "RESIDUAL_SETTLED": settled,
+                                         "USE_PDL": False}), target=target)
 rope_sig = {"positions_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
             "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64", "cos_sin_ptr": "*fp32",
             "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16", "eps": "fp32"}

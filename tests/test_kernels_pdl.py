@@ -1,12 +1,13 @@
 """Programmatic Dependent Launch (PDL) of the decode-step kernels (kernels/common.py, kernels/NOTES.md "PDL").
 
 A kernel launched with launch_pdl may start before the previous kernel has finished, so it must wait
-(`pdl_wait`, i.e. gdc_wait) before it reads anything an earlier kernel wrote and before it writes
-anything (an earlier kernel may still be reading the buffer). On CPU: the switch, a check of every
-such kernel's source text, and the PTX each compiles to for an H100 (the wait before every global
-store, the norms' weight loads before it). On the GPU (`gpu` marker): the kernels and a
-Gemma-2-2B-shaped decode chain give bit-identical results with PDL on and off, eagerly and as CUDA
-graph replays, and the engine's greedy tokens are the same with KERNELS_PDL=1 and 0.
+(`pdl_wait`, i.e. gdc_wait) before it reads anything the kernel just before it wrote and before it
+writes anything (an earlier kernel may still be reading the buffer). On CPU: the switch, a check of
+every such kernel's source text, and the PTX each compiles to for an H100 (the wait before every
+global store; weights, the step's metadata and a settled residual loaded before it). On the GPU
+(`gpu` marker): the kernels and a Gemma-2-2B-shaped decode chain give bit-identical results with PDL
+on and off, eagerly and as CUDA graph replays, and the engine's greedy tokens are the same with
+KERNELS_PDL=1 and 0.
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ STEP_KERNELS = {
     "rotary_and_cache_kernel": cache,
     "paged_decode_split_kernel": decode, "paged_decode_reduce_kernel": decode,
 }
-# What may be loaded before the wait: model weights, which no kernel writes while a step runs.
-WEIGHT_POINTERS = {"weight_ptr", "w1_ptr", "w2_ptr"}
+# What may be loaded before the wait: model weights and constants (the RoPE table), which no kernel writes
+# while a step runs; the step's metadata, copied in before its first kernel (positions, slots, seq_lens,
+# block tables); and a residual the caller declares settled (rms_norm_pair's RESIDUAL_SETTLED: written
+# before the kernel just before, which is complete when a PDL kernel starts, kernels/common.py).
+WEIGHT_POINTERS = {"weight_ptr", "w1_ptr", "w2_ptr", "cos_sin_ptr"}
+METADATA_POINTERS = {"positions_ptr", "slot_mapping_ptr", "seq_lens_ptr", "block_tables_ptr"}
+SETTLED_POINTERS = {"residual_ptr"}
 WEIGHT_HELPERS = {"_weight_tile"}      # no kernel calls it before the wait today (measured slower)
 WAIT = "pdl_wait(USE_PDL)"
 
@@ -59,7 +65,7 @@ def wait_problems(source: str) -> list[str]:
     before = "\n".join(line.split("#")[0] for line in lines[:first])
     problems += [f"{op} before the wait" for op in re.findall(r"tl\.(store|atomic_\w+)\(", before)]
     problems += [f"load of {ptr} before the wait" for ptr in re.findall(r"tl\.load\((\w+)", before)
-                 if ptr not in WEIGHT_POINTERS]
+                 if ptr not in WEIGHT_POINTERS | METADATA_POINTERS | SETTLED_POINTERS]
     problems += [f"{name}() before the wait" for name in re.findall(r"\b(_\w+)\(", before)
                  if name not in WEIGHT_HELPERS]
     return problems
@@ -173,7 +179,7 @@ def first(lines, pattern):
     return next((i for i, line in enumerate(lines) if re.search(pattern, line)), len(lines))
 
 def cases():
-    # (name, kernel, constexprs, options, weight loads before the wait?) at Gemma-2-2B shapes
+    # (name, kernel, constexprs, options, loads before the wait?) at Gemma-2-2B shapes
     for (rows, n, k), c in gemv.LINEAR_CONFIGS.items():
         yield (f"linear {n}x{k}", gemv.linear_small_m_kernel, dict(BLOCK_M=rows, BLOCK_N=c.block_n,
                BLOCK_K=c.block_k), dict(num_warps=c.num_warps, num_stages=c.num_stages), False)
@@ -189,16 +195,18 @@ def cases():
     for residual in (False, True):
         yield (f"rms_norm residual={residual}", norm.rms_norm_kernel,
                dict(HIDDEN=2304, BLOCK_H=4096, HAS_RESIDUAL=residual), {}, True)
-    yield "rms_norm_pair", norm.rms_norm_pair_kernel, dict(HIDDEN=2304, BLOCK_H=4096), {}, True
+    for settled in (False, True):
+        yield (f"rms_norm_pair settled={settled}", norm.rms_norm_pair_kernel,
+               dict(HIDDEN=2304, BLOCK_H=4096, RESIDUAL_SETTLED=settled), {}, True)
     for qk_norm in (False, True):
         yield (f"rotary_and_cache qk_norm={qk_norm}", cache.rotary_and_cache_kernel,
                dict(NUM_Q_HEADS=8, BLOCK_SIZE=16, HALF=128, BLOCK_HALF=128, USE_QK_NORM=qk_norm),
-               dict(num_warps=2), False)
+               dict(num_warps=2), True)
     for splits in (1, 64):
         yield (f"decode splits={splits}", decode.paged_decode_split_kernel,
                dict(QUERIES_PER_KV=2, BLOCK_G=16, HEAD_DIM=256, BLOCK_D=256, BLOCK_SIZE=16, BLOCK_N=32,
                     NUM_SPLITS=splits, USE_SOFTCAP=True, USE_WINDOW=False, UPCAST=False),
-               dict(num_stages=3), False)
+               dict(num_stages=3), True)
     yield ("decode reduce", decode.paged_decode_reduce_kernel,
            dict(HEAD_DIM=256, BLOCK_D=256, NUM_SPLITS=64, BLOCK_S=64), {}, False)
 
@@ -218,7 +226,8 @@ print("ptx ok")
 
 def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_store():
     """The H100 code itself (no device needed): griddepcontrol.wait comes before every global store and
-    atomic and before launch_dependents; norms load their weights before it, the others nothing."""
+    atomic and before launch_dependents; norms load their weights (and a settled residual) before it,
+    rotary and decode the step's metadata, the GEMVs nothing."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])

@@ -193,10 +193,11 @@ class GemmaDecoderLayer(nn.Module):
         layer; each branch's post-norm, residual add and the following pre-norm are one kernel."""
         attn = self.self_attn.forward_fused(h, positions, rope, meta, kv_cache, backend)
         pre_ffn = self.pre_feedforward_layernorm
+        # the stream was written by the previous norm, a whole branch before: settled (loaded early under PDL)
         h, residual = kernels.rms_norm_pair(attn, self.post_attention_layernorm.weight, pre_ffn.weight,
-                                            pre_ffn.eps, residual)
+                                            pre_ffn.eps, residual, residual_settled=True)
         return kernels.rms_norm_pair(self.mlp.forward_fused(h), self.post_feedforward_layernorm.weight,
-                                     next_norm.weight, next_norm.eps, residual)
+                                     next_norm.weight, next_norm.eps, residual, residual_settled=True)
 
 
 class GemmaModel(nn.Module):
