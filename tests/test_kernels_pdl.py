@@ -236,6 +236,27 @@ def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_store():
     assert "ptx ok" in proc.stdout
 
 
+def test_early_loads_sit_before_the_wait_in_the_h100_machine_code():
+    """evals/sass_summary.py (nvdisasm of the sm90 cubin): the settled residual, the step's metadata and the
+    decode split's first block numbers are loaded before ACQBULK (the wait); an unsettled residual after."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    script = Path(__file__).resolve().parents[1] / "evals" / "sass_summary.py"
+    proc = subprocess.run([sys.executable, str(script), "--kernel", "norm_pair", "norm_pair_settled",
+                           "rotary_and_cache", "decode_split"], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0 and "no nvdisasm" in proc.stdout + proc.stderr:
+        pytest.skip("this triton ships without nvdisasm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = {}
+    for line in proc.stdout.splitlines():
+        name, _, events = line.partition(": ")
+        head = events.split("ACQBULK")[0]
+        before[name] = sum(int(n) for n in re.findall(r"LDG\S*x(\d+)", head))
+    assert before["norm_pair_settled"] > before["norm_pair"] > 0     # the residual joins the weights
+    assert before["rotary_and_cache"] > 0 and before["decode_split"] > 0, before
+
+
 # ---- GPU: the lead runs these on the H100 ----------------------------------------------------------
 
 def _needs_pdl():

@@ -1,0 +1,111 @@
+"""Where a decode-step kernel's loads, stores and barriers sit around its PDL wait, in H100 machine code.
+
+Compiles each kernel for sm90 with triton (no GPU needed; pointers 16-byte aligned, strides and the
+GEMV's N and K multiples of 16, as a real launch at Gemma's shapes specializes them), disassembles the cubin with the nvdisasm that ships with
+triton, and prints the order of global loads (LDG), cp.async copies (LDGSTS), stores (STG), block
+barriers (BAR.SYNC), shuffles (SHFL) and the PDL wait (ACQBULK, griddepcontrol.wait) as runs, e.g.
+`LDG.E.128x12 ACQBULKx1 ... LDG.E.128x3 SHFL.BFLYx5 BAR.SYNCx1 ...`. A load that sits after a reduction's
+barrier waits for it: one more round trip on the step's critical path (kernels/NOTES.md, session 18).
+
+    python evals/sass_summary.py                       # every kernel below
+    python evals/sass_summary.py --kernel norm_pair_settled decode_split
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+POINTERS = {"positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "block_tables_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "part_out_ptr": "*fp32",
+            "part_lse_ptr": "*fp32", "cos_sin_ptr": "*fp32", "best_ptr": "*i64", "tokens_ptr": "*i64",
+            "w1_ptr": "*fp32", "w2_ptr": "*fp32"}
+EVENT = re.compile(r"\b(LDGSTS\S*|LDG\S*|STG\S*|BAR\.SYNC|SHFL\S*|ACQBULK|EXIT)\b")
+
+
+def cases() -> dict:
+    """name -> (kernel, constexprs, compile options) at Gemma-2-2B batch-1 decode shapes."""
+    from compress.kernels import cache, decode, gemv, norm
+    decode_consts = dict(QUERIES_PER_KV=2, BLOCK_G=16, HEAD_DIM=256, BLOCK_D=256, BLOCK_SIZE=16, BLOCK_N=32,
+                         NUM_SPLITS=64, USE_SOFTCAP=True, USE_WINDOW=True, UPCAST=False)
+    o_proj = gemv.LINEAR_CONFIGS[(1, 2304, 2048)]
+    return {
+        "norm_pair": (norm.rms_norm_pair_kernel, dict(HIDDEN=2304, BLOCK_H=4096, RESIDUAL_SETTLED=False), {}),
+        "norm_pair_settled": (norm.rms_norm_pair_kernel, dict(HIDDEN=2304, BLOCK_H=4096, RESIDUAL_SETTLED=True),
+                              {}),
+        "rotary_and_cache": (cache.rotary_and_cache_kernel, dict(NUM_Q_HEADS=8, BLOCK_SIZE=16, HALF=128,
+                                                                 BLOCK_HALF=128, USE_QK_NORM=False),
+                             dict(num_warps=2)),
+        "decode_split": (decode.paged_decode_split_kernel, decode_consts, dict(num_stages=3)),
+        "decode_reduce": (decode.paged_decode_reduce_kernel, dict(HEAD_DIM=256, BLOCK_D=256, NUM_SPLITS=64,
+                                                                  BLOCK_S=64), {}),
+        "o_proj": (gemv.linear_small_m_kernel, dict(BLOCK_M=1, BLOCK_N=o_proj.block_n, BLOCK_K=o_proj.block_k),
+                   dict(num_warps=o_proj.num_warps, num_stages=o_proj.num_stages)),
+    }
+
+
+def compile_sm90(fn, consts: dict, options: dict):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    consts = {**consts, "USE_PDL": True}
+
+    def kind(name):
+        if name in consts:
+            return "constexpr"
+        if name.endswith("_ptr"):
+            return POINTERS.get(name, "*bf16")
+        return "fp32" if name in ("eps", "qk_scale", "softcap") else "i32"
+    signature = {name: kind(name) for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if signature[name] != "constexpr" and (name.endswith("_ptr") or name.startswith("stride")
+                                                    or name in ("N", "K", "I"))}
+    source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={**options, "launch_pdl": True})
+
+
+def nvdisasm() -> Path:
+    import triton
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not tool.is_file():
+        raise SystemExit(f"no nvdisasm at {tool}: this triton ships without the CUDA binaries")
+    return tool
+
+
+def sass_events(kernel) -> list[str]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([str(nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return [m.group(1) for line in text.splitlines() if (m := EVENT.search(line))]
+
+
+def runs(events: list[str]) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for event in events:
+        if out and out[-1][0] == event:
+            out[-1] = (event, out[-1][1] + 1)
+        else:
+            out.append((event, 1))
+    return out
+
+
+def main(argv=None) -> int:
+    table = cases()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", nargs="+", choices=sorted(table), default=sorted(table))
+    args = parser.parse_args(argv)
+    for name in args.kernel:
+        fn, consts, options = table[name]
+        print(f"{name}: " + " ".join(f"{e}x{n}" for e, n in runs(sass_events(compile_sm90(fn, consts, options)))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
