@@ -50,11 +50,12 @@ def cases() -> dict:
     }
 
 
-def compile_sm90(fn, consts: dict, options: dict):
+def compile_sm90(fn, consts: dict, options: dict, pdl: bool = True):
+    """`fn` compiled for an H100 with `consts` (USE_PDL and launch_pdl from `pdl`); the PDL tests read its PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    consts = {**consts, "USE_PDL": True}
+    consts = {**consts, "USE_PDL": pdl}
 
     def kind(name):
         if name in consts:
@@ -67,7 +68,8 @@ def compile_sm90(fn, consts: dict, options: dict):
              if signature[name] != "constexpr" and (name.endswith("_ptr") or name.startswith("stride")
                                                     or name in ("N", "K", "I"))}
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={**options, "launch_pdl": True})
+    options = {**options, "launch_pdl": True} if pdl else options
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def nvdisasm() -> Path:

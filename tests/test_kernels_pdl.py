@@ -151,29 +151,13 @@ def test_the_source_check_catches_a_store_or_an_activation_load_before_the_wait(
 
 PTX_SCRIPT = """
 import re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
+sys.path.insert(0, "evals")
+from sass_summary import compile_sm90
 from compress.kernels import cache, decode, gemv, norm
 
-POINTERS = {"positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "block_tables_ptr": "*i32",
-            "seq_lens_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "part_out_ptr": "*fp32",
-            "part_lse_ptr": "*fp32", "cos_sin_ptr": "*fp32", "best_ptr": "*i64", "tokens_ptr": "*i64"}
-
-def signature(fn, consts):
-    def kind(name):
-        if name in consts:
-            return "constexpr"
-        if name.endswith("_ptr"):
-            return POINTERS.get(name, "*bf16")
-        return "fp32" if name in ("eps", "qk_scale", "softcap") else "i32"
-    return {name: kind(name) for name in fn.arg_names}
-
 def ptx(fn, consts, pdl=True, **options):
-    consts = {**consts, "USE_PDL": pdl}
-    src = ASTSource(fn=fn, signature=signature(fn, consts), constexprs=consts)
-    options = {**options, "launch_pdl": True} if pdl else options
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"].splitlines()
+    return compile_sm90(fn, consts, options, pdl=pdl).asm["ptx"].splitlines()
 
 def first(lines, pattern):
     return next((i for i, line in enumerate(lines) if re.search(pattern, line)), len(lines))
@@ -231,7 +215,8 @@ def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_store():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    proc = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])     # the script imports evals/sass_summary.py
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ptx ok" in proc.stdout
 
