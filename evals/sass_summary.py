@@ -6,6 +6,7 @@ triton, and prints the order of global loads (LDG), cp.async copies (LDGSTS), st
 barriers (BAR.SYNC), shuffles (SHFL) and the PDL wait (ACQBULK, griddepcontrol.wait) as runs, e.g.
 `LDG.E.128x12 ACQBULKx1 ... LDG.E.128x3 SHFL.BFLYx5 BAR.SYNCx1 ...`. A load that sits after a reduction's
 barrier waits for it: one more round trip on the step's critical path (kernels/NOTES.md, session 18).
+Each line ends with the number of layout conversions (through shared memory) inside the kernel's loop.
 
     python evals/sass_summary.py                       # every kernel below
     python evals/sass_summary.py --kernel norm_pair_settled decode_split
@@ -30,11 +31,17 @@ EVENT = re.compile(r"\b(LDGSTS\S*|LDG\S*|STG\S*|BAR\.SYNC|SHFL\S*|ACQBULK|EXIT)\
 
 
 def cases() -> dict:
-    """name -> (kernel, constexprs, compile options) at Gemma-2-2B batch-1 decode shapes."""
+    """name -> (kernel, constexprs, compile options) at Gemma-2-2B batch-1 decode shapes (the GEMVs: one
+    per entry of gemv's config tables, named by kernel and weight shape)."""
     from compress.kernels import cache, decode, gemv, norm
+    gemvs = {}
+    for kernel, table, prefix in ((gemv.linear_small_m_kernel, gemv.LINEAR_CONFIGS, "linear"),
+                                  (gemv.gelu_tanh_and_mul_gemv_kernel, gemv.GEGLU_CONFIGS, "geglu")):
+        for (rows, n, k), c in table.items():
+            gemvs[f"{prefix}_{n}x{k}_m{rows}"] = (kernel, dict(BLOCK_M=rows, BLOCK_N=c.block_n, BLOCK_K=c.block_k),
+                                                 dict(num_warps=c.num_warps, num_stages=c.num_stages))
     decode_consts = dict(QUERIES_PER_KV=2, BLOCK_G=16, HEAD_DIM=256, BLOCK_D=256, BLOCK_SIZE=16, BLOCK_N=32,
                          NUM_SPLITS=64, USE_SOFTCAP=True, USE_WINDOW=True, UPCAST=False)
-    o_proj = gemv.LINEAR_CONFIGS[(1, 2304, 2048)]
     return {
         "norm_pair": (norm.rms_norm_pair_kernel, dict(HIDDEN=2304, BLOCK_H=4096, RESIDUAL_SETTLED=False), {}),
         "norm_pair_settled": (norm.rms_norm_pair_kernel, dict(HIDDEN=2304, BLOCK_H=4096, RESIDUAL_SETTLED=True),
@@ -45,9 +52,17 @@ def cases() -> dict:
         "decode_split": (decode.paged_decode_split_kernel, decode_consts, dict(num_stages=3)),
         "decode_reduce": (decode.paged_decode_reduce_kernel, dict(HEAD_DIM=256, BLOCK_D=256, NUM_SPLITS=64,
                                                                   BLOCK_S=64), {}),
-        "o_proj": (gemv.linear_small_m_kernel, dict(BLOCK_M=1, BLOCK_N=o_proj.block_n, BLOCK_K=o_proj.block_k),
-                   dict(num_warps=o_proj.num_warps, num_stages=o_proj.num_stages)),
+        **gemvs,
     }
+
+
+def loop_conversions(kernel) -> int:
+    """Layout conversions inside the kernel's first loop (TritonGPU IR): each goes through shared memory."""
+    ir = kernel.asm["ttgir"]
+    if "scf.for" not in ir:
+        return 0
+    body = ir[ir.index("scf.for"):]
+    return body[:body.index("scf.yield")].count("ttg.convert_layout")
 
 
 def compile_sm90(fn, consts: dict, options: dict, pdl: bool = True):
@@ -105,7 +120,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     for name in args.kernel:
         fn, consts, options = table[name]
-        print(f"{name}: " + " ".join(f"{e}x{n}" for e, n in runs(sass_events(compile_sm90(fn, consts, options)))))
+        kernel = compile_sm90(fn, consts, options)
+        print(f"{name}: " + " ".join(f"{e}x{n}" for e, n in runs(sass_events(kernel)))
+              + f" | layout conversions in the loop: {loop_conversions(kernel)}")
     return 0
 
 
