@@ -1,8 +1,8 @@
 """Where a decode-step kernel's loads, stores and barriers sit around its PDL wait, in H100 machine code.
 
 Compiles each kernel for sm90 with triton (no GPU needed; pointers 16-byte aligned, strides and the
-GEMV's N and K multiples of 16, as a real launch at Gemma's shapes specializes them), disassembles the cubin with the nvdisasm that ships with
-triton, and prints the order of global loads (LDG), cp.async copies (LDGSTS), stores (STG), block
+GEMV's N and K multiples of 16, as a real launch at Gemma's shapes specializes them), disassembles the
+cubin with the nvdisasm that ships with triton, and prints the order of global loads (LDG), cp.async copies (LDGSTS), stores (STG), block
 barriers (BAR.SYNC), shuffles (SHFL) and the PDL wait (ACQBULK, griddepcontrol.wait) as runs, e.g.
 `LDG.E.128x12 ACQBULKx1 ... LDG.E.128x3 SHFL.BFLYx5 BAR.SYNCx1 ...`. A load that sits after a reduction's
 barrier waits for it: one more round trip on the step's critical path (kernels/NOTES.md, session 18).
@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 POINTERS = {"positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "block_tables_ptr": "*i32",
             "seq_lens_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "part_out_ptr": "*fp32",
-            "part_lse_ptr": "*fp32", "cos_sin_ptr": "*fp32", "best_ptr": "*i64", "tokens_ptr": "*i64",
-            "w1_ptr": "*fp32", "w2_ptr": "*fp32"}
+            "part_lse_ptr": "*fp32", "cos_sin_ptr": "*fp32", "best_ptr": "*i64", "tokens_ptr": "*i64"}
 EVENT = re.compile(r"\b(LDGSTS\S*|LDG\S*|STG\S*|BAR\.SYNC|SHFL\S*|ACQBULK|EXIT)\b")
 
 

@@ -149,6 +149,16 @@ def test_the_source_check_catches_a_store_or_an_activation_load_before_the_wait(
     assert wait_problems(good.replace("    pdl_wait(USE_PDL)\n", "")) == ["no pdl_wait(USE_PDL)"]
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _compile_env() -> dict:
+    """The environment of a subprocess that compiles for the H100 on this machine: no interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
 PTX_SCRIPT = """
 import re
 import sys
@@ -213,10 +223,8 @@ def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_store():
     atomic and before launch_dependents; norms load their weights (and a settled residual) before it,
     rotary and decode the step's metadata, the GEMVs nothing."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    proc = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])     # the script imports evals/sass_summary.py
+    proc = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=_compile_env(),
+                          timeout=300, cwd=REPO)     # the script imports evals/sass_summary.py
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ptx ok" in proc.stdout
 
@@ -225,11 +233,9 @@ def test_early_loads_sit_before_the_wait_in_the_h100_machine_code():
     """evals/sass_summary.py (nvdisasm of the sm90 cubin): the settled residual, the step's metadata and the
     decode split's first block numbers are loaded before ACQBULK (the wait); an unsettled residual after."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
-    script = Path(__file__).resolve().parents[1] / "evals" / "sass_summary.py"
-    proc = subprocess.run([sys.executable, str(script), "--kernel", "norm_pair", "norm_pair_settled",
-                           "rotary_and_cache", "decode_split"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "evals" / "sass_summary.py"), "--kernel", "norm_pair",
+                           "norm_pair_settled", "rotary_and_cache", "decode_split"],
+                          capture_output=True, text=True, env=_compile_env(), timeout=300)
     if proc.returncode != 0 and "no nvdisasm" in proc.stdout + proc.stderr:
         pytest.skip("this triton ships without nvdisasm")
     assert proc.returncode == 0, proc.stderr[-3000:]
