@@ -64,8 +64,9 @@ def loop_conversions(kernel) -> int:
     return body[:body.index("scf.yield")].count("ttg.convert_layout")
 
 
-def compile_sm90(fn, consts: dict, options: dict, pdl: bool = True):
-    """`fn` compiled for an H100 with `consts` (USE_PDL and launch_pdl from `pdl`); the PDL tests read its PTX."""
+def compile_sm90(fn, consts: dict, options: dict, pdl: bool = True, types: dict | None = None):
+    """`fn` compiled for an H100 with `consts` (USE_PDL and launch_pdl from `pdl`); the PDL tests read its PTX.
+    Pointers are typed from POINTERS (else bf16) unless `types` names them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -75,7 +76,7 @@ def compile_sm90(fn, consts: dict, options: dict, pdl: bool = True):
         if name in consts:
             return "constexpr"
         if name.endswith("_ptr"):
-            return POINTERS.get(name, "*bf16")
+            return (types or {}).get(name) or POINTERS.get(name, "*bf16")
         return "fp32" if name in ("eps", "qk_scale", "softcap") else "i32"
     signature = {name: kind(name) for name in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)

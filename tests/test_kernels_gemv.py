@@ -295,67 +295,26 @@ def test_slimmed_model_fast_path_with_triton_gemv_matches_hf(tmp_path):
 
 
 COMPILE_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from compress.kernels import cache, gemv, norm
-target = GPUTarget("cuda", 90, 32)
-gemv_sig = {name: "i32" for name in ("M", "N", "K", "stride_x_m", "stride_w_n", "stride_out_m")}
-gemv_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", **gemv_sig,
-            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "USE_PDL": "constexpr"}
-geglu_sig = {("I" if name == "N" else name): kind for name, kind in gemv_sig.items()}
+import sys
+sys.path.insert(0, "evals")
+from sass_summary import compile_sm90
+from compress.kernels import gemv
+# every row bucket's GEMVs without PDL (tests/test_kernels_pdl.py compiles the batch-1 ones, and the other
+# decode kernels, with it), the table's configs and the defaults of shapes outside it
 configs = {(4, 4096, 2304), (2, 18432, 2304)} | set(gemv.LINEAR_CONFIGS)
 for rows, n, k in sorted(configs):
     config = gemv.LINEAR_CONFIGS.get((rows, n, k)) or gemv.default_config(rows, n, k)
-    consts = {"BLOCK_M": rows, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "USE_PDL": False}
+    consts = {"BLOCK_M": rows, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k}
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    for fn, sig in ((gemv.linear_small_m_kernel, gemv_sig), (gemv.gelu_tanh_and_mul_gemv_kernel, geglu_sig)):
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=options)
-split_sig = {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
-             **{name: "i32" for name in ("M", "N", "K", "stride_x_m", "stride_w_n", "stride_out_m")}}
+    for fn in (gemv.linear_small_m_kernel, gemv.gelu_tanh_and_mul_gemv_kernel):
+        compile_sm90(fn, consts, options, pdl=False)
 for split_k, rows in ((2, 1), (3, 4)):
-    consts = {"BLOCK_M": rows, "BLOCK_N": 4, "BLOCK_K": 256, "SPLIT_K": split_k, "USE_PDL": False}
-    triton.compile(ASTSource(fn=gemv.linear_split_k_kernel, signature={**split_sig, **{c: "constexpr" for c in consts}},
-                             constexprs=consts), target=target, options={"num_warps": 4, "num_stages": 3})
-norm_sig = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "w1_ptr": "*fp32", "w2_ptr": "*fp32",
-            "out_ptr": "*bf16", "sum_ptr": "*bf16", "eps": "fp32", "stride_x_t": "i32",
-            "stride_residual_t": "i32", "stride_out_t": "i32", "stride_sum_t": "i32",
-            "HIDDEN": "constexpr", "BLOCK_H": "constexpr", "RESIDUAL_SETTLED": "constexpr", "USE_PDL": "constexpr"}
-for settled in (False, True):
-    triton.compile(ASTSource(fn=norm.rms_norm_pair_kernel, signature=norm_sig,
-                             constexprs={"HIDDEN": 2304, "BLOCK_H": 4096, "RESIDUAL_SETTLED": settled,
-                                         "USE_PDL": False}), target=target)
-rope_sig = {"positions_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
-            "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64", "cos_sin_ptr": "*fp32",
-            "q_norm_ptr": "*bf16", "k_norm_ptr": "*bf16", "eps": "fp32"}
-rope_sig.update({name: "i32" for name in ("stride_q_t", "stride_q_h", "stride_k_t", "stride_k_h", "stride_v_t",
-                 "stride_v_h", "stride_cs_p", "stride_kc_block", "stride_kc_slot", "stride_kc_head",
-                 "stride_vc_block", "stride_vc_slot", "stride_vc_head")})
-for qk_norm in (False, True):
-    consts = {"NUM_Q_HEADS": 8, "BLOCK_SIZE": 16, "HALF": 128, "BLOCK_HALF": 128, "USE_QK_NORM": qk_norm,
-              "USE_PDL": False}
-    sig = {**rope_sig, **{name: "constexpr" for name in consts}}
-    triton.compile(ASTSource(fn=cache.rotary_and_cache_kernel, signature=sig, constexprs=consts), target=target,
-                   options={"num_warps": 2})
-from compress.kernels import decode
-kinds = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16",
-         "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
-         "qk_scale": "fp32", "softcap": "fp32"}
-consts = {"QUERIES_PER_KV": 2, "BLOCK_G": 16, "HEAD_DIM": 256, "BLOCK_D": 256, "BLOCK_SIZE": 16, "BLOCK_N": 32,
-          "NUM_SPLITS": 8, "USE_SOFTCAP": True, "USE_WINDOW": False, "UPCAST": False, "USE_PDL": False}
-sig = {name: "constexpr" if name in consts else kinds.get(name, "i32")
-       for name in decode.paged_decode_split_kernel.arg_names}
-triton.compile(ASTSource(fn=decode.paged_decode_split_kernel, signature=sig, constexprs=consts), target=target,
-               options={"num_warps": 4, "num_stages": 3})
-logits_sig = {**gemv_sig, "out_ptr": "*fp32", "softcap": "fp32", "best_ptr": "*i64", "USE_SOFTCAP": "constexpr",
-              "ARGMAX": "constexpr"}
+    compile_sm90(gemv.linear_split_k_kernel, {"BLOCK_M": rows, "BLOCK_N": 4, "BLOCK_K": 256, "SPLIT_K": split_k},
+                 {"num_warps": 4, "num_stages": 3}, pdl=False)
 for argmax in (False, True):
-    triton.compile(ASTSource(fn=gemv.logits_small_m_kernel, signature=logits_sig,
-                             constexprs={"BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 256, "USE_SOFTCAP": True,
-                                         "ARGMAX": argmax, "USE_PDL": False}), target=target, options={"num_warps": 4})
-triton.compile(ASTSource(fn=gemv.argmax_finish_kernel, signature={"best_ptr": "*i64", "tokens_ptr": "*i64",
-                                                                   "USE_PDL": "constexpr"},
-                         constexprs={"USE_PDL": False}), target=target)
+    compile_sm90(gemv.logits_small_m_kernel, {"BLOCK_M": 4, "BLOCK_N": 8, "BLOCK_K": 256, "USE_SOFTCAP": True,
+                                              "ARGMAX": argmax}, {"num_warps": 4}, pdl=False,
+                 types={"out_ptr": "*fp32"})
 print("compiled")
 """
 
@@ -364,10 +323,11 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter accepts code the compiler rejects (e.g. a plain-float global read in a kernel):
     compile the new kernels for an H100 ahead of time, no device needed."""
     pytest.importorskip("triton.backends.nvidia")
+    repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = str(repo)
     proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=240)
+                          timeout=240, cwd=repo)     # the script imports evals/sass_summary.py
     if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
         pytest.skip("this triton has no bundled ptxas")
     assert proc.returncode == 0, proc.stderr[-3000:]
