@@ -40,8 +40,10 @@ def test_fast_path_matches_reference_and_hf_on_cpu(tmp_path, family):
     prompts = random_prompts(LENGTHS)
     expected = [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
     # max_graph_batch 4 < 6 requests: wide decode steps fall back to the eager path, narrow ones
-    # are padded into buckets; block_size 4 makes tables grow and sliding blocks free mid-run.
-    llm = LLM(path, block_size=4, max_num_batched_tokens=16, max_num_seqs=8, fast_path="on", max_graph_batch=4)
+    # are padded into buckets; block_size 4 makes tables grow and sliding blocks free mid-run. On the CPU
+    # on a GPU machine too: the fp32 HF tokens are matched at fp32 (the `gpu` test below covers CUDA).
+    llm = LLM(path, block_size=4, max_num_batched_tokens=16, max_num_seqs=8, fast_path="on", max_graph_batch=4,
+              device="cpu")
     runner = llm.engine.runner
     assert runner.decode_graphs is not None and not runner.decode_graphs.graphs
     assert hasattr(runner.model.model.layers[0].self_attn, "qkv_proj")
@@ -76,7 +78,8 @@ def test_incremental_packing_equals_packing_from_scratch(tmp_path):
 
     model = random_model(gemma2_config(), seed=5)
     path = save_model(model, tmp_path / "m")
-    llm = LLM(path, block_size=4, max_num_batched_tokens=16, num_kv_blocks=14, max_model_len=48, fast_path="on")
+    llm = LLM(path, block_size=4, max_num_batched_tokens=16, num_kv_blocks=14, max_model_len=48, fast_path="on",
+              device="cpu")     # the packing is checked against host tensors
     graphs, checked, previous, header_only = llm.engine.runner.decode_graphs, [], [], []
     original = graphs.pack
 
