@@ -2,7 +2,9 @@
 
 Backends: "triton" (kernels/cache.py, prefill.py, decode.py, norm.py, layer_norm.py, ffn.py, gemv.py) when CUDA and Triton are present,
 else "reference" (kernels/reference.py, plain torch, any device). Env KERNELS_BACKEND=triton|reference
-overrides the choice at import; tests call `set_backend`. Signatures are those of the paged-KV contract in compress/kernels.py.
+overrides the choice at import; tests call `set_backend`. Compiled Triton kernels cannot read host memory,
+so an op whose tensors are on the CPU runs the reference (an engine pinned to the CPU on a GPU machine),
+unless the Triton interpreter is on. Signatures are those of the paged-KV contract in compress/kernels.py.
 """
 
 from __future__ import annotations
@@ -56,12 +58,20 @@ def load_backend(name: str) -> SimpleNamespace:
 
 
 _backend: SimpleNamespace | None = None
+_reference: SimpleNamespace | None = None
 
 
-def backend() -> SimpleNamespace:
-    global _backend
+def backend(tensor: torch.Tensor | None = None) -> SimpleNamespace:
+    """The chosen backend; the reference instead where `tensor` is a host tensor that compiled Triton
+    kernels cannot read."""
+    global _backend, _reference
     if _backend is None:
         _backend = load_backend(default_backend())
+    if (tensor is not None and _backend.name == "triton" and not tensor.is_cuda
+            and os.environ.get("TRITON_INTERPRET", "0") != "1"):
+        if _reference is None:
+            _reference = load_backend("reference")
+        return _reference
     return _backend
 
 
@@ -76,55 +86,55 @@ def backend_name() -> str:
 
 
 def reshape_and_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
-    backend().reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+    backend(key).reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
 
 
 def rotary_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache, q_norm=None,
                      k_norm=None, eps: float = 1e-6):
-    return backend().rotary_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, cos_sin_cache,
-                                      q_norm, k_norm, eps)
+    return backend(positions).rotary_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping,
+                                               cos_sin_cache, q_norm, k_norm, eps)
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *,
                             max_seqlen_q: int, scale: float, sliding_window=None, softcap=None,
                             out=None):
-    return backend().paged_prefill_attention(
+    return backend(q).paged_prefill_attention(
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, max_seqlen_q=max_seqlen_q,
         scale=scale, sliding_window=sliding_window, softcap=softcap, out=out)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float,
                            sliding_window=None, softcap=None, out=None):
-    return backend().paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
-                                            sliding_window=sliding_window, softcap=softcap, out=out)
+    return backend(q).paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=scale,
+                                             sliding_window=sliding_window, softcap=softcap, out=out)
 
 
 def rms_norm(x, weight, eps: float, residual=None, out=None):
-    return backend().rms_norm(x, weight, eps, residual=residual, out=out)
+    return backend(x).rms_norm(x, weight, eps, residual=residual, out=out)
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float):
-    return backend().add_layer_norm(x, residual, weight, bias, eps)
+    return backend(x).add_layer_norm(x, residual, weight, bias, eps)
 
 
 def ffn_add_layer_norm(x, w1, b1, w2, b2, weight, bias, eps: float):
-    return backend().ffn_add_layer_norm(x, w1, b1, w2, b2, weight, bias, eps)
+    return backend(x).ffn_add_layer_norm(x, w1, b1, w2, b2, weight, bias, eps)
 
 
 def rotary_embedding(positions, q, k, cos_sin_cache):
-    return backend().rotary_embedding(positions, q, k, cos_sin_cache)
+    return backend(positions).rotary_embedding(positions, q, k, cos_sin_cache)
 
 
 def rms_norm_pair(x, w1, w2, eps: float, residual, residual_settled: bool = False):
-    return backend().rms_norm_pair(x, w1, w2, eps, residual, residual_settled=residual_settled)
+    return backend(x).rms_norm_pair(x, w1, w2, eps, residual, residual_settled=residual_settled)
 
 
 def embed_rms_norm(ids, table, scale: float, weight, eps: float, src_rows=None, prev_tokens=None):
-    return backend().embed_rms_norm(ids, table, scale, weight, eps, src_rows=src_rows, prev_tokens=prev_tokens)
+    return backend(ids).embed_rms_norm(ids, table, scale, weight, eps, src_rows=src_rows, prev_tokens=prev_tokens)
 
 
 def linear_small_m(x, weight, out=None):
-    return backend().linear_small_m(x, weight, out=out)
+    return backend(x).linear_small_m(x, weight, out=out)
 
 
 def fused_logits() -> bool:
@@ -138,8 +148,8 @@ def fused_logits() -> bool:
 
 
 def logits_small_m(x, weight, softcap=None, argmax_out=None):
-    return backend().logits_small_m(x, weight, softcap, argmax_out=argmax_out)
+    return backend(x).logits_small_m(x, weight, softcap, argmax_out=argmax_out)
 
 
 def gelu_tanh_and_mul_gemv(x, gate_up_weight):
-    return backend().gelu_tanh_and_mul_gemv(x, gate_up_weight)
+    return backend(x).gelu_tanh_and_mul_gemv(x, gate_up_weight)

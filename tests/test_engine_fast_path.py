@@ -180,3 +180,34 @@ def test_gpu_fast_path_matches_reference_and_hf(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("same tokens") == 2
+
+
+PINNED_SCRIPT = """
+import sys
+import torch
+torch.cuda.is_available = lambda: True      # a GPU machine, as far as choosing the kernel backend goes
+sys.path.insert(0, {tests!r})
+from serve_fixtures import gemma2_config, hf_greedy, random_model, random_prompts, save_model
+from serve import LLM, SamplingParams
+from compress import kernels
+model = random_model(gemma2_config(), seed=6)
+path = save_model(model, {path!r})
+prompts = random_prompts([3, 30, 12])
+expected = [hf_greedy(model, p, 6) for p in prompts]
+llm = LLM(path, block_size=4, max_num_batched_tokens=16, fast_path="on", device="cpu")
+got = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6,
+                                                                             ignore_eos=True))]
+assert kernels.backend_name() == "triton" and got == expected, (got, expected)
+print("same tokens")
+"""
+
+
+def test_engine_pinned_to_the_cpu_where_cuda_is_present(tmp_path):
+    """`device="cpu"` on a GPU machine: the kernel backend is Triton there, and the fast path's ops get host
+    tensors, which compiled kernels cannot read (they must run the reference). Simulated here by making
+    torch report CUDA, with the Triton interpreter off."""
+    script = PINNED_SCRIPT.format(tests=str(Path(__file__).parent), path=str(tmp_path / "m"))
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "KERNELS_BACKEND")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "same tokens" in proc.stdout

@@ -244,6 +244,23 @@ def test_dispatcher_runs_new_ops_on_both_backends():
         assert relative_error(got, want) < 1e-5
 
 
+
+def test_dispatcher_runs_host_tensors_on_the_reference_unless_interpreting(monkeypatch):
+    """Compiled Triton kernels cannot read host memory: with the interpreter off, an op on CPU tensors (an
+    engine pinned to the CPU on a GPU machine) runs the reference even where the backend is Triton."""
+    x, weight = (t.cpu() for t in _inputs(2, 48, 64, torch.float32))
+    dispatch.set_backend("triton")
+    try:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert dispatch.backend().name == "triton" and dispatch.backend(x).name == "reference"
+        assert torch.equal(dispatch.linear_small_m(x, weight), reference.linear_small_m_ref(x, weight))
+        assert torch.equal(dispatch.gelu_tanh_and_mul_gemv(x, weight),
+                           reference.gelu_tanh_and_mul_gemv_ref(x, weight))
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert dispatch.backend(x).name == "triton"
+    finally:
+        dispatch.set_backend(dispatch.default_backend())
+
 SLIM_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
