@@ -6,7 +6,9 @@ cubin with the nvdisasm that ships with triton, and prints the order of global l
 barriers (BAR.SYNC), shuffles (SHFL) and the PDL wait (ACQBULK, griddepcontrol.wait) as runs, e.g.
 `LDG.E.128x12 ACQBULKx1 ... LDG.E.128x3 SHFL.BFLYx5 BAR.SYNCx1 ...`. A load that sits after a reduction's
 barrier waits for it: one more round trip on the step's critical path (kernels/NOTES.md, session 18).
-Each line ends with the number of layout conversions (through shared memory) inside the kernel's loop.
+Each line ends with the number of layout conversions (through shared memory) inside the kernel's loop,
+the registers per thread (cuobjdump) and how many of its programs fit on one H100 SM at once (so a grid
+of fewer than that times 132 programs runs as a single partial wave).
 
     python evals/sass_summary.py                       # every kernel below
     python evals/sass_summary.py --kernel norm_pair_settled decode_split
@@ -95,6 +97,29 @@ def nvdisasm() -> Path:
     return tool
 
 
+# H100 per SM: 64K registers (allocated per warp in units of 256), 64 warps, 32 programs, 228 KiB of shared
+# memory of which each program also reserves 1 KiB
+SM90 = dict(regs=65536, reg_unit=256, warps=64, programs=32, shared=233472, shared_reserved=1024)
+
+
+def registers(kernel) -> int:
+    """Registers per thread of the compiled kernel (cuobjdump -res-usage on its cubin)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        text = subprocess.run([str(nvdisasm().parent / "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", text).group(1))
+
+
+def programs_per_sm(regs: int, num_warps: int, shared: int) -> int:
+    """Programs of `num_warps` warps, `regs` registers a thread and `shared` bytes resident on one H100 SM."""
+    per_warp = -(-regs * 32 // SM90["reg_unit"]) * SM90["reg_unit"]
+    by_regs = SM90["regs"] // per_warp // num_warps
+    by_shared = SM90["shared"] // (shared + SM90["shared_reserved"])
+    return min(by_regs, SM90["warps"] // num_warps, SM90["programs"], by_shared)
+
+
 def sass_events(kernel) -> list[str]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -121,8 +146,10 @@ def main(argv=None) -> int:
     for name in args.kernel:
         fn, consts, options = table[name]
         kernel = compile_sm90(fn, consts, options)
+        regs = registers(kernel)
+        fit = programs_per_sm(regs, kernel.metadata.num_warps, kernel.metadata.shared)
         print(f"{name}: " + " ".join(f"{e}x{n}" for e, n in runs(sass_events(kernel)))
-              + f" | layout conversions in the loop: {loop_conversions(kernel)}")
+              + f" | layout conversions in the loop: {loop_conversions(kernel)} | {regs} registers, {fit} programs/SM")
     return 0
 
 

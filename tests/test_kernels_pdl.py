@@ -246,6 +246,19 @@ def test_early_loads_sit_before_the_wait_in_the_h100_machine_code():
         before[name] = sum(int(n) for n in re.findall(r"LDG\S*x(\d+)", head))
     assert before["norm_pair_settled"] > before["norm_pair"] > 0     # the residual joins the weights
     assert before["rotary_and_cache"] > 0 and before["decode_split"] > 0, before
+    for line in proc.stdout.splitlines():        # registers and residency from cuobjdump
+        regs, fit = map(int, re.search(r"\| (\d+) registers, (\d+) programs/SM$", line).groups())
+        assert 16 <= regs <= 255 and 1 <= fit <= 32, line
+
+
+def test_programs_per_sm_follow_the_h100_limits():
+    sys.path.insert(0, str(REPO / "evals"))
+    from sass_summary import programs_per_sm
+    assert programs_per_sm(56, 4, 1024) == 9          # 56 x 32 = 1792 registers a warp: 36 warps
+    assert programs_per_sm(42, 4, 1024) == 10         # 1344 rounds up to 1536: 42 warps
+    assert programs_per_sm(32, 2, 0) == 32            # the program limit
+    assert programs_per_sm(32, 8, 0) == 8             # the warp limit
+    assert programs_per_sm(32, 4, 100 * 1024) == 2    # shared memory
 
 
 # ---- GPU: the lead runs these on the H100 ----------------------------------------------------------
