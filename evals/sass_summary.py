@@ -89,11 +89,12 @@ def compile_sm90(fn, consts: dict, options: dict, pdl: bool = True, types: dict 
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def nvdisasm() -> Path:
+def cuda_tool(name: str) -> Path:
+    """A CUDA binary that ships with triton (nvdisasm, cuobjdump)."""
     import triton
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
     if not tool.is_file():
-        raise SystemExit(f"no nvdisasm at {tool}: this triton ships without the CUDA binaries")
+        raise SystemExit(f"no {name} at {tool}: this triton ships without the CUDA binaries")
     return tool
 
 
@@ -107,7 +108,7 @@ def registers(kernel) -> int:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        text = subprocess.run([str(nvdisasm().parent / "cuobjdump"), "-res-usage", f.name], capture_output=True,
+        text = subprocess.run([str(cuda_tool("cuobjdump")), "-res-usage", f.name], capture_output=True,
                               text=True, check=True).stdout
     return int(re.search(r"REG:(\d+)", text).group(1))
 
@@ -124,7 +125,8 @@ def sass_events(kernel) -> list[str]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        text = subprocess.run([str(nvdisasm()), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run([str(cuda_tool("nvdisasm")), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
     return [m.group(1) for line in text.splitlines() if (m := EVENT.search(line))]
 
 
