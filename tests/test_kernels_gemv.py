@@ -244,7 +244,6 @@ def test_dispatcher_runs_new_ops_on_both_backends():
         assert relative_error(got, want) < 1e-5
 
 
-
 def test_dispatcher_runs_host_tensors_on_the_reference_unless_interpreting(monkeypatch):
     """Compiled Triton kernels cannot read host memory: with the interpreter off, an op on CPU tensors (an
     engine pinned to the CPU on a GPU machine) runs the reference even where the backend is Triton."""
@@ -260,6 +259,7 @@ def test_dispatcher_runs_host_tensors_on_the_reference_unless_interpreting(monke
         assert dispatch.backend(x).name == "triton"
     finally:
         dispatch.set_backend(dispatch.default_backend())
+
 
 SLIM_SCRIPT = """
 import sys
