@@ -32,6 +32,15 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture
+def compile_env() -> dict:
+    """The environment of a subprocess that compiles kernels for the H100 on this machine (no interpreter,
+    this checkout importable); run it with cwd=REPO where it imports evals/ modules."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -336,15 +336,12 @@ print("compiled")
 """
 
 
-def test_kernels_compile_for_sm90_without_a_gpu():
+def test_kernels_compile_for_sm90_without_a_gpu(compile_env):
     """The interpreter accepts code the compiler rejects (e.g. a plain-float global read in a kernel):
     compile the new kernels for an H100 ahead of time, no device needed."""
     pytest.importorskip("triton.backends.nvidia")
-    repo = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(repo)
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                          timeout=240, cwd=repo)     # the script imports evals/sass_summary.py
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True,
+                          env=compile_env, timeout=240, cwd=Path(__file__).resolve().parents[1])     # the script imports evals/sass_summary.py
     if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
         pytest.skip("this triton has no bundled ptxas")
     assert proc.returncode == 0, proc.stderr[-3000:]

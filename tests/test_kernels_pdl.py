@@ -152,13 +152,6 @@ def test_the_source_check_catches_a_store_or_an_activation_load_before_the_wait(
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _compile_env() -> dict:
-    """The environment of a subprocess that compiles for the H100 on this machine: no interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
 PTX_SCRIPT = """
 import re
 import sys
@@ -218,24 +211,24 @@ print("ptx ok")
 """
 
 
-def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_store():
+def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_store(compile_env):
     """The H100 code itself (no device needed): griddepcontrol.wait comes before every global store and
     atomic and before launch_dependents; norms load their weights (and a settled residual) before it,
     rotary and decode the step's metadata, the GEMVs nothing."""
     pytest.importorskip("triton.backends.nvidia")
-    proc = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=_compile_env(),
+    proc = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=compile_env,
                           timeout=300, cwd=REPO)     # the script imports evals/sass_summary.py
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ptx ok" in proc.stdout
 
 
-def test_early_loads_sit_before_the_wait_in_the_h100_machine_code():
+def test_early_loads_sit_before_the_wait_in_the_h100_machine_code(compile_env):
     """evals/sass_summary.py (nvdisasm of the sm90 cubin): the settled residual, the step's metadata and the
     decode split's first block numbers are loaded before ACQBULK (the wait); an unsettled residual after."""
     pytest.importorskip("triton.backends.nvidia")
     proc = subprocess.run([sys.executable, str(REPO / "evals" / "sass_summary.py"), "--kernel", "norm_pair",
                            "norm_pair_settled", "rotary_and_cache", "decode_split"],
-                          capture_output=True, text=True, env=_compile_env(), timeout=300)
+                          capture_output=True, text=True, env=compile_env, timeout=300)
     if proc.returncode != 0 and "without the CUDA binaries" in proc.stdout + proc.stderr:
         pytest.skip("this triton ships without nvdisasm or cuobjdump")
     assert proc.returncode == 0, proc.stderr[-3000:]
