@@ -2,8 +2,9 @@
 
 Compiles each kernel for sm90 with triton (no GPU needed; pointers 16-byte aligned, strides and the
 GEMV's N and K multiples of 16, as a real launch at Gemma's shapes specializes them), disassembles the
-cubin with the nvdisasm that ships with triton, and prints the order of global loads (LDG), cp.async copies (LDGSTS), stores (STG), block
-barriers (BAR.SYNC), shuffles (SHFL) and the PDL wait (ACQBULK, griddepcontrol.wait) as runs, e.g.
+cubin with the nvdisasm that ships with triton, and prints the order of global loads (LDG), cp.async
+copies (LDGSTS), stores (STG), block barriers (BAR.SYNC), shuffles (SHFL) and the PDL wait (ACQBULK,
+griddepcontrol.wait) as runs, e.g.
 `LDG.E.128x12 ACQBULKx1 ... LDG.E.128x3 SHFL.BFLYx5 BAR.SYNCx1 ...`. A load that sits after a reduction's
 barrier waits for it: one more round trip on the step's critical path (kernels/NOTES.md, session 18).
 Each line ends with the number of layout conversions (through shared memory) inside the kernel's loop,
@@ -103,14 +104,18 @@ def cuda_tool(name: str) -> Path:
 SM90 = dict(regs=65536, reg_unit=256, warps=64, programs=32, shared=233472, shared_reserved=1024)
 
 
-def registers(kernel) -> int:
-    """Registers per thread of the compiled kernel (cuobjdump -res-usage on its cubin)."""
+def on_cubin(kernel, tool: str, *flags: str) -> str:
+    """The output of a triton-shipped CUDA tool run on the kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        text = subprocess.run([str(cuda_tool("cuobjdump")), "-res-usage", f.name], capture_output=True,
-                              text=True, check=True).stdout
-    return int(re.search(r"REG:(\d+)", text).group(1))
+        return subprocess.run([str(cuda_tool(tool)), *flags, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def registers(kernel) -> int:
+    """Registers per thread of the compiled kernel (cuobjdump -res-usage)."""
+    return int(re.search(r"REG:(\d+)", on_cubin(kernel, "cuobjdump", "-res-usage")).group(1))
 
 
 def programs_per_sm(regs: int, num_warps: int, shared: int) -> int:
@@ -122,11 +127,7 @@ def programs_per_sm(regs: int, num_warps: int, shared: int) -> int:
 
 
 def sass_events(kernel) -> list[str]:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        text = subprocess.run([str(cuda_tool("nvdisasm")), "-c", f.name], capture_output=True, text=True,
-                              check=True).stdout
+    text = on_cubin(kernel, "nvdisasm", "-c")
     return [m.group(1) for line in text.splitlines() if (m := EVENT.search(line))]
 
 
@@ -151,7 +152,8 @@ def main(argv=None) -> int:
         regs = registers(kernel)
         fit = programs_per_sm(regs, kernel.metadata.num_warps, kernel.metadata.shared)
         print(f"{name}: " + " ".join(f"{e}x{n}" for e, n in runs(sass_events(kernel)))
-              + f" | layout conversions in the loop: {loop_conversions(kernel)} | {regs} registers, {fit} programs/SM")
+              + f" | layout conversions in the loop: {loop_conversions(kernel)}"
+              + f" | {regs} registers, {fit} programs/SM")
     return 0
 
 

@@ -67,6 +67,7 @@ def backend(tensor: torch.Tensor | None = None) -> SimpleNamespace:
     global _backend, _reference
     if _backend is None:
         _backend = load_backend(default_backend())
+    # the interpreter test of kernels.common.interpreting, read here so that dispatch never imports triton
     if (tensor is not None and _backend.name == "triton" and not tensor.is_cuda
             and os.environ.get("TRITON_INTERPRET", "0") != "1"):
         if _reference is None:
