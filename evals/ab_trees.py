@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,10 +37,11 @@ def prepare(out: Path, refs: list[str], repo: Path) -> list[Path]:
     trees = []
     for ref in refs:
         tree = out / ref.replace("/", "_")
-        if tree.exists():
-            subprocess.run(["rm", "-rf", str(tree)], check=True)
+        shutil.rmtree(tree, ignore_errors=True)
         tree.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(repo), "archive", ref], capture_output=True, check=True)
+        archive = subprocess.run(["git", "-C", str(repo), "archive", ref], capture_output=True)
+        if archive.returncode != 0:
+            raise ValueError(f"git archive {ref} failed: {archive.stderr.decode().strip()}")
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
         trees.append(tree)
     return trees
@@ -86,7 +88,8 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(trees: list[Path], rounds: int, budget_s: float, bench: str, extra: list[str]) -> list[dict]:
+def run(trees: list[Path], rounds: int, budget_s: float, bench: str, extra: list[str]) -> tuple[list[dict], bool]:
+    """(the rows measured, whether every run succeeded): a failing tree ends the rounds."""
     rows, start = [], time.monotonic()
     for round_index in range(rounds):
         round_start = time.monotonic()
@@ -95,7 +98,7 @@ def run(trees: list[Path], rounds: int, budget_s: float, bench: str, extra: list
                 row = measure(tree, bench, extra)
             except RuntimeError as error:
                 print(f"error: {error}", file=sys.stderr)
-                return rows
+                return rows, False
             rows.append({"tree": tree.name, "round": round_index + 1, **row})
             print(f"round {round_index + 1} {tree.name}: step {row['step_ms']:.3f} ms, "
                   f"floor {row['floor_ms']:.3f} ms", flush=True)
@@ -103,7 +106,7 @@ def run(trees: list[Path], rounds: int, budget_s: float, bench: str, extra: list
         if elapsed + (time.monotonic() - round_start) > budget_s and round_index + 1 < rounds:
             print(f"stopping after round {round_index + 1}: another would pass --budget-s {budget_s:.0f}")
             break
-    return rows
+    return rows, True
 
 
 def main(argv=None) -> int:
@@ -121,21 +124,25 @@ def main(argv=None) -> int:
     go.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.command == "prepare":
-        for tree in prepare(args.out, args.refs, Path(__file__).resolve().parents[1]):
-            print(tree)
+        try:
+            trees = prepare(args.out, args.refs, Path(__file__).resolve().parents[1])
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print("\n".join(map(str, trees)))
         return 0
     missing = [str(t) for t in args.trees if not (t / args.bench).is_file()]
     if missing:
         print(f"error: no {args.bench} in {', '.join(missing)} (make the trees with `prepare`)", file=sys.stderr)
         return 2
-    rows = run(args.trees, args.rounds, args.budget_s, args.bench, args.bench_args.split())
+    rows, ok = run(args.trees, args.rounds, args.budget_s, args.bench, args.bench_args.split())
     if not rows:
         return 1
     summary = summarize(rows)
     print(table(summary))
     if args.json:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "summary": summary, "rows": rows}, indent=1))
-    return 0 if len(rows) % len(args.trees) == 0 else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

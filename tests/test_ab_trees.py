@@ -20,6 +20,13 @@ rows = [{"name": "overlap off", "step_ms": 9.0, "replay_ms": 9.0, "floor_ms": 2.
 Path(sys.argv[sys.argv.index("--json") + 1]).write_text(json.dumps({"rows": rows}))
 """
 
+FLAKY_BENCH = """
+from pathlib import Path
+if Path("ran").exists():
+    raise SystemExit("second run failed")
+Path("ran").write_text("")
+""" + FAKE_BENCH
+
 
 def make_tree(root: Path, name: str, step, bench: str = FAKE_BENCH) -> Path:
     tree = root / name
@@ -57,6 +64,9 @@ def test_budget_ends_the_rounds_and_a_failing_tree_is_an_error(tmp_path, capsys)
     broken = make_tree(tmp_path, "broken", 0, bench="raise SystemExit('kernel failed')")
     assert ab_trees.main(["run", str(trees[0]), str(broken)]) == 1
     assert "broken" in capsys.readouterr().err
+    flaky = make_tree(tmp_path, "flaky", 2.3, bench=FLAKY_BENCH)                    # fails in round 2 only
+    assert ab_trees.main(["run", str(flaky), str(trees[0]), "--rounds", "2"]) == 1
+    assert "flaky" in capsys.readouterr().err
     assert ab_trees.main(["run", str(tmp_path / "absent")]) == 2
 
 
@@ -66,3 +76,4 @@ def test_prepare_exports_a_ref(tmp_path):
         pytest.skip("not a git checkout")
     (tree,) = ab_trees.prepare(tmp_path / "ab", ["HEAD"], repo)
     assert (tree / "evals" / "bench_overlap.py").is_file() and not (tree / ".git").exists()
+    assert ab_trees.main(["prepare", str(tmp_path / "ab"), "no-such-ref"]) == 2
