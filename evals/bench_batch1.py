@@ -7,6 +7,9 @@ Gemma-2-2B shapes (8 query / 4 KV heads, head_dim 256, 26 layers) and Gemma-3-1B
   (kernels.testing.decode_layer_chain: qkv, rotary_and_cache, decode split + reduce, o_proj, norm pair,
   gate_up, down, norm pair) launched plainly (KERNELS_PDL=0) vs with Programmatic Dependent Launch (=1);
   4 layers of weights (620 MB) stream from DRAM as in a real step, and the per-step column scales by 26 / 4.
+With `--ablate` it times that chain (PDL on, block tables as wide as the engine's) once whole and once
+without each kind of launch in turn (kernels.testing.CHAIN_KERNELS; the result is then meaningless, the
+other launches unchanged): what each kernel costs inside the chain, per layer and per 26-layer step.
 Each pair is first checked to give the same result; times are medians of CUDA-graph replays holding 10
 calls each (evals/bench_kernels.time_ms), the way the engine replays a decode step. The last column
 multiplies the saving by the layer count: what one decode step should gain. The split-K GEMVs are
@@ -14,6 +17,7 @@ timed by `evals/bench_gemv.py --sweep` instead (they need weights rotated past L
 (split + reduce vs an in-kernel merge) went with the merge, measured slower and removed (kernels/NOTES.md).
 
   python evals/bench_batch1.py [--iters 50]          # GPU; without CUDA it runs the checks only
+  python evals/bench_batch1.py --ablate [--iters 30]  # GPU: each kernel's share of the chain
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.kernels import cache, norm  # noqa: E402
 from compress.kernels.common import device_supports_pdl  # noqa: E402
-from compress.kernels.testing import decode_layer_chain, relative_error  # noqa: E402
+from compress.kernels.testing import (CHAIN_KERNELS, DecodeChainShape, decode_layer_chain,  # noqa: E402
+                                      relative_error)
 
 MODELS = {"gemma-2-2b": (8, 4, False, 26), "gemma-3-1b": (4, 1, True, 26)}   # Hq, Hkv, QK-norm, layers
 HEAD_DIM, BLOCK_SIZE, MAX_POSITION = 256, 16, 8192
@@ -92,11 +97,43 @@ def cases():
         yield "gemma-2-2b 4-layer chain, PDL off vs on", 26 / 4, pdl_chain_pair(4)
 
 
+ABLATE_LAYERS = 4
+ABLATIONS = [()] + [(name,) for name in CHAIN_KERNELS] + [("rope", "attention", "norm")]
+
+
+def ablate(iters: int, table_blocks: int = 128) -> None:
+    """The PDL chain whole, then without each kind of launch: the time each costs inside the chain."""
+    from bench_kernels import time_ms
+    os.environ["KERNELS_PDL"] = "1"
+    shape = DecodeChainShape(table_blocks=table_blocks)
+    print(f"gemma-2-2b decode chain, {ABLATE_LAYERS} layers, PDL on, block tables {table_blocks} wide")
+    print("| left out | chain (us) | per layer (us) | saved per layer (us) | x 26 layers (us) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    whole = None
+    for omit in ABLATIONS:
+        run = decode_layer_chain(ABLATE_LAYERS, shape, device=DEVICE, omit=omit)
+        torch.cuda.synchronize()
+        t = time_ms(lambda: run()[0], iters) * 1e3
+        whole = t if whole is None else whole
+        saved = (whole - t) / ABLATE_LAYERS
+        print(f"| {' + '.join(omit) or 'nothing'} | {t:.2f} | {t / ABLATE_LAYERS:.2f} | {saved:.2f} | "
+              f"{saved * 26:.1f} |", flush=True)
+        del run
+        torch.cuda.empty_cache()
+    os.environ.pop("KERNELS_PDL", None)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--ablate", action="store_true", help="time the PDL chain without each kernel in turn")
     args = parser.parse_args(argv)
     timing = torch.cuda.is_available()
+    if args.ablate:
+        if not timing:
+            raise SystemExit("--ablate times kernels: it needs a CUDA device")
+        ablate(args.iters)
+        return 0
     if timing:
         from bench_kernels import time_ms
     print("| case | old (us) | new (us) | saved (us) | x layers = per step (us) | rel. diff |")

@@ -88,18 +88,29 @@ class DecodeChainShape:
     intermediate: int = 9216
     context: int = 576           # cached tokens before the new one
     block_size: int = 16
+    table_blocks: int = 0        # block-table width (the engine's is max_model_len / block_size); 0: just enough
+
+
+CHAIN_KERNELS = ("qkv", "rope", "attention", "o_proj", "norm", "gate_up", "down")
 
 
 def decode_layer_chain(num_layers: int, shape: DecodeChainShape = DecodeChainShape(), device="cuda",
-                       dtype=torch.bfloat16, seed: int = 0):
+                       dtype=torch.bfloat16, seed: int = 0, omit=()):
     """A batch-1 decode step's kernels in the fast path's order (serve/models/gemma.py `forward_fused`)
     over `num_layers` layers of random weights, through the dispatched kernel API: input norm, then per
     layer qkv GEMV, rotary_and_cache, paged decode, o_proj GEMV, norm pair, gate_up+GeGLU GEMV, down
     GEMV, norm pair. Returns run() -> (final normed hidden [1, H], [k caches], [v caches]); every call
     recomputes from the same inputs (the cache write is the same token each time), so two calls under
-    different launch settings (PDL on / off) must agree exactly."""
+    different launch settings (PDL on / off) must agree exactly.
+
+    `omit` (names from CHAIN_KERNELS) leaves those launches out, for timing only: what each costs inside
+    the chain (evals/bench_batch1.py --ablate). A left-out op passes its input on, or a tensor of its
+    output's shape made beforehand, so the result is meaningless but every other launch is unchanged."""
     from compress import kernels
     s, gen = shape, torch.Generator().manual_seed(seed)
+    unknown = set(omit) - set(CHAIN_KERNELS)
+    if unknown:
+        raise ValueError(f"unknown chain kernels {sorted(unknown)}; choose from {CHAIN_KERNELS}")
 
     def rand(*size, scale=1.0):
         return (torch.randn(*size, generator=gen) * scale).to(device, dtype)
@@ -115,6 +126,9 @@ def decode_layer_chain(num_layers: int, shape: DecodeChainShape = DecodeChainSha
                                             dtype=dtype, seed=seed + i))
               for i in range(num_layers)]
     for layer in layers:        # the new token's slot: position `context` through the block table
+        tables = layer["paged"].block_tables
+        if s.table_blocks > tables.shape[1]:     # padded as the engine's tables are (more decode splits)
+            layer["paged"].block_tables = torch.nn.functional.pad(tables, (0, s.table_blocks - tables.shape[1]))
         table = layer["paged"].block_tables[0]
         layer["slot"] = (table[s.context // s.block_size].long() * s.block_size + s.context % s.block_size).view(1)
     final_norm, x = rand(s.hidden, scale=0.1), rand(1, s.hidden)
@@ -122,22 +136,35 @@ def decode_layer_chain(num_layers: int, shape: DecodeChainShape = DecodeChainSha
     angles = torch.arange(s.context + 1)[:, None] * torch.rand(s.head_dim // 2, generator=gen)
     rope = torch.cat((angles.cos(), angles.sin()), -1).to(device).contiguous()
 
+    skip = frozenset(omit)
+    stand_in = {"qkv": rand(1, sum(widths)), "ffn": rand(1, s.intermediate), "hidden": rand(1, s.hidden)}
+
     def run():
         h = kernels.rms_norm(x, layers[0]["norms"][0], 1e-6)
         residual = x
         for i, layer in enumerate(layers):
             p = layer["paged"]
-            q, k, v = kernels.linear_small_m(h, layer["qkv"]).split(widths, -1)
+            qkv = stand_in["qkv"] if "qkv" in skip else kernels.linear_small_m(h, layer["qkv"])
+            q, k, v = qkv.split(widths, -1)
             q = q.view(1, s.num_heads, s.head_dim)
-            kernels.rotary_and_cache(positions, q, k.view(1, -1, s.head_dim), v.view(1, -1, s.head_dim),
-                                     p.k_cache, p.v_cache, layer["slot"], rope)
-            attn = kernels.paged_decode_attention(q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens,
-                                                  scale=s.head_dim ** -0.5, softcap=50.0)
-            o = kernels.linear_small_m(attn.reshape(1, -1), layer["o"])
+            if "rope" not in skip:
+                kernels.rotary_and_cache(positions, q, k.view(1, -1, s.head_dim), v.view(1, -1, s.head_dim),
+                                         p.k_cache, p.v_cache, layer["slot"], rope)
+            attn = q if "attention" in skip else kernels.paged_decode_attention(
+                q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens, scale=s.head_dim ** -0.5, softcap=50.0)
+            attn = attn.reshape(1, -1)
+            o = stand_in["hidden"] if "o_proj" in skip else kernels.linear_small_m(attn, layer["o"])
             post_attn, pre_ffn, post_ffn = layer["norms"][1:]
-            h, residual = kernels.rms_norm_pair(o, post_attn, pre_ffn, 1e-6, residual, residual_settled=True)
-            down = kernels.linear_small_m(kernels.gelu_tanh_and_mul_gemv(h, layer["gate_up"]), layer["down"])
+            if "norm" not in skip:
+                h, residual = kernels.rms_norm_pair(o, post_attn, pre_ffn, 1e-6, residual, residual_settled=True)
+            else:
+                h = o
+            act = stand_in["ffn"] if "gate_up" in skip else kernels.gelu_tanh_and_mul_gemv(h, layer["gate_up"])
+            down = stand_in["hidden"] if "down" in skip else kernels.linear_small_m(act, layer["down"])
             following = layers[i + 1]["norms"][0] if i + 1 < len(layers) else final_norm
-            h, residual = kernels.rms_norm_pair(down, post_ffn, following, 1e-6, residual, residual_settled=True)
+            if "norm" not in skip:
+                h, residual = kernels.rms_norm_pair(down, post_ffn, following, 1e-6, residual, residual_settled=True)
+            else:
+                h = down
         return h, [layer["paged"].k_cache for layer in layers], [layer["paged"].v_cache for layer in layers]
     return run
