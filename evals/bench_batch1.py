@@ -18,6 +18,7 @@ timed by `evals/bench_gemv.py --sweep` instead (they need weights rotated past L
 
   python evals/bench_batch1.py [--iters 50]          # GPU; without CUDA it runs the checks only
   python evals/bench_batch1.py --ablate [--iters 30]  # GPU: each kernel's share of the chain
+  python evals/bench_batch1.py --ablate attention     # GPU: the chain whole and without attention
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ ABLATE_LAYERS = 4
 ABLATIONS = [()] + [(name,) for name in CHAIN_KERNELS] + [("rope", "attention", "norm")]
 
 
-def ablate(iters: int, table_blocks: int = 128) -> None:
-    """The PDL chain whole, then without each kind of launch: the time each costs inside the chain."""
+def ablate(iters: int, kinds: list[str], table_blocks: int = 128) -> None:
+    """The PDL chain whole, then without each kind of launch (or those of `kinds`): the time each costs
+    inside the chain."""
     from bench_kernels import time_ms
     os.environ["KERNELS_PDL"] = "1"
     shape = DecodeChainShape(table_blocks=table_blocks)
@@ -110,7 +112,7 @@ def ablate(iters: int, table_blocks: int = 128) -> None:
     print("| left out | chain (us) | per layer (us) | saved per layer (us) | x 26 layers (us) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     whole = None
-    for omit in ABLATIONS:
+    for omit in [()] + [(k,) for k in kinds] if kinds else ABLATIONS:
         run = decode_layer_chain(ABLATE_LAYERS, shape, device=DEVICE, omit=omit)
         torch.cuda.synchronize()
         t = time_ms(lambda: run()[0], iters) * 1e3
@@ -126,13 +128,15 @@ def ablate(iters: int, table_blocks: int = 128) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=50)
-    parser.add_argument("--ablate", action="store_true", help="time the PDL chain without each kernel in turn")
+    parser.add_argument("--ablate", nargs="*", choices=CHAIN_KERNELS, default=None, metavar="KERNEL",
+                        help="time the PDL chain without each kernel in turn (or only without those named: "
+                             f"{', '.join(CHAIN_KERNELS)})")
     args = parser.parse_args(argv)
     timing = torch.cuda.is_available()
-    if args.ablate:
+    if args.ablate is not None:
         if not timing:
             raise SystemExit("--ablate times kernels: it needs a CUDA device")
-        ablate(args.iters)
+        ablate(args.iters, args.ablate)
         return 0
     if timing:
         from bench_kernels import time_ms
