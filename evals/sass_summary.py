@@ -52,8 +52,8 @@ def cases() -> dict:
                                                                  BLOCK_HALF=128, USE_QK_NORM=False),
                              dict(num_warps=2)),
         "decode_split": (decode.paged_decode_split_kernel, decode_consts, dict(num_stages=3)),
-        "decode_reduce": (decode.paged_decode_reduce_kernel, dict(HEAD_DIM=256, BLOCK_D=256, NUM_SPLITS=64,
-                                                                  BLOCK_S=64), {}),
+        "decode_reduce": (decode.paged_decode_reduce_kernel, dict(HEAD_DIM=256, BLOCK_D=64, BLOCK_N=32,
+                                                                  NUM_SPLITS=64, BLOCK_S=64, USE_WINDOW=True), {}),
         **gemvs,
     }
 

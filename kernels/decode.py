@@ -134,27 +134,57 @@ def paged_decode_reduce_kernel(
     part_out_ptr,                # [B, Hq, NUM_SPLITS, D] fp32
     part_lse_ptr,                # [B, Hq, NUM_SPLITS] fp32, log2 units
     out_ptr,                     # [B, Hq, D]
+    seq_lens_ptr,                # [B] int32
+    window,
     stride_po_b, stride_po_h, stride_po_s,
     stride_pl_b, stride_pl_h,
     stride_out_b, stride_out_h,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, USE_WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    # Which splits had tiles follows from seq_len (metadata: read before the wait) as in the split
+    # kernel; the rest wrote lse -inf and zeros, and are not read at all.
+    seq_len = tl.load(seq_lens_ptr + b, cache_modifier=".cg")
+    first = 0
+    if USE_WINDOW:
+        first = tl.maximum(seq_len - window, 0)
+    num_tiles = tl.cdiv(seq_len - first, BLOCK_N)
+    active = tl.cdiv(num_tiles, tl.cdiv(num_tiles, NUM_SPLITS))
     pdl_wait(USE_PDL)            # the partials are the split kernel's output
     s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_mask = s < NUM_SPLITS
-    lse = tl.load(part_lse_ptr + b * stride_pl_b + head * stride_pl_h + s, mask=s_mask,
-                  other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, axis=0))  # empty splits carry -inf: weight 0
+    s_mask = s < active
+    # partials and their lse in one round trip: nothing loaded here waits on a reduction
     part = part_out_ptr + b.to(tl.int64) * stride_po_b + head * stride_po_h
-    mask = s_mask[:, None] & (d[None, :] < HEAD_DIM)
-    partial = tl.load(part + s[:, None] * stride_po_s + d[None, :], mask=mask, other=0.0)
+    partial = tl.load(part + s[:, None] * stride_po_s + d[None, :],
+                      mask=s_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    lse = tl.load(part_lse_ptr + b * stride_pl_b + head * stride_pl_h + s, mask=s_mask, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, axis=0))  # inactive splits and empty ones carry -inf: weight 0
     merged = tl.sum(partial * weight[:, None], axis=0) / tl.sum(weight, axis=0)
     dst = out_ptr + b.to(tl.int64) * stride_out_b + head * stride_out_h + d
     tl.store(dst, merged.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+REDUCE_BLOCK_D = 64   # head-dim columns per reduce program: a [splits, 64] fp32 tile in registers
+
+
+def merge_splits(part_out, part_lse, seq_lens, out, *, sliding_window, block_n: int) -> None:
+    """The reduction launch: out [B, Hq, D] from the split kernel's partials [B, Hq, splits, D] and lse
+    [B, Hq, splits], reading only the splits that seq_lens (with the window, in tiles of block_n
+    tokens) gave tiles to."""
+    batch, num_heads, splits, head_dim = part_out.shape
+    block_d = min(REDUCE_BLOCK_D, next_pow2(head_dim))
+    paged_decode_reduce_kernel[(batch, num_heads, triton.cdiv(head_dim, block_d))](
+        part_out, part_lse, out, seq_lens, int(sliding_window or 0),
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
+        NUM_SPLITS=splits, BLOCK_S=next_pow2(splits), USE_WINDOW=sliding_window is not None,
+        **pdl_launch(out.device, batch),
+    )
 
 
 def decode_config() -> dict:
@@ -209,12 +239,5 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl,
     )
     if splits > 1:
-        paged_decode_reduce_kernel[(batch, num_heads)](
-            part_out, part_lse, out,
-            part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1),
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
-            NUM_SPLITS=splits, BLOCK_S=next_pow2(splits), **pdl,
-        )
+        merge_splits(part_out, part_lse, seq_lens, out, sliding_window=sliding_window, block_n=config["block_n"])
     return out

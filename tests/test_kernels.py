@@ -107,7 +107,29 @@ def test_decode_splits_merged_by_the_reduction(monkeypatch):
     monkeypatch.setitem(decode.DECODE_CONFIG, "programs_per_sm", 16.0)
     for group, window, contexts in ((2, 100, [300, 37]), (8, None, [1100, 37])):
         run_decode(group, 128, window, 50.0, torch.bfloat16, contexts, block_size=16)
-    assert launches == [(2, NUM_HEADS)] * 2
+    assert launches == [(2, NUM_HEADS, 2)] * 2       # head_dim 128 in two column blocks
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_decode_reduce_reads_only_the_splits_that_had_tiles(window):
+    """The reduction merges the splits the split kernel gave tiles to (from seq_lens, the window and the
+    tile size) and never loads the others: they hold NaN here, and the result must stay finite."""
+    splits, block_n, head_dim = 16, 32, 128
+    seq_lens = [1, 33, 70, 600]               # 1, 2, 3 and 19 tiles (4 with the window): 1-2 per split
+    gen = torch.Generator().manual_seed(7)
+    part_out = torch.randn(len(seq_lens), NUM_HEADS, splits, head_dim, generator=gen)
+    part_lse = torch.randn(len(seq_lens), NUM_HEADS, splits, generator=gen) * 4
+    expected = torch.empty(len(seq_lens), NUM_HEADS, head_dim)
+    for b, length in enumerate(seq_lens):
+        tiles = -(-(min(length, window or length)) // block_n)
+        active = -(-tiles // -(-tiles // splits))
+        part_out[b, :, active:], part_lse[b, :, active:] = float("nan"), float("nan")
+        weight = torch.softmax(part_lse[b, :, :active] * torch.log(torch.tensor(2.0)), dim=-1)
+        expected[b] = (weight[..., None] * part_out[b, :, :active]).sum(1)
+    out = torch.full((len(seq_lens), NUM_HEADS, head_dim), float("nan"), device=DEVICE)
+    decode.merge_splits(part_out.to(DEVICE), part_lse.to(DEVICE), torch.tensor(seq_lens, dtype=torch.int32,
+                        device=DEVICE), out, sliding_window=window, block_n=block_n)
+    check(out, expected, torch.float32, f"reduce w{window}")
 
 
 def test_prefill_long_window_chunk_with_prefix():

@@ -195,7 +195,7 @@ def cases():
                     NUM_SPLITS=splits, USE_SOFTCAP=True, USE_WINDOW=False, UPCAST=False),
                dict(num_stages=3), True)
     yield ("decode reduce", decode.paged_decode_reduce_kernel,
-           dict(HEAD_DIM=256, BLOCK_D=256, NUM_SPLITS=64, BLOCK_S=64), {}, False)
+           dict(HEAD_DIM=256, BLOCK_D=64, BLOCK_N=32, NUM_SPLITS=64, BLOCK_S=64, USE_WINDOW=True), {}, True)
 
 for name, fn, consts, options, prefetch in cases():
     lines = ptx(fn, consts, **options)
