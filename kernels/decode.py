@@ -32,6 +32,9 @@ from .common import device_sms, dot_upcast, next_pow2, pdl_launch, pdl_wait, sco
 # them for tuning sweeps (evals/bench_kernels.py).
 # Measured on an H100 (kernels/NOTES.md): BLOCK_N 32 with 3 stages beat 64 with 2 by 2.5%.
 DECODE_CONFIG = {"block_n": 32, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2.0}
+# Batch 1 (one sequence spread over many splits, each with a few tiles): smaller tiles and two stages give
+# more splits with less prologue; 5.6 against 6.4 us per layer of the Gemma-2-2B chain (kernels/NOTES.md).
+BATCH1_DECODE_CONFIG = {"block_n": 16, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2.0}
 MAX_SPLITS = 64
 
 
@@ -187,10 +190,11 @@ def merge_splits(part_out, part_lse, seq_lens, out, *, sliding_window, block_n: 
     )
 
 
-def decode_config() -> dict:
+def decode_config(batch: int) -> dict:
+    """Launch parameters for a decode call of `batch` sequences; the environment override wins."""
     override = os.environ.get("KERNELS_DECODE_CONFIG")
     if not override:
-        return DECODE_CONFIG
+        return BATCH1_DECODE_CONFIG if batch == 1 else DECODE_CONFIG
     block_n, warps, stages, per_sm = override.split(",")
     return {"block_n": int(block_n), "num_warps": int(warps), "num_stages": int(stages),
             "programs_per_sm": float(per_sm)}
@@ -214,7 +218,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     out = torch.empty_like(q) if out is None else out
     if batch == 0:
         return out
-    config = decode_config()
+    config = decode_config(batch)
     group = num_heads // num_kv_heads
     splits = choose_num_splits(q, k_cache, block_tables, sliding_window, config["block_n"],
                                config["programs_per_sm"])

@@ -110,6 +110,15 @@ def test_decode_splits_merged_by_the_reduction(monkeypatch):
     assert launches == [(2, NUM_HEADS, 2)] * 2       # head_dim 128 in two column blocks
 
 
+@pytest.mark.parametrize("group,head_dim,window,softcap", SMALL_GRID)
+def test_decode_batch_one(group, head_dim, window, softcap):
+    """Batch 1 launches with its own config (BATCH1_DECODE_CONFIG, smaller tiles): one sequence at a time,
+    from one token through a context of many tiles and splits."""
+    assert decode.decode_config(1) is decode.BATCH1_DECODE_CONFIG or os.environ.get("KERNELS_DECODE_CONFIG")
+    for context in (1, 17, 577):
+        run_decode(group, head_dim, window, softcap, torch.bfloat16, [context])
+
+
 @pytest.mark.parametrize("window", [None, 100])
 def test_decode_reduce_reads_only_the_splits_that_had_tiles(window):
     """The reduction merges the splits the split kernel gave tiles to (from seq_lens, the window and the
