@@ -1,6 +1,6 @@
 """The Python API, mirroring the CLI: `prune`, `finetune`, `load`, `evaluate`.
 
-Keyword arguments are the fields of `compress.config.PruneConfig` / `FinetuneConfig` (the same
+Keyword arguments are the fields of `compress.recipes.PruneConfig` / `FinetuneConfig` (the same
 names as the flags, with underscores); `recipe=` reads a YAML recipe first, and keywords override it.
 """
 
@@ -15,8 +15,8 @@ def prune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, rec
 
     Example: `compress.prune("runs/minilm-sst2", "sst2", "pruned/", flops=0.5)`.
     """
-    from compress.config import PruneConfig, load_recipe, resolve
-    from compress.pruning import prune as run
+    from compress.recipes import PruneConfig, load_recipe, resolve
+    from compress.pruning.pipeline import prune as run
 
     config = resolve(PruneConfig, load_recipe(recipe), model=str(model), task=task, output=str(output), **settings)
     return run(config, progress=progress)
@@ -24,8 +24,8 @@ def prune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, rec
 
 def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, recipe=None, **settings) -> dict:
     """Fine-tune `model` on `task` into `output`; returns the finetune.json summary."""
-    from compress.config import FinetuneConfig, load_recipe, resolve
-    from compress.finetuning import finetune as run
+    from compress.recipes import FinetuneConfig, load_recipe, resolve
+    from compress.train.finetune import finetune as run
 
     config = resolve(FinetuneConfig, load_recipe(recipe), model=str(model), task=task, output=str(output), **settings)
     return run(config)
@@ -35,7 +35,7 @@ def load(path: str | os.PathLike, device: str = "cpu"):
     """A plain Hugging Face torch model from a fine-tuned or slimmed directory (uneven layers allowed);
     a slimmed Gemma loads as its causal LM, a token-pruned directory as its token-dropping model."""
     from compress import token_pruning
-    from compress.modeling import load as run, resolve
+    from compress.models.checkpoint import load as run, resolve
 
     local = resolve(path)
     if token_pruning.is_token_pruned(local):
@@ -46,9 +46,9 @@ def load(path: str | os.PathLike, device: str = "cpu"):
 def evaluate(path: str | os.PathLike, task: str, data_dir=None, device: str = "auto") -> dict:
     """Dev-set metrics (percent) of the model in `path` on `task` (and FLOPs ratios when token-pruned)."""
     from compress import token_pruning
-    from compress.evaluation import evaluate as run
-    from compress.modeling import load_tokenizer, resolve
-    from compress.tasks import get_task
+    from compress.train.evaluate import evaluate as run
+    from compress.models.checkpoint import load_tokenizer, resolve
+    from compress.data.tasks import get_task
 
     local = resolve(path)
     if token_pruning.is_token_pruned(local):

@@ -4,7 +4,7 @@ Latency depends on shapes alone, so the models pruned by evals/glue_pruning.py n
 state file records the kept heads and FFN filters per layer of every pruned variant
 (`.../<model>-<task>/<method>-<flops>:prune` -> {"heads": [L], "filters": [L]}). Per model, the dense
 parent is built from its config with random weights (`num_labels` 2), and each variant is a copy of
-it slimmed by the project's own adapter and `compress.slim.slim_model`, keeping the first k heads and
+it slimmed by the project's own adapter and `compress.pruning.slim.slim_model`, keeping the first k heads and
 filters of each layer, so uneven and 0-unit layers are the modules `compress prune` writes. One
 forward of `input_ids [batch, seq]` (no padding, hence no attention mask) is timed:
 
@@ -40,8 +40,8 @@ if not __package__:  # run as a file: make the repo root importable
 import torch  # noqa: E402
 
 from compress.errors import UserError, exit_code  # noqa: E402
-from compress.latency import DTYPES as CUDA_DTYPES  # noqa: E402,F401  (encoder_profile reads it here)
-from compress.latency import dense_model, input_ids, slimmed_copy, time_cpu, time_model  # noqa: E402,F401
+from compress.pruning.latency import DTYPES as CUDA_DTYPES  # noqa: E402,F401  (encoder_profile reads it here)
+from compress.pruning.latency import dense_model, input_ids, slimmed_copy, time_cpu, time_model  # noqa: E402,F401
 
 RESULTS = Path(__file__).parent / "results"
 ENV = "PYTHONPATH=$PWD COMPRESS_CACHE=/tmp/cache HF_HUB_OFFLINE=1"
@@ -119,7 +119,7 @@ def _variant(key: str, value: dict, models) -> dict:
 
 def _split_model_task(name: str, models) -> tuple[str, str]:
     """`mpnet-base-sst2` -> (`mpnet-base`, `sst2`); known model names first, since tasks may hold '-'."""
-    from compress.hub import known_names
+    from compress.models.hub import known_names
 
     for model in sorted({*(models or []), *known_names()}, key=len, reverse=True):
         if name.startswith(model + "-"):
@@ -135,10 +135,10 @@ def shape_key(model: str, heads=None, filters=None) -> str:
 
 # --- models ---------------------------------------------------------------------------------------
 def base_config(name: str):
-    """The config of model `name` (num_labels 2) and where it came from: compress.hub, else KNOWN_BASES."""
+    """The config of model `name` (num_labels 2) and where it came from: compress.models.hub, else KNOWN_BASES."""
     from transformers import AutoConfig
 
-    from compress.hub import resolve_model
+    from compress.models.hub import resolve_model
 
     try:
         path = resolve_model(name)
@@ -148,7 +148,7 @@ def base_config(name: str):
             raise
         fields = dict(KNOWN_BASES[name])
         config = AutoConfig.for_model(fields.pop("model_type"), num_labels=2, **fields)
-        return config, f"shape fields in evals/encoder_latency.py (compress.hub: {err})"
+        return config, f"shape fields in evals/encoder_latency.py (compress.models.hub: {err})"
 
 
 # --- timers ---------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def parse_args(argv=None):
 
 
 def heldout_sets(tokenizer, data_dir: Path, args) -> dict:
-    from compress.calib import CALIB_FRACTION, bos_token_id
+    from compress.data.calib import CALIB_FRACTION, bos_token_id
     from evals.perplexity import heldout_ids, make_windows
 
     bos = bos_token_id(tokenizer)
@@ -82,9 +82,9 @@ def evaluate(model, tokenizer, sets, args) -> dict:
 
 
 def run(args) -> dict:
-    from compress import decoder_prune as dp
-    from compress.calib import wikipedia_path
-    from compress.pruning import Phases
+    from compress.pruning import decoder as dp
+    from compress.data.calib import wikipedia_path
+    from compress.pruning.pipeline import Phases
 
     wiki = wikipedia_path(args.data_dir)
     if wiki is None:
@@ -117,9 +117,9 @@ def run(args) -> dict:
 
 
 def prune_one(dense, tokenizer, calib, scores, base, method, flops, sets, args) -> dict:
-    from compress import decoder_prune as dp
-    from compress.pruning import Phases
-    from compress.slim import slim_model
+    from compress.pruning import decoder as dp
+    from compress.pruning.pipeline import Phases
+    from compress.pruning.slim import slim_model
 
     model, phases, record = copy.deepcopy(dense), Phases(), {}
     config = dp.DecoderPruneConfig(**{**vars(base), "method": method, "flops": flops})

@@ -1,4 +1,4 @@
-"""GLUE dev-set evaluation of one or more models (official metrics from compress.metrics).
+"""GLUE dev-set evaluation of one or more models (official metrics from compress.data.metrics).
 
     python evals/glue.py runs/minilm-sst2 runs/minilm-sst2-flops50 --task sst2 --data-dir ../shared/data \
         --json evals/results/glue_eval.json
@@ -23,18 +23,18 @@ def main(argv=None) -> int:
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args(argv)
 
-    from compress import modeling
+    from compress.models import checkpoint
     from compress.errors import UserError
-    from compress.evaluation import evaluate
-    from compress.tasks import get_task, load_split
+    from compress.train.evaluate import evaluate
+    from compress.data.tasks import get_task, load_split
 
     try:
         task = get_task(args.task)
         dev = load_split(task, "dev", args.data_dir)
         results = {}
         for name in args.models:
-            path = modeling.resolve(name)
-            model, tokenizer = modeling.load(path), modeling.load_tokenizer(path)
+            path = checkpoint.resolve(name)
+            model, tokenizer = checkpoint.load(path), checkpoint.load_tokenizer(path)
             results[name] = evaluate(model, tokenizer, task, device=args.device, examples=dev)
             print(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[name].items() if k != "num_examples"))
     except UserError as err:

@@ -27,7 +27,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def parse_args(argv=None):
-    from compress.config import FISHERS
+    from compress.recipes import FISHERS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["minilm", "mpnet-base"])
@@ -78,8 +78,8 @@ class State:
 
 
 def dense_model(args, state, model, task, work):
-    from compress.config import FinetuneConfig
-    from compress.finetuning import finetune
+    from compress.recipes import FinetuneConfig
+    from compress.train.finetune import finetune
 
     out = work / f"{Path(model).name}-{task}" / "dense"
     if not (out / "model.safetensors").is_file():
@@ -90,8 +90,8 @@ def dense_model(args, state, model, task, work):
 
 
 def pruned_model(args, state, dense, task, method, flops):
-    from compress.config import PruneConfig
-    from compress.pruning import prune
+    from compress.recipes import PruneConfig
+    from compress.pruning.pipeline import prune
 
     out = dense.parent / f"{method}-{flops:g}"
     key = f"{out}:prune"
@@ -139,14 +139,14 @@ def method_settings(method: str, fisher: str | None) -> dict:
 
 
 def dev_metrics(args, state, path, task):
-    from compress import modeling
-    from compress.evaluation import evaluate
-    from compress.tasks import get_task
+    from compress.models import checkpoint
+    from compress.train.evaluate import evaluate
+    from compress.data.tasks import get_task
 
     key = f"{path}:eval"
     if state.get(key) is None and not args.report_only:
-        model = modeling.load(path)
-        state.put(key, evaluate(model, modeling.load_tokenizer(path), get_task(task), args.data_dir, progress=False))
+        model = checkpoint.load(path)
+        state.put(key, evaluate(model, checkpoint.load_tokenizer(path), get_task(task), args.data_dir, progress=False))
     return state.get(key)
 
 
@@ -154,14 +154,14 @@ def latency_ms(args, state, path, device, batch):
     """Mean milliseconds of `latency_reps` forwards (after warm-up) at [batch, latency_seq]."""
     import torch
 
-    from compress import modeling
-    from compress.cost import _timer
-    from compress.evaluation import autocast
+    from compress.models import checkpoint
+    from compress.pruning.cost import _timer
+    from compress.train.evaluate import autocast
 
     key = f"{path}:latency:{device}:{batch}"
     if state.get(key) is None and not args.report_only:
         dev = torch.device(device)
-        model = modeling.load(path, device=dev)
+        model = checkpoint.load(path, device=dev)
         ids = torch.randint(0, model.config.vocab_size, (batch, args.latency_seq), device=dev)
         with torch.inference_mode(), autocast(dev):
             for _ in range(3):

@@ -102,7 +102,7 @@ def _command_line() -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from compress.latency import load_table
+    from compress.pruning.latency import load_table
 
     table = load_table(args.table)
     rounds = []

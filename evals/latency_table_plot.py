@@ -16,7 +16,7 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.errors import exit_code  # noqa: E402
-from compress.latency import load_table  # noqa: E402
+from compress.pruning.latency import load_table  # noqa: E402
 
 
 def plot(paths: list[str], out: Path) -> Path:

@@ -5,7 +5,7 @@ The text is cut into consecutive non-overlapping windows of `seq_len` tokens: BO
 window (so perplexity is comparable across models only at the same `seq_len`). Perplexity is
 `exp(total NLL / number of predicted tokens)`.
 
-Held-out text: any file or directory (`compress.calib.read_text`); `--ppl-tail F` keeps only the
+Held-out text: any file or directory (`compress.data.calib.read_text`); `--ppl-tail F` keeps only the
 last fraction F of its documents, e.g. the Wikipedia articles that calibration did not use.
 
 CLI: `python -m evals.perplexity MODEL_DIR --text PATH [--seq-len 512] [--max-windows N]`;
@@ -37,7 +37,7 @@ main_args = add_args  # the name the `compress eval` command imports
 
 def heldout_ids(tokenizer, path, tail: float | None = None) -> torch.Tensor:
     """`[T]` token ids of the held-out text (optionally only its last `tail` fraction of documents)."""
-    from compress import calib
+    from compress.data import calib
     from compress.errors import UserError
 
     docs = calib.split_documents(calib.read_text(path))
@@ -86,7 +86,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, desc: str = "p
 
 def run_args(model, tokenizer, args) -> dict:
     """Perplexity on `args.perplexity` with the `--ppl-*` options; the result dict (with the settings)."""
-    from compress.calib import bos_token_id
+    from compress.data.calib import bos_token_id
 
     stream = heldout_ids(tokenizer, args.perplexity, args.ppl_tail)
     windows = make_windows(stream, bos_token_id(tokenizer), args.ppl_seq_len, args.ppl_max_windows)
@@ -111,7 +111,7 @@ def run_eval_command(args) -> int:
     """`compress eval DIR --perplexity PATH [--json OUT]`: print (and save) the perplexity of DIR."""
     from pathlib import Path
 
-    from compress.hub import resolve_model
+    from compress.models.hub import resolve_model
 
     model, tokenizer = load_lm(str(resolve_model(args.model)), getattr(args, "device", None) or "auto")
     result = run_args(model, tokenizer, args)
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.perplexity is None:
         parser.error("--text is required")
-    from compress.hub import resolve_model
+    from compress.models.hub import resolve_model
 
     model, tokenizer = load_lm(str(resolve_model(args.model)), args.device)
     print(json.dumps(run_args(model, tokenizer, args), indent=2))

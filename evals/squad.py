@@ -2,7 +2,7 @@
 
 `load_squad` reads `DIR/squad/{train,dev}-v1.1.json[.gz]` (task `squad`) or `-v2.0` (task
 `squad_v2`), or the `rajpurkar/squad[_v2]` datasets when online; `evaluate_model` windows the
-questions (compress.qa), predicts start/end logits, decodes the n-best spans across windows and
+questions (compress.data.qa), predicts start/end logits, decodes the n-best spans across windows and
 scores them with evals.squad_metrics (the official definitions). `main` is the command line
 (`python -m evals.squad --help`); `compress eval DIR --task squad|squad_v2` calls `evaluate_dir`.
 """
@@ -35,7 +35,7 @@ def check_task(task: str) -> str:
 
 
 def read_squad_file(path: str | Path) -> list[dict]:
-    """Flatten an official SQuAD JSON file into one dict per question (see compress.qa)."""
+    """Flatten an official SQuAD JSON file into one dict per question (see compress.data.qa)."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -55,7 +55,7 @@ def _example(context: str, qa: dict, title: str) -> dict:
 
 def load_squad(task: str, split: str = "dev", data_dir=None) -> list[dict]:
     """The questions of `split` ("train" or "dev") from the data directory, else `datasets` online."""
-    from compress.tasks import resolve_data_dir
+    from compress.data.tasks import resolve_data_dir
 
     version = VERSIONS[check_task(task)]
     hint = DATA_HINT.format(split=split, version=version)
@@ -86,7 +86,7 @@ def _from_datasets(task: str, split: str, hint: str) -> list[dict]:
 def evaluate_model(model, tokenizer, task: str, examples: list[dict], cfg=None, batch_size: int = 32,
                    progress: bool = True) -> dict:
     """Metrics, predictions and (v2.0) no-answer scores of a QA model on `examples`."""
-    from compress.qa import QAConfig, decode, featurize, predict_logits
+    from compress.data.qa import QAConfig, decode, featurize, predict_logits
 
     cfg = cfg or QAConfig()
     v2 = task == "squad_v2"
@@ -106,16 +106,16 @@ def _finite(x: float) -> float | None:
 
 def load_qa_model(model_dir, device: str = "auto"):
     """(model, tokenizer) for a QA model directory (dense, fine-tuned or slimmed) or model name."""
-    from compress import modeling
-    from compress.evaluation import pick_device
+    from compress.models import checkpoint
+    from compress.train.evaluate import pick_device
 
-    path = modeling.resolve(model_dir)
-    arch = getattr(modeling.read_config(path), "architectures", None) or []
+    path = checkpoint.resolve(model_dir)
+    arch = getattr(checkpoint.read_config(path), "architectures", None) or []
     if not any(a.endswith("ForQuestionAnswering") for a in arch):
         raise UserError(f"{path} has no question-answering head; fine-tune it first: "
                         f"compress finetune --model {model_dir} --task squad -o DIR")
-    model = modeling.load(path)  # strict loading, uneven (slimmed) layers included
-    return model.to(pick_device(device)), modeling.load_tokenizer(path)
+    model = checkpoint.load(path)  # strict loading, uneven (slimmed) layers included
+    return model.to(pick_device(device)), checkpoint.load_tokenizer(path)
 
 
 def evaluate_dir(model_dir, task: str, data_dir=None, split: str = "dev", limit: int | None = None,
@@ -130,7 +130,7 @@ def evaluate_dir(model_dir, task: str, data_dir=None, split: str = "dev", limit:
 
 def run_eval_command(args) -> int:
     """`compress eval DIR --task squad|squad_v2` (flags of compress/commands/eval.py)."""
-    from compress.qa_task import get_qa_task, qa_config
+    from compress.train.qa import get_qa_task, qa_config
 
     task = get_qa_task(args.task).name
     examples = load_squad(task, "dev", args.data_dir)
@@ -206,7 +206,7 @@ def run(args) -> dict:
     if args.score:
         result = {"task": "squad", "model": args.score[1], "metrics": score_files(*args.score, args.na_scores)}
     else:
-        from compress.qa import QAConfig
+        from compress.data.qa import QAConfig
 
         if not args.model:
             raise UserError("give a model directory (or --score DATASET PREDICTIONS)")

@@ -150,9 +150,9 @@ def token_prune(args, parent: Path, task: str, out: Path, **settings) -> None:
 
 
 def dev_features(path: Path, task: str, data_dir):
-    from compress.batching import encode, pad_id_of
-    from compress.modeling import load_tokenizer
-    from compress.tasks import get_task, load_split
+    from compress.data.batching import encode, pad_id_of
+    from compress.models.checkpoint import load_tokenizer
+    from compress.data.tasks import get_task, load_split
 
     tokenizer = load_tokenizer(path)
     task = get_task(task)
@@ -161,7 +161,7 @@ def dev_features(path: Path, task: str, data_dir):
 
 def load_any(path: Path, device):
     """A token-pruned model as is; a plain one wrapped with no pruning (same forward, dense mode)."""
-    from compress.modeling import load
+    from compress.models.checkpoint import load
     from compress.token_pruning import checkpoint
     from compress.token_pruning.model import PruningSpec, TokenPruningModel
 
@@ -187,7 +187,7 @@ def matched_keep_rate(args, store: Store, ltp_key: str, ltp: Path, task: str) ->
     """The top-k final keep rate whose dev FLOPs ratio equals the learned model's (bisection)."""
     run = store.get("runs", ltp_key) or evaluate(args, ltp, task)
     store.put("runs", ltp_key, run)
-    from compress.modeling import load
+    from compress.models.checkpoint import load
 
     _, features, _ = dev_features(ltp, task, args.data_dir)
     lengths = torch.tensor([len(f["input_ids"]) for f in features], dtype=torch.float64)
@@ -222,9 +222,9 @@ def device_name(device: str) -> str:
 def throughput(args, path: Path, task: str, packed_only: bool = False) -> dict:
     """Examples per second over dev batches of 32 (plain HF forward for models without token pruning;
     with `packed_only`, the token-dropping forward with zero thresholds: it removes padding only)."""
-    from compress.batching import batches, to_device
-    from compress.evaluation import autocast
-    from compress.modeling import load
+    from compress.data.batching import batches, to_device
+    from compress.train.evaluate import autocast
+    from compress.models.checkpoint import load
     from compress.token_pruning import checkpoint
     from compress.token_pruning.pipeline import resolve_device
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compress.calib import resolve_calibration
+from compress.data.calib import resolve_calibration
 from compress.errors import UserError
 
 

@@ -124,18 +124,18 @@ def test_decoder_recipe_and_flags_override(pruned, tmp_path):
 
 def test_runtime_serves_a_checkpoint_with_an_empty_attention_layer(tmp_path):
     """compress writes no q/k/v projections or QK-norms for a 0-head layer; the runtime must still load it."""
-    from compress import modeling
+    from compress.models import checkpoint
     from compress.arch.gemma import GemmaAdapter
-    from compress.slim import slim_model
+    from compress.pruning.slim import slim_model
     from serve import LLM, SamplingParams
     from serve_fixtures import hf_greedy
 
     model, tok = _model("gemma3"), _tokenizer()
     heads, filters = [torch.ones(4), torch.zeros(4)], [torch.ones(48), (torch.arange(48) < 20).float()]
     slim_model(GemmaAdapter(model), heads, filters)
-    modeling.save(model, tok, tmp_path, {})
-    assert not any("layers.1.self_attn.k_norm" in k for k in modeling.read_weights(tmp_path))
-    loaded = modeling.load(tmp_path)
+    checkpoint.save(model, tok, tmp_path, {})
+    assert not any("layers.1.self_attn.k_norm" in k for k in checkpoint.read_weights(tmp_path))
+    loaded = checkpoint.load(tmp_path)
     prompt = [2, 5, 9, 11, 7]
     out = LLM(tmp_path, block_size=4).generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     assert out[0].outputs[0].token_ids == hf_greedy(loaded, prompt, 6)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compress import modeling  # noqa: E402
+from compress.models import checkpoint  # noqa: E402
 from compress.cli import main  # noqa: E402
 from _tiny import finetuned_tiny_sst2  # noqa: E402
 
@@ -31,7 +31,7 @@ def test_finetune_prune_eval_end_to_end(work, capsys):
     assert record["flops_ratio"] <= 0.5 + 1e-9
     assert set(record["seconds"]) >= {"fisher", "search", "rearrange", "tune", "slim"}
     assert record["recipe"]["flops"] == 0.5
-    assert modeling.load(out).config.num_attention_heads_per_layer == record["num_attention_heads_per_layer"]
+    assert checkpoint.load(out).config.num_attention_heads_per_layer == record["num_attention_heads_per_layer"]
     assert main(["eval", str(out), "--task", "sst2", "--data-dir", str(data), "--json", str(root / "m.json")]) == 0
     metrics = json.loads((root / "m.json").read_text())["metrics"]
     assert metrics["accuracy"] == pytest.approx(record["eval_after"]["accuracy"])
@@ -67,7 +67,7 @@ def test_weight_or_mask_tuning_runs_end_to_end(work, flag, weights, capsys):
     assert all(layer["ffn"]["error_after"] <= layer["ffn"]["error_before"] for layer in record["tune"])
     from compress.arch import get_adapter
 
-    assert get_adapter(modeling.load(out)).num_heads() == record["num_attention_heads_per_layer"]
+    assert get_adapter(checkpoint.load(out)).num_heads() == record["num_attention_heads_per_layer"]
 
 
 def test_recipe_maps_onto_config_and_flags_override(work, tmp_path):
@@ -101,7 +101,7 @@ def test_search_steps_run_end_to_end_and_are_recorded(work, capsys):
 def test_search_steps_recipe_round_trip(work, tmp_path):
     import yaml
 
-    from compress.config import PruneConfig, load_recipe, resolve
+    from compress.recipes import PruneConfig, load_recipe, resolve
 
     root, data, ft = work
     recipe = tmp_path / "r.yaml"
@@ -179,7 +179,7 @@ def test_corrupt_and_partial_checkpoints(work, tmp_path, capsys):
 
 
 def test_shipped_recipes_map_onto_the_config():
-    from compress.config import FinetuneConfig, PruneConfig, load_recipe, resolve
+    from compress.recipes import FinetuneConfig, PruneConfig, load_recipe, resolve
     from compress.token_pruning.config import TokenPruningConfig
 
     recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
@@ -195,7 +195,7 @@ def test_shipped_recipes_map_onto_the_config():
 
 
 def test_api_functions_survive_importing_every_module():
-    """`compress.prune` / `compress.finetune` stay the API functions once the CLI's modules are imported
+    """`compress.pruning` / `compress.finetune` stay the API functions once the CLI's modules are imported
     (a submodule of the same name would replace the attribute on the package)."""
     import importlib
     import pkgutil

@@ -18,7 +18,7 @@ import torch
 from compress import kernels
 from compress.arch import fast_path, get_adapter
 from compress.arch.bert import MPNetSdpaSelfAttention
-from compress.slim import slim_model
+from compress.pruning.slim import slim_model
 from compress.kernels import dispatch
 from compress.kernels.testing import relative_error
 from tests._tiny import tiny_config, tiny_inputs, tiny_model

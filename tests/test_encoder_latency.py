@@ -152,12 +152,12 @@ def test_glue_report_uses_shape_matched_speedups(tmp_path):
 
 def test_base_config_falls_back_to_known_shapes(monkeypatch):
     """The GPU machine has no weight packages: the offline names still give their shapes."""
-    import compress.hub
+    import compress.models.hub
 
     def missing(name, cache=None):
         raise UserError(f"model {name!r} needs its weight packages")
 
-    monkeypatch.setattr(compress.hub, "resolve_model", missing)
+    monkeypatch.setattr(compress.models.hub, "resolve_model", missing)
     config, source = el.base_config("mpnet-base")
     assert (config.model_type, config.hidden_size, config.num_hidden_layers, config.num_labels) == ("mpnet", 768, 12, 2)
     assert "weight packages" in source
@@ -167,7 +167,7 @@ def test_base_config_falls_back_to_known_shapes(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(el.KNOWN_BASES))
 def test_known_bases_match_the_offline_configs(name):
-    from compress.hub import offline_cache_path
+    from compress.models.hub import offline_cache_path
 
     path = offline_cache_path(name) / "config.json"
     if not path.is_file():

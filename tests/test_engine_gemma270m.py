@@ -1,4 +1,4 @@
-"""The offline gemma-3-270m (converted by `compress.hub` into the cache) through the engine equals
+"""The offline gemma-3-270m (converted by `compress.models.hub` into the cache) through the engine equals
 Hugging Face greedy `generate`. Skipped when the converted model is not in the cache."""
 
 import pytest
@@ -8,7 +8,7 @@ from serve import LLM, SamplingParams
 
 
 def model_dir():
-    from compress.hub import offline_cache_path
+    from compress.models.hub import offline_cache_path
     path = offline_cache_path("gemma-3-270m")
     return path if (path / "config.json").is_file() else None
 

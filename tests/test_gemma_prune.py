@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from compress import decoder_cost, gqa
+from compress.pruning import decoder_cost, gqa
 from compress.arch.gemma import GemmaAdapter, load_causal_lm
 
 WORDS = ("the a of and to in is was for on with as by at from his her it that this "
@@ -90,7 +90,7 @@ def test_all_ones_masks_are_identity(kind):
 
 
 def test_slimmed_equals_masked_and_scaled(kind):
-    from compress.slim import slim_model
+    from compress.pruning.slim import slim_model
 
     model = _model(kind)
     adapter, ids = GemmaAdapter(model), _ids()
@@ -106,7 +106,7 @@ def test_slimmed_equals_masked_and_scaled(kind):
 
 
 def test_zero_head_layer_generates_with_cache(kind):
-    from compress.slim import slim_model
+    from compress.pruning.slim import slim_model
 
     model = _model(kind)
     adapter = GemmaAdapter(model)
@@ -171,7 +171,7 @@ def test_search_meets_budget_and_matches_brute_force(kind):
 
 
 def test_rearrange_keeps_gqa_shape_and_never_raises_objective():
-    from compress.rearrange import block_fisher, objective
+    from compress.pruning.rearrange import block_fisher, objective
 
     g = torch.Generator().manual_seed(5)
     grads = [torch.randn(32, 8, generator=g)]
@@ -188,7 +188,7 @@ def test_attended_pairs_match_a_count():
 
 
 def test_prune_decoder_saves_a_checkpoint_that_loads_back(kind, tmp_path):
-    from compress.decoder_prune import DecoderPruneConfig, run_pipeline, save_pruned
+    from compress.pruning.decoder import DecoderPruneConfig, run_pipeline, save_pruned
 
     model, tok = _model(kind), _tokenizer()
     src = tmp_path / "dense"
@@ -219,8 +219,8 @@ def test_prune_decoder_saves_a_checkpoint_that_loads_back(kind, tmp_path):
 
 
 def test_bad_inputs_are_one_line_user_errors(tmp_path):
-    from compress import calib
-    from compress.decoder_prune import DecoderPruneConfig
+    from compress.data import calib
+    from compress.pruning.decoder import DecoderPruneConfig
     from compress.errors import UserError
 
     (tmp_path / "empty.txt").write_text("  \n")
@@ -237,7 +237,7 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path):
 
 def test_checkpoint_not_matching_its_config_is_a_user_error(tmp_path):
     from compress.errors import UserError
-    from compress.slim import slim_model
+    from compress.pruning.slim import slim_model
 
     model = _model("gemma3")
     adapter = GemmaAdapter(model)
@@ -255,7 +255,7 @@ def test_checkpoint_not_matching_its_config_is_a_user_error(tmp_path):
 def test_calibration_windows_and_perplexity(tmp_path):
     import math
 
-    from compress import calib
+    from compress.data import calib
     from evals import perplexity
 
     text = "= A =\nthe king of the north\n\n= B =\nthe queen of the south\n\n= C =\nold city\n"
@@ -278,8 +278,8 @@ def test_calibration_windows_and_perplexity(tmp_path):
 
 
 def test_layerwise_tuning_equals_the_generic_tuning(kind):
-    from compress.tune import tune_masks
-    from compress.tune_layerwise import tune_layerwise
+    from compress.pruning.tune import tune_masks
+    from compress.pruning.tune_layerwise import tune_layerwise
 
     model = _model(kind)
     adapter = GemmaAdapter(model)
@@ -324,7 +324,7 @@ def test_sliding_window_from_either_config_style():
 
 @pytest.mark.parametrize("method", ["magnitude", "activation", "activation-mlp", "fisher-mlp"])
 def test_baselines_meet_the_budget_with_gqa_shapes(method, tmp_path):
-    from compress.decoder_prune import DecoderPruneConfig, run_pipeline
+    from compress.pruning.decoder import DecoderPruneConfig, run_pipeline
 
     model, tok = _model("gemma2"), _tokenizer()
     model.save_pretrained(tmp_path / "dense")
@@ -341,7 +341,7 @@ def test_baselines_meet_the_budget_with_gqa_shapes(method, tmp_path):
 
 
 def test_no_local_text_calibrates_on_model_samples(monkeypatch):
-    from compress import calib
+    from compress.data import calib
 
     monkeypatch.delenv("COMPRESS_DATA_DIR", raising=False)
     result = calib.resolve_calibration(_model("gemma3"), _tokenizer(), None, None, num_samples=3, seq_len=10, seed=0)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from compress import metrics
+from compress.data import metrics
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -1,4 +1,4 @@
-"""compress.hub: local directories, unknown names, offline hub names, offline packages and GGUF checks."""
+"""compress.models.hub: local directories, unknown names, offline hub names, offline packages and GGUF checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from compress import hub
+from compress.models import hub
 from compress.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""The measured latency table (compress.latency, `compress latency-table`) and pruning under a latency
+"""The measured latency table (compress.pruning.latency, `compress latency-table`) and pruning under a latency
 budget with it, alone or together with a FLOPs budget; tiny random models on CPU, nothing downloaded."""
 
 import json
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compress import latency  # noqa: E402
+from compress.pruning import latency  # noqa: E402
 from compress.arch import get_adapter  # noqa: E402
 from compress.cli import main  # noqa: E402
-from compress.cost import LatencyTable  # noqa: E402
+from compress.pruning.cost import LatencyTable  # noqa: E402
 from _tiny import finetuned_tiny_sst2, tiny_config  # noqa: E402
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compress import fisher, rearrange  # noqa: E402
+from compress.pruning import fisher, rearrange  # noqa: E402
 from compress.arch import get_adapter  # noqa: E402
 from _tiny import KINDS, tiny_inputs, tiny_model  # noqa: E402
 

@@ -10,7 +10,7 @@ import torch
 
 from compress.arch import get_adapter
 from compress.arch.bert import MPNetSdpaSelfAttention
-from compress.slim import slim_model
+from compress.pruning.slim import slim_model
 from tests._tiny import tiny_inputs, tiny_model
 
 

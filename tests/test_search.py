@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compress import cost, search  # noqa: E402
+from compress.pruning import cost, search  # noqa: E402
 from compress.arch import get_adapter  # noqa: E402
 from _tiny import tiny_model  # noqa: E402
 
@@ -200,7 +200,7 @@ def test_a_slack_flops_budget_changes_nothing():
 
 
 def test_latency_table_round_trips_and_rejects_malformed(tmp_path):
-    from compress import latency
+    from compress.pruning import latency
     from compress.errors import UserError
 
     table = cost.LatencyTable([0.0, 1.0], [0, 8, 16], [0.0, 0.5, 0.5], overhead_ms=2.0, exact_widths=True,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compress import fisher, pruning, rearrange, search, tune  # noqa: E402
+from compress.pruning import fisher, pipeline, rearrange, search, tune  # noqa: E402
 from compress.arch import get_adapter  # noqa: E402
-from compress.config import PruneConfig  # noqa: E402
+from compress.recipes import PruneConfig  # noqa: E402
 from _tiny import tiny_inputs, tiny_model  # noqa: E402
 
 
@@ -25,7 +25,7 @@ def _run(setup, flops, steps):
     model, adapter, calib = setup
     config = PruneConfig(model="m", task="sst2", output="o", flops=flops, search_steps=steps, tune_weights=False)
     record = {}
-    heads, filters, flops_model = pruning._masks(config, adapter, model, calib, "cpu", pruning.Phases(), False,
+    heads, filters, flops_model = pipeline._masks(config, adapter, model, calib, "cpu", pipeline.Phases(), False,
                                                  record)
     return heads, filters, flops_model, record
 

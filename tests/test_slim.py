@@ -8,7 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compress import modeling, slim  # noqa: E402
+from compress.models import checkpoint  # noqa: E402
+from compress.pruning import slim
 from compress.arch import get_adapter  # noqa: E402
 from compress.errors import UserError  # noqa: E402
 from _tiny import KINDS, tiny_inputs, tiny_model, tiny_tokenizer  # noqa: E402
@@ -64,10 +65,10 @@ def test_save_load_round_trip(kind, tmp_path):
     x = tiny_inputs()
     with torch.no_grad():
         ref = model(**x).logits
-    modeling.save(model, tiny_tokenizer(), tmp_path, {"note": "test"})
+    checkpoint.save(model, tiny_tokenizer(), tmp_path, {"note": "test"})
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["num_attention_heads_per_layer"] == [2, 0]
-    loaded = modeling.load(tmp_path)
+    loaded = checkpoint.load(tmp_path)
     with torch.no_grad():
         out = loaded(**x).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
@@ -79,32 +80,32 @@ def test_uniformly_slimmed_layers_still_record_shapes(tmp_path):
     adapter = get_adapter(model)
     half = [torch.tensor([1.0, 1.0, 0.0, 0.0])] * 2, [torch.cat([torch.ones(64), torch.zeros(64)])] * 2
     slim.slim_model(adapter, *half)
-    modeling.save(model, tiny_tokenizer(), tmp_path)
-    assert get_adapter(modeling.load(tmp_path)).num_heads() == [2, 2]
+    checkpoint.save(model, tiny_tokenizer(), tmp_path)
+    assert get_adapter(checkpoint.load(tmp_path)).num_heads() == [2, 2]
 
 
 def test_full_masks_write_no_per_layer_keys(tmp_path):
     model = tiny_model("roberta")
     adapter = get_adapter(model)
     slim.slim_model(adapter, *adapter.ones_masks())
-    modeling.save(model, tiny_tokenizer(), tmp_path)
+    checkpoint.save(model, tiny_tokenizer(), tmp_path)
     assert "num_attention_heads_per_layer" not in json.loads((tmp_path / "config.json").read_text())
 
 
 def test_weights_that_mismatch_the_config_are_a_user_error(tmp_path):
     model = tiny_model("bert")
     slim.slim_model(get_adapter(model), *_scaled_masks())
-    modeling.save(model, tiny_tokenizer(), tmp_path)
+    checkpoint.save(model, tiny_tokenizer(), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["num_attention_heads_per_layer"] = [3, 0]
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="shape"):
-        modeling.load(tmp_path)
+        checkpoint.load(tmp_path)
 
 
 def test_truncated_weights_are_a_user_error(tmp_path):
-    modeling.save(tiny_model("bert"), tiny_tokenizer(), tmp_path)
+    checkpoint.save(tiny_model("bert"), tiny_tokenizer(), tmp_path)
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="corrupt or incomplete"):
-        modeling.load(tmp_path)
+        checkpoint.load(tmp_path)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress.qa import QAConfig, batch_span_loss, decode, featurize, predict_logits, span_loss
+from compress.data.qa import QAConfig, batch_span_loss, decode, featurize, predict_logits, span_loss
 from evals.squad import evaluate_model, load_squad
 from evals.squad_metrics import normalize_answer
 
@@ -192,8 +192,8 @@ def tiny_qa_dir(tmp_path_factory, tokenizer):
 def test_window_length_defaults_to_the_task_and_an_explicit_one_is_honoured():
     from types import SimpleNamespace
 
-    from compress.config import FinetuneConfig, PruneConfig
-    from compress.qa_task import qa_config
+    from compress.recipes import FinetuneConfig, PruneConfig
+    from compress.train.qa import qa_config
 
     assert FinetuneConfig().max_seq_length is None and PruneConfig().max_seq_length is None
     assert qa_config(None).max_length == 384 and qa_config(128).max_length == 128

@@ -2,7 +2,7 @@
 
 import pytest
 
-from compress import tasks
+from compress.data import tasks
 from compress.errors import UserError
 
 

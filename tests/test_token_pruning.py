@@ -122,7 +122,7 @@ def test_flops_match_hand_count():
 
 def test_flops_agree_with_the_head_filter_cost_model():
     from compress.arch import get_adapter
-    from compress.cost import flops_model
+    from compress.pruning.cost import flops_model
 
     model = tiny_model("bert")
     adapter = get_adapter(model)
@@ -248,7 +248,7 @@ def test_compress_eval_reports_flops_ratio(saved_pruned, capsys):
 def test_token_prune_recipes_resolve():
     from pathlib import Path
 
-    from compress.config import load_recipe, resolve
+    from compress.recipes import load_recipe, resolve
     from compress.token_pruning import TokenPruningConfig
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*token-prune*.yaml"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compress import tune  # noqa: E402
+from compress.pruning import tune  # noqa: E402
 from compress.arch import get_adapter  # noqa: E402
 from _tiny import KINDS, tiny_inputs, tiny_model  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_weight_tuning_with_full_masks_and_no_damping_leaves_the_model():
 def test_weight_tuned_model_slims_to_the_masked_function(kind):
     """After weight tuning, slimming (a layer left with no head keeps only its tuned bias) computes what the
     masked model with the tuned weights computes."""
-    from compress import slim
+    from compress.pruning import slim
 
     model = tiny_model(kind)
     adapter = get_adapter(model)

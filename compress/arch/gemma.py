@@ -13,7 +13,7 @@ keeps `Hkv'` kv heads and the same number `g'` of query heads in each of them: i
 `H' = g' * Hkv'` is a multiple of its kv-head count. A kv head goes when all its query heads go
 (a "whole KV group", which also saves its K/V projections and KV cache). Feasible layer shapes are
 therefore (g', Hkv') with 1 <= g' <= H/Hkv and 0 <= Hkv' <= Hkv (plus the empty layer); the search
-(`compress.gqa`) picks, per layer, the shape and the heads in it that keep the most Fisher score for
+(`compress.pruning.gqa`) picks, per layer, the shape and the heads in it that keep the most Fisher score for
 the cost, so whole groups are removed exactly where that is cheaper for the same loss. Gemma 3
 270M and 1B have one kv head: any query-head count is feasible, and 0 removes the kv head too.
 

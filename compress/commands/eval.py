@@ -23,14 +23,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from compress import modeling, token_pruning
+    from compress.models import checkpoint
+    from compress import token_pruning
     from compress.errors import UserError
-    from compress.tasks import get_task, resolve_data_dir
+    from compress.data.tasks import get_task, resolve_data_dir
 
     if args.perplexity and args.task:
         raise UserError("give --task (dev-set metrics) or --perplexity (held-out text), not both")
     if args.perplexity:
-        from compress.decoder_prune import is_decoder
+        from compress.pruning.decoder import is_decoder
         from evals.perplexity import run_eval_command
 
         if not is_decoder(args.model):
@@ -43,7 +44,7 @@ def run(args) -> int:
         from evals.squad import run_eval_command
         return run_eval_command(args)
     resolve_data_dir(args.data_dir)
-    path = modeling.resolve(args.model)
+    path = checkpoint.resolve(args.model)
     if token_pruning.is_token_pruned(path):
         result = token_pruning.evaluate_dir(path, task.name, args.data_dir, args.device or "auto", args.batch_size,
                                             args.max_seq_length or task.max_seq_length)
@@ -54,10 +55,10 @@ def run(args) -> int:
 
 
 def _evaluate(path, task, args) -> dict:
-    from compress import modeling
-    from compress.evaluation import evaluate
+    from compress.models import checkpoint
+    from compress.train.evaluate import evaluate
 
-    model, tokenizer = modeling.load(path), modeling.load_tokenizer(path)
+    model, tokenizer = checkpoint.load(path), checkpoint.load_tokenizer(path)
     return evaluate(model, tokenizer, task, args.data_dir, args.device or "auto", args.batch_size,
                     args.max_seq_length)
 

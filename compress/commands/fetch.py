@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compress import hub
+    from compress.models import hub
 
     if args.name in hub.OFFLINE_MODELS:
         path = fetch_offline(args.name, args.cache, args.force)
@@ -38,7 +38,7 @@ def fetch_offline(name: str, cache: str | None, force: bool):
     import tempfile
     from pathlib import Path
 
-    from compress import hub
+    from compress.models import hub
 
     target = hub.offline_cache_path(name, cache)
     if (target / "config.json").is_file() and not force:

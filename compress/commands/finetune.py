@@ -28,8 +28,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from compress.config import FinetuneConfig, load_recipe, resolve
-    from compress.finetuning import finetune
+    from compress.recipes import FinetuneConfig, load_recipe, resolve
+    from compress.train.finetune import finetune
 
     config = resolve(FinetuneConfig, load_recipe(args.recipe), **overrides(args, FIELDS))
     summary = finetune(config)

@@ -1,7 +1,7 @@
 """`compress latency-table`: measure the per-layer latency table that `compress prune --latency-ms /
 --speedup` budgets with, on the machine that will run the pruned model.
 
-Only the model's shapes matter (its config.json); the weights are random. See compress.latency.
+Only the model's shapes matter (its config.json); the weights are random. See compress.pruning.latency.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from compress import latency, modeling
+    from compress.pruning import latency
+    from compress.models import checkpoint
     from compress.errors import UserError
-    from compress.evaluation import pick_device
+    from compress.train.evaluate import pick_device
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -46,7 +47,7 @@ def run(args) -> int:
     device = pick_device(args.device or "auto").type
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device}: the latency table runs on cpu or cuda")
-    config = modeling.read_config(modeling.resolve(args.model))
+    config = checkpoint.read_config(checkpoint.resolve(args.model))
     config.num_labels = 2  # the head's size does not matter; a base model's config has none
     filters = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
     widths = latency.width_grid(filters, device, args.width_step)

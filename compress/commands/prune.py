@@ -1,16 +1,16 @@
 """`compress prune`: Fisher post-training pruning of heads and filters into a smaller dense model.
 
-With `--task`, an encoder fine-tuned on that task (compress.pruning); without it, a Gemma decoder
-pruned with the language-modelling loss (compress.decoder_prune).
+With `--task`, an encoder fine-tuned on that task (compress.pruning.pipeline); without it, a Gemma decoder
+pruned with the language-modelling loss (compress.pruning.decoder).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from compress import decoder_prune
+from compress.pruning import decoder
 from compress.commands._common import add_data_flags, overrides
-from compress.config import FISHERS
+from compress.recipes import FISHERS
 from compress.errors import UserError
 
 DECODER_METHODS = ("activation", "activation-mlp", "fisher-mlp")  # the encoder pruner has no such criterion
@@ -78,20 +78,20 @@ def register(subparsers) -> None:
     p.add_argument("--eval", action="store_true", default=None, help="report the dev metric before and after")
     p.add_argument("--recipe", help="YAML file whose keys are these settings; flags override it")
     add_data_flags(p)
-    decoder_prune.add_decoder_flags(p)
+    decoder.add_decoder_flags(p)
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from compress.config import PruneConfig, load_recipe, resolve
-    from compress.pruning import format_summary, prune
+    from compress.recipes import PruneConfig, load_recipe, resolve
+    from compress.pruning.pipeline import format_summary, prune
 
     recipe = load_recipe(args.recipe)
     model = args.model or recipe.get("model")
-    if not (args.task or recipe.get("task")) and model and decoder_prune.is_decoder(model):
+    if not (args.task or recipe.get("task")) and model and decoder.is_decoder(model):
         _reject(args, ENCODER_ONLY, "an encoder (with --task)")
-        return decoder_prune.run_from_args(args)
+        return decoder.run_from_args(args)
     _reject(args, DECODER_ONLY, "a decoder (without --task)")
     if args.method in DECODER_METHODS:
         raise UserError(f"--method {args.method} is for decoders only; an encoder takes fisher, magnitude or random")

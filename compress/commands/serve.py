@@ -31,7 +31,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from compress.errors import UserError
-    from compress.hub import resolve_model
+    from compress.models.hub import resolve_model
     from serve.config import EngineConfig, parse_memory
     from serve.engine import LLMEngine
     from serve.server import serve_forever

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from compress.config import load_recipe, resolve
+    from compress.recipes import load_recipe, resolve
     from compress.token_pruning.config import TokenPruningConfig
     from compress.token_pruning.pipeline import format_summary, token_prune
 

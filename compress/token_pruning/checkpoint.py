@@ -72,7 +72,7 @@ def load(path: str | Path, device=None) -> TokenPruningModel:
 
 
 def load_plain(path: str | Path):
-    """The plain HF model in `path`, with its per-layer shapes (the core loader, compress.modeling)."""
-    from compress.modeling import load as load_model
+    """The plain HF model in `path`, with its per-layer shapes (the core loader, compress.models.checkpoint)."""
+    from compress.models.checkpoint import load as load_model
 
     return load_model(Path(path))

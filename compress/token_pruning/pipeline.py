@@ -11,7 +11,7 @@ import time
 import torch
 
 from compress.errors import UserError
-from compress.outputs import atomic_output_dir, check_output_dir
+from compress.models.outputs import atomic_output_dir, check_output_dir
 from compress.token_pruning import checkpoint, flops
 from compress.token_pruning import parts as P
 from compress.token_pruning.config import TokenPruningConfig, initial_thresholds, topk_keep_ratios
@@ -27,7 +27,7 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 
 def load_for_task(model_dir: str, task):
     """(plain HF model, tokenizer, its directory), checked to be an encoder with `task`'s head."""
-    from compress.modeling import load_tokenizer, resolve
+    from compress.models.checkpoint import load_tokenizer, resolve
 
     path = resolve(model_dir)
     config = checkpoint.read_config(path)
@@ -52,7 +52,7 @@ def initial_spec(cfg: TokenPruningConfig, num_layers: int) -> PruningSpec:
 def evaluate(model: TokenPruningModel, task, features: list[dict], pad_id: int, batch_size: int = 64,
              device=None, mode: str = "drop") -> dict:
     """Dev metric(s), mean FLOPs ratio (vs. the parent on the full input) and mean tokens per layer."""
-    from compress.metrics import compute
+    from compress.data.metrics import compute
 
     device = device or next(model.parameters()).device
     logits, labels, tokens = predict(model, features, pad_id, batch_size, device, mode=mode)
@@ -68,9 +68,9 @@ def evaluate(model: TokenPruningModel, task, features: list[dict], pad_id: int, 
 def evaluate_dir(path, task_name: str, data_dir=None, device="auto", batch_size: int = 64,
                  max_seq_length: int = 128) -> dict[str, float]:
     """`compress eval` for a token-pruned directory: metrics, FLOPs ratios and `num_examples`."""
-    from compress.batching import encode, pad_id_of
-    from compress.modeling import load_tokenizer
-    from compress.tasks import get_task, load_split
+    from compress.data.batching import encode, pad_id_of
+    from compress.models.checkpoint import load_tokenizer
+    from compress.data.tasks import get_task, load_split
 
     task, device = get_task(task_name), resolve_device(device)
     model, tokenizer = checkpoint.load(path, device), load_tokenizer(path)
@@ -84,8 +84,8 @@ def evaluate_dir(path, task_name: str, data_dir=None, device="auto", batch_size:
 
 def token_prune(cfg: TokenPruningConfig) -> dict:
     """Run the whole method; writes `cfg.output` atomically and returns the summary record."""
-    from compress.batching import encode, pad_id_of
-    from compress.tasks import get_task, load_split
+    from compress.data.batching import encode, pad_id_of
+    from compress.data.tasks import get_task, load_split
 
     cfg.validate()
     task = get_task(cfg.task)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from compress.batching import batches, to_device
-from compress.evaluation import autocast
+from compress.data.batching import batches, to_device
+from compress.train.evaluate import autocast
 from compress.token_pruning.config import TokenPruningConfig
 from compress.token_pruning.model import TokenPruningModel
 

@@ -1,6 +1,6 @@
-"""Layer-local least-squares tuning: the objective of compress.tune, one layer at a time.
+"""Layer-local least-squares tuning: the objective of compress.pruning.tune, one layer at a time.
 
-`compress.tune`'s reference path re-runs the model from the embedding up to layer l for every layer
+`compress.pruning.tune`'s reference path re-runs the model from the embedding up to layer l for every layer
 and branch, which costs ~L^2/2 layer passes. Here the dense ("teacher") and pruned ("student")
 hidden states entering layer l are kept for every calibration batch, so each layer is run only on
 its own inputs: ~4 passes of one layer per layer. The layer's other inputs (attention masks,
@@ -9,7 +9,7 @@ once, per layer, by pre-hooks during one dense forward, so nothing here knows ho
 
 The objective, the reconstruction points (each branch's output before its post-norm, fp32
 statistics over the valid tokens, fp64 solve), the damping and both unknowns (the mask scales, or
-with `weights` the output projections' kept columns and bias) are exactly those of `compress.tune`,
+with `weights` the output projections' kept columns and bias) are exactly those of `compress.pruning.tune`,
 whose accumulation and solvers are reused; the result equals the reference path up to float rounding.
 The teacher needs no weight restoring: layer l's teacher pass runs before layer l is tuned, and
 earlier layers are never run again.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from compress.tune import accumulate_branch, branch_setup, solve_branch
+from compress.pruning.tune import accumulate_branch, branch_setup, solve_branch
 
 
 class _Stop(Exception):

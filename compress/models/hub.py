@@ -11,7 +11,7 @@ tokenizer files, from one of three sources:
   `huggingface_hub.snapshot_download` when online; offline it is a one-line `UserError`.
 
 The conversion recipes (copy a folder, unzip split parts, dequantize a split GGUF) live in
-`compress.hub_convert`; the cache is written atomically (temp dir, then rename), so a killed
+`compress.models.convert`; the cache is written atomically (temp dir, then rename), so a killed
 conversion never leaves a half-model behind.
 """
 
@@ -164,15 +164,15 @@ def _is_member(relpath: str, member: str) -> bool:
 
 def convert_offline(name: str, sources: list[Path], cache: str | os.PathLike | None = None) -> Path:
     """Convert `sources` into the cache directory of `name` atomically; returns that directory."""
-    from compress import hub_convert
-    from compress.outputs import atomic_output_dir
+    from compress.models import convert
+    from compress.models.outputs import atomic_output_dir
 
     spec = OFFLINE_MODELS[name]
     target = offline_cache_path(name, cache)
     print(f"compress: converting {name} from its PyPI packages into {target} (once)", flush=True)
     with atomic_output_dir(target, overwrite=True) as tmp:
-        hub_convert.CONVERTERS[spec.kind](sources, tmp, spec)
-        hub_convert.write_source_record(tmp, name, spec)
+        convert.CONVERTERS[spec.kind](sources, tmp, spec)
+        convert.write_source_record(tmp, name, spec)
         _share(tmp)
     return target
 

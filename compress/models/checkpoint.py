@@ -21,12 +21,12 @@ import torch
 from compress.errors import UserError
 
 CLASSIFIER_ARCH_SUFFIX = "ForSequenceClassification"
-QA_ARCH_SUFFIX = "ForQuestionAnswering"  # span heads (compress.qa_task)
+QA_ARCH_SUFFIX = "ForQuestionAnswering"  # span heads (compress.train.qa)
 
 
 def resolve(name_or_dir: str | os.PathLike) -> Path:
-    """A local model directory for a name, hub id or directory (via compress.hub)."""
-    from compress.hub import resolve_model
+    """A local model directory for a name, hub id or directory (via compress.models.hub)."""
+    from compress.models.hub import resolve_model
 
     return Path(resolve_model(name_or_dir))
 

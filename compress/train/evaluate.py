@@ -1,7 +1,7 @@
 """Dev-set evaluation of a sequence-classification model on a task (`compress eval`, `--eval`).
 
 Predictions are argmax of the logits (classification) or the single logit (regression); metrics
-are GLUE's official ones from `compress.metrics`. On CUDA the forward runs under bf16 autocast.
+are GLUE's official ones from `compress.data.metrics`. On CUDA the forward runs under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from compress import batching, metrics
-from compress.tasks import Task, load_split
+from compress.data import batching, metrics
+from compress.data.tasks import Task, load_split
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -44,8 +44,8 @@ def predict(model, features, batch_size, pad_id, device, is_regression, progress
 def evaluate(model, tokenizer, task: Task, data_dir=None, device="auto", batch_size=64,
              max_seq_length=None, examples=None, progress=True) -> dict[str, float]:
     """The task's dev metrics (percent) for `model`, plus `num_examples` (None length: the task's default)."""
-    if getattr(task, "is_qa", False):  # SQuAD: windows, span decoding, EM/F1 (compress.qa_task)
-        from compress.qa_task import evaluate as evaluate_qa
+    if getattr(task, "is_qa", False):  # SQuAD: windows, span decoding, EM/F1 (compress.train.qa)
+        from compress.train.qa import evaluate as evaluate_qa
         return evaluate_qa(model, tokenizer, task, data_dir, device, batch_size, max_seq_length, progress)
     device = pick_device(device) if isinstance(device, str) else device
     examples = examples if examples is not None else load_split(task, "dev", data_dir)

@@ -130,7 +130,7 @@ def resolve_calibration(model, tokenizer, calib, data_dir, num_samples: int, seq
 
 
 def _bbc_news_documents() -> list[str]:
-    from compress.tasks import get_task, load_split
+    from compress.data.tasks import get_task, load_split
 
     return [text for text, _, _ in load_split(get_task("bbc-news"), "train")]
 

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from compress.rearrange import block_fisher, rearrange_layer
+from compress.pruning.rearrange import block_fisher, rearrange_layer
 
 MAX_ENUMERATION = 200_000
 

@@ -20,7 +20,7 @@ more free parameters than the masks, so it undoes much more of what pruning remo
 model shape is unchanged. Teacher targets then come from the original weights, restored for the
 teacher's forward pass.
 
-Both run by default through compress.tune_layerwise (each layer once per pass, on cached hidden
+Both run by default through compress.pruning.tune_layerwise (each layer once per pass, on cached hidden
 states); the code here that re-runs the model from the embedding for every layer and branch is the
 reference it is tested against (`layerwise=False`).
 """
@@ -41,7 +41,7 @@ class _Stop(Exception):
 def tune_masks(model, adapter, batches, head_masks, filter_masks, device, damp: float = 1.0,
                progress: bool = True, layerwise: bool = True):
     """Tuned (real-valued) masks, same shapes as the 0/1 inputs, plus per-layer errors before/after.
-    `layerwise` (default): compress.tune_layerwise, one layer pass at a time on cached hidden states;
+    `layerwise` (default): compress.pruning.tune_layerwise, one layer pass at a time on cached hidden states;
     False: the reference path here, a forward from the embedding for every layer and branch."""
     tuner = _layerwise if layerwise else _reference
     return tuner(model, adapter, batches, head_masks, filter_masks, device, damp, progress, False)
@@ -74,7 +74,7 @@ def _reference(model, adapter, batches, head_masks, filter_masks, device, damp, 
 
 
 def _layerwise(model, adapter, batches, head_masks, filter_masks, device, damp, progress, weights):
-    from compress.tune_layerwise import tune_layerwise
+    from compress.pruning.tune_layerwise import tune_layerwise
 
     return tune_layerwise(model, adapter, batches, head_masks, filter_masks, device, damp, progress, weights,
                           forward=lambda batch: _run(model, batch, device),

@@ -10,7 +10,7 @@ on 3072-filter layers; every swap taken is an improvement). Swap gain, for i in 
     delta(i, j) = I_ii + I_jj - 2 I_ij - 2 (I p)_i + 2 (I p)_j.
 
 Iterative search (`compress prune --search-steps K`): the Fisher of the last step is taken at the
-masks of step K-1 (compress.fisher), so p^T I p is the second-order loss of the last step's change
+masks of step K-1 (compress.pruning.fisher), so p^T I p is the second-order loss of the last step's change
 only when p ranges over the units alive at step K-1: a unit pruned earlier is 0 at the expansion
 point and stays 0 (no change, no term), while its gradient row is the effect of reviving it, a
 different quantity that the objective does not model. So `alive` restricts each layer's swaps (and

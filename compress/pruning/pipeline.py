@@ -18,13 +18,15 @@ import time
 
 import torch
 
-from compress import batching, cost, modeling, search
+from compress.data import batching
+from compress.pruning import cost, search
+from compress.models import checkpoint
 from compress.arch import get_adapter
-from compress.config import PruneConfig
+from compress.recipes import PruneConfig
 from compress.errors import UserError
-from compress.evaluation import evaluate, pick_device
-from compress.outputs import atomic_output_dir, check_output_dir
-from compress.tasks import resolve_data_dir, calibration_sample, get_task, load_split
+from compress.train.evaluate import evaluate, pick_device
+from compress.models.outputs import atomic_output_dir, check_output_dir
+from compress.data.tasks import resolve_data_dir, calibration_sample, get_task, load_split
 
 
 class Phases:
@@ -65,7 +67,7 @@ def prune(config: PruneConfig, progress: bool = True) -> dict:
             record["eval_before"] = evaluate(model, tokenizer, task, config.data_dir, device, progress=progress)
     heads, filters, flops_model = _masks(config, adapter, model, calib, device, phases, progress, record)
     with phases("slim"):
-        from compress.slim import slim_model
+        from compress.pruning.slim import slim_model
 
         zero_filters = slim_model(adapter, heads, filters, filter_multiple=config.filter_multiple)
     if config.eval:
@@ -73,22 +75,22 @@ def prune(config: PruneConfig, progress: bool = True) -> dict:
             record["eval_after"] = evaluate(model, tokenizer, task, config.data_dir, device, progress=progress)
     record.update(_shape_record(adapter, flops_model, config, phases, parent_shape, zero_filters))
     with atomic_output_dir(config.output, config.overwrite) as tmp:
-        modeling.save(model.cpu(), tokenizer, tmp, record)
+        checkpoint.save(model.cpu(), tokenizer, tmp, record)
     return record
 
 
 def _load(config, task):
-    path = modeling.resolve(config.model)
-    model = modeling.load(path)
+    path = checkpoint.resolve(config.model)
+    model = checkpoint.load(path)
     if model.config.num_labels != task.num_labels:
         raise UserError(f"model {config.model} has {model.config.num_labels} labels but task {task.name} "
                         f"has {task.num_labels}")
-    return model, modeling.load_tokenizer(path), path
+    return model, checkpoint.load_tokenizer(path), path
 
 
 def _calibration(config, task, tokenizer) -> dict:
-    if getattr(task, "is_qa", False):  # SQuAD: labelled windows (compress.qa_task)
-        from compress.qa_task import calibration
+    if getattr(task, "is_qa", False):  # SQuAD: labelled windows (compress.train.qa)
+        from compress.train.qa import calibration
         return calibration(config, task, tokenizer)
     train = load_split(task, "train", config.data_dir)
     n = config.num_samples or task.default_num_samples
@@ -101,7 +103,7 @@ def _calibration(config, task, tokenizer) -> dict:
 
 def _masks(config, adapter, model, calib, device, phases, progress, record):
     """Search (and for Fisher: rearrange and tune) the masks; fills `record` with what it did."""
-    from compress import baselines, rearrange, tune
+    from compress.pruning import baselines, rearrange, tune
 
     flops_model = cost.flops_model(adapter, calib["seq_len"])
     full = flops_model.flops_counts(adapter.num_heads(), adapter.num_filters())
@@ -132,7 +134,7 @@ def _fisher_search(config, adapter, model, calib, device, phases, progress, reco
     masks applied and each search kept among the units those keep. Returns the masks, the last mask
     gradients and the masks these were taken at (None: all ones); with more than one step,
     `record["steps"]` lists what each step kept."""
-    from compress import fisher
+    from compress.pruning import fisher
 
     steps = config.search_steps
     targets = [None] * steps if config.flops is None else search.flops_schedule(config.flops, steps)
@@ -157,7 +159,7 @@ def _fisher_search(config, adapter, model, calib, device, phases, progress, reco
 def _search(config, flops_model, full, head_grads, filter_grads, record, flops, alive, step=1):
     """Masks at FLOPs fraction `flops` (None: no FLOPs budget) and, if the config has one, under the latency
     budget of search step `step`, among the `alive` units (None: all)."""
-    from compress.fisher import fisher_diagonal
+    from compress.pruning.fisher import fisher_diagonal
 
     head_scores, filter_scores = fisher_diagonal(head_grads), fisher_diagonal(filter_grads)
     if not config.has_latency_budget:
@@ -184,7 +186,7 @@ def _step_record(flops: float, heads, filters) -> dict:
 def _latency_budget(config, adapter, calib) -> dict:
     """The latency budget in ms and the table it is measured by: the table of `--latency-table`, or one
     measured now on this device at the calibration length."""
-    from compress import latency
+    from compress.pruning import latency
 
     if config.latency_table is not None:
         table = latency.load_table(config.latency_table)

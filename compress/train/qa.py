@@ -1,9 +1,9 @@
 """The SQuAD tasks (`squad` = v1.1, `squad_v2` = v2.0) as the fine-tuner, pruner and `compress eval` see them.
 
-The classification tasks of compress.tasks give `(text_a, text_b, label)` examples and batches with
-`labels`; a QA task gives windows (compress.qa) and batches with `start_positions`/`end_positions`,
+The classification tasks of compress.data.tasks give `(text_a, text_b, label)` examples and batches with
+`labels`; a QA task gives windows (compress.data.qa) and batches with `start_positions`/`end_positions`,
 its model has a span head (`...ForQuestionAnswering`, two logits per token, so `num_labels` = 2)
-and its loss is the span loss. `compress.tasks.get_task` returns a `QATask` for these names; the
+and its loss is the span loss. `compress.data.tasks.get_task` returns a `QATask` for these names; the
 commands branch on `task.is_qa` and call the functions here: fine-tuning, the calibration windows
 of the pruner, and the dev evaluation.
 """
@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from compress.errors import UserError
-from compress.qa import QAConfig, QAFeatures, batch_span_loss, featurize
+from compress.data.qa import QAConfig, QAFeatures, batch_span_loss, featurize
 
 ALIASES = {"squad1": "squad", "squad-v1.1": "squad", "squad2": "squad_v2", "squad-v2": "squad_v2"}
 
 
 @dataclass(frozen=True)
 class QATask:
-    """A SQuAD task, duck-typed like compress.tasks.Task where the commands read it."""
+    """A SQuAD task, duck-typed like compress.data.tasks.Task where the commands read it."""
 
     name: str
     version: str
@@ -70,9 +70,9 @@ def load_qa_model(path):
     """A `...ForQuestionAnswering` model from a directory; a new span head (with a note) if it has none."""
     from transformers import AutoModelForQuestionAnswering
 
-    from compress import modeling
+    from compress.models import checkpoint
 
-    config = modeling.read_config(path)
+    config = checkpoint.read_config(path)
     if not any(a.endswith("ForQuestionAnswering") for a in getattr(config, "architectures", None) or []):
         print(f"note: {path} has no question-answering head; a new one is initialised")
     try:
@@ -127,7 +127,7 @@ def dev_metrics(model, tokenizer, task: str, data_dir=None, batch_size: int = 32
 
 
 def calibration(config, task: QATask, tokenizer, progress: bool = True) -> dict:
-    """The pruner's calibration data (`compress.pruning._calibration`'s dict) from training windows."""
+    """The pruner's calibration data (`compress.pruning.pipeline._calibration`'s dict) from training windows."""
     n = config.num_samples or task.default_num_samples
     batches = calibration_batches(task.name, tokenizer, n, config.seed, config.batch_size, config.data_dir,
                                   qa_config(config.max_seq_length), progress)
@@ -137,8 +137,8 @@ def calibration(config, task: QATask, tokenizer, progress: bool = True) -> dict:
 
 def evaluate(model, tokenizer, task: QATask, data_dir=None, device="auto", batch_size: int = 64,
              max_seq_length: int | None = None, progress: bool = True) -> dict[str, float]:
-    """Dev metrics in compress.evaluation.evaluate's form: percentages plus `num_examples`."""
-    from compress.evaluation import pick_device
+    """Dev metrics in compress.train.evaluate.evaluate's form: percentages plus `num_examples`."""
+    from compress.train.evaluate import pick_device
 
     device = pick_device(device) if isinstance(device, str) else device
     metrics = dev_metrics(model.to(device), tokenizer, task.name, data_dir, batch_size,
@@ -148,15 +148,15 @@ def evaluate(model, tokenizer, task: QATask, data_dir=None, device="auto", batch
 
 
 def finetune(config, task: QATask) -> dict:
-    """`compress finetune` for a QA task: span loss on training windows, the recipe of compress.finetuning."""
-    from compress import modeling
-    from compress.evaluation import pick_device
-    from compress.finetuning import save_finetuned
-    from compress.outputs import check_output_dir
+    """`compress finetune` for a QA task: span loss on training windows, the recipe of compress.train.finetune."""
+    from compress.models import checkpoint
+    from compress.train.evaluate import pick_device
+    from compress.train.finetune import save_finetuned
+    from compress.models.outputs import check_output_dir
 
     check_output_dir(config.output, config.overwrite)
-    path = modeling.resolve(config.model)
-    tokenizer = modeling.load_tokenizer(path)
+    path = checkpoint.resolve(config.model)
+    tokenizer = checkpoint.load_tokenizer(path)
     model = load_qa_model(path)
     feats = train_features(task.name, tokenizer, config.data_dir, qa_config(config.max_seq_length, model))
     torch.manual_seed(config.seed)
@@ -166,11 +166,11 @@ def finetune(config, task: QATask) -> dict:
 
 
 def train_loop(model, feats: QAFeatures, config, task: QATask, device) -> list[float]:
-    """AdamW with warmup and linear decay over shuffled window batches (compress.finetuning's schedule)."""
+    """AdamW with warmup and linear decay over shuffled window batches (compress.train.finetune's schedule)."""
     from tqdm.auto import tqdm
 
-    from compress.evaluation import autocast
-    from compress.finetuning import _optimizer
+    from compress.train.evaluate import autocast
+    from compress.train.finetune import _optimizer
 
     per_epoch = math.ceil(len(feats) / config.batch_size)
     total = config.max_steps or max(1, math.ceil((config.epochs or task.default_epochs) * per_epoch))

@@ -6,7 +6,7 @@ gradient of that loss w.r.t. per-example copies of the masks (`[B, H_l]`, `[B, F
 example's gradient. The LM head of a Gemma (vocab 256k) would need `[B, S, V]` logits with their
 autograd state; instead the final hidden states are detached, the loss is pushed through the head
 chunk by chunk into their gradient, and that gradient is then back-propagated through the layers
-once. Model weights get no gradient. Output shapes as in `compress.fisher`: `[N, H_l]`, `[N, F_l]`.
+once. Model weights get no gradient. Output shapes as in `compress.pruning.fisher`: `[N, H_l]`, `[N, F_l]`.
 
 Activation-norm baseline (Wanda, Sun et al. 2023, made structured as in FLAP's comparison):
 score of an input column j of o_proj / down_proj = ||X_j||_2 * sum_i |W_ij| over the calibration

@@ -16,21 +16,22 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from compress import batching, modeling
-from compress.config import FinetuneConfig
+from compress.data import batching
+from compress.models import checkpoint
+from compress.recipes import FinetuneConfig
 from compress.errors import UserError
-from compress.evaluation import autocast, pick_device
-from compress.fisher import task_loss
-from compress.outputs import atomic_output_dir, check_output_dir
-from compress.tasks import resolve_data_dir, get_task, load_split
+from compress.train.evaluate import autocast, pick_device
+from compress.pruning.fisher import task_loss
+from compress.models.outputs import atomic_output_dir, check_output_dir
+from compress.data.tasks import resolve_data_dir, get_task, load_split
 
 
 def load_for_finetune(path, task):
     """The model at `path` with a (possibly new) head sized for `task`."""
     from transformers import AutoModelForSequenceClassification
 
-    config = modeling.read_config(path)
-    if modeling.has_task_head(config) and config.num_labels != task.num_labels:
+    config = checkpoint.read_config(path)
+    if checkpoint.has_task_head(config) and config.num_labels != task.num_labels:
         raise UserError(f"model {path} has {config.num_labels} labels but task {task.name} has {task.num_labels}")
     kind = "regression" if task.is_regression else "single_label_classification"
     config.num_labels, config.problem_type = task.num_labels, kind
@@ -51,12 +52,12 @@ def finetune(config: FinetuneConfig) -> dict:
     check_output_dir(config.output, config.overwrite)
     resolve_data_dir(config.data_dir)
     task = get_task(config.task)
-    if getattr(task, "is_qa", False):  # SQuAD: span loss on windows (compress.qa_task)
-        from compress.qa_task import finetune as finetune_qa
+    if getattr(task, "is_qa", False):  # SQuAD: span loss on windows (compress.train.qa)
+        from compress.train.qa import finetune as finetune_qa
         return finetune_qa(config, task)
-    path = modeling.resolve(config.model)
+    path = checkpoint.resolve(config.model)
     train = load_split(task, "train", config.data_dir)
-    tokenizer = modeling.load_tokenizer(path)
+    tokenizer = checkpoint.load_tokenizer(path)
     model = load_for_finetune(path, task)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
@@ -71,7 +72,7 @@ def save_finetuned(model, tokenizer, config, task, losses: list[float], seconds:
                "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
                "seconds": round(seconds, 2), "config": dataclasses.asdict(config)}
     with atomic_output_dir(config.output, config.overwrite) as tmp:
-        modeling.save(model.cpu(), tokenizer, tmp)
+        checkpoint.save(model.cpu(), tokenizer, tmp)
         (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

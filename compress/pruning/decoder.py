@@ -1,9 +1,9 @@
 """Post-training pruning of Gemma 2/3 decoders: the encoder pipeline's stages with LM-loss calibration.
 
-load -> calibration windows (compress.calib) -> LM-loss mask gradients (compress.lm_scores) ->
-GQA-aware search under the decoder cost model (compress.gqa, compress.decoder_cost) -> GQA-shaped
+load -> calibration windows (compress.data.calib) -> LM-loss mask gradients (compress.pruning.lm_scores) ->
+GQA-aware search under the decoder cost model (compress.pruning.gqa, compress.pruning.decoder_cost) -> GQA-shaped
 rearrangement -> least-squares mask tuning of each branch before its post-norm, in fp32
-(compress.tune_layerwise, layer-local) -> slim (compress.slim) -> save (compress.modeling.save). Only compress.arch.gemma
+(compress.pruning.tune_layerwise, layer-local) -> slim (compress.pruning.slim) -> save (compress.models.checkpoint.save). Only compress.arch.gemma
 knows module paths. `fisher-mlp` is the Fisher pipeline restricted to MLP filters (an ablation).
 Baselines (`method` magnitude / activation / activation-mlp, the last pruning MLP filters only) replace the Fisher by their scores and skip rearrangement, but go through the same search, tuning and slimming, so a comparison at the
 same FLOPs isolates the importance criterion.
@@ -65,12 +65,12 @@ class DecoderPruneConfig:
 
 def prune_decoder(config: DecoderPruneConfig, progress: bool = True) -> dict:
     """Run the decoder pipeline and save; returns the record also written to `<output>/prune.json`."""
-    from compress.outputs import check_output_dir
+    from compress.models.outputs import check_output_dir
 
     config.validate()
     check_output_dir(config.output, config.overwrite)
     if config.calib:  # a missing or empty file fails now, not after loading the model
-        from compress.calib import NAMED_CORPORA, read_text
+        from compress.data.calib import NAMED_CORPORA, read_text
         if config.calib not in NAMED_CORPORA:
             read_text(config.calib)
     model, tokenizer, record = run_pipeline(config, progress)
@@ -80,7 +80,7 @@ def prune_decoder(config: DecoderPruneConfig, progress: bool = True) -> dict:
 
 def run_pipeline(config: DecoderPruneConfig, progress: bool = True):
     """The slimmed model (in memory), its tokenizer and the record; nothing is written."""
-    from compress.pruning import Phases
+    from compress.pruning.pipeline import Phases
 
     import torch
 
@@ -96,7 +96,7 @@ def run_pipeline(config: DecoderPruneConfig, progress: bool = True):
     parent = (adapter.num_heads(), adapter.num_kv_heads(), adapter.num_filters())
     heads, filters, cost = select_masks(config, adapter, model, calib["batches"], device, phases, progress, record)
     with phases("slim"):
-        from compress.slim import slim_model
+        from compress.pruning.slim import slim_model
 
         slim_model(adapter, heads, filters)
     record.update(shape_record(adapter, cost, parent, config, phases))
@@ -104,26 +104,26 @@ def run_pipeline(config: DecoderPruneConfig, progress: bool = True):
 
 
 def save_pruned(model, tokenizer, record: dict, config: DecoderPruneConfig) -> None:
-    from compress import modeling
-    from compress.outputs import atomic_output_dir
+    from compress.models import checkpoint
+    from compress.models.outputs import atomic_output_dir
 
     with atomic_output_dir(config.output, config.overwrite) as tmp:
-        modeling.save(model.cpu(), tokenizer, tmp, record)
+        checkpoint.save(model.cpu(), tokenizer, tmp, record)
 
 
 def load_decoder(name: str, device, dtype=None):
     """The model (eval mode, float32 unless `dtype`), its tokenizer and its local directory."""
     import torch
 
-    from compress import modeling
+    from compress.models import checkpoint
     from compress.arch.gemma import MODEL_TYPES, load_causal_lm
 
-    path = modeling.resolve(name)
-    config = modeling.read_config(path)
+    path = checkpoint.resolve(name)
+    config = checkpoint.read_config(path)
     if config.model_type not in MODEL_TYPES:
         raise UserError(f"model type {config.model_type!r} is not a supported decoder (supported: {', '.join(MODEL_TYPES)})")
     model = load_causal_lm(path, dtype=dtype or torch.float32).to(device).eval()
-    return model, modeling.load_tokenizer(path), path
+    return model, checkpoint.load_tokenizer(path), path
 
 
 def _adapter(model):
@@ -143,7 +143,7 @@ def _device(name: str) -> "torch.device":
 def _calibration(config, model, tokenizer) -> dict:
     import torch
 
-    from compress.calib import resolve_calibration
+    from compress.data.calib import resolve_calibration
 
     calib = resolve_calibration(model, tokenizer, config.calib, config.data_dir, config.num_samples,
                                 config.seq_len, config.seed)
@@ -161,7 +161,7 @@ def select_masks(config, adapter, model, batches, device, phases, progress, reco
 
 def compute_scores(method, adapter, model, batches, device, phases, progress, record) -> dict:
     """Per-layer head and filter scores of `method` (and, for Fisher, the per-window mask gradients)."""
-    from compress import baselines, lm_scores
+    from compress.pruning import baselines, lm_scores
 
     with phases("fisher" if method.startswith("fisher") else "scores"):
         if method.startswith("fisher"):
@@ -192,9 +192,9 @@ def masks_from_scores(config, adapter, model, batches, scores, device, phases, p
     """Search under the GQA rule, rearrange (Fisher only), tune; returns masks and the cost model."""
     import torch
 
-    from compress import decoder_cost, gqa
-    from compress.tune_layerwise import tune_layerwise
-    from compress.rearrange import block_fisher, rearrange_layer
+    from compress.pruning import decoder_cost, gqa
+    from compress.pruning.tune_layerwise import tune_layerwise
+    from compress.pruning.rearrange import block_fisher, rearrange_layer
 
     cost = decoder_cost.decoder_cost(adapter, config.context_len)
     groups = [h // k for h, k in zip(adapter.num_heads(), adapter.num_kv_heads())]
@@ -260,7 +260,7 @@ def add_decoder_flags(parser) -> None:
 
 def run_from_args(args) -> int:
     """`compress prune` without --task: prune a decoder with the LM loss and print the summary."""
-    from compress.config import load_recipe, resolve
+    from compress.recipes import load_recipe, resolve
 
     values = {k: getattr(args, k) for k in DECODER_FLAGS if getattr(args, k, None) is not None}
     config = resolve(DecoderPruneConfig, load_recipe(getattr(args, "recipe", None)), **values)
@@ -272,7 +272,7 @@ def run_from_args(args) -> int:
 
 def is_decoder(name_or_dir: str) -> bool:
     """Whether `name_or_dir` names a model this module prunes (used by `compress prune` to dispatch)."""
-    from compress import modeling
+    from compress.models import checkpoint
     from compress.arch.gemma import MODEL_TYPES
 
-    return modeling.read_config(modeling.resolve(name_or_dir)).model_type in MODEL_TYPES
+    return checkpoint.read_config(checkpoint.resolve(name_or_dir)).model_type in MODEL_TYPES

@@ -16,7 +16,7 @@ from typing import Any
 from compress.errors import UserError
 
 METHODS = ("fisher", "magnitude", "random")
-FISHERS = ("empirical", "model")  # the Fishers of compress.fisher.mask_gradients
+FISHERS = ("empirical", "model")  # the Fishers of compress.pruning.fisher.mask_gradients
 
 
 @dataclass

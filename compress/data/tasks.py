@@ -74,7 +74,7 @@ ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "bbc": "bbc-news"
 def get_task(name: str) -> Task:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in TASKS:
-        from compress.qa_task import QA_TASKS, get_qa_task  # squad, squad_v2: extractive QA
+        from compress.train.qa import QA_TASKS, get_qa_task  # squad, squad_v2: extractive QA
 
         if get_qa_task(key) is not None:
             return get_qa_task(key)

@@ -34,7 +34,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from compress.config import FISHERS
+from compress.recipes import FISHERS
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ def mask_gradients(model, adapter, batches, device, progress: bool = True, kind:
     heads, filters = [[] for _ in adapter.num_heads()], [[] for _ in adapter.num_filters()]
     for batch in tqdm(batches, desc=f"fisher ({kind}){label}", unit="batch", disable=not progress):
         batch = {k: v.to(device) for k, v in batch.items()}
-        labels = batch.pop("labels", None)  # None: a QA batch (start/end positions, compress.qa_task)
+        labels = batch.pop("labels", None)  # None: a QA batch (start/end positions, compress.train.qa)
         b = batch["input_ids"].shape[0]
         hm, fm = _leaf_masks(adapter, masks, b, device)
         with adapter.masks(hm, fm):
@@ -93,7 +93,7 @@ def _model_losses(logits: torch.Tensor, regression: bool) -> list[torch.Tensor]:
 
 
 def _span_loss(model, batch):
-    from compress.qa_task import summed_span_loss
+    from compress.train.qa import summed_span_loss
 
     return summed_span_loss(model, batch)
 

@@ -1,7 +1,7 @@
 """Measured latency of encoders: timers for whole forwards and the per-layer table of `--latency-ms`.
 
 Latency depends on shapes alone, so everything here runs random-weight models built from a config and
-slimmed by the project's own adapter (`compress.slim.slim_model`, keeping the first k heads and filters
+slimmed by the project's own adapter (`compress.pruning.slim.slim_model`, keeping the first k heads and filters
 of each layer): the modules `compress prune` writes, with the fast path `compress.load` installs.
 
 Timers. cuda: the forward is captured once in a CUDA graph and replayed, because eager MiniLM/MPNet
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from compress.cost import LatencyTable
+from compress.pruning.cost import LatencyTable
 from compress.errors import UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -58,7 +58,7 @@ def slimmed_copy(dense, heads, filters, filter_multiple: int = 8):
     """A copy of `dense` slimmed to the first `heads[l]` heads and `filters[l]` filters of each layer l,
     FFN widths padded with zero filters to a multiple of `filter_multiple`, as `compress prune` does."""
     from compress.arch import get_adapter
-    from compress.slim import slim_model
+    from compress.pruning.slim import slim_model
 
     model = copy.deepcopy(dense)
     adapter = get_adapter(model)
