@@ -1,7 +1,7 @@
 """The Python API, mirroring the CLI: `prune`, `finetune`, `load`, `evaluate`.
 
-Keyword arguments are the fields of `compress.recipes.PruneConfig` / `FinetuneConfig` (the same
-names as the flags, with underscores); `recipe=` reads a YAML recipe first, and keywords override it.
+Keyword arguments are the fields of `compress.pruning.config.PruneConfig` / `compress.train.config.FinetuneConfig`
+(the same names as the flags, with underscores); `recipe=` reads a YAML recipe first, and keywords override it.
 """
 
 from __future__ import annotations
@@ -9,14 +9,17 @@ from __future__ import annotations
 import os
 
 
-def prune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, recipe=None, progress=True,
+def prune(model: str | os.PathLike, task: str | None, output: str | os.PathLike, *, recipe=None, progress=True,
           **settings) -> dict:
-    """Prune `model` for `task` into `output`; returns the prune.json record.
+    """Prune `model` (an encoder fine-tuned on `task`, or a Gemma decoder with `task=None`) into `output`;
+    returns the prune.json record.
 
-    Example: `compress.prune("runs/minilm-sst2", "sst2", "pruned/", flops=0.5)`.
+    Examples: `compress.prune("runs/minilm-sst2", "sst2", "pruned/", flops=0.5)`,
+    `compress.prune("gemma-3-270m", None, "pruned/", flops=0.8, calib="bbc-news")`.
     """
-    from compress.recipes import PruneConfig, load_recipe, resolve
+    from compress.pruning.config import PruneConfig
     from compress.pruning.pipeline import prune as run
+    from compress.recipes import load_recipe, resolve
 
     config = resolve(PruneConfig, load_recipe(recipe), model=str(model), task=task, output=str(output), **settings)
     return run(config, progress=progress)
@@ -24,7 +27,8 @@ def prune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, rec
 
 def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, recipe=None, **settings) -> dict:
     """Fine-tune `model` on `task` into `output`; returns the finetune.json summary."""
-    from compress.recipes import FinetuneConfig, load_recipe, resolve
+    from compress.recipes import load_recipe, resolve
+    from compress.train.config import FinetuneConfig
     from compress.train.finetune import finetune as run
 
     config = resolve(FinetuneConfig, load_recipe(recipe), model=str(model), task=task, output=str(output), **settings)

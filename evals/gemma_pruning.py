@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import shlex
 import sys
@@ -24,6 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+
+if not __package__:  # run as a file (`python evals/gemma_pruning.py`): make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress.arch import get_adapter  # noqa: E402
 
 PROMPTS = ("The history of the city begins", "It is a truth universally acknowledged that",
            "The river flows north through")
@@ -59,7 +65,7 @@ def parse_args(argv=None):
 
 def heldout_sets(tokenizer, data_dir: Path, args) -> dict:
     from compress.data.calib import CALIB_FRACTION, bos_token_id
-    from evals.perplexity import heldout_ids, make_windows
+    from compress.data.perplexity import heldout_ids, make_windows
 
     bos = bos_token_id(tokenizer)
     wiki = heldout_ids(tokenizer, data_dir / "text" / "wikipedia_sample.txt.gz", tail=1 - CALIB_FRACTION)
@@ -69,7 +75,7 @@ def heldout_sets(tokenizer, data_dir: Path, args) -> dict:
 
 
 def evaluate(model, tokenizer, sets, args) -> dict:
-    from evals.perplexity import perplexity
+    from compress.data.perplexity import perplexity
 
     device = next(model.parameters()).device
     result = {"perplexity": {name: round(perplexity(model, w, args.batch_size)["perplexity"], 3)
@@ -82,54 +88,57 @@ def evaluate(model, tokenizer, sets, args) -> dict:
 
 
 def run(args) -> dict:
-    from compress.pruning import decoder as dp
     from compress.data.calib import wikipedia_path
-    from compress.pruning.pipeline import Phases
+    from compress.pruning.config import PruneConfig
+    from compress.pruning.pipeline import Pipeline
 
     wiki = wikipedia_path(args.data_dir)
     if wiki is None:
         sys.exit("needs the shared text data: pass --data-dir DIR or set COMPRESS_DATA_DIR")
     data_dir = wiki.parents[1]
-    base = dp.DecoderPruneConfig(model=args.model, output="-", flops=1.0, data_dir=str(data_dir),
-                                 num_samples=args.num_samples, seq_len=args.seq_len, context_len=args.context_len,
-                                 batch_size=args.batch_size, device=args.device).validate()
-    shared = Phases()
-    with shared("load"):
-        dense, tokenizer, _ = dp.load_decoder(args.model, dp._device(args.device))
-    with shared("calibration"):
-        calib = dp._calibration(base, dense, tokenizer)
+    base = PruneConfig(model=args.model, output="-", flops=1.0, data_dir=str(data_dir), num_samples=args.num_samples,
+                       seq_len=args.seq_len, context_len=args.context_len, batch_size=args.batch_size,
+                       device=args.device, family="decoder")
+    shared = Pipeline(base)
+    with shared.phases("load"):
+        dense, tokenizer, _ = shared.family.load(shared.config, shared.device)
+    with shared.phases("calibration"):
+        calib = shared.family.calibrate(shared.config, dense, tokenizer, True)
     sets = heldout_sets(tokenizer, data_dir, args)
-    with shared("eval_dense"):
+    with shared.phases("eval_dense"):
         rows = [{"method": "dense", "flops": 1.0, **evaluate(dense, tokenizer, sets, args)}]
     scores = {}
-    for method in args.methods:
-        record = {}
-        scores[method] = dp.compute_scores(method, dp._adapter(dense), dense, calib["batches"],
-                                           next(dense.parameters()).device, shared, True, record)
-    result = {"rows": rows, "shared_seconds": shared.seconds, "calibration": calib["source"],
+    for method in args.methods:  # one scoring per criterion, shared by every budget
+        scorer = Pipeline(dataclasses.replace(base, method=method))
+        with shared.phases(method):
+            scores[method] = scorer.family.score(scorer.config, dense, get_adapter(dense), calib, shared.device,
+                                                 None, True, {})
+    result = {"rows": rows, "shared_seconds": shared.phases.seconds, "calibration": calib.source,
               "settings": vars(args), "device": device_name(dense), "command": command_line()}
     for flops in args.flops:
         for method in args.methods:
-            rows.append(prune_one(dense, tokenizer, calib, scores[method], base, method, flops, sets, args))
+            config = dataclasses.replace(base, method=method, flops=flops)
+            rows.append(prune_one(dense, tokenizer, calib, scores[method], config, method, flops, sets, args))
             print(json.dumps({k: rows[-1][k] for k in ("method", "flops", "perplexity")}), flush=True)
             write_results(result, Path(args.out))  # after every row: a long CPU run keeps what it finished
     return result
 
 
-def prune_one(dense, tokenizer, calib, scores, base, method, flops, sets, args) -> dict:
-    from compress.pruning import decoder as dp
-    from compress.pruning.pipeline import Phases
+def prune_one(dense, tokenizer, calib, scores, config, method, flops, sets, args) -> dict:
+    """The pipeline's stages after scoring (search, rearrange, tune, slim) on a copy of the dense model."""
+    from compress.pruning.pipeline import Pipeline
     from compress.pruning.slim import slim_model
+    from compress.pruning.summary import shape_record
 
-    model, phases, record = copy.deepcopy(dense), Phases(), {}
-    config = dp.DecoderPruneConfig(**{**vars(base), "method": method, "flops": flops})
-    adapter = dp._adapter(model)
-    parent = (adapter.num_heads(), adapter.num_kv_heads(), adapter.num_filters())
-    heads, filters, cost = dp.masks_from_scores(config, adapter, model, calib["batches"], scores,
-                                                next(model.parameters()).device, phases, True, record)
-    with phases("slim"):
+    model, pipe = copy.deepcopy(dense), Pipeline(config)
+    adapter = get_adapter(model)
+    parent = pipe.family.parent_shape(adapter)
+    cost_model = pipe.family.cost_model(adapter, calib, pipe.config)
+    heads, filters = pipe.masks(model, adapter, calib, cost_model, parent, scores=scores)
+    with pipe.phases("slim"):
         slim_model(adapter, heads, filters)
-    shape = dp.shape_record(adapter, cost, parent, config, phases)
+    shape = shape_record(pipe.config, pipe.family.shape_record(adapter, cost_model, parent, [0] * len(filters)),
+                         pipe.phases)
     result = evaluate(model, tokenizer, sets, args)
     keep = ("flops_ratio", "num_attention_heads_per_layer", "num_key_value_heads_per_layer",
             "intermediate_size_per_layer", "seconds")

@@ -27,7 +27,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def parse_args(argv=None):
-    from compress.recipes import FISHERS
+    from compress.pruning.config import FISHERS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["minilm", "mpnet-base"])
@@ -78,7 +78,7 @@ class State:
 
 
 def dense_model(args, state, model, task, work):
-    from compress.recipes import FinetuneConfig
+    from compress.train.config import FinetuneConfig
     from compress.train.finetune import finetune
 
     out = work / f"{Path(model).name}-{task}" / "dense"
@@ -90,7 +90,7 @@ def dense_model(args, state, model, task, work):
 
 
 def pruned_model(args, state, dense, task, method, flops):
-    from compress.recipes import PruneConfig
+    from compress.pruning.config import PruneConfig
     from compress.pruning.pipeline import prune
 
     out = dense.parent / f"{method}-{flops:g}"
@@ -156,7 +156,7 @@ def latency_ms(args, state, path, device, batch):
 
     from compress.models import checkpoint
     from compress.pruning.cost import _timer
-    from compress.train.evaluate import autocast
+    from compress.device import autocast
 
     key = f"{path}:latency:{device}:{batch}"
     if state.get(key) is None and not args.report_only:

@@ -223,7 +223,7 @@ def throughput(args, path: Path, task: str, packed_only: bool = False) -> dict:
     """Examples per second over dev batches of 32 (plain HF forward for models without token pruning;
     with `packed_only`, the token-dropping forward with zero thresholds: it removes padding only)."""
     from compress.data.batching import batches, to_device
-    from compress.train.evaluate import autocast
+    from compress.device import autocast
     from compress.models.checkpoint import load
     from compress.token_pruning import checkpoint
     from compress.token_pruning.pipeline import resolve_device

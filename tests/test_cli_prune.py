@@ -101,7 +101,8 @@ def test_search_steps_run_end_to_end_and_are_recorded(work, capsys):
 def test_search_steps_recipe_round_trip(work, tmp_path):
     import yaml
 
-    from compress.recipes import PruneConfig, load_recipe, resolve
+    from compress.pruning.config import PruneConfig
+    from compress.recipes import load_recipe, resolve
 
     root, data, ft = work
     recipe = tmp_path / "r.yaml"
@@ -179,7 +180,9 @@ def test_corrupt_and_partial_checkpoints(work, tmp_path, capsys):
 
 
 def test_shipped_recipes_map_onto_the_config():
-    from compress.recipes import FinetuneConfig, PruneConfig, load_recipe, resolve
+    from compress.pruning.config import PruneConfig
+    from compress.recipes import load_recipe, resolve
+    from compress.train.config import FinetuneConfig
     from compress.token_pruning.config import TokenPruningConfig
 
     recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))

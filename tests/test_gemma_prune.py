@@ -188,7 +188,8 @@ def test_attended_pairs_match_a_count():
 
 
 def test_prune_decoder_saves_a_checkpoint_that_loads_back(kind, tmp_path):
-    from compress.pruning.decoder import DecoderPruneConfig, run_pipeline, save_pruned
+    from compress.pruning.config import PruneConfig
+    from compress.pruning.pipeline import Pipeline
 
     model, tok = _model(kind), _tokenizer()
     src = tmp_path / "dense"
@@ -198,10 +199,12 @@ def test_prune_decoder_saves_a_checkpoint_that_loads_back(kind, tmp_path):
     g = torch.Generator().manual_seed(0)
     text.write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (600,), generator=g)))
     out = tmp_path / "pruned"
-    config = DecoderPruneConfig(model=str(src), output=str(out), flops=0.6, calib=str(text), num_samples=8,
-                                seq_len=16, context_len=32, batch_size=4, device="cpu")
-    pruned, _, record = run_pipeline(config, progress=False)
-    save_pruned(pruned, tok, record, config)
+    config = PruneConfig(model=str(src), output=str(out), flops=0.6, calib=str(text), num_samples=8,
+                         seq_len=16, context_len=32, batch_size=4, device="cpu")
+    pipe = Pipeline(config, progress=False)
+    pruned, _ = pipe.prune()
+    record = pipe.record
+    pipe.save(pruned, tok)
     assert record["flops_after"] <= 0.6 * record["flops_before"] * (1 + 1e-9)
     saved = json.loads((out / "config.json").read_text())
     heads, kv = saved["num_attention_heads_per_layer"], saved["num_key_value_heads_per_layer"]
@@ -220,8 +223,8 @@ def test_prune_decoder_saves_a_checkpoint_that_loads_back(kind, tmp_path):
 
 def test_bad_inputs_are_one_line_user_errors(tmp_path):
     from compress.data import calib
-    from compress.pruning.decoder import DecoderPruneConfig
     from compress.errors import UserError
+    from compress.pruning.config import PruneConfig
 
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "dir").mkdir()
@@ -232,7 +235,7 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path):
     for kwargs, match in [({"flops": 1.5}, "--flops"), ({"flops": 0.5, "method": "random"}, "--method"),
                           ({"flops": 0.5, "seq_len": 1}, "--seq-len")]:
         with pytest.raises(UserError, match=match):
-            DecoderPruneConfig(model="m", output="o", **kwargs).validate()
+            PruneConfig(model="m", output="o", **kwargs).for_family("decoder")
 
 
 def test_checkpoint_not_matching_its_config_is_a_user_error(tmp_path):
@@ -256,7 +259,7 @@ def test_calibration_windows_and_perplexity(tmp_path):
     import math
 
     from compress.data import calib
-    from evals import perplexity
+    from compress.data import perplexity
 
     text = "= A =\nthe king of the north\n\n= B =\nthe queen of the south\n\n= C =\nold city\n"
     docs = calib.split_documents(text)
@@ -324,15 +327,18 @@ def test_sliding_window_from_either_config_style():
 
 @pytest.mark.parametrize("method", ["magnitude", "activation", "activation-mlp", "fisher-mlp"])
 def test_baselines_meet_the_budget_with_gqa_shapes(method, tmp_path):
-    from compress.pruning.decoder import DecoderPruneConfig, run_pipeline
+    from compress.pruning.config import PruneConfig
+    from compress.pruning.pipeline import Pipeline
 
     model, tok = _model("gemma2"), _tokenizer()
     model.save_pretrained(tmp_path / "dense")
     tok.save_pretrained(tmp_path / "dense")
     (tmp_path / "c.txt").write_text(" ".join(WORDS * 20))
-    config = DecoderPruneConfig(model=str(tmp_path / "dense"), output="-", flops=0.7, method=method, num_samples=4,
-                                seq_len=16, context_len=32, calib=str(tmp_path / "c.txt"), tune=False, device="cpu")
-    _, _, record = run_pipeline(config, progress=False)
+    config = PruneConfig(model=str(tmp_path / "dense"), output="-", flops=0.7, method=method, num_samples=4,
+                         seq_len=16, context_len=32, calib=str(tmp_path / "c.txt"), tune=False, device="cpu")
+    pipe = Pipeline(config, progress=False)
+    pipe.prune()
+    record = pipe.record
     assert record["flops_after"] <= 0.7 * record["flops_before"] * (1 + 1e-9)
     heads, kv = record["num_attention_heads_per_layer"], record["num_key_value_heads_per_layer"]
     assert all(h == k == 0 or h % k == 0 for h, k in zip(heads, kv))

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compress.pruning import fisher, pipeline, rearrange, search, tune  # noqa: E402
+from compress.pruning import cost, fisher, pipeline, rearrange, search, tune  # noqa: E402
 from compress.arch import get_adapter  # noqa: E402
-from compress.recipes import PruneConfig  # noqa: E402
+from compress.pruning.config import PruneConfig  # noqa: E402
+from compress.pruning.stages import Calibration  # noqa: E402
 from _tiny import tiny_inputs, tiny_model  # noqa: E402
 
 
@@ -18,16 +19,17 @@ from _tiny import tiny_inputs, tiny_model  # noqa: E402
 def setup():
     model = tiny_model("bert")
     batches = [dict(tiny_inputs(batch=8, seq=12, seed=s), labels=torch.randint(0, 2, (8,))) for s in range(2)]
-    return model, get_adapter(model), {"batches": batches, "seq_len": 11.0}
+    return model, get_adapter(model), Calibration(batches, 11.0, 16, "test")
 
 
 def _run(setup, flops, steps):
     model, adapter, calib = setup
-    config = PruneConfig(model="m", task="sst2", output="o", flops=flops, search_steps=steps, tune_weights=False)
-    record = {}
-    heads, filters, flops_model = pipeline._masks(config, adapter, model, calib, "cpu", pipeline.Phases(), False,
-                                                 record)
-    return heads, filters, flops_model, record
+    config = PruneConfig(model="m", task="sst2", output="o", flops=flops, search_steps=steps, tune_weights=False,
+                         family="encoder", device="cpu")
+    pipe = pipeline.Pipeline(config, progress=False)
+    flops_model = cost.flops_model(adapter, calib.seq_len)
+    heads, filters = pipe.masks(model, adapter, calib, flops_model, (adapter.num_heads(), adapter.num_filters()))
+    return heads, filters, flops_model, pipe.record
 
 
 def _spy(monkeypatch, module, name):
@@ -46,12 +48,12 @@ def _spy(monkeypatch, module, name):
 def test_one_step_is_the_one_shot_pipeline(setup):
     model, adapter, calib = setup
     heads, filters, flops_model, record = _run(setup, 0.5, 1)
-    grads = fisher.mask_gradients(model, adapter, calib["batches"], "cpu", progress=False)
+    grads = fisher.mask_gradients(model, adapter, calib.batches, "cpu", progress=False)
     full = flops_model.flops_counts(adapter.num_heads(), adapter.num_filters())
     hm, fm = search.search_flops(*map(fisher.fisher_diagonal, grads), flops_model.head_cost,
                                  flops_model.filter_cost, 0.5 * full)
     hm, fm = rearrange.rearrange(hm, grads[0]), rearrange.rearrange(fm, grads[1])
-    hm, fm, _ = tune.tune_masks(model, adapter, calib["batches"], hm, fm, "cpu", progress=False)
+    hm, fm, _ = tune.tune_masks(model, adapter, calib.batches, hm, fm, "cpu", progress=False)
     assert all(torch.equal(a, b) for a, b in zip(heads + filters, hm + fm))
     assert "steps" not in record
 
@@ -98,13 +100,13 @@ def test_search_steps_need_the_fisher_method_and_a_budget():
     base = dict(model="m", task="sst2", output="o")
     for bad in (0, -1, 1.5, "2", True):
         with pytest.raises(UserError, match="--search-steps must be an integer >= 1"):
-            PruneConfig(**base, flops=0.5, search_steps=bad).validate()
+            PruneConfig(**base, flops=0.5, search_steps=bad).for_family("encoder")
     with pytest.raises(UserError, match="give a constraint"):
-        PruneConfig(**base, search_steps=2).validate()
-    assert PruneConfig(**base, latency_ms=3.0, search_steps=2).validate().search_steps == 2
+        PruneConfig(**base, search_steps=2).for_family("encoder")
+    assert PruneConfig(**base, latency_ms=3.0, search_steps=2).for_family("encoder").search_steps == 2
     with pytest.raises(UserError, match="needs --method fisher"):
-        PruneConfig(**base, flops=0.5, method="magnitude", search_steps=2).validate()
-    assert PruneConfig(**base, latency_ms=3.0).validate().search_steps == 1
+        PruneConfig(**base, flops=0.5, method="magnitude", search_steps=2).for_family("encoder")
+    assert PruneConfig(**base, latency_ms=3.0).for_family("encoder").search_steps == 1
 
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from compress.errors import UserError
-from evals.squad import load_squad, main, read_squad_file, score_files
-from evals.squad_metrics import best_threshold, exact_match, f1_score, normalize_answer, squad_scores
+from compress.data.squad import load_squad, read_squad_file, score_files
+from evals.squad import main
+from compress.data.squad_metrics import best_threshold, exact_match, f1_score, normalize_answer, squad_scores
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

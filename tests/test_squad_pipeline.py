@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from compress.data.qa import QAConfig, batch_span_loss, decode, featurize, predict_logits, span_loss
-from evals.squad import evaluate_model, load_squad
-from evals.squad_metrics import normalize_answer
+from compress.data.squad import load_squad
+from compress.train.qa import evaluate_model
+from compress.data.squad_metrics import normalize_answer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SMALL = QAConfig(max_length=48, doc_stride=16, max_question_tokens=16)
@@ -192,7 +193,8 @@ def tiny_qa_dir(tmp_path_factory, tokenizer):
 def test_window_length_defaults_to_the_task_and_an_explicit_one_is_honoured():
     from types import SimpleNamespace
 
-    from compress.recipes import FinetuneConfig, PruneConfig
+    from compress.pruning.config import PruneConfig
+    from compress.train.config import FinetuneConfig
     from compress.train.qa import qa_config
 
     assert FinetuneConfig().max_seq_length is None and PruneConfig().max_seq_length is None

@@ -3,12 +3,13 @@ plus the average FLOPs ratio of a token-pruned model), or the perplexity of a de
 
 from __future__ import annotations
 
-from compress.commands._common import add_data_flags
+import json
+from pathlib import Path
+
+from compress.commands._common import add_data_flags, add_perplexity_flags
 
 
 def register(subparsers) -> None:
-    from evals.perplexity import main_args
-
     p = subparsers.add_parser("eval", help="evaluate a model on a task's dev split or on held-out text",
                               description="Dev-set evaluation with GLUE's official metrics (--task), or "
                                           "perplexity of a causal LM (--perplexity PATH).")
@@ -18,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-seq-length", type=int, default=None, help="default: the task's (128; SQuAD 384)")
     add_data_flags(p)
-    main_args(p)
+    add_perplexity_flags(p)
     p.set_defaults(func=run)
 
 
@@ -31,18 +32,12 @@ def run(args) -> int:
     if args.perplexity and args.task:
         raise UserError("give --task (dev-set metrics) or --perplexity (held-out text), not both")
     if args.perplexity:
-        from compress.pruning.decoder import is_decoder
-        from evals.perplexity import run_eval_command
-
-        if not is_decoder(args.model):
-            raise UserError(f"--perplexity needs a Gemma decoder; {args.model} is not one (use --task for an encoder)")
-        return run_eval_command(args)
+        return _perplexity(args)
     if not args.task:
         raise UserError("give --task TASK (an encoder's dev set) or --perplexity PATH (a decoder's held-out text)")
     task = get_task(args.task)
-    if getattr(task, "is_qa", False):  # SQuAD: table, predictions and JSON from evals/squad.py
-        from evals.squad import run_eval_command
-        return run_eval_command(args)
+    if getattr(task, "is_qa", False):  # SQuAD: a table of EM/F1; predictions and metrics in --json
+        return _squad(args)
     resolve_data_dir(args.data_dir)
     path = checkpoint.resolve(args.model)
     if token_pruning.is_token_pruned(path):
@@ -65,12 +60,47 @@ def _evaluate(path, task, args) -> dict:
 
 def _report(result: dict, task, args) -> None:
     """One line of metrics (a token-pruned model's average FLOPs ratios included); the JSON when asked."""
-    import json
-    from pathlib import Path
-
     digits = {k: 3 if k.endswith("flops_ratio") else 2 for k in result}  # ratios in [0, 1], metrics in percent
     print(f"{task.name} dev ({result['num_examples']} examples): "
           + ", ".join(f"{k} {v:.{digits[k]}f}" for k, v in result.items() if k != "num_examples"))
+    _write_json(args, {"model": str(args.model), "task": task.name, "metrics": result})
+
+
+def _perplexity(args) -> int:
+    """Perplexity of a Gemma decoder on held-out text; the settings and result in --json."""
+    from compress.data.perplexity import measure
+    from compress.device import pick_device
+    from compress.errors import UserError
+    from compress.models import checkpoint
+    from compress.pruning.decoder import is_decoder
+
+    if not is_decoder(args.model):
+        raise UserError(f"--perplexity needs a Gemma decoder; {args.model} is not one (use --task for an encoder)")
+    path = checkpoint.resolve(args.model)
+    model = checkpoint.load(path, pick_device(args.device or "auto"))
+    result = measure(model, checkpoint.load_tokenizer(path), args)
+    print(f"perplexity {result['perplexity']:.3f} on {result['text']} ({result['num_tokens']} tokens, "
+          f"{result['num_windows']} windows of {result['seq_len']})")
+    _write_json(args, {"model": str(args.model), "perplexity": result})
+    return 0
+
+
+def _squad(args) -> int:
+    """SQuAD dev EM/F1 of DIR: a table, and the predictions with the metrics in --json."""
+    from compress.data.squad import get_qa_task, load_squad, qa_config
+    from compress.train.qa import evaluate_model, format_table, load_qa_eval_model
+
+    task = get_qa_task(args.task).name
+    examples = load_squad(task, "dev", args.data_dir)
+    model, tokenizer = load_qa_eval_model(args.model, args.device or "auto")
+    result = evaluate_model(model, tokenizer, task, examples, qa_config(args.max_seq_length, model),
+                            args.batch_size)
+    result.update(model=str(args.model), split="dev", num_examples=len(examples))
+    print(format_table(result))
+    _write_json(args, result)
+    return 0
+
+
+def _write_json(args, payload: dict) -> None:
     if args.json_out:
-        out = {"model": str(args.model), "task": task.name, "metrics": result}
-        Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.json_out).write_text(json.dumps(payload, indent=2) + "\n")

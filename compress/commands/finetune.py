@@ -28,7 +28,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from compress.recipes import FinetuneConfig, load_recipe, resolve
+    from compress.recipes import load_recipe, resolve
+    from compress.train.config import FinetuneConfig
     from compress.train.finetune import finetune
 
     config = resolve(FinetuneConfig, load_recipe(args.recipe), **overrides(args, FIELDS))

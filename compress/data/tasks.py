@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compress.data.datadir import resolve_data_dir
 from compress.errors import UserError
 
 Example = tuple  # (text_a: str, text_b: str | None, label: int | float)
@@ -74,24 +75,12 @@ ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "bbc": "bbc-news"
 def get_task(name: str) -> Task:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in TASKS:
-        from compress.train.qa import QA_TASKS, get_qa_task  # squad, squad_v2: extractive QA
+        from compress.data.squad import QA_TASKS, get_qa_task  # squad, squad_v2: extractive QA
 
         if get_qa_task(key) is not None:
             return get_qa_task(key)
         raise UserError(f"unknown task {name!r}; known tasks: {', '.join([*TASKS, *QA_TASKS])}")
     return TASKS[key]
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
-    """The data directory from the flag or $COMPRESS_DATA_DIR; None means "use `datasets` online"."""
-    if data_dir is None:
-        data_dir = os.environ.get("COMPRESS_DATA_DIR") or None
-    if data_dir is None:
-        return None
-    path = Path(data_dir)
-    if not path.is_dir():
-        raise UserError(f"data directory {path} does not exist")
-    return path
 
 
 def load_split(task: Task, split: str, data_dir: str | os.PathLike | None = None) -> list[Example]:

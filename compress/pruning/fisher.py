@@ -31,17 +31,10 @@ times a constant, which neither the search nor the rearrangement sees.
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from compress.recipes import FISHERS
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed per-example loss: cross entropy for classification, squared error for regression."""
-    if labels.dtype.is_floating_point:
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="sum")
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+from compress.pruning.config import FISHERS
+from compress.train.loop import task_loss
 
 
 def mask_gradients(model, adapter, batches, device, progress: bool = True, kind: str = "empirical",
@@ -93,9 +86,9 @@ def _model_losses(logits: torch.Tensor, regression: bool) -> list[torch.Tensor]:
 
 
 def _span_loss(model, batch):
-    from compress.train.qa import summed_span_loss
+    from compress.data.qa import batch_span_loss
 
-    return summed_span_loss(model, batch)
+    return batch_span_loss(model, batch, reduction="sum")  # one backward, a gradient per window
 
 
 def fisher_diagonal(grads: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -300,3 +300,26 @@ def check_table(table: LatencyTable, adapter) -> None:
     got = {k: table.meta.get(k) for k in want}
     if got != want:
         raise UserError(f"the latency table was measured for a model with {got}, this one has {want}")
+
+
+def budget(config, adapter, seq_len: float) -> dict:
+    """The latency budget in ms of `compress prune --latency-ms/--speedup` and the table it is measured by:
+    the table of `--latency-table`, or one measured now on the model's device at the calibration length."""
+    if config.latency_table is not None:
+        table = load_table(config.latency_table)
+    else:
+        device = next(adapter.model.parameters()).device.type
+        trials = 3 if device == "cpu" else 10  # a CPU forward at batch 32 takes seconds; a graph replay, a millisecond
+        table = measure_table(adapter.model.config, config.latency_batch_size, max(1, round(seq_len)), device,
+                              trials=trials)
+    check_table(table, adapter)
+    dense_ms = table.meta.get("dense_ms") or table.model_ms(adapter.num_heads(), adapter.num_filters())
+    limit = config.latency_ms if config.latency_ms is not None else dense_ms / config.speedup
+    if limit <= table.overhead_ms:
+        raise UserError(f"a latency budget of {limit:.3f} ms is below the unprunable part of the model "
+                        f"({table.overhead_ms:.3f} ms at batch {table.meta.get('batch')})")
+    if config.keep_last_head and limit < table.overhead_ms + table.attention_ms[1]:
+        raise UserError(f"a latency budget of {limit:.3f} ms leaves no room for the last layer's head "
+                        f"({table.overhead_ms + table.attention_ms[1]:.3f} ms with it; --no-keep-last-head lifts that)")
+    return {"budget_ms": limit, "dense_ms": dense_ms, "table": config.latency_table or "measured",
+            "latency_table": table.to_dict()}

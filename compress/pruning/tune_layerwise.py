@@ -10,7 +10,7 @@ once, per layer, by pre-hooks during one dense forward, so nothing here knows ho
 The objective, the reconstruction points (each branch's output before its post-norm, fp32
 statistics over the valid tokens, fp64 solve), the damping and both unknowns (the mask scales, or
 with `weights` the output projections' kept columns and bias) are exactly those of `compress.pruning.tune`,
-whose accumulation and solvers are reused; the result equals the reference path up to float rounding.
+whose accumulation and solvers (compress.pruning.lstsq) are reused; the result equals the reference path up to float rounding.
 The teacher needs no weight restoring: layer l's teacher pass runs before layer l is tuned, and
 earlier layers are never run again.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from compress.pruning.tune import accumulate_branch, branch_setup, solve_branch
+from compress.pruning.lstsq import accumulate_branch, branch_setup, solve_branch
 
 
 class _Stop(Exception):

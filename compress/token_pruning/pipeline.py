@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from compress.device import pick_device
 from compress.errors import UserError
 from compress.models.outputs import atomic_output_dir, check_output_dir
 from compress.token_pruning import checkpoint, flops
@@ -17,12 +18,6 @@ from compress.token_pruning import parts as P
 from compress.token_pruning.config import TokenPruningConfig, initial_thresholds, topk_keep_ratios
 from compress.token_pruning.model import PruningSpec, TokenPruningModel
 from compress.token_pruning.trainer import predict, train_stage
-
-
-def resolve_device(name: str | None = "auto") -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_for_task(model_dir: str, task):
@@ -72,7 +67,7 @@ def evaluate_dir(path, task_name: str, data_dir=None, device="auto", batch_size:
     from compress.models.checkpoint import load_tokenizer
     from compress.data.tasks import get_task, load_split
 
-    task, device = get_task(task_name), resolve_device(device)
+    task, device = get_task(task_name), pick_device(device)
     model, tokenizer = checkpoint.load(path, device), load_tokenizer(path)
     examples = load_split(task, "dev", data_dir)
     features = encode(tokenizer, examples, max_seq_length)
@@ -90,7 +85,7 @@ def token_prune(cfg: TokenPruningConfig) -> dict:
     cfg.validate()
     task = get_task(cfg.task)
     check_output_dir(cfg.output, cfg.overwrite)
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     hf, tokenizer, source = load_for_task(cfg.model, task)
     torch.manual_seed(cfg.seed)
     model = TokenPruningModel(hf, initial_spec(cfg, len(P.layer_parts(hf)))).to(device)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from compress.data.batching import batches, to_device
-from compress.train.evaluate import autocast
+from compress.device import autocast
 from compress.token_pruning.config import TokenPruningConfig
 from compress.token_pruning.model import TokenPruningModel
 

@@ -6,26 +6,12 @@ are GLUE's official ones from `compress.data.metrics`. On CUDA the forward runs 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from tqdm.auto import tqdm
 
 from compress.data import batching, metrics
 from compress.data.tasks import Task, load_split
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPU (faster, enough for argmax and correlations); exact fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from compress.device import autocast, pick_device
 
 
 @torch.inference_mode()

@@ -8,8 +8,6 @@ autocast on GPU. The output directory (written atomically) holds the model, toke
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 
@@ -18,11 +16,11 @@ from tqdm.auto import tqdm
 
 from compress.data import batching
 from compress.models import checkpoint
-from compress.recipes import FinetuneConfig
+from compress.train.config import FinetuneConfig
 from compress.errors import UserError
-from compress.train.evaluate import autocast, pick_device
-from compress.pruning.fisher import task_loss
-from compress.models.outputs import atomic_output_dir, check_output_dir
+from compress.device import autocast, pick_device
+from compress.train.loop import make_optimizer, save_finetuned, task_loss
+from compress.models.outputs import check_output_dir
 from compress.data.tasks import resolve_data_dir, get_task, load_split
 
 
@@ -66,17 +64,6 @@ def finetune(config: FinetuneConfig) -> dict:
     return save_finetuned(model, tokenizer, config, task, losses, time.perf_counter() - t0)
 
 
-def save_finetuned(model, tokenizer, config, task, losses: list[float], seconds: float, **extra) -> dict:
-    """Write the model, tokenizer and finetune.json (atomically); return the summary."""
-    summary = {"model": str(config.model), "task": task.name, "steps": len(losses), **extra,
-               "final_loss": sum(losses[-10:]) / max(len(losses[-10:]), 1),
-               "seconds": round(seconds, 2), "config": dataclasses.asdict(config)}
-    with atomic_output_dir(config.output, config.overwrite) as tmp:
-        checkpoint.save(model.cpu(), tokenizer, tmp)
-        (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
 def train_loop(model, tokenizer, train, config: FinetuneConfig, device) -> list[float]:
     task = get_task(config.task)
     features = batching.encode(tokenizer, train, config.max_seq_length or task.max_seq_length)
@@ -84,7 +71,7 @@ def train_loop(model, tokenizer, train, config: FinetuneConfig, device) -> list[
     epochs = config.epochs if config.epochs is not None else task.default_epochs
     total = config.max_steps or max(1, math.ceil(epochs * per_epoch))
     model.to(device).train()
-    optimizer, scheduler = _optimizer(model, config, total)
+    optimizer, scheduler = make_optimizer(model, config, total)
     losses, step, pad = [], 0, batching.pad_id_of(tokenizer)
     with tqdm(total=total, desc="finetune", unit="step") as bar:
         while step < total:
@@ -98,22 +85,6 @@ def train_loop(model, tokenizer, train, config: FinetuneConfig, device) -> list[
                     break
     model.eval()
     return losses
-
-
-def _optimizer(model, config: FinetuneConfig, total: int):
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=config.learning_rate or get_task(config.task).default_learning_rate)
-    warmup = int(config.warmup_ratio * total)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def _step(model, batch, device, optimizer, scheduler) -> float:

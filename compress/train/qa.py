@@ -1,11 +1,10 @@
-"""The SQuAD tasks (`squad` = v1.1, `squad_v2` = v2.0) as the fine-tuner, pruner and `compress eval` see them.
+"""Fine-tuning, pruning calibration and evaluation of extractive QA models (SQuAD v1.1 / v2.0).
 
 The classification tasks of compress.data.tasks give `(text_a, text_b, label)` examples and batches with
-`labels`; a QA task gives windows (compress.data.qa) and batches with `start_positions`/`end_positions`,
-its model has a span head (`...ForQuestionAnswering`, two logits per token, so `num_labels` = 2)
-and its loss is the span loss. `compress.data.tasks.get_task` returns a `QATask` for these names; the
-commands branch on `task.is_qa` and call the functions here: fine-tuning, the calibration windows
-of the pruner, and the dev evaluation.
+`labels`; a QA task (compress.data.squad) gives windows (compress.data.qa) and batches with
+`start_positions`/`end_positions`, and its loss is the span loss. The commands branch on `task.is_qa` and
+call the functions here: fine-tuning, the calibration windows of the pruner, and the dev evaluation
+(windows, start/end logits, n-best spans across windows, the official metrics).
 """
 
 from __future__ import annotations
@@ -13,57 +12,15 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
 
 import torch
 
-from compress.errors import UserError
 from compress.data.qa import QAConfig, QAFeatures, batch_span_loss, featurize
-
-ALIASES = {"squad1": "squad", "squad-v1.1": "squad", "squad2": "squad_v2", "squad-v2": "squad_v2"}
-
-
-@dataclass(frozen=True)
-class QATask:
-    """A SQuAD task, duck-typed like compress.data.tasks.Task where the commands read it."""
-
-    name: str
-    version: str
-    metrics: tuple[str, ...] = ("exact_match", "f1")
-    num_labels: int = 2  # start and end logits
-    default_num_samples: int = 2048  # calibration windows, as the paper's 2,048 examples
-    default_epochs: float = 3.0  # BERT's SQuAD recipe: 3 epochs at 5e-5 (v1.1), 2 epochs (v2.0)
-    default_learning_rate: float = 5e-5
-    max_seq_length: int = 384
-    is_qa: bool = True
-    is_regression: bool = False
-
-
-QA_TASKS = {"squad": QATask("squad", "v1.1"), "squad_v2": QATask("squad_v2", "v2.0", default_epochs=2.0)}
-
-
-def get_qa_task(name: str) -> QATask | None:
-    """The QA task called `name`, or None when it is not one."""
-    return QA_TASKS.get(ALIASES.get(name.lower(), name.lower()))
-
-
-def is_qa_task(task) -> bool:
-    return getattr(task, "is_qa", False) or (isinstance(task, str) and get_qa_task(task) is not None)
-
-
-def qa_config(max_seq_length: int | None = None, model=None) -> QAConfig:
-    """Windows of `max_seq_length` tokens (None: QATask.max_seq_length, 384).
-
-    The stride and the question cap scale with the window: 128 and 64 at 384, as in the BERT recipe.
-    With a `model`, the default never exceeds its position table (a small model still evaluates).
-    """
-    length = max_seq_length or QATask.max_seq_length
-    if max_seq_length is None and model is not None:
-        length = min(length, getattr(model.config, "max_position_embeddings", length))
-    try:
-        return QAConfig(max_length=length, doc_stride=length // 3, max_question_tokens=min(64, length // 3))
-    except ValueError as err:
-        raise UserError(f"--max-seq-length {length} is too short for question answering ({err})") from None
+from compress.data.squad import QATask, load_squad, qa_config
+from compress.data.squad_metrics import squad_scores
+from compress.device import pick_device
+from compress.errors import UserError
+from compress.models import checkpoint
 
 
 def load_qa_model(path):
@@ -84,8 +41,6 @@ def load_qa_model(path):
 def train_features(task: str, tokenizer, data_dir=None, cfg: QAConfig | None = None,
                    num_examples: int | None = None, seed: int = 0, progress: bool = True) -> QAFeatures:
     """Labelled windows of the train split (of a seeded sample of `num_examples` questions)."""
-    from evals.squad import load_squad
-
     examples = load_squad(task, "train", data_dir)
     if num_examples is not None and num_examples < len(examples):
         examples = random.Random(seed).sample(examples, num_examples)
@@ -112,16 +67,9 @@ def mean_window_length(batches: list[dict]) -> float:
     return tokens / max(sum(len(b["attention_mask"]) for b in batches), 1)
 
 
-def summed_span_loss(model, batch: dict):
-    """Per-window span losses added up (one backward gives every window its own mask gradient)."""
-    return batch_span_loss(model, batch, reduction="sum")
-
-
 def dev_metrics(model, tokenizer, task: str, data_dir=None, batch_size: int = 32, cfg: QAConfig | None = None,
                 limit: int | None = None, progress: bool = True) -> dict:
     """Exact match / F1 (and the v2.0 breakdown) of `model` on the dev split."""
-    from evals.squad import evaluate_model, load_squad
-
     examples = load_squad(task, "dev", data_dir)[: limit or None]
     return evaluate_model(model, tokenizer, task, examples, cfg, batch_size, progress)["metrics"]
 
@@ -138,7 +86,7 @@ def calibration(config, task: QATask, tokenizer, progress: bool = True) -> dict:
 def evaluate(model, tokenizer, task: QATask, data_dir=None, device="auto", batch_size: int = 64,
              max_seq_length: int | None = None, progress: bool = True) -> dict[str, float]:
     """Dev metrics in compress.train.evaluate.evaluate's form: percentages plus `num_examples`."""
-    from compress.train.evaluate import pick_device
+    from compress.device import pick_device
 
     device = pick_device(device) if isinstance(device, str) else device
     metrics = dev_metrics(model.to(device), tokenizer, task.name, data_dir, batch_size,
@@ -150,8 +98,8 @@ def evaluate(model, tokenizer, task: QATask, data_dir=None, device="auto", batch
 def finetune(config, task: QATask) -> dict:
     """`compress finetune` for a QA task: span loss on training windows, the recipe of compress.train.finetune."""
     from compress.models import checkpoint
-    from compress.train.evaluate import pick_device
-    from compress.train.finetune import save_finetuned
+    from compress.device import pick_device
+    from compress.train.loop import save_finetuned
     from compress.models.outputs import check_output_dir
 
     check_output_dir(config.output, config.overwrite)
@@ -169,13 +117,13 @@ def train_loop(model, feats: QAFeatures, config, task: QATask, device) -> list[f
     """AdamW with warmup and linear decay over shuffled window batches (compress.train.finetune's schedule)."""
     from tqdm.auto import tqdm
 
-    from compress.train.evaluate import autocast
-    from compress.train.finetune import _optimizer
+    from compress.device import autocast
+    from compress.train.loop import make_optimizer
 
     per_epoch = math.ceil(len(feats) / config.batch_size)
     total = config.max_steps or max(1, math.ceil((config.epochs or task.default_epochs) * per_epoch))
     model.to(device).train()
-    optimizer, scheduler = _optimizer(model, config, total)
+    optimizer, scheduler = make_optimizer(model, config, total)
     losses = []
     with tqdm(total=total, desc="finetune", unit="step") as bar:
         while len(losses) < total:
@@ -192,3 +140,55 @@ def train_loop(model, feats: QAFeatures, config, task: QATask, device) -> list[f
                     break
     model.eval()
     return losses
+
+
+def evaluate_model(model, tokenizer, task: str, examples: list[dict], cfg=None, batch_size: int = 32,
+                   progress: bool = True) -> dict:
+    """Metrics, predictions and (v2.0) no-answer scores of a QA model on `examples`."""
+    from compress.data.qa import QAConfig, decode, featurize, predict_logits
+
+    cfg = cfg or QAConfig()
+    v2 = task == "squad_v2"
+    feats = featurize(examples, tokenizer, cfg, train=False, progress=progress)
+    starts, ends = predict_logits(model, feats, batch_size, progress=progress)
+    predictions, spans, na_scores = decode(examples, feats, starts, ends, cfg, v2)
+    answers = {ex["id"]: ex["answers"] for ex in examples}
+    metrics = squad_scores(predictions, answers, na_scores if v2 else None, spans)
+    metrics.update(num_windows=len(feats))
+    return {"task": task, "metrics": metrics, "predictions": predictions,
+            "na_scores": {k: _finite(v) for k, v in na_scores.items()}}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no infinity; None = no valid span at all
+
+
+def load_qa_eval_model(model_dir, device: str = "auto"):
+    """(model, tokenizer) for a QA model directory (dense, fine-tuned or slimmed) or model name."""
+
+    path = checkpoint.resolve(model_dir)
+    arch = getattr(checkpoint.read_config(path), "architectures", None) or []
+    if not any(a.endswith("ForQuestionAnswering") for a in arch):
+        raise UserError(f"{path} has no question-answering head; fine-tune it first: "
+                        f"compress finetune --model {model_dir} --task squad -o DIR")
+    model = checkpoint.load(path)  # strict loading, uneven (slimmed) layers included
+    return model.to(pick_device(device)), checkpoint.load_tokenizer(path)
+
+
+def evaluate_dir(model_dir, task: str, data_dir=None, split: str = "dev", limit: int | None = None,
+                 batch_size: int = 32, cfg=None, device: str = "auto", progress: bool = True) -> dict:
+    """Load a model directory and the split, then `evaluate_model`."""
+    examples = load_squad(task, split, data_dir)[: limit or None]
+    model, tokenizer = load_qa_eval_model(model_dir, device)
+    result = evaluate_model(model, tokenizer, task, examples, cfg, batch_size, progress)
+    result.update(model=str(model_dir), split=split, num_examples=len(examples))
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A two-column text table of the metrics of one `evaluate_*` result."""
+    metrics = result["metrics"]
+    rows = [(k, f"{v:.2f}" if isinstance(v, float) else "-" if v is None else str(v)) for k, v in metrics.items()]
+    width = max(len(k) for k, _ in rows)
+    head = f"{result['task']} {result.get('split', 'dev')} ({result.get('model', 'model')})"
+    return "\n".join([head] + [f"  {k:<{width}}  {v:>10}" for k, v in rows])
