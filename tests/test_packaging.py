@@ -1,5 +1,5 @@
 """Packaging: the distribution's package list matches the tree, the wheel carries kernels/ as
-compress.kernels, and nothing of ours takes the top-level import name `kernels`, which belongs to Hugging
+compress.kernels and not the evaluation scripts (they run from a checkout; the library never imports them), and nothing of ours takes the top-level import name `kernels`, which belongs to Hugging
 Face's `kernels` distribution (transformers imports it whenever it is installed; a hard dependency from
 transformers 5.25 on, when a kernels/__init__.py here broke `import transformers.modeling_utils` in every
 process started in the repository root)."""
@@ -31,7 +31,7 @@ def test_package_list_covers_the_tree():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     mapped = {name: REPO / path for name, path in config["package-dir"].items()}
     listed = {name: mapped.get(name, REPO / name.replace(".", "/")) for name in config["packages"]}
-    on_disk = {path.parent for root in ("compress", "serve", "kernels", "evals")
+    on_disk = {path.parent for root in ("compress", "serve", "kernels")
                for path in (REPO / root).rglob("*.py") if "__pycache__" not in path.parts}
     assert on_disk == set(listed.values()), sorted(map(str, on_disk ^ set(listed.values())))
     assert mapped == {"compress.kernels": REPO / "kernels"}
@@ -57,7 +57,7 @@ def test_the_wheel_installs_kernels_as_compress_kernels(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for name in ("compress", "serve", "kernels", "evals"):
+    for name in ("compress", "serve", "kernels"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600)
@@ -65,7 +65,7 @@ def test_the_wheel_installs_kernels_as_compress_kernels(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("compress-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
-    assert tops == {"compress", "serve", "evals"}, tops
+    assert tops == {"compress", "serve"}, tops
     kernel_modules = {p.name for p in (REPO / "kernels").glob("*.py")}
     assert {n.split("/")[-1] for n in names if n.startswith("compress/kernels/")} == kernel_modules
     site = tmp_path / "site"
