@@ -16,9 +16,9 @@ multiplies the saving by the layer count: what one decode step should gain. The 
 timed by `evals/bench_gemv.py --sweep` instead (they need weights rotated past L2). The decode rows
 (split + reduce vs an in-kernel merge) went with the merge, measured slower and removed (kernels/NOTES.md).
 
-  python evals/bench_batch1.py [--iters 50]          # GPU; without CUDA it runs the checks only
-  python evals/bench_batch1.py --ablate [--iters 30]  # GPU: each kernel's share of the chain
-  python evals/bench_batch1.py --ablate attention     # GPU: the chain whole and without attention
+  python evals/lab/bench_batch1.py [--iters 50]          # GPU; without CUDA it runs the checks only
+  python evals/lab/bench_batch1.py --ablate [--iters 30]  # GPU: each kernel's share of the chain
+  python evals/lab/bench_batch1.py --ablate attention     # GPU: the chain whole and without attention
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from compress.kernels import cache, norm  # noqa: E402
 from compress.kernels.common import device_supports_pdl  # noqa: E402

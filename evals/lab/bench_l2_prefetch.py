@@ -9,7 +9,7 @@ then one of:
 - touched: a separate kernel loads the whole weight (the upper bound: the weight is in L2).
 The GEMV's output is checked against torch each time.
 
-    python evals/bench_l2_prefetch.py [--iters 30]        # GPU only
+    python evals/lab/bench_l2_prefetch.py [--iters 30]        # GPU only
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from compress.kernels import gemv  # noqa: E402
 from compress.kernels.testing import relative_error  # noqa: E402
