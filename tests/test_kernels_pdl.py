@@ -1,4 +1,4 @@
-"""Programmatic Dependent Launch (PDL) of the decode-step kernels (kernels/common.py, kernels/NOTES.md "PDL").
+"""Programmatic Dependent Launch (PDL) of the decode-step kernels (kernels/common.py, docs/kernels.md "PDL").
 
 A kernel launched with launch_pdl may start before the previous kernel has finished, so it must wait
 (`pdl_wait`, i.e. gdc_wait) before it reads anything the kernel just before it wrote and before it
@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 from compress.kernels import cache, common, decode, gemv, norm  # noqa: E402
 
-# The Triton kernels of one batch-1 decode step on the fast path (kernels/NOTES.md lists the torch ops
+# The Triton kernels of one batch-1 decode step on the fast path (docs/kernels.md lists the torch ops
 # between them); linear_split_k_kernel runs instead of linear_small_m_kernel where a table entry has
 # split_k > 1 (none by default).
 STEP_KERNELS = {

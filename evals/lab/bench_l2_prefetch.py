@@ -1,4 +1,4 @@
-"""Does an L2 prefetch of a weight make the next GEMV on it faster? A diagnostic for kernels/NOTES.md.
+"""Does an L2 prefetch of a weight make the next GEMV on it faster? A diagnostic for docs/kernels.md.
 
 For the batch-1 decode GEMVs that fit in L2 (Gemma-2-2B qkv 4096x2304, o_proj 2304x2048), each timed
 alone (CUDA events around the GEMV only, median of `--iters`) after L2 is flushed (a 256 MiB write) and

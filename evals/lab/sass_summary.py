@@ -6,7 +6,7 @@ cubin with the nvdisasm that ships with triton, and prints the order of global l
 copies (LDGSTS), stores (STG), block barriers (BAR.SYNC), shuffles (SHFL) and the PDL wait (ACQBULK,
 griddepcontrol.wait) as runs, e.g.
 `LDG.E.128x12 ACQBULKx1 ... LDG.E.128x3 SHFL.BFLYx5 BAR.SYNCx1 ...`. A load that sits after a reduction's
-barrier waits for it: one more round trip on the step's critical path (kernels/NOTES.md, session 18).
+barrier waits for it: one more round trip on the step's critical path (docs/kernels.md, "loads before the PDL wait").
 Each line ends with the number of layout conversions (through shared memory) inside the kernel's loop,
 the registers per thread (cuobjdump) and how many of its programs fit on one H100 SM at once (so a grid
 of fewer than that times 132 programs runs as a single partial wave).
