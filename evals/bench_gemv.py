@@ -12,7 +12,7 @@ The step estimate sums 26 layers of the four per-layer products and one lm_head.
     python evals/bench_gemv.py --rows 1 --shapes qkv o_proj down --l2-hot   # one weight copy, L2-resident
 
 `--l2-hot` times each product on a single weight copy replayed back to back, so a weight that fits in L2
-is read from it: the bound on what a prefetch of the weights into L2 could save (kernels/NOTES.md).
+is read from it: the bound on what a prefetch of the weights into L2 could save (docs/kernels.md).
 
 `--sweep` times a grid of launch configs per (shape, M) first, uses the best ones for the table, and
 prints them as entries for LINEAR_CONFIGS / GEGLU_CONFIGS in kernels/gemv.py. On the linear shapes with

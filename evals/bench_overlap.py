@@ -1,7 +1,7 @@
 """Overlapped vs synchronous decode loop (serve/lookahead.py) on one engine: offline throughput and
 batch-1 decode step time, the two loops alternated `--repeats` times so drift shows up as spread.
 `--compare pdl` alternates Programmatic Dependent Launch of the decode kernels off and on instead
-(KERNELS_PDL=0 / 1, kernels/NOTES.md "PDL"), the overlapped loop on in both; `--compare fusion` the
+(KERNELS_PDL=0 / 1, docs/kernels.md "PDL"), the overlapped loop on in both; `--compare fusion` the
 logits, fp32 cast and soft-cap in one launch at batch 1 off and on (KERNELS_FUSED_LOGITS). The decode
 graphs are re-captured at each switch because a graph keeps the launch settings it was captured with.
 

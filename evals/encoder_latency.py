@@ -83,7 +83,7 @@ def parse_args(argv=None):
 
 
 def add_timing_args(p: argparse.ArgumentParser, trials: int) -> None:
-    """The shape and CUDA timing flags `time_shape` reads, shared with evals/encoder_profile.py."""
+    """The shape and CUDA timing flags `time_shape` reads, shared with evals/lab/encoder_profile.py."""
     p.add_argument("--filter-multiple", type=int, default=8,
                    help="pad FFN widths with zero filters to this multiple, as `compress prune` does (1: none)")
     p.add_argument("--seq", type=int, default=128)

@@ -19,7 +19,7 @@ LATENCY_SEARCH_JSONS = [Path(__file__).parent / "results" / f"latency_search{s}.
 
 # How the numbers in the committed evals/results/glue_pruning_state.json were made; printed above a
 # table rendered from it (--report-only).
-HISTORY = """How these numbers were made (H100 machine, 2026-11-24, session 9): five 10-minute calls in one machine
+HISTORY = """How these numbers were made (H100 machine, 2026-11-24): five 10-minute calls in one machine
 hold, so every dense model and its pruned children come from the same fine-tune (the script resumes
 from `--work/state.json`; the fourth call stopped inside MPNet SST-2 and the fifth finished it):
 

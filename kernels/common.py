@@ -5,7 +5,7 @@ Programmatic Dependent Launch (PDL) for the decode-step kernels.
 `tanh` is written with exp2 because triton 3.6 and 3.9 expose different libdevice paths
 (`tl.extra.cuda.libdevice` moved) and the interpreter has none; exp2 exists everywhere.
 
-PDL (sm90+, kernels/NOTES.md "PDL"): a kernel launched with `launch_pdl=True` may start while the
+PDL (sm90+, docs/kernels.md "PDL"): a kernel launched with `launch_pdl=True` may start while the
 previous kernel on the stream drains. Each such kernel takes `USE_PDL: tl.constexpr` and calls
 `pdl_wait(USE_PDL)` at its top level, before its first load of anything the kernel just before it may
 have written and before its first store. What may be loaded before it: weights and other constants of
@@ -77,7 +77,7 @@ def device_supports_pdl(device_index: int) -> bool:
 
 # PDL pays where a step is a chain of short launches (batch-1 decode: 2.62 -> 2.47 ms per Gemma-2-2B
 # step on the H100) and costs where grids are large: with it on for every launch, the 256-request
-# offline run lost 1.4% of its throughput (kernels/NOTES.md "PDL"). So it is on for small launches only.
+# offline run lost 1.4% of its throughput (docs/kernels.md "PDL"). So it is on for small launches only.
 PDL_MAX_ROWS = 8
 
 

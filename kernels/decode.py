@@ -8,7 +8,7 @@ through the block table), and keeps an online softmax in log2 units. The visible
 entries (possibly stale) never loaded. With several splits, each writes its normalized partial output
 and log-sum-exp; the reduction kernel (grid (batch, q_head)) merges them. With one split the kernel
 writes the final output directly. (An in-kernel merge by the last split, saving the reduce launch, was
-measured slower on the H100 and removed; kernels/NOTES.md.)
+measured slower on the H100 and removed; docs/kernels.md.)
 
 Under PDL (kernels/common.py) the split kernel reads seq_lens and the block tables, and the block
 numbers of its first tile, before its wait: they are the step's metadata, which the kernel launched
@@ -30,10 +30,10 @@ from .common import device_sms, dot_upcast, next_pow2, pdl_launch, pdl_wait, sco
 
 # Launch parameters; KERNELS_DECODE_CONFIG="block_n,num_warps,num_stages,programs_per_sm" overrides
 # them for tuning sweeps (evals/bench_kernels.py).
-# Measured on an H100 (kernels/NOTES.md): BLOCK_N 32 with 3 stages beat 64 with 2 by 2.5%.
+# Measured on an H100 (docs/kernels.md): BLOCK_N 32 with 3 stages beat 64 with 2 by 2.5%.
 DECODE_CONFIG = {"block_n": 32, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2.0}
 # Batch 1 (one sequence spread over many splits, each with a few tiles): smaller tiles and two stages give
-# more splits with less prologue; 5.6 against 6.4 us per layer of the Gemma-2-2B chain (kernels/NOTES.md).
+# more splits with less prologue; 5.6 against 6.4 us per layer of the Gemma-2-2B chain (docs/kernels.md).
 BATCH1_DECODE_CONFIG = {"block_n": 16, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2.0}
 MAX_SPLITS = 64
 

@@ -30,7 +30,7 @@ kernels.common.ticket_counters (persistent, so captured CUDA graphs stay valid).
 Under PDL (kernels/common.py) a program waits for the previous kernel (whose output x is) before it
 loads anything: the launch overlaps the kernel before, the weight stream does not. Loading the first
 weight tile before the wait (peeled off the K loop) measured slower on the H100 (Gemma-2-2B batch-1
-replay 2.47 against 2.28 ms; kernels/NOTES.md "PDL").
+replay 2.47 against 2.28 ms; docs/kernels.md "PDL").
 
 Launch configs come from tables keyed by (row bucket, weight rows N, K), filled from
 `evals/bench_gemv.py --sweep` on the GPU; other shapes use `default_config`. Nothing is autotuned at

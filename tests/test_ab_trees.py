@@ -1,4 +1,4 @@
-"""evals/ab_trees.py: the per-tree summary, the alternated rounds (with a stand-in benchmark that writes
+"""evals/lab/ab_trees.py: the per-tree summary, the alternated rounds (with a stand-in benchmark that writes
 bench_overlap's JSON), the time budget, a failing tree, and exporting refs with git."""
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evals"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evals" / "lab"))
 import ab_trees  # noqa: E402
 
 FAKE_BENCH = """

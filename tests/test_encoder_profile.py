@@ -1,10 +1,10 @@
-"""evals/encoder_profile.py off the GPU: kernel names from an H100 profile land in the right kinds, and the
+"""evals/lab/encoder_profile.py off the GPU: kernel names from an H100 profile land in the right kinds, and the
 table's ratios come from the numbers it is given."""
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evals"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evals" / "lab"))
 
 import encoder_profile as ep  # noqa: E402
 

@@ -313,7 +313,7 @@ def test_slimmed_model_fast_path_with_triton_gemv_matches_hf(tmp_path):
 
 COMPILE_SCRIPT = """
 import sys
-sys.path.insert(0, "evals")
+sys.path.insert(0, "evals/lab")
 from sass_summary import compile_sm90
 from compress.kernels import gemv
 # every row bucket's GEMVs without PDL (tests/test_kernels_pdl.py compiles the batch-1 ones, and the other
@@ -341,7 +341,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(compile_env):
     compile the new kernels for an H100 ahead of time, no device needed."""
     pytest.importorskip("triton.backends.nvidia")
     proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True,
-                          env=compile_env, timeout=240, cwd=Path(__file__).resolve().parents[1])     # the script imports evals/sass_summary.py
+                          env=compile_env, timeout=240, cwd=Path(__file__).resolve().parents[1])     # the script imports evals/lab/sass_summary.py
     if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
         pytest.skip("this triton has no bundled ptxas")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Programmatic Dependent Launch (PDL) of the decode-step kernels (kernels/common.py, kernels/NOTES.md "PDL").
+"""Programmatic Dependent Launch (PDL) of the decode-step kernels (kernels/common.py, docs/kernels.md "PDL").
 
 A kernel launched with launch_pdl may start before the previous kernel has finished, so it must wait
 (`pdl_wait`, i.e. gdc_wait) before it reads anything the kernel just before it wrote and before it
@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 from compress.kernels import cache, common, decode, gemv, norm  # noqa: E402
 
-# The Triton kernels of one batch-1 decode step on the fast path (kernels/NOTES.md lists the torch ops
+# The Triton kernels of one batch-1 decode step on the fast path (docs/kernels.md lists the torch ops
 # between them); linear_split_k_kernel runs instead of linear_small_m_kernel where a table entry has
 # split_k > 1 (none by default).
 STEP_KERNELS = {
@@ -155,7 +155,7 @@ REPO = Path(__file__).resolve().parents[1]
 PTX_SCRIPT = """
 import re
 import sys
-sys.path.insert(0, "evals")
+sys.path.insert(0, "evals/lab")
 from sass_summary import compile_sm90
 from compress.kernels import cache, decode, gemv, norm
 
@@ -217,16 +217,16 @@ def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_store(compile_e
     rotary and decode the step's metadata, the GEMVs nothing."""
     pytest.importorskip("triton.backends.nvidia")
     proc = subprocess.run([sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=compile_env,
-                          timeout=300, cwd=REPO)     # the script imports evals/sass_summary.py
+                          timeout=300, cwd=REPO)     # the script imports evals/lab/sass_summary.py
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "ptx ok" in proc.stdout
 
 
 def test_early_loads_sit_before_the_wait_in_the_h100_machine_code(compile_env):
-    """evals/sass_summary.py (nvdisasm of the sm90 cubin): the settled residual, the step's metadata and the
+    """evals/lab/sass_summary.py (nvdisasm of the sm90 cubin): the settled residual, the step's metadata and the
     decode split's first block numbers are loaded before ACQBULK (the wait); an unsettled residual after."""
     pytest.importorskip("triton.backends.nvidia")
-    proc = subprocess.run([sys.executable, str(REPO / "evals" / "sass_summary.py"), "--kernel", "norm_pair",
+    proc = subprocess.run([sys.executable, str(REPO / "evals" / "lab" / "sass_summary.py"), "--kernel", "norm_pair",
                            "norm_pair_settled", "rotary_and_cache", "decode_split"],
                           capture_output=True, text=True, env=compile_env, timeout=300)
     if proc.returncode != 0 and "without the CUDA binaries" in proc.stdout + proc.stderr:
@@ -245,7 +245,7 @@ def test_early_loads_sit_before_the_wait_in_the_h100_machine_code(compile_env):
 
 
 def test_programs_per_sm_follow_the_h100_limits():
-    sys.path.insert(0, str(REPO / "evals"))
+    sys.path.insert(0, str(REPO / "evals" / "lab"))
     from sass_summary import programs_per_sm
     assert programs_per_sm(56, 4, 1024) == 9          # 56 x 32 = 1792 registers a warp: 36 warps
     assert programs_per_sm(42, 4, 1024) == 10         # 1344 rounds up to 1536: 42 warps

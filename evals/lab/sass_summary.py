@@ -6,13 +6,13 @@ cubin with the nvdisasm that ships with triton, and prints the order of global l
 copies (LDGSTS), stores (STG), block barriers (BAR.SYNC), shuffles (SHFL) and the PDL wait (ACQBULK,
 griddepcontrol.wait) as runs, e.g.
 `LDG.E.128x12 ACQBULKx1 ... LDG.E.128x3 SHFL.BFLYx5 BAR.SYNCx1 ...`. A load that sits after a reduction's
-barrier waits for it: one more round trip on the step's critical path (kernels/NOTES.md, session 18).
+barrier waits for it: one more round trip on the step's critical path (docs/kernels.md, "loads before the PDL wait").
 Each line ends with the number of layout conversions (through shared memory) inside the kernel's loop,
 the registers per thread (cuobjdump) and how many of its programs fit on one H100 SM at once (so a grid
 of fewer than that times 132 programs runs as a single partial wave).
 
-    python evals/sass_summary.py                       # every kernel below
-    python evals/sass_summary.py --kernel norm_pair_settled decode_split
+    python evals/lab/sass_summary.py                       # every kernel below
+    python evals/lab/sass_summary.py --kernel norm_pair_settled decode_split
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 POINTERS = {"positions_ptr": "*i64", "slot_mapping_ptr": "*i64", "block_tables_ptr": "*i32",
             "seq_lens_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "part_out_ptr": "*fp32",

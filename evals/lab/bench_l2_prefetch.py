@@ -1,4 +1,4 @@
-"""Does an L2 prefetch of a weight make the next GEMV on it faster? A diagnostic for kernels/NOTES.md.
+"""Does an L2 prefetch of a weight make the next GEMV on it faster? A diagnostic for docs/kernels.md.
 
 For the batch-1 decode GEMVs that fit in L2 (Gemma-2-2B qkv 4096x2304, o_proj 2304x2048), each timed
 alone (CUDA events around the GEMV only, median of `--iters`) after L2 is flushed (a 256 MiB write) and
@@ -9,7 +9,7 @@ then one of:
 - touched: a separate kernel loads the whole weight (the upper bound: the weight is in L2).
 The GEMV's output is checked against torch each time.
 
-    python evals/bench_l2_prefetch.py [--iters 30]        # GPU only
+    python evals/lab/bench_l2_prefetch.py [--iters 30]        # GPU only
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from compress.kernels import gemv  # noqa: E402
 from compress.kernels.testing import relative_error  # noqa: E402

@@ -3,11 +3,11 @@ the trees alternated for `--rounds` rounds so that drift shows up as spread, the
 
 A tree is a folder holding an export of the repository (a branch, or main as the base). Here, once:
 
-    python evals/ab_trees.py prepare _ab main gemv-2d-m1          # git archive each ref into _ab/<ref>
+    python evals/lab/ab_trees.py prepare _ab main gemv-2d-m1          # git archive each ref into _ab/<ref>
 
 then on the device machine (the call carries `_ab`; `.git/info/exclude` should list it):
 
-    python evals/ab_trees.py run _ab/main _ab/gemv-2d-m1 --rounds 2 --json $OUT/ab.json
+    python evals/lab/ab_trees.py run _ab/main _ab/gemv-2d-m1 --rounds 2 --json $OUT/ab.json
 
 `run` calls `evals/bench_overlap.py --compare overlap` inside each tree (its own code, its own kernels)
 and keeps the overlapped loop's row: engine step, graph replay and bandwidth floor at batch 1, and the
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.command == "prepare":
         try:
-            trees = prepare(args.out, args.refs, Path(__file__).resolve().parents[1])
+            trees = prepare(args.out, args.refs, Path(__file__).resolve().parents[2])
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -10,8 +10,8 @@ The engine runs the synchronous decode loop (overlap=False): with steps launched
 (serve/lookahead.py) a step's GPU work lands in the next step's host phases, so the phase split would
 not mean what it says. `evals/bench_overlap.py` measures what the overlap buys.
 
-  python evals/profile_serve.py --model gemma-2-2b                     # GPU machine
-  python evals/profile_serve.py --model gemma-3-270m --num-requests 8 --output-len 8 --max-prompt 64  # smoke
+  python evals/lab/profile_serve.py --model gemma-2-2b                     # GPU machine
+  python evals/lab/profile_serve.py --model gemma-3-270m --num-requests 8 --output-len 8 --max-prompt 64  # smoke
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench_serve import add_workload_args, make_prompts, resolve, sync  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The launches a batch-1 decode step saved per layer, timed old vs new on the GPU (kernels/NOTES.md).
+"""The launches a batch-1 decode step saved per layer, timed old vs new on the GPU (docs/kernels.md).
 
 Gemma-2-2B shapes (8 query / 4 KV heads, head_dim 256, 26 layers) and Gemma-3-1B (4 / 1, QK-norm):
 - rope+cache: rotary_embedding + reshape_and_cache (Gemma 3: plus the two QK rms_norm launches) vs
@@ -14,11 +14,11 @@ Each pair is first checked to give the same result; times are medians of CUDA-gr
 calls each (evals/bench_kernels.time_ms), the way the engine replays a decode step. The last column
 multiplies the saving by the layer count: what one decode step should gain. The split-K GEMVs are
 timed by `evals/bench_gemv.py --sweep` instead (they need weights rotated past L2). The decode rows
-(split + reduce vs an in-kernel merge) went with the merge, measured slower and removed (kernels/NOTES.md).
+(split + reduce vs an in-kernel merge) went with the merge, measured slower and removed (docs/kernels.md).
 
-  python evals/bench_batch1.py [--iters 50]          # GPU; without CUDA it runs the checks only
-  python evals/bench_batch1.py --ablate [--iters 30]  # GPU: each kernel's share of the chain
-  python evals/bench_batch1.py --ablate attention     # GPU: the chain whole and without attention
+  python evals/lab/bench_batch1.py [--iters 50]          # GPU; without CUDA it runs the checks only
+  python evals/lab/bench_batch1.py --ablate [--iters 30]  # GPU: each kernel's share of the chain
+  python evals/lab/bench_batch1.py --ablate attention     # GPU: the chain whole and without attention
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from compress.kernels import cache, norm  # noqa: E402
 from compress.kernels.common import device_supports_pdl  # noqa: E402

@@ -17,9 +17,9 @@ as long as ahead + behind < the GPU time of a step: then no host time is exposed
 is. The gap itself cannot be measured on the CPU. Absolute numbers depend on the CPU; compare runs on
 the same machine (before/after ratios).
 
-  python evals/host_overhead.py                               # 256 sequences, prompts 128..1024, both loops
-  python evals/host_overhead.py --num-seqs 1 --steps 100      # batch 1
-  python evals/host_overhead.py --fast-path off --stream      # the eager `prepare` path, streamed outputs
+  python evals/lab/host_overhead.py                               # 256 sequences, prompts 128..1024, both loops
+  python evals/lab/host_overhead.py --num-seqs 1 --steps 100      # batch 1
+  python evals/lab/host_overhead.py --fast-path off --stream      # the eager `prepare` path, streamed outputs
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 SYNC_PHASES = ("schedule", "run", "sample")        # + post: the rest of the step
 OVERLAP_PHASES = ("ahead", "pack")                 # + behind; pack is part of ahead

@@ -10,7 +10,7 @@ Builds the dense parent with random weights and one slimmed shape recorded in a 
   GELU). It is the speedup the forward would show if every other kernel cost nothing, so a latency
   target above it cannot be met by trimming the fixed work alone.
 
-  PYTHONPATH=$PWD python evals/encoder_profile.py --out evals/results/encoder_profile.md   # GPU machine
+  PYTHONPATH=$PWD python evals/lab/encoder_profile.py --out evals/results/encoder_profile.md   # GPU machine
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 if not __package__:  # run as a file: make the repo root and evals/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -153,7 +153,7 @@ def run(args) -> dict:
     rows = {"dense": profile_model(dense, args.batches, args), "slim": profile_model(slim, args.batches, args)}
     return dict(model=args.model, variant=args.variant, heads=entry["heads"], filters=entry["filters"],
                 seq=args.seq, device=torch.cuda.get_device_name(), torch=torch.__version__,
-                command="python evals/encoder_profile.py " + " ".join(sys.argv[1:]),
+                command="python evals/lab/encoder_profile.py " + " ".join(sys.argv[1:]),
                 batches={b: {k: rows[k][b] for k in rows} for b in args.batches})
 
 
