@@ -104,7 +104,7 @@ def decode_layer_chain(num_layers: int, shape: DecodeChainShape = DecodeChainSha
     different launch settings (PDL on / off) must agree exactly.
 
     `omit` (names from CHAIN_KERNELS) leaves those launches out, for timing only: what each costs inside
-    the chain (evals/bench_batch1.py --ablate). A left-out op passes its input on, or a tensor of its
+    the chain (evals/lab/bench_batch1.py --ablate). A left-out op passes its input on, or a tensor of its
     output's shape made beforehand, so the result is meaningless but every other launch is unchanged."""
     from compress import kernels
     s, gen = shape, torch.Generator().manual_seed(seed)
