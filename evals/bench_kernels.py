@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from compress.kernels import decode, prefill
+from compress.kernels import DecodeConfig, decode, prefill, using_options
 from compress.kernels.reference import gather_kv
 from compress.kernels.testing import make_paged_problem, relative_error
 
@@ -199,18 +199,14 @@ def sweep_prefill(case: Case, iters: int) -> list[dict]:
 
 def sweep_decode(case: Case, iters: int, copy_gbs: float) -> list[dict]:
     problem, _, _ = build(case)
-    config = decode.BATCH1_DECODE_CONFIG if case.batch == 1 else decode.DECODE_CONFIG  # the one it launches with
-    saved = dict(config)
     rows = []
     for block_n, warps, stages, per_sm in DECODE_SWEEP:
-        config.update(block_n=block_n, num_warps=warps, num_stages=stages,
-                                    programs_per_sm=per_sm)
-        ms = time_ms(ours(case, problem, case.head_dim ** -0.5), iters)
+        with using_options(decode_config=DecodeConfig(block_n, warps, stages, per_sm)):
+            ms = time_ms(ours(case, problem, case.head_dim ** -0.5), iters)
         num_bytes = 2 * case.batch * case.context * case.num_kv_heads * case.head_dim * 2
         rows.append({"case": case.name, "impl": f"BN{block_n} w{warps} s{stages} p{per_sm}",
                      "us": ms * 1e3, "gbs": num_bytes / ms / 1e6,
                      "pct": 100 * num_bytes / ms / 1e6 / copy_gbs, "tflops": 0.0, "err": None})
-    config.update(saved)
     return rows
 
 

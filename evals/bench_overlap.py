@@ -1,9 +1,10 @@
 """Overlapped vs synchronous decode loop (serve/lookahead.py) on one engine: offline throughput and
 batch-1 decode step time, the two loops alternated `--repeats` times so drift shows up as spread.
 `--compare pdl` alternates Programmatic Dependent Launch of the decode kernels off and on instead
-(KERNELS_PDL=0 / 1, docs/kernels.md "PDL"), the overlapped loop on in both; `--compare fusion` the
-logits, fp32 cast and soft-cap in one launch at batch 1 off and on (KERNELS_FUSED_LOGITS). The decode
-graphs are re-captured at each switch because a graph keeps the launch settings it was captured with.
+(`set_options(pdl=False / True)`, kernels/options.py, docs/kernels.md "PDL"), the overlapped loop on in
+both; `--compare fusion` the logits, fp32 cast and soft-cap in one launch at batch 1 off and on
+(`fused_logits`). The decode graphs are re-captured at each switch because a graph keeps the kernel
+options it was captured with. `--decode-config` launches decode attention with one config throughout.
 
 Same workload and models as evals/bench_serve.py (seeded random prompts 128..1024 tokens, 256 output
 tokens each, EOS ignored, greedy; a public Gemma shape with random bf16 weights). The loop is switched
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_serve import (add_workload_args, copy_bandwidth_gbs, make_prompts, resolve, run_latency,  # noqa: E402
                          run_offline)
+from compress.kernels import set_options  # noqa: E402
+from compress.kernels.options import parse_decode_config  # noqa: E402
 
 
 def make_llm(path: Path, args):
@@ -41,20 +43,20 @@ def make_llm(path: Path, args):
                max_model_len=args.max_model_len, enable_prefix_caching=False, fast_path="on", overlap=True)
 
 
-def set_env(llm, env: dict) -> None:
-    """KERNELS_PDL and the fusion switches are read at every launch and frozen into a CUDA graph when it
-    is captured, so the decode graphs are captured again."""
-    os.environ.update(env)
+def set_kernel_options(llm, options: dict) -> None:
+    """The kernel options are read at every launch and frozen into a CUDA graph when it is captured, so
+    the decode graphs are captured again."""
+    set_options(**options)
     graphs = llm.engine.runner.decode_graphs
     if graphs is not None and graphs.graphs:
         graphs.capture()
 
 
-def one_round(llm, args, prompts, vocab: int, copy_gbs: float, name: str, overlap: bool, env=None) -> dict:
+def one_round(llm, args, prompts, vocab: int, copy_gbs: float, name: str, overlap: bool, options=None) -> dict:
     lookahead = llm.engine.lookahead
     lookahead.enabled = overlap
-    if env:
-        set_env(llm, env)
+    if options:
+        set_kernel_options(llm, options)
     ahead = lookahead.num_ahead
     row = run_offline(llm, prompts, args.output_len, name)
     row["output_tok_s"] = row["output_tokens"] / row["seconds"]
@@ -81,7 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="rounds of (off, on)")
     p.add_argument("--compare", choices=["overlap", "pdl", "fusion"], default="overlap",
                    help="what changes between the runs of a round: the overlapped loop (off, on), PDL of the decode "
-                        "kernels (off, on), or the batch-1 logits in one launch (KERNELS_FUSED_LOGITS off, on)")
+                        "kernels (off, on), or the batch-1 logits in one launch (fused_logits off, on)")
+    p.add_argument("--decode-config", type=parse_decode_config, default=None, metavar="BN,WARPS,STAGES,PER_SM",
+                   help="launch decode attention with this config instead of the tuned ones (kernels/decode.py)")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -92,18 +96,20 @@ def main(argv=None) -> list[dict]:
     vocab = config.get("text_config", config)["vocab_size"]
     prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, vocab, args.seed)
     copy_gbs = copy_bandwidth_gbs() if torch.cuda.is_available() else float("nan")
+    set_options(decode_config=args.decode_config)      # before the engine captures its graphs
     llm = make_llm(path, args)
     if args.compare == "overlap":
         settings = [("overlap off", dict(overlap=False)), ("overlap on", dict(overlap=True))]
     else:
-        name, var = {"pdl": ("pdl", "KERNELS_PDL"), "fusion": ("fused logits", "KERNELS_FUSED_LOGITS")}[args.compare]
-        settings = [(f"{name} {v}", dict(overlap=True, env={var: "1" if v == "on" else "0"})) for v in ("off", "on")]
+        name, option = {"pdl": ("pdl", "pdl"), "fusion": ("fused logits", "fused_logits")}[args.compare]
+        settings = [(f"{name} {v}", dict(overlap=True, options={option: v == "on"})) for v in ("off", "on")]
     rows = [one_round(llm, args, prompts, vocab, copy_gbs, name, **kw)
             for _ in range(args.repeats) for name, kw in settings]
     print(f"{args.model} on {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
+        record = {"args": vars(args) | {"json": str(args.json)}, "rows": rows}
+        args.json.write_text(json.dumps(record, indent=1, default=vars))     # a DecodeConfig as its fields
     return rows
 
 

@@ -1,6 +1,6 @@
 """Small Triton helpers shared by the attention kernels, launch-time facts about the device, the
 ticket counters of the one-launch reductions (split-K GEMV), and the switch and in-kernel calls of
-Programmatic Dependent Launch (PDL) for the decode-step kernels.
+Programmatic Dependent Launch (PDL) for the decode-step kernels (its option: kernels/options.py).
 
 `tanh` is written with exp2 because triton 3.6 and 3.9 expose different libdevice paths
 (`tl.extra.cuda.libdevice` moved) and the interpreter has none; exp2 exists everywhere.
@@ -26,6 +26,8 @@ from functools import lru_cache
 import torch
 import triton
 import triton.language as tl
+
+from .options import kernel_options
 
 LOG2E = 1.4426950408889634
 
@@ -84,17 +86,15 @@ PDL_MAX_ROWS = 8
 def pdl_enabled(device: torch.device, rows: int) -> bool:
     """Whether a decode-step kernel over `rows` tokens (or sequences) on `device` launches with PDL: on
     CUDA with compute capability >= 9 and a triton that has it, for at most PDL_MAX_ROWS rows; never on
-    CPU or under the interpreter. KERNELS_PDL=0 turns it off (A/B, or a driver or graph capture that
-    mishandles it); KERNELS_PDL=1 insists (an error where it cannot be on). Read at every launch: a
-    CUDA graph keeps what was set when it was captured."""
-    forced = os.environ.get("KERNELS_PDL")
-    if forced not in (None, "0", "1"):
-        raise ValueError(f"KERNELS_PDL must be 0 or 1, got {forced!r}")
-    if interpreting() or device.type != "cuda" or forced == "0" or rows > PDL_MAX_ROWS:
+    CPU or under the interpreter. `set_options(pdl=False)` turns it off (A/B, or a driver or graph
+    capture that mishandles it); `pdl=True` insists (an error where it cannot be on). Read at every
+    launch: a CUDA graph keeps what was set when it was captured."""
+    forced = kernel_options().pdl
+    if interpreting() or device.type != "cuda" or forced is False or rows > PDL_MAX_ROWS:
         return False
     supported = device_supports_pdl(device.index if device.index is not None else torch.cuda.current_device())
-    if forced == "1" and not supported:
-        raise ValueError("KERNELS_PDL=1 needs compute capability >= 9.0 and a triton with launch_pdl")
+    if forced and not supported:
+        raise ValueError("pdl=True needs compute capability >= 9.0 and a triton with launch_pdl")
     return supported
 
 

@@ -20,21 +20,20 @@ seq_lens [B] int32 (includes the new token, already in the cache).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .common import device_sms, dot_upcast, next_pow2, pdl_launch, pdl_wait, scores_to_log2
+from .options import DecodeConfig, kernel_options
 
-# Launch parameters; KERNELS_DECODE_CONFIG="block_n,num_warps,num_stages,programs_per_sm" overrides
-# them for tuning sweeps (evals/bench_kernels.py).
+# Launch parameters; `set_options(decode_config=...)` overrides them for tuning sweeps
+# (evals/bench_kernels.py --sweep, evals/lab/bench_batch1.py --decode-config).
 # Measured on an H100 (docs/kernels.md): BLOCK_N 32 with 3 stages beat 64 with 2 by 2.5%.
-DECODE_CONFIG = {"block_n": 32, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2.0}
+DECODE_CONFIG = DecodeConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=2.0)
 # Batch 1 (one sequence spread over many splits, each with a few tiles): smaller tiles and two stages give
 # more splits with less prologue; 5.6 against 6.4 us per layer of the Gemma-2-2B chain (docs/kernels.md).
-BATCH1_DECODE_CONFIG = {"block_n": 16, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2.0}
+BATCH1_DECODE_CONFIG = DecodeConfig(block_n=16, num_warps=4, num_stages=2, programs_per_sm=2.0)
 MAX_SPLITS = 64
 
 
@@ -190,14 +189,12 @@ def merge_splits(part_out, part_lse, seq_lens, out, *, sliding_window, block_n: 
     )
 
 
-def decode_config(batch: int) -> dict:
-    """Launch parameters for a decode call of `batch` sequences; the environment override wins."""
-    override = os.environ.get("KERNELS_DECODE_CONFIG")
-    if not override:
+def decode_config(batch: int) -> DecodeConfig:
+    """Launch parameters for a decode call of `batch` sequences; the options' decode_config wins."""
+    override = kernel_options().decode_config
+    if override is None:
         return BATCH1_DECODE_CONFIG if batch == 1 else DECODE_CONFIG
-    block_n, warps, stages, per_sm = override.split(",")
-    return {"block_n": int(block_n), "num_warps": int(warps), "num_stages": int(stages),
-            "programs_per_sm": float(per_sm)}
+    return override
 
 
 def choose_num_splits(q, k_cache, block_tables, sliding_window, block_n: int, per_sm: float) -> int:
@@ -220,8 +217,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         return out
     config = decode_config(batch)
     group = num_heads // num_kv_heads
-    splits = choose_num_splits(q, k_cache, block_tables, sliding_window, config["block_n"],
-                               config["programs_per_sm"])
+    splits = choose_num_splits(q, k_cache, block_tables, sliding_window, config.block_n,
+                               config.programs_per_sm)
     part_out = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
     pdl = pdl_launch(q.device, batch)
@@ -237,11 +234,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         out.stride(0), out.stride(1),
         QUERIES_PER_KV=group, BLOCK_G=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, BLOCK_D=next_pow2(head_dim),
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config["block_n"], NUM_SPLITS=splits,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=config.block_n, NUM_SPLITS=splits,
         USE_SOFTCAP=softcap is not None, USE_WINDOW=sliding_window is not None,
         UPCAST=dot_upcast(q.dtype),
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl,
     )
     if splits > 1:
-        merge_splits(part_out, part_lse, seq_lens, out, sliding_window=sliding_window, block_n=config["block_n"])
+        merge_splits(part_out, part_lse, seq_lens, out, sliding_window=sliding_window, block_n=config.block_n)
     return out

@@ -2,9 +2,11 @@
 
 Backends: "triton" (kernels/cache.py, prefill.py, decode.py, norm.py, layer_norm.py, ffn.py, gemv.py) when CUDA and Triton are present,
 else "reference" (kernels/reference.py, plain torch, any device). Env KERNELS_BACKEND=triton|reference
-overrides the choice at import; tests call `set_backend`. Compiled Triton kernels cannot read host memory,
-so an op whose tensors are on the CPU runs the reference (an engine pinned to the CPU on a GPU machine),
-unless the Triton interpreter is on. Signatures are those of the paged-KV contract in compress/kernels.py.
+overrides the choice at import (the one kernel setting read from the environment); tests call
+`set_backend`. The other kernel options (PDL, fused logits, decode launch config) are set through
+`set_options` (kernels/options.py). Compiled Triton kernels cannot read host memory, so an op whose
+tensors are on the CPU runs the reference (an engine pinned to the CPU on a GPU machine), unless the
+Triton interpreter is on. Signatures are those of the paged-KV contract in compress/kernels.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 from types import SimpleNamespace
 
 import torch
+
+from .options import kernel_options
 
 BACKENDS = ("triton", "reference")
 OPS = ("reshape_and_cache", "rotary_and_cache", "paged_prefill_attention", "paged_decode_attention", "rms_norm",
@@ -140,12 +144,9 @@ def linear_small_m(x, weight, out=None):
 
 def fused_logits() -> bool:
     """Whether the GEMV path computes the logits, their fp32 cast and the soft-cap in one launch
-    (logits_small_m); KERNELS_FUSED_LOGITS=0 keeps the four launches (A/B). Read when the model runs, so
-    a captured CUDA graph keeps the choice it was captured with."""
-    value = os.environ.get("KERNELS_FUSED_LOGITS")
-    if value not in (None, "0", "1"):
-        raise ValueError(f"KERNELS_FUSED_LOGITS must be 0 or 1, got {value!r}")
-    return value != "0"
+    (logits_small_m); `set_options(fused_logits=False)` keeps the four launches (A/B). Read when the
+    model runs, so a captured CUDA graph keeps the choice it was captured with."""
+    return kernel_options().fused_logits
 
 
 def logits_small_m(x, weight, softcap=None, argmax_out=None):

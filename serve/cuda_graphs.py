@@ -140,7 +140,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Largest bucket first, all graphs in one memory pool (each later graph reuses its space).
-        Called again (a benchmark switching KERNELS_PDL), it drops the old graphs and their pool first."""
+        A graph keeps the kernel options (kernels/options.py) it was captured with; called again (a
+        benchmark switching one), it drops the old graphs and their pool first."""
         self.graphs.clear()
         self.outputs.clear()
         self.np["seq_lens"][:] = 1

@@ -47,6 +47,14 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _kernel_options():
+    """Every test ends with the kernel options (kernels/options.py) it started with."""
+    from compress.kernels import using_options
+    with using_options():
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
 
-from compress.kernels import decode, prefill, reference  # noqa: E402
+from compress.kernels import DecodeConfig, decode, prefill, reference, using_options  # noqa: E402
 from compress.kernels.testing import make_paged_problem, relative_error  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,7 +105,7 @@ def test_decode_splits_merged_by_the_reduction(monkeypatch):
             return _kernel[grid]
     monkeypatch.setattr(decode, "paged_decode_reduce_kernel", Spy())
     # as many splits as the context allows (35 here), as at batch 1
-    monkeypatch.setitem(decode.DECODE_CONFIG, "programs_per_sm", 16.0)
+    monkeypatch.setattr(decode, "DECODE_CONFIG", replace(decode.DECODE_CONFIG, programs_per_sm=16.0))
     for group, window, contexts in ((2, 100, [300, 37]), (8, None, [1100, 37])):
         run_decode(group, 128, window, 50.0, torch.bfloat16, contexts, block_size=16)
     assert launches == [(2, NUM_HEADS, 2)] * 2       # head_dim 128 in two column blocks
@@ -114,9 +115,30 @@ def test_decode_splits_merged_by_the_reduction(monkeypatch):
 def test_decode_batch_one(group, head_dim, window, softcap):
     """Batch 1 launches with its own config (BATCH1_DECODE_CONFIG, smaller tiles): one sequence at a time,
     from one token through a context of many tiles and splits."""
-    assert decode.decode_config(1) is decode.BATCH1_DECODE_CONFIG or os.environ.get("KERNELS_DECODE_CONFIG")
+    assert decode.decode_config(1) is decode.BATCH1_DECODE_CONFIG
     for context in (1, 17, 577):
         run_decode(group, head_dim, window, softcap, torch.bfloat16, [context])
+
+
+def test_decode_launches_with_the_decode_config_option(monkeypatch):
+    """`set_options(decode_config=...)` (kernels/options.py) replaces the tuned config at batch 1 and
+    above, and the results still match the reference."""
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid, _kernel=decode.paged_decode_split_kernel):
+            def launch(*args, **kwargs):
+                launches.append((grid[2], kwargs["BLOCK_N"], kwargs["num_warps"], kwargs["num_stages"]))
+                return _kernel[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(decode, "paged_decode_split_kernel", Spy())
+    with using_options(decode_config=DecodeConfig(block_n=64, num_warps=2, num_stages=1, programs_per_sm=1.0)):
+        run_decode(2, 128, None, 50.0, torch.bfloat16, [300])
+        run_decode(2, 128, 100, None, torch.bfloat16, [300, 37])
+    run_decode(2, 128, None, 50.0, torch.bfloat16, [300])
+    # splits (device_sms is 8 on the CPU, 4 KV heads): 1 program per SM gives 2 at batch 1 and 1 at
+    # batch 2; the tuned batch-1 config (2 per SM, tiles of 16) gives 4
+    assert launches == [(2, 64, 2, 1), (1, 64, 2, 1), (4, 16, 4, 2)]
 
 
 @pytest.mark.parametrize("window", [None, 100])

@@ -7,7 +7,7 @@ every such kernel's source text, and the PTX each compiles to for an H100 (the w
 global store; weights, the step's metadata and a settled residual loaded before it). On the GPU
 (`gpu` marker): the kernels and a Gemma-2-2B-shaped decode chain give bit-identical results with PDL
 on and off, eagerly and as CUDA graph replays, and the engine's greedy tokens are the same with
-KERNELS_PDL=1 and 0.
+`set_options(pdl=True)` and `pdl=False`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit decorations
 
-from compress.kernels import cache, common, decode, gemv, norm  # noqa: E402
+from compress.kernels import cache, common, decode, gemv, kernel_options, norm, set_options, using_options  # noqa: E402
 
 # The Triton kernels of one batch-1 decode step on the fast path (docs/kernels.md lists the torch ops
 # between them); linear_split_k_kernel runs instead of linear_small_m_kernel where a table entry has
@@ -72,48 +72,44 @@ def wait_problems(source: str) -> list[str]:
 
 
 def test_pdl_is_off_on_cpu_and_under_the_interpreter(monkeypatch):
-    for value in (None, "0", "1"):
-        if value is None:
-            monkeypatch.delenv("KERNELS_PDL", raising=False)
-        else:
-            monkeypatch.setenv("KERNELS_PDL", value)
+    for value in (None, False, True):
+        set_options(pdl=value)
         assert not common.pdl_enabled(torch.device("cpu"), 1)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         assert not common.pdl_enabled(torch.device("cuda", 0), 1)
         assert common.pdl_launch(torch.device("cuda", 0), 1) == {"USE_PDL": False}   # no launch_pdl key
 
 
-def test_pdl_switch_follows_the_device_and_kernels_pdl(monkeypatch):
+def test_pdl_switch_follows_the_device_and_the_pdl_option(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.delenv("KERNELS_PDL", raising=False)
+    assert kernel_options().pdl is None
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(common, "device_supports_pdl", lambda index: True)
     assert common.pdl_enabled(cuda, 1) and common.pdl_launch(cuda, 1) == {"USE_PDL": True, "launch_pdl": True}
     assert common.pdl_enabled(cuda, common.PDL_MAX_ROWS)
     assert not common.pdl_enabled(cuda, common.PDL_MAX_ROWS + 1)      # large grids launch as before
-    monkeypatch.setenv("KERNELS_PDL", "0")
+    set_options(pdl=False)
     assert not common.pdl_enabled(cuda, 1)
-    monkeypatch.setenv("KERNELS_PDL", "1")
+    set_options(pdl=True)
     assert common.pdl_enabled(cuda, 1)
     monkeypatch.setattr(common, "device_supports_pdl", lambda index: False)     # an A100, or an old triton
-    with pytest.raises(ValueError, match="KERNELS_PDL=1"):
+    with pytest.raises(ValueError, match=r"pdl=True needs compute capability >= 9\.0"):
         common.pdl_enabled(cuda, 1)
-    monkeypatch.delenv("KERNELS_PDL")
+    set_options(pdl=None)
     assert not common.pdl_enabled(cuda, 1)
-    monkeypatch.setenv("KERNELS_PDL", "on")
-    with pytest.raises(ValueError, match="0 or 1"):
-        common.pdl_enabled(cuda, 1)
+    with pytest.raises(ValueError, match=r"pdl must be None \(auto\), False \(off\) or True"):
+        set_options(pdl="on")
+    assert kernel_options().pdl is None and not common.pdl_enabled(cuda, 1)
 
 
-def test_fused_logits_switch(monkeypatch):
+def test_fused_logits_switch():
     from compress.kernels import dispatch
-    monkeypatch.delenv("KERNELS_FUSED_LOGITS", raising=False)
     assert dispatch.fused_logits()
-    monkeypatch.setenv("KERNELS_FUSED_LOGITS", "0")
+    set_options(fused_logits=False)
     assert not dispatch.fused_logits()
-    monkeypatch.setenv("KERNELS_FUSED_LOGITS", "on")
-    with pytest.raises(ValueError, match="KERNELS_FUSED_LOGITS"):
-        dispatch.fused_logits()
+    with pytest.raises(ValueError, match="fused_logits must be True or False"):
+        set_options(fused_logits="on")
+    assert not dispatch.fused_logits()
 
 
 def test_this_triton_has_launch_pdl_and_the_gdc_calls():
@@ -266,8 +262,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
-def _chain_outputs(run, pdl: str, monkeypatch, graph: bool):
-    monkeypatch.setenv("KERNELS_PDL", pdl)          # read at each launch, and at capture for the graph
+def _chain_outputs(run, pdl: bool, graph: bool):
+    set_options(pdl=pdl)                             # read at each launch, and at capture for the graph
     if graph:
         run()                                        # compile outside the capture
         torch.cuda.synchronize()
@@ -301,8 +297,8 @@ def test_gpu_decode_chain_is_bit_identical_with_pdl_on_and_off(monkeypatch, grap
         monkeypatch.setattr(gemv, "LINEAR_CONFIGS", {**gemv.LINEAR_CONFIGS, **split})
     run = decode_layer_chain(3)
     torch.cuda.synchronize()                 # weights are read before the wait: they must be written by now
-    off = _chain_outputs(run, "0", monkeypatch, graph)
-    on = _chain_outputs(run, "1", monkeypatch, graph)
+    off = _chain_outputs(run, False, graph)
+    on = _chain_outputs(run, True, graph)
     assert all(_same(a, b) for a, b in zip(on, off))
     assert torch.isfinite(on[0]).all()
     assert not common.ticket_counters(torch.device("cuda")).any()
@@ -310,7 +306,7 @@ def test_gpu_decode_chain_is_bit_identical_with_pdl_on_and_off(monkeypatch, grap
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_rows", [1, 3])
-def test_gpu_gemv_and_norm_kernels_identical_with_pdl_on_and_off(monkeypatch, num_rows):
+def test_gpu_gemv_and_norm_kernels_identical_with_pdl_on_and_off(num_rows):
     """Each kernel alone, back to back 20 times on the same inputs, at shapes with edge masks."""
     _needs_pdl()
     gen = torch.Generator().manual_seed(num_rows)
@@ -319,24 +315,24 @@ def test_gpu_gemv_and_norm_kernels_identical_with_pdl_on_and_off(monkeypatch, nu
     w1, w2 = (torch.randn(2304, generator=gen).cuda().bfloat16() * 0.1 for _ in range(2))
     torch.cuda.synchronize()
 
-    def outputs(pdl: str):
-        monkeypatch.setenv("KERNELS_PDL", pdl)
-        for _ in range(20):
-            ys = [gemv.linear_small_m(x, w) for w in weights[:2]] + [gemv.gelu_tanh_and_mul_gemv(x, weights[2])]
-            ys += list(norm.rms_norm_pair(ys[0][:, :2304], w1, w2, 1e-6, x)) + [norm.rms_norm(x, w1, 1e-6)]
+    def outputs(pdl: bool):
+        with using_options(pdl=pdl):
+            for _ in range(20):
+                ys = [gemv.linear_small_m(x, w) for w in weights[:2]] + [gemv.gelu_tanh_and_mul_gemv(x, weights[2])]
+                ys += list(norm.rms_norm_pair(ys[0][:, :2304], w1, w2, 1e-6, x)) + [norm.rms_norm(x, w1, 1e-6)]
         torch.cuda.synchronize()
         return ys
 
-    assert all(torch.equal(a, b) for a, b in zip(outputs("1"), outputs("0")))
+    assert all(torch.equal(a, b) for a, b in zip(outputs(True), outputs(False)))
 
 
 GPU_ENGINE_SCRIPT = """
-import os
 import sys
 import torch
 sys.path.insert(0, {tests!r})
 from serve_fixtures import gemma2_config, gemma3_config, random_model, random_prompts, save_model
 from serve import LLM, SamplingParams
+from compress.kernels import set_options
 from compress.kernels.common import pdl_enabled
 params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 prompts = random_prompts([3, 30, 12, 21, 9, 17, 40, 5])
@@ -345,24 +341,24 @@ for name, config in (("gemma2", gemma2_config()), ("gemma3", gemma3_config())):
     path = save_model(random_model(config, seed=3), {path!r} + name)
     tokens = {{}}
     # PDL off with the logits in four launches, PDL on with them fused, PDL on with them in four
-    for setting in ("0 0", "1 1", "1 0"):
-        pdl, logits = setting.split()
-        os.environ["KERNELS_PDL"], os.environ["KERNELS_FUSED_LOGITS"] = pdl, logits   # captured in LLM()
-        assert pdl_enabled(torch.device("cuda"), 1) == (pdl == "1")
+    for pdl, logits in ((False, False), (True, True), (True, False)):
+        set_options(pdl=pdl, fused_logits=logits)          # captured in LLM()
+        assert pdl_enabled(torch.device("cuda"), 1) == pdl
         batched = LLM(path, block_size=4, max_num_batched_tokens=32, max_num_seqs=8)
         alone = LLM(path, block_size=4, max_num_batched_tokens=32, max_num_seqs=1)   # batch-1 GEMV graphs
         assert alone.engine.runner.decode_graphs.graphs
-        tokens[setting] = [[o.outputs[0].token_ids for o in llm.generate(prompts, params)] for llm in (batched, alone)]
+        tokens[pdl, logits] = [[o.outputs[0].token_ids for o in llm.generate(prompts, params)] for llm in (batched, alone)]
         del batched, alone
-    assert tokens["1 1"] == tokens["0 0"] == tokens["1 0"], (name, tokens)
+    assert tokens[True, True] == tokens[False, False] == tokens[True, False], (name, tokens)
     print(name, "same tokens")
 """
 
 
 @pytest.mark.gpu
 def test_gpu_engine_greedy_tokens_same_with_pdl_on_and_off(tmp_path):
-    """bf16 engine (CUDA graphs, overlapped loop, batch-1 GEMVs and batched steps): KERNELS_PDL=1 and 0
-    give the same greedy tokens (the kernels compute the same values; only the launch differs)."""
+    """bf16 engine (CUDA graphs, overlapped loop, batch-1 GEMVs and batched steps): PDL on and off
+    (`set_options(pdl=True / False)`) give the same greedy tokens (the kernels compute the same values;
+    only the launch differs)."""
     _needs_pdl()
     script = GPU_ENGINE_SCRIPT.format(tests=str(Path(__file__).parent), path=str(tmp_path / "m"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)

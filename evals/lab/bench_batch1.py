@@ -5,8 +5,9 @@ Gemma-2-2B shapes (8 query / 4 KV heads, head_dim 256, 26 layers) and Gemma-3-1B
   the fused rotary_and_cache, one token;
 - PDL (GPU with sm90+ only): the kernels of 4 Gemma-2-2B decode layers back to back
   (kernels.testing.decode_layer_chain: qkv, rotary_and_cache, decode split + reduce, o_proj, norm pair,
-  gate_up, down, norm pair) launched plainly (KERNELS_PDL=0) vs with Programmatic Dependent Launch (=1);
-  4 layers of weights (620 MB) stream from DRAM as in a real step, and the per-step column scales by 26 / 4.
+  gate_up, down, norm pair) launched plainly (`pdl=False`, kernels/options.py) vs with Programmatic
+  Dependent Launch (`pdl=True`); 4 layers of weights (620 MB) stream from DRAM as in a real step, and
+  the per-step column scales by 26 / 4.
 With `--ablate` it times that chain (PDL on, block tables as wide as the engine's) once whole and once
 without each kind of launch in turn (kernels.testing.CHAIN_KERNELS; the result is then meaningless, the
 other launches unchanged): what each kernel costs inside the chain, per layer and per 26-layer step.
@@ -19,12 +20,12 @@ timed by `evals/bench_gemv.py --sweep` instead (they need weights rotated past L
   python evals/lab/bench_batch1.py [--iters 50]          # GPU; without CUDA it runs the checks only
   python evals/lab/bench_batch1.py --ablate [--iters 30]  # GPU: each kernel's share of the chain
   python evals/lab/bench_batch1.py --ablate attention     # GPU: the chain whole and without attention
+  python evals/lab/bench_batch1.py --ablate attention --decode-config 16,4,2,2   # ... with this attention config
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -33,8 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from compress.kernels import cache, norm  # noqa: E402
+from compress.kernels import cache, norm, using_options  # noqa: E402
 from compress.kernels.common import device_supports_pdl  # noqa: E402
+from compress.kernels.options import parse_decode_config  # noqa: E402
 from compress.kernels.testing import (CHAIN_KERNELS, DecodeChainShape, decode_layer_chain,  # noqa: E402
                                       relative_error)
 
@@ -81,14 +83,14 @@ def pdl_chain_pair(num_layers: int):
     run = decode_layer_chain(num_layers, device=DEVICE)
     torch.cuda.synchronize()                # PDL kernels read weights before waiting: written by now
 
-    def launch(pdl: str):
-        os.environ["KERNELS_PDL"] = pdl     # read at launch: each graph captures its own
-        return run()[0]
+    def launch(pdl: bool):
+        with using_options(pdl=pdl):        # read at launch: each graph captures its own
+            return run()[0]
 
     def check():
-        off = launch("0").clone()
-        return relative_error(launch("1"), off)
-    return (lambda: launch("0")), (lambda: launch("1")), check
+        off = launch(False).clone()
+        return relative_error(launch(True), off)
+    return (lambda: launch(False)), (lambda: launch(True)), check
 
 
 def cases():
@@ -106,7 +108,6 @@ def ablate(iters: int, kinds: list[str], table_blocks: int = 128) -> None:
     """The PDL chain whole, then without each kind of launch (or those of `kinds`): the time each costs
     inside the chain."""
     from bench_kernels import time_ms
-    os.environ["KERNELS_PDL"] = "1"
     shape = DecodeChainShape(table_blocks=table_blocks)
     print(f"gemma-2-2b decode chain, {ABLATE_LAYERS} layers, PDL on, block tables {table_blocks} wide")
     print("| left out | chain (us) | per layer (us) | saved per layer (us) | x 26 layers (us) |")
@@ -122,7 +123,6 @@ def ablate(iters: int, kinds: list[str], table_blocks: int = 128) -> None:
               f"{saved * 26:.1f} |", flush=True)
         del run
         torch.cuda.empty_cache()
-    os.environ.pop("KERNELS_PDL", None)
 
 
 def main(argv=None) -> int:
@@ -131,12 +131,20 @@ def main(argv=None) -> int:
     parser.add_argument("--ablate", nargs="*", choices=CHAIN_KERNELS, default=None, metavar="KERNEL",
                         help="time the PDL chain without each kernel in turn (or only without those named: "
                              f"{', '.join(CHAIN_KERNELS)})")
+    parser.add_argument("--decode-config", type=parse_decode_config, default=None, metavar="BN,WARPS,STAGES,PER_SM",
+                        help="launch decode attention with this config instead of the tuned ones (kernels/decode.py)")
     args = parser.parse_args(argv)
+    with using_options(decode_config=args.decode_config):
+        return bench(args)
+
+
+def bench(args) -> int:
     timing = torch.cuda.is_available()
     if args.ablate is not None:
         if not timing:
             raise SystemExit("--ablate times kernels: it needs a CUDA device")
-        ablate(args.iters, args.ablate)
+        with using_options(pdl=True):
+            ablate(args.iters, args.ablate)
         return 0
     if timing:
         from bench_kernels import time_ms
@@ -152,7 +160,6 @@ def main(argv=None) -> int:
         t_old, t_new = (time_ms(fn, args.iters) * 1e3 for fn in (old, new))
         saved = t_old - t_new
         print(f"| {label} | {t_old:.2f} | {t_new:.2f} | {saved:.2f} | {saved * layers:.1f} | {err:.1e} |", flush=True)
-    os.environ.pop("KERNELS_PDL", None)
     return 0
 
 
