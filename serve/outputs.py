@@ -10,7 +10,7 @@ class CompletionOutput:
     index: int
     text: str                      # complete characters only; a possible stop-string prefix is held back
     token_ids: list[int]
-    finish_reason: str | None      # None while running; "stop", "length" or "abort"
+    finish_reason: str | None      # None while running; "stop", "length", "abort" or "error"
     logprobs: list[dict] = field(default_factory=list)
 
 
@@ -20,3 +20,4 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    error: str | None = None       # set (with finished) when this request failed alone; others ran on
