@@ -32,7 +32,8 @@ def _raw_field(model: str, name: str, literal: str) -> bytes:
                                                                                 literal.encode())
 
 
-def completion_cases(model: str, vocab_size: int, max_model_len: int, max_body_bytes: int) -> list[Case]:
+def completion_cases(model: str, vocab_size: int, max_model_len: int, max_body_bytes: int,
+                     max_num_seqs: int) -> list[Case]:
     c = "/v1/completions"
     deep = 200_000
     return [
@@ -41,6 +42,7 @@ def completion_cases(model: str, vocab_size: int, max_model_len: int, max_body_b
         Case("top_k 10**20", c, _body(model, top_k=10**20, temperature=1.0), issue="2"),
         Case("n 2**70", c, _body(model, n=2**70)),
         Case("n over max_n", c, _body(model, n=1000)),
+        Case("n over max_num_seqs (could never be scheduled)", c, _body(model, n=max_num_seqs + 1)),
         Case("max_tokens 2**70", c, _body(model, max_tokens=2**70)),
         Case("logprobs 10**20", c, _body(model, logprobs=10**20)),
         Case("temperature NaN", c, raw=_raw_field(model, "temperature", "NaN"), issue="4"),
@@ -80,8 +82,10 @@ def completion_cases(model: str, vocab_size: int, max_model_len: int, max_body_b
         Case("unknown model", c, _body("gpt-17")),
         Case("GET on a POST route", c, None, expect=405, method="GET"),
         Case("unknown route", "/v1/engines", _body(model), expect=404),
-        Case("valid: n 2 with seed 2**64-1", c, _body(model, n=2, seed=2**64 - 1, temperature=1.0), expect=200, issue="2"),
-        Case("valid: top_k past the vocabulary", c, _body(model, top_k=vocab_size * 100, temperature=1.0), expect=200, issue="2"),
+        Case("valid: n 2 with seed 2**64-1", c, _body(model, n=2, seed=2**64 - 1, temperature=1.0), expect=200,
+             issue="2"),
+        Case("valid: top_k past the vocabulary", c, _body(model, top_k=vocab_size * 100, temperature=1.0),
+             expect=200, issue="2"),
         Case("valid: seed -1", c, _body(model, seed=-1, temperature=1.0), expect=200),
     ]
 
@@ -108,8 +112,8 @@ def chat_cases(model: str) -> list[Case]:
     ]
 
 
-def all_cases(model: str, vocab_size: int, max_model_len: int, max_body_bytes: int) -> list[Case]:
-    return completion_cases(model, vocab_size, max_model_len, max_body_bytes) + chat_cases(model)
+def all_cases(model: str, vocab_size: int, max_model_len: int, max_body_bytes: int, max_num_seqs: int) -> list[Case]:
+    return completion_cases(model, vocab_size, max_model_len, max_body_bytes, max_num_seqs) + chat_cases(model)
 
 
 def payload(case: Case) -> bytes | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -134,3 +135,11 @@ def metric(port: int, name: str) -> float:
     """One sample of /metrics (NaN where absent)."""
     text = call(port, "GET", "/metrics").body.decode()
     return next((float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " ")), float("nan"))
+
+
+def in_background(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
+    """fn(*args, **kwargs) in a daemon thread; its return value lands in the dict under "value"."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", fn(*args, **kwargs)), daemon=True)
+    thread.start()
+    return thread, result

@@ -51,6 +51,7 @@ class AsyncEngine:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def add(self, prompt_ids: list[int], params: SamplingParams, prefix: str = "req",

@@ -83,8 +83,9 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.runner.spec.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.runner.spec.vocab_size})")
-        if params.n > self.config.max_n:
-            raise ValueError(f"n={params.n} is over the limit of {self.config.max_n}")
+        max_n = min(self.config.max_n, self.config.max_num_seqs)     # more could never be scheduled at once
+        if params.n > max_n:
+            raise ValueError(f"n={params.n} is over the limit of {max_n}")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:

@@ -89,7 +89,8 @@ async def _stream(request, kind, parsed, request_ids, queue, prefixes) -> web.St
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     timeout, tokenizer = request.app[LIMITS].write_timeout_s, request.app[TEXT].tokenizer
-    states = {rid: StreamState(kind, p * parsed.n, prefix) for p, (rid, prefix) in enumerate(zip(request_ids, prefixes))}
+    states = {rid: StreamState(kind, p * parsed.n, prefix)
+              for p, (rid, prefix) in enumerate(zip(request_ids, prefixes))}
     final = {}
     try:
         while len(final) < len(request_ids):
@@ -109,7 +110,7 @@ async def _stream(request, kind, parsed, request_ids, queue, prefixes) -> web.St
     except (asyncio.TimeoutError, ConnectionError) as err:
         log.warning("stream %s dropped: %s", request_ids[0], type(err).__name__)
         if request.transport is not None:
-            request.transport.close()
+            request.transport.abort()       # close() would wait to flush to a client that does not read
     return response
 
 

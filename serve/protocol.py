@@ -49,7 +49,8 @@ def _prompt_shape(value, handler):
 Text = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Prompt = Annotated[Text | TokenIds | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
-                   | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)], WrapValidator(_prompt_shape)]
+                   | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)],
+                   WrapValidator(_prompt_shape)]
 
 
 class StreamOptions(_Strict):

@@ -8,10 +8,10 @@ streams under KV pressure and mid-stream disconnects equal sequential greedy and
 client that sends half a body is cut off. Every client call has a deadline: a hang fails, never waits.
 """
 
+import asyncio
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from server_harness import LiveServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evals import hostile  # noqa: E402
-from evals.loopback import call, metric, send_raw, stream  # noqa: E402
+from evals.loopback import call, in_background, metric, send_raw, stream  # noqa: E402
 
 MODEL = "tiny"
 ENGINE_ARGS = dict(block_size=4, max_num_seqs=8, max_num_batched_tokens=32, num_kv_blocks=24, max_model_len=64)
@@ -63,13 +63,6 @@ def server(engine):
         yield live
 
 
-def in_background(fn, *args, **kwargs):
-    result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("value", fn(*args, **kwargs)), daemon=True)
-    thread.start()
-    return thread, result
-
-
 def assert_clean(port):
     """Nothing running, no block held, and the server still answers."""
     deadline = time.time() + DEADLINE
@@ -80,7 +73,8 @@ def assert_clean(port):
 
 
 def corpus():
-    return hostile.all_cases(MODEL, vocab_size=320, max_model_len=64, max_body_bytes=ServerLimits().max_body_bytes)
+    return hostile.all_cases(MODEL, vocab_size=320, max_model_len=64, max_body_bytes=ServerLimits().max_body_bytes,
+                             max_num_seqs=ENGINE_ARGS["max_num_seqs"])
 
 
 @pytest.mark.parametrize("case", corpus(), ids=lambda case: case.name)
@@ -249,3 +243,19 @@ def test_dead_engine_loop_exits_the_process_non_zero(model_dir):
     finally:
         proc.kill()
     assert "injected loop fault" in proc.stdout.read()
+
+
+def test_a_client_that_stops_reading_is_dropped(server, monkeypatch):
+    """A stream whose client takes nothing for write_timeout_s is cut off (no [DONE], the socket closed at
+    once) and its request aborted. A client that stops reading shows as a write that never completes."""
+    from aiohttp import web
+
+    from serve.context import LIMITS
+
+    async def write_never_completes(self, data):
+        await asyncio.sleep(3600)
+    monkeypatch.setattr(web.StreamResponse, "write", write_never_completes)
+    monkeypatch.setattr(server.app[LIMITS], "write_timeout_s", 0.5)
+    got = stream(server.port, "/v1/completions", INNOCENT, timeout=DEADLINE)
+    assert got.status == 200 and not got.done and got.seconds < 5, got
+    assert_clean(server.port)
