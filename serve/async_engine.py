@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from serve.engine import LLMEngine
 from serve.latency import RequestTimer
-from serve.outputs import RequestOutput
+from serve.outputs import RequestOutput, failure_message
 from serve.sampling_params import SamplingParams
 
 log = logging.getLogger("serve")
@@ -82,8 +82,10 @@ class AsyncEngine:
             try:
                 command()
             except Exception as err:
-                log.exception("request %s: the engine refused it", request_id)
-                self._deliver([_error_output(request_id, err)])
+                log.exception("request %s: a command for it failed", request_id)
+                if request_id in self.queues:       # an add (an abort has no one left to tell)
+                    self.engine.metrics.failed += 1
+                    self._deliver([_error_output(request_id, err)])
 
     async def _loop(self) -> None:
         try:
@@ -130,4 +132,4 @@ class AsyncEngine:
 
 
 def _error_output(request_id: str, err: BaseException) -> RequestOutput:
-    return RequestOutput(request_id, [], [], True, error=f"the server failed on this request ({type(err).__name__})")
+    return RequestOutput(request_id, [], [], True, error=failure_message(err))

@@ -26,7 +26,7 @@ from serve.detokenizer import IncrementalDetokenizer
 from serve.lookahead import InFlight, Lookahead
 from serve.metrics import Metrics
 from serve.model_runner import ModelRunner
-from serve.outputs import CompletionOutput, RequestOutput
+from serve.outputs import CompletionOutput, RequestOutput, failure_message
 from serve.sampler import sample
 from serve.sampling_params import SamplingParams
 from serve.scheduler import ScheduledBatch, Scheduler
@@ -146,7 +146,7 @@ class LLMEngine:
             if not seq.is_finished:         # lost from the queues by a step that raised while scheduling
                 self.scheduler.finish(seq, "error")
             seq.finish_reason = "error"
-        self.errors[request_id] = f"the server failed on this request ({type(err).__name__}); see its log"
+        self.errors[request_id] = failure_message(err)
         self._failed.append(request_id)
         self.metrics.failed += 1
 

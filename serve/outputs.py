@@ -21,3 +21,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     error: str | None = None       # set (with finished) when this request failed alone; others ran on
+
+
+def failure_message(err: BaseException) -> str:
+    """What a client is told of an error of the server's own: its kind, never its traceback."""
+    return f"the server failed on this request ({type(err).__name__}); the server log has the details"
