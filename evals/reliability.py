@@ -210,7 +210,7 @@ def write(result: dict, out: Path, command: str) -> None:
     mb = {k: f"{v / 2**20:.0f} MB" for k, v in result["memory_bytes"].items()}
     rows = result["rows"]
     lines = ["# Reliability of `compress serve` under hostile input and injected faults (issue #33)", "",
-             f"Command: `{command}`", "",
+             f"Command: `{command}` ({result['seconds']} s on {result['machine']})", "",
              "Tiny seeded Gemma 3 (4 layers, hidden 64, vocab 320) served on 127.0.0.1 by a subprocess; "
              f"setting `{result['setting']}`: {SETTINGS[result['setting']]}.", "",
              "| figure | value |", "| --- | --- |",
@@ -237,6 +237,15 @@ def write(result: dict, out: Path, command: str) -> None:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def _machine() -> str:
+    import os
+    import platform
+
+    import torch
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    return f"{device}; Python {platform.python_version()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
@@ -245,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     from serve_fixtures import gemma3_config, random_model, save_model
     command = "python evals/reliability.py" + (f" --setting {args.setting}" if args.setting != "cpu" else "") + (
         f" --out {args.out}" if args.out != "evals/results/reliability" else "")
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = save_model(random_model(gemma3_config(), seed=5), Path(tmp) / MODEL)
         result = measure(path, args.setting)
+    result["machine"] = _machine()
+    result["seconds"] = round(time.perf_counter() - start, 1)
     write(result, REPO / args.out, command)
     print((REPO / args.out).with_suffix(".md").read_text())
     return 0 if all(r["ok"] for r in result["rows"]) and result["harmed"] == 0 else 1
