@@ -16,6 +16,7 @@ them (int64 seeds: any 64-bit value, signed or not; int32 counts), floats must b
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -75,7 +76,7 @@ class SamplingParams(SamplingFields):
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    @property
+    @cached_property     # read for every row of every step: computed once
     def uses_processors(self) -> bool:
         """Whether the logits need serve/logits_processors.py before sampling (not the fast path's argmax)."""
         return bool(self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
