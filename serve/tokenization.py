@@ -5,7 +5,9 @@ fast tokenizer must not be reconfigured from two threads at once), so a long pro
 /health or the other streams. Before that, a text longer than `max_chars` is refused without being
 tokenized: no token covers more than `max_token_chars` characters (the longest vocabulary entry, plus
 one for a space a decoder may put in front), so a text past max_model_len * max_token_chars characters
-has more tokens than the context holds, and the answer (400) is exact, not a guess.
+has more tokens than the context holds, and the answer (400) is exact, not a guess. That holds for
+tokenizers whose normalizer never drops characters (Gemma's only replaces spaces; byte-level BPE has
+none); one that deletes characters could see a prompt refused that would have fit.
 """
 
 from __future__ import annotations
