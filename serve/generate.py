@@ -11,6 +11,7 @@ stream; a streaming client that takes no chunk for `write_timeout_s` is dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiohttp import web
@@ -86,32 +87,45 @@ async def _respond(request, kind, parsed, request_ids, queue, prefixes) -> web.R
 
 
 async def _stream(request, kind, parsed, request_ids, queue, prefixes) -> web.StreamResponse:
+    """Once the stream has started, nothing may escape as an HTTP error (it would land inside the body):
+    a failure becomes an error event, a client gone or stalled a dropped connection."""
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
-    timeout, tokenizer = request.app[LIMITS].write_timeout_s, request.app[TEXT].tokenizer
-    states = {rid: StreamState(kind, p * parsed.n, prefix)
-              for p, (rid, prefix) in enumerate(zip(request_ids, prefixes))}
-    final = {}
+    timeout = request.app[LIMITS].write_timeout_s
     try:
-        while len(final) < len(request_ids):
-            output = await queue.get()
-            if output.error:
-                await _send(response, error_event(ApiError(500, output.error, kind="server_error").body()), timeout)
-                return response
-            choices = states[output.request_id].deltas(output, tokenizer)
-            if choices:
-                await _send(response, chunk(kind, request_ids[0], parsed.model, choices), timeout)
-            if output.finished:
-                final[output.request_id] = output
-        if parsed.include_usage:
-            await _send(response, chunk(kind, request_ids[0], parsed.model, [], usage(list(final.values()))), timeout)
-        await _send(response, b"data: [DONE]\n\n", timeout)
+        error = await _pump(request, response, kind, parsed, request_ids, queue, prefixes)
+        await _send(response, error_event(error.body()) if error else b"data: [DONE]\n\n", timeout)
         await response.write_eof()
     except (asyncio.TimeoutError, ConnectionError) as err:
         log.warning("stream %s dropped: %s", request_ids[0], type(err).__name__)
         if request.transport is not None:
             request.transport.abort()       # close() would wait to flush to a client that does not read
+    except Exception:
+        log.exception("stream %s failed", request_ids[0])
+        with contextlib.suppress(Exception):
+            await _send(response, error_event(ApiError(500, "internal server error", kind="server_error").body()),
+                        timeout)
     return response
+
+
+async def _pump(request, response, kind, parsed, request_ids, queue, prefixes) -> ApiError | None:
+    """Send each engine output's deltas (and usage, if asked); the error that ended the stream, if any."""
+    timeout, tokenizer = request.app[LIMITS].write_timeout_s, request.app[TEXT].tokenizer
+    states = {rid: StreamState(kind, p * parsed.n, prefix)
+              for p, (rid, prefix) in enumerate(zip(request_ids, prefixes))}
+    final = {}
+    while len(final) < len(request_ids):
+        output = await queue.get()
+        if output.error:
+            return ApiError(500, output.error, kind="server_error")
+        choices = states[output.request_id].deltas(output, tokenizer)
+        if choices:
+            await _send(response, chunk(kind, request_ids[0], parsed.model, choices), timeout)
+        if output.finished:
+            final[output.request_id] = output
+    if parsed.include_usage:
+        await _send(response, chunk(kind, request_ids[0], parsed.model, [], usage(list(final.values()))), timeout)
+    return None
 
 
 async def _send(response: web.StreamResponse, data: bytes, timeout: float) -> None:

@@ -135,6 +135,18 @@ def test_a_step_failing_outside_any_request_fails_the_running_ones_cleanly(serve
     assert_clean(server.port)
 
 
+def test_a_server_bug_mid_stream_ends_it_with_an_error_event(server, monkeypatch):
+    """Once a stream has started, an error must not come back as an HTTP response inside its body."""
+    from serve.responses import StreamState
+
+    def broken(self, output, tokenizer):
+        raise KeyError("injected")
+    monkeypatch.setattr(StreamState, "deltas", broken)
+    got = stream(server.port, "/v1/completions", INNOCENT, timeout=DEADLINE)
+    assert got.status == 200 and got.done and got.errors() and got.error is None, got
+    assert_clean(server.port)
+
+
 def test_slow_tokenization_does_not_hold_the_event_loop(engine, monkeypatch):
     class SlowTokenizer:
         def __init__(self, inner):
