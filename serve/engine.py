@@ -5,12 +5,17 @@ decode) -> scheduler.advance (KV bookkeeping) -> fork requests with n > 1 -> sam
 detokenize, check EOS / stop strings / max_tokens -> RequestOutput for every request that moved.
 Runs of pure decode steps on the fast path overlap instead (serve/lookahead.py): each `step()` launches
 the next decode step before it reads, appends and reports the tokens of the one already in flight.
+
+Failure isolation: an error in sampling a row or in appending its token fails that request alone (its
+sequences finish with reason "error", its blocks are freed, its output carries `error`) and the step
+goes on for the others; `fail_running` is what the caller uses when a step raised anywhere else.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -21,11 +26,13 @@ from serve.detokenizer import IncrementalDetokenizer
 from serve.lookahead import InFlight, Lookahead
 from serve.metrics import Metrics
 from serve.model_runner import ModelRunner
-from serve.outputs import CompletionOutput, RequestOutput
+from serve.outputs import CompletionOutput, RequestOutput, failure_message
 from serve.sampler import sample
 from serve.sampling_params import SamplingParams
 from serve.scheduler import ScheduledBatch, Scheduler
 from serve.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger("serve")
 
 
 def load_tokenizer(path: str):
@@ -59,6 +66,8 @@ class LLMEngine:
         self.lookahead = Lookahead(config, self.runner, self.scheduler)
         self.requests: dict[str, list[Sequence]] = {}
         self.metrics = Metrics()
+        self.errors: dict[str, str] = {}       # request id -> what failed it, until its output is made
+        self._failed: list[str] = []            # requests failed during this step
         self._ids = itertools.count()
         # False (offline batches): text is decoded once at the end and step() reports only finished
         # requests, which keeps per-token host work off the decode loop.
@@ -74,13 +83,17 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < self.runner.spec.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.runner.spec.vocab_size})")
-        if params.n > self.config.max_n:
-            raise ValueError(f"n={params.n} is over the limit of {self.config.max_n}")
+        max_n = min(self.config.max_n, self.config.max_num_seqs)     # more could never be scheduled at once
+        if params.n > max_n:
+            raise ValueError(f"n={params.n} is over the limit of {max_n}")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens={params.max_tokens} plus the {len(prompt_ids)} prompt tokens is past "
                              f"this model's context of {self.max_model_len}")
+        vocab = self.runner.spec.vocab_size
+        if any(t >= vocab for t in [*params.stop_token_ids, *(params.logit_bias or {})]):
+            raise ValueError(f"stop_token_ids and logit_bias keys must be token ids below {vocab}")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         request_id = request_id or f"req-{next(self._ids)}"
@@ -101,18 +114,41 @@ class LLMEngine:
         params = seq.params
         seq.stop_token_set = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         seq.max_num_tokens = min(seq.num_prompt_tokens + params.max_tokens, self.max_model_len)
-        seq.can_overlap = params.logprobs is None and params.seed is None and not params.stop
+        # the overlapped loop samples before the host has the previous token: nothing may need the host
+        seq.can_overlap = (params.logprobs is None and params.seed is None and not params.stop
+                           and not params.uses_processors)
         seq.generator = None
-        if seq.params.seed is not None:
-            seq.generator = torch.Generator(self.runner.device).manual_seed(seq.params.seed + seq.sample_index)
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.runner.device).manual_seed(params.sample_seed(seq.sample_index))
 
     def abort_request(self, request_id: str) -> None:
+        self.errors.pop(request_id, None)
         if self.requests.pop(request_id, None) is not None:
             self.scheduler.abort(request_id)
             self.metrics.aborted += 1
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def fail_running(self, err: Exception) -> list[RequestOutput]:
+        """After a step raised outside the per-request guards: fail the requests it was running (waiting
+        ones were not touched), drop the step in flight, and return their outputs."""
+        self.lookahead.pending = None
+        for request_id, seqs in list(self.requests.items()):
+            if any(seq.status is SequenceStatus.RUNNING for seq in seqs):
+                self._fail(request_id, err)
+        return self._outputs([])
+
+    def _fail(self, request_id: str, err: Exception) -> None:
+        """Finish a request that hit an error of its own (the caller logs it); its next output says so."""
+        self.scheduler.abort(request_id)
+        for seq in self.requests[request_id]:
+            if not seq.is_finished:         # lost from the queues by a step that raised while scheduling
+                self.scheduler.finish(seq, "error")
+            seq.finish_reason = "error"
+        self.errors[request_id] = failure_message(err)
+        self._failed.append(request_id)
+        self.metrics.failed += 1
 
     # ---- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -137,12 +173,12 @@ class LLMEngine:
         was in flight are discarded."""
         tokens = step.read()
         live = [(seq, token) for seq, token in zip(step.seqs, tokens) if seq.status is SequenceStatus.RUNNING]
-        finished = [seq for seq, token in live if self._append(seq, token, None)]
+        seqs = [seq for seq, _ in live]
+        finished = self._append_all(seqs, [token for _, token in live], [None] * len(live))
         self.lookahead.num_discarded += len(tokens) - len(live)
         self.metrics.generation_tokens += len(live)
         self.metrics.num_steps += 1
-        moved = [seq for seq, _ in live] if self.stream_outputs else finished
-        return [self._output(rid) for rid in dict.fromkeys(s.request_id for s in moved) if rid in self.requests]
+        return self._outputs(seqs if self.stream_outputs else [seqs[i] for i in finished])
 
     def _step_sync(self, batch: ScheduledBatch) -> list[RequestOutput]:
         sampling = [seq for seq, samples in zip(batch.seqs, batch.sampling) if samples]
@@ -154,15 +190,57 @@ class LLMEngine:
         forked = self._fork_all(sampling, logits)
         if forked is not logits:
             argmax, logits = None, forked
-        tokens, logprobs = sample(logits, sampling, argmax) if sampling else ([], [])
-        finished = [i for i, (seq, token, logprob) in enumerate(zip(sampling, tokens, logprobs))
-                    if self._append(seq, token, logprob)]
+        tokens, logprobs = self._sample(logits, sampling, argmax) if sampling else ([], [])
+        finished = self._append_all(sampling, tokens, logprobs)
         self.metrics.generation_tokens += len(tokens)
         self.metrics.num_steps += 1
         # Offline: only requests a scheduled sequence of which just finished (children forked this step
         # sit past num_scheduled in `sampling` and are not part of the batch).
         moved = batch.seqs if self.stream_outputs else [sampling[i] for i in finished if i < num_scheduled]
-        return [self._output(rid) for rid in dict.fromkeys(s.request_id for s in moved) if rid in self.requests]
+        return self._outputs(moved)
+
+    def _outputs(self, moved: list[Sequence]) -> list[RequestOutput]:
+        """Outputs of the requests of `moved`, and of those failed this step."""
+        request_ids = dict.fromkeys([*(seq.request_id for seq in moved), *self._failed])
+        self._failed.clear()
+        return [self._output(rid) for rid in request_ids if rid in self.requests]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], argmax) -> tuple[list, list]:
+        """`sample`, and where the batch raises, each row alone: the rows that still raise fail their
+        request (token None); the others go on (a seeded row may draw differently than in a clean batch)."""
+        try:
+            return sample(logits, seqs, argmax)
+        except Exception:
+            log.exception("sampling a batch of %d rows failed; sampling them one at a time", len(seqs))
+        tokens, logprobs = [], []
+        for row, seq in enumerate(seqs):
+            if seq.is_finished:            # a sibling's row failed its request already
+                tokens.append(None)
+                logprobs.append(None)
+                continue
+            try:
+                token, logprob = sample(logits[row:row + 1], [seq])
+            except Exception as err:
+                log.exception("request %s failed in sampling", seq.request_id)
+                self._fail(seq.request_id, err)
+                token, logprob = [None], [None]
+            tokens += token
+            logprobs += logprob
+        return tokens, logprobs
+
+    def _append_all(self, seqs: list[Sequence], tokens: list, logprobs: list) -> list[int]:
+        """Append each row's token; the rows that finished. A row that raises fails its request alone."""
+        finished = []
+        for row, (seq, token, logprob) in enumerate(zip(seqs, tokens, logprobs)):
+            if seq.is_finished:       # failed with a sibling, or its row could not be sampled
+                continue
+            try:
+                if self._append(seq, token, logprob):
+                    finished.append(row)
+            except Exception as err:
+                log.exception("request %s failed in appending a token", seq.request_id)
+                self._fail(seq.request_id, err)
+        return finished
 
     def _fork_all(self, sampling: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
         """Fork the parents that just finished their prompt (children appended to `sampling`); the
@@ -202,7 +280,7 @@ class LLMEngine:
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.stop_token_set:
             return "stop"
-        if seq.params.stop:
+        if seq.params.stop and seq.num_output_tokens >= seq.params.min_tokens:
             text = seq.detokenizer.text
             for stop in seq.params.stop:
                 index = text.find(stop, max(0, len(text) - 64 - len(stop)))
@@ -215,10 +293,11 @@ class LLMEngine:
         seqs = sorted(self.requests[request_id], key=lambda s: s.sample_index)
         outputs = [CompletionOutput(s.sample_index, _visible_text(s), s.output_token_ids, s.finish_reason,
                                     s.logprobs) for s in seqs]
-        finished = all(s.is_finished for s in seqs) and len(seqs) == seqs[0].params.n
+        error = self.errors.pop(request_id, None)
+        finished = error is not None or (all(s.is_finished for s in seqs) and len(seqs) == seqs[0].params.n)
         if finished:
             del self.requests[request_id]
-        return RequestOutput(request_id, seqs[0].token_ids[:seqs[0].num_prompt_tokens], outputs, finished)
+        return RequestOutput(request_id, seqs[0].token_ids[:seqs[0].num_prompt_tokens], outputs, finished, error)
 
 
 def _visible_text(seq: Sequence) -> str:

@@ -1,12 +1,15 @@
 """Serving counters and their Prometheus text exposition (GET /metrics).
 
 Counters accumulate in the engine; gauges (running/waiting requests, KV blocks) are read from the
-scheduler and block manager when the page is rendered.
+scheduler and block manager when the page is rendered; the latency histograms (TTFT, TPOT, end to end)
+are filled by the async engine (serve/latency.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from serve.latency import LatencyHistograms
 
 
 @dataclass
@@ -16,6 +19,8 @@ class Metrics:
     finished: int = 0
     aborted: int = 0
     num_steps: int = 0
+    failed: int = 0             # requests failed by an error of their own (the others kept running)
+    latency: LatencyHistograms = field(default_factory=LatencyHistograms)
 
 
 def _line(name: str, kind: str, help_text: str, value) -> str:
@@ -38,5 +43,6 @@ def render(engine) -> str:
         ("serve_prefix_cache_hit_tokens_total", "counter", "Prompt tokens read from the prefix cache.",
          scheduler.num_cached_tokens),
         ("serve_engine_steps_total", "counter", "Engine steps run.", m.num_steps),
+        ("serve_requests_failed_total", "counter", "Requests failed by an error of their own.", m.failed),
     ]
-    return "".join(_line(*row) for row in rows)
+    return "".join(_line(*row) for row in rows) + m.latency.render()

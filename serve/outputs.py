@@ -10,7 +10,7 @@ class CompletionOutput:
     index: int
     text: str                      # complete characters only; a possible stop-string prefix is held back
     token_ids: list[int]
-    finish_reason: str | None      # None while running; "stop", "length" or "abort"
+    finish_reason: str | None      # None while running; "stop", "length", "abort" or "error"
     logprobs: list[dict] = field(default_factory=list)
 
 
@@ -20,3 +20,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    error: str | None = None       # set (with finished) when this request failed alone; others ran on
+
+
+def failure_message(err: BaseException) -> str:
+    """What a client is told of an error of the server's own: its kind, never its traceback."""
+    return f"the server failed on this request ({type(err).__name__}); the server log has the details"

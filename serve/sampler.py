@@ -4,16 +4,20 @@
 memory), so the overlapped decode loop (serve/lookahead.py) can feed its result into the next step
 before the host reads it; `sample` adds the host copy and the log-probabilities.
 
-logits [N, V] fp32 (already soft-capped). Greedy rows take the argmax; the others are scaled by their
-temperature, cut by top-k then top-p (keeping at least one token), and sampled with the exponential
-race (argmax of p / E, E ~ Exp(1)), which lets rows with their own seed draw from their own generator.
-Log-probabilities are of the model's distribution (before temperature), as the OpenAI API reports them.
+logits [N, V] fp32 (already soft-capped). Rows that ask for penalties, logit_bias or min_tokens are
+processed first (serve/logits_processors.py; a batch that asks for none skips it). Greedy rows take the
+argmax; the others are scaled by their temperature, cut by top-k then top-p (keeping at least one
+token), and sampled with the exponential race (argmax of p / E, E ~ Exp(1)), which lets rows with their
+own seed draw from their own generator.
+Log-probabilities are of the model's distribution (before processors and temperature), as the OpenAI API
+reports them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from serve.logits_processors import process
 from serve.sequence import Sequence
 
 
@@ -26,8 +30,8 @@ def _to_device(values: list, device: torch.device, dtype=None) -> torch.Tensor:
 
 
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    ks = _to_device([k if k > 0 else logits.shape[1] for k in top_k], logits.device)
-    ks = ks.clamp(max=logits.shape[1])
+    vocab = logits.shape[1]
+    ks = _to_device([min(k, vocab) if k > 0 else vocab for k in top_k], logits.device)
     kth = logits.sort(dim=1, descending=True).values.gather(1, (ks - 1)[:, None])
     return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -51,8 +55,12 @@ def _noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def sample_tokens(logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per row, int64 [N] on the logits' device; nothing here waits for the device.
-    `argmax`: the logits' argmax where the step computed it already (the decode graphs do)."""
+    `argmax`: the logits' argmax where the step computed it already (the decode graphs do); processed
+    logits have their own."""
     params = [seq.params for seq in seqs]
+    processed = process(logits, seqs)
+    if processed is not logits:
+        logits, argmax = processed, None
     tokens = logits.argmax(dim=1) if argmax is None else argmax
     if not all(p.greedy for p in params):
         greedy = _to_device([p.greedy for p in params], logits.device)

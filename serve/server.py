@@ -1,30 +1,46 @@
-"""The OpenAI-compatible HTTP server (aiohttp): completions, chat completions, models, health, metrics.
+"""The OpenAI-compatible HTTP server (aiohttp): routes, errors, authentication, and the process's life.
 
-Routes: POST /v1/completions, POST /v1/chat/completions (prompt built with the tokenizer's chat
-template), streaming as server-sent events or one JSON body; GET /v1/models, /health, /metrics
-(Prometheus text). Bad input gets HTTP 400 with an OpenAI error body; a missing or wrong key (when
---api-key is set) gets 401. A client that disconnects aborts its request, which frees its KV blocks.
+Routes: POST /v1/completions and /v1/chat/completions (serve/generate.py), POST /tokenize and
+/detokenize (vLLM's), GET /v1/models, /health, /metrics (Prometheus text). Every refusal is an OpenAI
+error body with a 4xx status: bad input 400, a missing or wrong key (when --api-key is set) 401, an
+unknown route 404, a wrong method 405, a slow body 408, a large one 413; a failure of the server's own
+is a 500 with a one-line message (the traceback goes to the log, never to the client). /health answers
+503 once the engine loop has died, and `serve_forever` then exits non-zero for a supervisor to restart.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
+import logging
+import os
+import signal
 import time
 
 from aiohttp import web
 
 from serve import metrics
 from serve.async_engine import AsyncEngine
+from serve.context import API_KEY, ENGINE, LIMITS, MODEL_NAME, TEXT, ServerLimits, read_request
 from serve.engine import LLMEngine
-from serve.protocol import ApiError, ParsedRequest, parse_chat, parse_completion
-from serve.responses import StreamState, chunk, full_response, usage
+from serve.generate import chat_completions, completions
+from serve.protocol import ApiError, DetokenizeRequest, TokenizeRequest
+from serve.tokenization import TextWorker
 
-ENGINE, MODEL_NAME, API_KEY = web.AppKey("engine", AsyncEngine), web.AppKey("model", str), web.AppKey("key", str)
+log = logging.getLogger("serve")
+EXIT_ENGINE_DEAD = 3
 
 
 def _error(err: ApiError) -> web.Response:
     return web.json_response(err.body(), status=err.status)
+
+
+async def _error_and_close(request: web.Request, err: ApiError) -> web.Response:
+    """Answer, then drop the connection at once (aiohttp would otherwise linger to read the body)."""
+    response = _error(err)
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()       # after the buffered answer is flushed
+    return response
 
 
 @web.middleware
@@ -35,89 +51,14 @@ async def errors_and_auth(request: web.Request, handler):
             raise ApiError(401, "missing or invalid API key", kind="authentication_error")
         return await handler(request)
     except ApiError as err:
-        return _error(err)
-
-
-async def _json(request: web.Request):
-    try:
-        return json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
-
-
-def _prompt_ids(engine: LLMEngine, parsed: ParsedRequest) -> list[int]:
-    if parsed.messages is None:
-        return engine.tokenize(parsed.prompt)
-    tokenizer = engine.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
-    try:
-        text = tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True, tokenize=False)
-    except Exception as err:  # jinja errors (e.g. a template that rejects a role) are the client's to fix
-        raise ApiError(400, f"the chat template rejected the messages: {err}", "messages") from None
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
-    parse = parse_completion if kind == "completion" else parse_chat
-    parsed = parse(await _json(request))
-    if parsed.model not in (request.app[MODEL_NAME], "default"):
-        raise ApiError(400, f"model {parsed.model!r} is not served here (try {request.app[MODEL_NAME]!r})", "model")
-    engine = request.app[ENGINE]
-    prompt_ids = _prompt_ids(engine.engine, parsed)
-    if not parsed.max_tokens_given and prompt_ids:
-        parsed.params.max_tokens = max(1, engine.engine.max_model_len - len(prompt_ids))
-    try:
-        request_id, queue = engine.add(prompt_ids, parsed.params, "cmpl" if kind == "completion" else "chatcmpl")
-    except ValueError as err:
-        raise ApiError(400, str(err)) from None
-    try:
-        if parsed.stream:
-            return await _stream(request, kind, parsed, request_id, queue)
-        return await _respond(request, kind, parsed, request_id, queue)
-    finally:
-        engine.abort(request_id)    # no-op when finished; frees the blocks of a vanished client
-
-
-async def _next(queue: asyncio.Queue):
-    output = await queue.get()
-    if isinstance(output, Exception):
-        raise ApiError(500, f"the engine failed: {output}", kind="server_error")
-    return output
-
-
-async def _respond(request, kind, parsed, request_id, queue) -> web.Response:
-    output = await _next(queue)
-    while not output.finished:
-        output = await _next(queue)
-    engine = request.app[ENGINE].engine
-    prefix = parsed.prompt if parsed.echo and isinstance(parsed.prompt, str) else ""
-    return web.json_response(full_response(kind, request_id, parsed.model, output, engine.tokenizer, prefix))
-
-
-async def _stream(request, kind, parsed, request_id, queue) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    state, tokenizer = StreamState(kind), request.app[ENGINE].engine.tokenizer
-    output = None
-    while output is None or not output.finished:
-        output = await _next(queue)
-        choices = state.deltas(output, tokenizer)
-        if choices:
-            await response.write(chunk(kind, request_id, parsed.model, choices))
-    if parsed.include_usage:
-        await response.write(chunk(kind, request_id, parsed.model, [], usage(output)))
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
-
-
-async def completions(request: web.Request):
-    return await _generate(request, "completion")
-
-
-async def chat_completions(request: web.Request):
-    return await _generate(request, "chat")
+        return await _error_and_close(request, err) if err.close else _error(err)
+    except web.HTTPException as err:    # aiohttp's own refusals (404, 405, ...): the same error body
+        if err.status < 400:
+            raise
+        return _error(ApiError(err.status, err.reason))
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _error(ApiError(500, "internal server error", kind="server_error"))
 
 
 async def models(request: web.Request):
@@ -127,7 +68,30 @@ async def models(request: web.Request):
     return web.json_response({"object": "list", "data": [card]})
 
 
+async def tokenize(request: web.Request):
+    parsed = await read_request(request, TokenizeRequest, model_required=False)
+    text = request.app[TEXT]
+    if parsed.messages is not None:
+        ids = await text.encode_chat([{"role": m.role, "content": m.text()} for m in parsed.messages],
+                                     parsed.add_generation_prompt)
+    else:
+        ids = await text.encode(parsed.prompt, parsed.add_special_tokens)
+    return web.json_response({"count": len(ids), "max_model_len": text.max_model_len, "tokens": ids})
+
+
+async def detokenize(request: web.Request):
+    parsed = await read_request(request, DetokenizeRequest, model_required=False)
+    vocab = request.app[ENGINE].engine.runner.spec.vocab_size
+    if any(t >= vocab for t in parsed.tokens):
+        raise ApiError(400, f"token ids must be below {vocab}", "tokens")
+    return web.json_response({"prompt": await request.app[TEXT].decode(parsed.tokens)})
+
+
 async def health(request: web.Request):
+    dead = request.app[ENGINE].dead
+    if dead is not None:
+        raise ApiError(503, f"the engine loop has died ({type(dead).__name__}); the process is exiting",
+                       kind="server_error")
     return web.Response(text="ok")
 
 
@@ -136,11 +100,16 @@ async def metrics_page(request: web.Request):
                         headers={"X-Prometheus-Format": "0.0.4"})
 
 
-def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=64 * 2**20)
-    app[ENGINE], app[MODEL_NAME], app[API_KEY] = AsyncEngine(engine), model_name, api_key or ""
+def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None,
+              on_death=None) -> web.Application:
+    limits = limits or ServerLimits()
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=limits.max_body_bytes)
+    app[ENGINE], app[MODEL_NAME], app[API_KEY] = AsyncEngine(engine, on_death), model_name, api_key or ""
+    app[TEXT], app[LIMITS] = TextWorker(engine.tokenizer, engine.max_model_len), limits
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)
@@ -149,12 +118,23 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None) ->
         app[ENGINE].start()
         yield
         await app[ENGINE].stop()
+        app[TEXT].shutdown()
     app.cleanup_ctx.append(lifecycle)
     return app
 
 
-def serve_forever(engine: LLMEngine, model_name: str, host: str, port: int, api_key: str | None = None) -> None:
-    """Blocks until interrupted; handler cancellation makes a client disconnect abort its request."""
-    app = build_app(engine, model_name, api_key)
+def _exit_soon(err: BaseException) -> None:
+    """The engine loop died: shut the server down (SIGTERM: aiohttp's graceful exit); see serve_forever."""
+    signal.raise_signal(signal.SIGTERM)
+
+
+def serve_forever(engine: LLMEngine, model_name: str, host: str, port: int, api_key: str | None = None,
+                  limits: ServerLimits | None = None) -> None:
+    """Blocks until interrupted; handler cancellation makes a client disconnect abort its request.
+    Exits the process with EXIT_ENGINE_DEAD when the engine loop died."""
+    app = build_app(engine, model_name, api_key, limits, on_death=_exit_soon)
     print(f"serving {model_name} on http://{host}:{port}/v1 (max_model_len {engine.max_model_len})", flush=True)
     web.run_app(app, host=host, port=port, print=None, handler_cancellation=True)
+    if app[ENGINE].dead is not None:
+        print(f"the engine loop died ({app[ENGINE].dead!r}); exiting with {EXIT_ENGINE_DEAD}", flush=True)
+        os._exit(EXIT_ENGINE_DEAD)     # not sys.exit: a worker thread stuck in a step would hold the process
