@@ -98,13 +98,13 @@ def run_args(model, tokenizer, args) -> dict:
 def load_lm(model_dir: str, device: str = "auto"):
     """A causal LM and its tokenizer from a dense or slimmed directory (via `compress.load` when present)."""
     import torch
-    from transformers import AutoTokenizer
 
     from compress.arch.gemma import load_causal_lm
+    from compress.modeling import load_tokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     model = load_causal_lm(model_dir).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    return model, load_tokenizer(model_dir)
 
 
 def run_eval_command(args) -> int:
