@@ -265,14 +265,15 @@ def plan(args, models: list[str]) -> list:
         steps.append((f"offline {first}", lambda r, p: bench_model(args, first, r, p)))
         if args.slim:
             steps.append((f"slim {first}", lambda r, p: bench_model(args, first, r, p, slim=args.slim)))
-        if args.compare == "hf":
-            steps.append((f"hf {first}", lambda r, p: bench_hf(args, first, r, p)))
+    steps += grid_steps(args, first)
+    if args.mode in ("offline", "suite") and args.compare == "hf":
+        steps.append((f"hf {first}", lambda r, p: bench_hf(args, first, r, p)))
     if args.mode in ("online", "suite"):
         steps.append((f"online {first}", lambda r, p: bench_online(args, first, r, p)))
     if args.mode in ("offline", "suite"):
         for name in models[1:]:
             steps.append((f"offline {name}", lambda r, p, n=name: bench_model(args, n, r, p)))
-    return steps + grid_steps(args, first)
+    return steps
 
 
 def grid_steps(args, name: str) -> list:

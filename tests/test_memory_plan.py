@@ -98,6 +98,31 @@ def test_the_profile_step_is_the_largest_a_scheduler_can_make(tokens, seqs, max_
         assert len(seq.block_tables[None]) * config.block_size >= n
 
 
+def test_the_cache_is_sized_from_what_a_profiled_step_leaves(tiny, monkeypatch):
+    """The CUDA start-up on the CPU with a fake memory reader: 60 MiB free after the weights and a step
+    peaking 10 MiB above its start: the cache gets 0.9 * 60 - 10 MiB, after the worst step really ran."""
+    from serve import memory
+    from serve.model_runner import ModelRunner
+
+    MiB, rows = 2**20, []
+    for name, fake in [("synchronize", lambda *a: None), ("empty_cache", lambda: None),
+                       ("reset_peak_memory_stats", lambda *a: None), ("memory_allocated", lambda *a: 5 * MiB),
+                       ("max_memory_allocated", lambda *a: 15 * MiB), ("mem_get_info", lambda *a: (60 * MiB, 80 * MiB))]:
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(memory, "sample", lambda logits, seqs: rows.append(logits.shape[0]))
+    monkeypatch.setattr(ModelRunner, "_profile", lambda self, use_graphs: memory.profile(self, None))
+    llm = LLM(tiny, device="cpu", max_num_seqs=1024, max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    assert rows == [64, 64]                     # twice, every one of the 64 sequences of the worst step sampling
+    assert runner.memory == MemoryProfile(free_bytes=60 * MiB, step_bytes=10 * MiB, graph_bytes=0)
+    kv = sum(t.numel() * t.element_size() for group in runner.kv_stacks.values() for t in group)
+    budget = int(0.9 * 60 * MiB) - 10 * MiB     # both groups are below their caps: the budget binds
+    assert budget - 2 * 16 * 2**10 < kv <= budget
+    assert "free after the weights; one step needs 10.0 MiB" in llm.engine.startup_report[1]
+    out = llm.generate(random_prompts([5, 9]), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in out] == [4, 4]
+
+
 def _force_graphs(monkeypatch, error=None):
     """On the CPU: take the CUDA-graph path, with `error` raised where capture would sync the device."""
     from serve import cuda_graphs
