@@ -99,6 +99,14 @@ def summarize(results: list[dict], seconds: float) -> dict:
             "ttft_ms": _stats(ttft), "tpot_ms": _stats(tpot), "itl_ms": _stats(itl)}
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def check_server(path, server_args: list[str]) -> dict:
     """Start `compress serve PATH`, then: its start-up log (KV blocks and tokens, decode mode), /health,
     one greedy completion, and the /metrics gauges of the decode graphs and the KV cache."""
@@ -119,11 +127,7 @@ def check_server(path, server_args: list[str]) -> dict:
             gauges = dict(line.split() for line in r.read().decode().splitlines() if line and line[0] != "#")
         row.update(graphs=int(gauges["serve_cuda_graphs_captured"]), kv_tokens=int(gauges["serve_kv_cache_tokens"]))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         proc.log.seek(0)
         row["log"] = [line for line in proc.log.read().splitlines() if line.startswith(("KV cache", "memory", "decode"))]
     return row
@@ -136,9 +140,5 @@ def run_online(path, model_name: str, prompts, output_len: int, rate: float, ser
     try:
         results, seconds = asyncio.run(_drive(port, model_name, prompts, output_len, rate, seed))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return {"rate": rate, **summarize(results, seconds)}
