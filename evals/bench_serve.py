@@ -7,10 +7,15 @@ each, EOS ignored, greedy. Models: a directory, or a public Gemma shape with see
 sibling (`--slim 0.6`: heads halved, filters cut to 0.6 of the layer FLOPs) timed next to its parent.
 Batch-1 floor: bytes one decode step must read (every weight once, the embedding as the output
 projection, plus the KV each layer attends to) over the measured device-to-device copy bandwidth.
+With `--slim`, `--mix MIN:MAX:OUT` and `--grid-max-model-len N` add a grid: the parent and its slimmed
+sibling on every mix (the default workload first) at every context length, each engine built after
+the last was freed, with its decode mode (CUDA graphs captured or not) in the table; `--serve-check`
+also starts `compress serve` of the sibling at each grid length (health, one completion, start-up log).
 
   python evals/bench_serve.py offline --model gemma-2-2b --compare hf --slim 0.6
   python evals/bench_serve.py online --model gemma-2-2b --rate 8
   python evals/bench_serve.py suite --out evals/results/serve_gpu.md      # everything, GPU machine
+  python evals/bench_serve.py offline --slim 0.6 --mix 32:1800:384 --grid-max-model-len 4096 --grid-max-model-len 8192
 """
 
 from __future__ import annotations
@@ -73,18 +78,21 @@ def _vocab_size(name: str) -> int:
     return config.get("text_config", config)["vocab_size"]
 
 
-def make_llm(path, args, results: dict):
-    """The engine on its default (fast) path; if CUDA-graph capture fails, eager decode, noted as an error."""
+def make_llm(path, args, max_model_len: int | None = None):
+    """The engine on its default (fast) path. A decode-graph capture that fails is a start-up error
+    (GraphCaptureError), reported as this step's failure, never an eager fallback."""
     from serve import LLM
-    kw = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False)
-    try:
-        return LLM(str(path), **kw)
-    except RuntimeError as err:
-        results.setdefault("errors", []).append(f"{path}: graphs failed, eager decode: {err}"[:400])
-        gc.collect()
-        torch.cuda.empty_cache()
-        return LLM(str(path), enforce_eager=True, **kw)
+    from serve.config import parse_kv_cache_memory
+    memory = parse_kv_cache_memory(args.kv_cache_memory) if args.kv_cache_memory else {}
+    return LLM(str(path), max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               max_model_len=max_model_len or args.max_model_len, enable_prefix_caching=False, **memory)
+
+
+def engine_info(llm) -> dict:
+    """What start-up decided: decode graphs captured (0: eager), KV tokens, the start-up log."""
+    engine = llm.engine
+    return {"max_model_len": engine.max_model_len, "graphs": engine.runner.num_graphs,
+            "kv_tokens": engine.kv_cache_tokens, "startup": engine.startup_report}
 
 
 def run_offline(llm, prompts, output_len: int, name: str) -> dict:
@@ -144,20 +152,21 @@ def _time_replay(graph, reps: int = 50) -> float:
     return start.elapsed_time(end) / 1000 / reps
 
 
-def free(llm) -> None:
-    del llm
+def release_memory() -> None:
+    """Give a dropped engine's memory back (its runner and decode graphs refer to each other: gc)."""
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def bench_model(args, name: str, results: dict, prompts, slim: float | None = None, latency: bool = True) -> None:
     path, config = resolve(args, name, slim)
     label = name if slim is None else f"{name} slimmed (FLOPs {slim})"
     start = time.perf_counter()
-    llm = make_llm(path, args, results)
+    llm = make_llm(path, args)
     init_s = time.perf_counter() - start
     row = run_offline(llm, prompts, args.output_len, label)
-    row["init_s"] = init_s
+    row.update(init_s=init_s, **engine_info(llm))
     results["offline"].append(row)
     print(json.dumps(row), flush=True)
     if args.compare == "hf" and slim is None and not results["hf"]:
@@ -168,7 +177,37 @@ def bench_model(args, name: str, results: dict, prompts, slim: float | None = No
         lat = {"model": label, **run_latency(llm, config["vocab_size"], results["copy_gbs"], prompt_len, output_len)}
         results["latency"].append(lat)
         print(json.dumps(lat), flush=True)
-    free(llm)
+    del llm
+    release_memory()
+
+
+def bench_pair(args, name: str, results: dict, mix: tuple[int, int, int], max_model_len: int) -> None:
+    """The parent and its slimmed sibling on one mix at one context length (a row of the grid)."""
+    lo, hi, output_len = mix
+    prompts = make_prompts(args.num_requests, lo, hi, _vocab_size(name), args.seed)
+    row = {"model": name, "mix": f"{lo}-{hi} -> {output_len}", "max_model_len": max_model_len}
+    results["grid"].append(row)
+    for key, slim in (("parent", None), ("slim", args.slim)):
+        path, _ = resolve(args, name, slim)
+        start = time.perf_counter()
+        llm = make_llm(path, args, max_model_len)
+        init_s = time.perf_counter() - start
+        row[key] = {**run_offline(llm, prompts, output_len, key), "init_s": init_s, **engine_info(llm)}
+        print(json.dumps(row[key]), flush=True)
+        del llm
+        release_memory()
+
+
+def serve_check(args, name: str, results: dict, max_model_len: int) -> None:
+    """A fresh `compress serve` of the slimmed sibling: start-up log, health, one completion, metrics."""
+    from bench_serve_online import check_server
+    path, _ = resolve(args, name, args.slim)
+    server_args = ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens",
+                   str(args.max_num_batched_tokens), "--max-model-len", str(max_model_len)]
+    row = {"model": f"{name} slimmed (FLOPs {args.slim})", "max_model_len": max_model_len,
+           **check_server(path, server_args)}
+    results["serve_check"].append(row)
+    print(json.dumps(row), flush=True)
 
 
 def bench_hf(args, name: str, results: dict, prompts) -> None:
@@ -201,7 +240,7 @@ def main(argv=None) -> int:
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "args": vars(args),
                "copy_gbs": copy_bandwidth_gbs() if torch.cuda.is_available() else float("nan"),
-               "offline": [], "latency": [], "hf": [], "online": []}
+               "offline": [], "latency": [], "hf": [], "online": [], "grid": [], "serve_check": []}
     models = args.model or (["gemma-2-2b", "gemma-3-1b", "gemma-3-4b", "gemma-3-270m"] if args.mode == "suite"
                             else ["gemma-2-2b"])
     vocab = min(_vocab_size(m) for m in models)
@@ -226,14 +265,41 @@ def plan(args, models: list[str]) -> list:
         steps.append((f"offline {first}", lambda r, p: bench_model(args, first, r, p)))
         if args.slim:
             steps.append((f"slim {first}", lambda r, p: bench_model(args, first, r, p, slim=args.slim)))
-        if args.compare == "hf":
-            steps.append((f"hf {first}", lambda r, p: bench_hf(args, first, r, p)))
+    steps += grid_steps(args, first)
+    if args.mode in ("offline", "suite") and args.compare == "hf":
+        steps.append((f"hf {first}", lambda r, p: bench_hf(args, first, r, p)))
     if args.mode in ("online", "suite"):
         steps.append((f"online {first}", lambda r, p: bench_online(args, first, r, p)))
     if args.mode in ("offline", "suite"):
         for name in models[1:]:
             steps.append((f"offline {name}", lambda r, p, n=name: bench_model(args, n, r, p)))
     return steps
+
+
+def grid_steps(args, name: str) -> list:
+    """Parent and slimmed sibling on every mix at every grid length (not the main run's mix and length
+    again); then, with --serve-check, `compress serve` of the sibling at each grid length."""
+    if not args.slim or not (args.mix or args.grid_max_model_len):
+        return []
+    mixes = [(args.min_prompt, args.max_prompt, args.output_len)] + args.mix
+    steps = []
+    for length in args.grid_max_model_len or [args.max_model_len]:
+        for mix in mixes:
+            if (mix, length) != (mixes[0], args.max_model_len) and mix[1] + mix[2] <= length:
+                steps.append((f"grid {name} {mix} at {length}",
+                              lambda r, p, m=mix, n=length: bench_pair(args, name, r, m, n)))
+    if args.serve_check:
+        steps += [(f"serve {name} slimmed at {n}", lambda r, p, n=n: serve_check(args, name, r, n))
+                  for n in args.grid_max_model_len or [args.max_model_len]]
+    return steps
+
+
+def parse_mix(text: str) -> tuple[int, int, int]:
+    """`MIN:MAX:OUT` prompt lengths and output tokens of a workload mix."""
+    lo, hi, out = (int(v) for v in text.split(":"))
+    if not 1 <= lo <= hi or out < 1:
+        raise argparse.ArgumentTypeError(f"a mix is MIN:MAX:OUT with 1 <= MIN <= MAX and OUT >= 1, got {text!r}")
+    return lo, hi, out
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -259,7 +325,13 @@ def parse_args(argv):
     p.add_argument("--slim", type=float, default=None, help="also time a slimmed sibling at this FLOPs ratio")
     p.add_argument("--rate", type=float, default=8.0, help="online: Poisson arrival rate (requests/s)")
     p.add_argument("--online-requests", type=int, default=128)
-    p.add_argument("--kv-cache-memory", type=float, default=None)
+    p.add_argument("--kv-cache-memory", default=None, help="as `compress serve --kv-cache-memory` (0.9, 40GB)")
+    p.add_argument("--mix", type=parse_mix, action="append", default=[], metavar="MIN:MAX:OUT",
+                   help="grid: another workload (prompt lengths MIN..MAX, OUT output tokens), e.g. 32:1800:384")
+    p.add_argument("--grid-max-model-len", type=int, action="append", default=[], metavar="N",
+                   help="grid: a context length at which the parent and its --slim sibling run every mix")
+    p.add_argument("--serve-check", action="store_true",
+                   help="grid: start `compress serve` of the slimmed sibling at each grid length")
     p.add_argument("--out", default=None, help="write the markdown report here")
     args = p.parse_args(argv)
     args.hf_requests = args.hf_requests or args.num_requests

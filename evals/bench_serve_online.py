@@ -39,6 +39,7 @@ def start_server(path, port: int, server_args: list[str], timeout: float = 300) 
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -98,6 +99,40 @@ def summarize(results: list[dict], seconds: float) -> dict:
             "ttft_ms": _stats(ttft), "tpot_ms": _stats(tpot), "itl_ms": _stats(itl)}
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def check_server(path, server_args: list[str]) -> dict:
+    """Start `compress serve PATH`, then: its start-up log (KV blocks and tokens, decode mode), /health,
+    one greedy completion, and the /metrics gauges of the decode graphs and the KV cache."""
+    import urllib.request
+    port, start = free_port(), time.perf_counter()
+    proc = start_server(path, port, ["--served-model-name", "m", *server_args])
+    row = {"startup_s": time.perf_counter() - start}
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=10) as r:
+            row["health"] = r.status
+        body = json.dumps({"model": "m", "prompt": [5, 6, 7, 8], "max_tokens": 8, "temperature": 0,
+                           "ignore_eos": True}).encode()
+        request = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            row["completion_tokens"] = json.loads(r.read())["usage"]["completion_tokens"]
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+            gauges = dict(line.split() for line in r.read().decode().splitlines() if line and line[0] != "#")
+        row.update(graphs=int(gauges["serve_cuda_graphs_captured"]), kv_tokens=int(gauges["serve_kv_cache_tokens"]))
+    finally:
+        stop_server(proc)
+        proc.log.seek(0)
+        row["log"] = [line for line in proc.log.read().splitlines() if line.startswith(("KV cache", "memory", "decode"))]
+    return row
+
+
 def run_online(path, model_name: str, prompts, output_len: int, rate: float, server_args: list[str],
                seed: int = 0) -> dict:
     port = free_port()
@@ -105,9 +140,5 @@ def run_online(path, model_name: str, prompts, output_len: int, rate: float, ser
     try:
         results, seconds = asyncio.run(_drive(port, model_name, prompts, output_len, rate, seed))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return {"rate": rate, **summarize(results, seconds)}

@@ -2,7 +2,9 @@
 
 `EngineConfig` holds the user-facing knobs of `compress serve` (context length, KV memory, block size,
 batch limits) and validates them with `ValueError`; the CLI turns those into one-line user errors.
-KV memory is either a fraction of free device memory (<= 1) or an absolute size in GB (> 1).
+KV memory is a fraction of the device memory free after the weights (`kv_cache_memory`, <= 1; on the
+GPU the KV cache, one step's activations and the decode graphs share it: serve/memory.py) or an exact
+size of the KV cache in bytes (`kv_cache_bytes`); `parse_kv_cache_memory` reads the flag into either.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ class EngineConfig:
     block_size: int = 16                    # tokens per KV block
     max_num_seqs: int = 64                  # sequences in the running batch at once
     max_num_batched_tokens: int = 2048      # per-step token budget (prefill chunks + decodes)
-    kv_cache_memory: float | None = None    # <= 1: fraction of free memory; > 1: GB; None: default
-    num_kv_blocks: int | None = None        # exact pool size (tests); overrides kv_cache_memory
+    kv_cache_memory: float | None = None    # fraction (0, 1] of the memory free after the weights; None: default
+    kv_cache_bytes: int | None = None       # exact KV cache size in bytes; overrides kv_cache_memory
+    num_kv_blocks: int | None = None        # exact pool size (tests); overrides both
     enable_prefix_caching: bool = True
     max_n: int = 16                         # largest `n` one request may ask for
     device: str = "auto"                    # "auto": cuda when available, else cpu
@@ -34,8 +37,11 @@ class EngineConfig:
         self._check_positive("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.kv_cache_memory is not None and not 0 < self.kv_cache_memory <= 1:
+            raise ValueError(f"kv_cache_memory is a fraction in (0, 1], got {self.kv_cache_memory} "
+                             f"(give a size in bytes as kv_cache_bytes)")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -53,13 +59,27 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
-def parse_memory(text: str) -> float:
-    """`--kv-cache-memory` value: a fraction (0.5) or gigabytes (4, 4GB, 4G)."""
-    cleaned = text.strip().upper().removesuffix("B").removesuffix("G")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_kv_cache_memory(text: str) -> dict:
+    """`--kv-cache-memory` as EngineConfig fields: a bare number in (0, 1] is a fraction of free memory
+    ({"kv_cache_memory": 0.5}); a number with a unit is bytes ({"kv_cache_bytes": ...}): 4GB = 4e9,
+    4GiB = 4G = 4 * 2**30, 512MB, 512MiB. A bare number above 1 is refused: bytes or GB was never clear."""
+    cleaned = text.strip().upper().replace(" ", "")
+    number = cleaned.rstrip("KMGTIB")
+    unit = cleaned[len(number):]
     try:
-        value = float(cleaned)
+        value = float(number)
     except ValueError:
-        raise ValueError(f"--kv-cache-memory must be a fraction like 0.5 or a size like 4GB, got {text!r}")
-    if value <= 0:
-        raise ValueError(f"--kv-cache-memory must be positive, got {text!r}")
-    return value
+        value = float("nan")
+    if value != value or (unit and unit not in _UNITS) or value <= 0:
+        raise ValueError(f"--kv-cache-memory must be a fraction like 0.9 or a size like 4GB, 4GiB or 512MB, "
+                         f"got {text!r}")
+    if unit:
+        return {"kv_cache_bytes": int(value * _UNITS[unit])}
+    if value > 1:
+        raise ValueError(f"--kv-cache-memory {text} is neither a fraction (at most 1) nor a size: "
+                         f"give the unit, e.g. {text}GB or {text}GiB")
+    return {"kv_cache_memory": value}

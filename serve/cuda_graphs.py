@@ -30,6 +30,11 @@ one step in block_size per sequence); otherwise only the per-row fields at the f
 (ids to slots, a few KB instead of max_batch x max_model_len / block_size entries per group).
 Since the host may pack step N+1 while step N's copy out of the pinned buffer is still queued, packing
 first waits for an event recorded after that copy.
+
+A capture that fails (out of memory, most likely) raises GraphCaptureError, a ValueError that
+`compress serve` reports in one line at start-up: decode never falls back to eager silently; eager is
+what `--enforce-eager` asks for. serve/memory.py captures once over a small cache first, to measure the
+graphs before the KV cache takes the rest of the memory.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ import torch
 
 from serve.attention import AttentionMetadata, GroupMetadata
 from serve.kv_cache import blocks_per_seq
+
+
+class GraphCaptureError(ValueError):
+    """The decode CUDA graphs could not be captured (a start-up error, not a fallback)."""
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -137,13 +146,29 @@ class DecodeGraphs:
         # the argmax is read by the next step's embedding (and by the sampler)
         return runner.model.compute_logits(hidden, argmax_out=self.tokens[:bucket])
 
-    @torch.inference_mode()
+    def release(self) -> None:
+        """Drop the graphs and their outputs (their pool is freed with the last of them)."""
+        self.graphs.clear()
+        self.outputs.clear()
+
     def capture(self) -> None:
+        """Capture every bucket; GraphCaptureError (with the cause and the way out) when one fails."""
+        try:
+            self._capture()
+        except (RuntimeError, torch.OutOfMemoryError) as err:
+            self.release()
+            cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise GraphCaptureError(f"capturing the decode CUDA graphs (batch sizes up to {self.max_batch}, "
+                                    f"max_model_len {self.runner.max_model_len}) failed: {cause}; lower "
+                                    f"--max-num-seqs or --max-model-len, or pass --enforce-eager to decode "
+                                    f"without graphs (slower)") from err
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
         """Largest bucket first, all graphs in one memory pool (each later graph reuses its space).
         A graph keeps the kernel options (kernels/options.py) it was captured with; called again (a
         benchmark switching one), it drops the old graphs and their pool first."""
-        self.graphs.clear()
-        self.outputs.clear()
+        self.release()
         self.np["seq_lens"][:] = 1
         self.np["src_rows"][:] = -1
         for key in self.keys:

@@ -24,6 +24,7 @@ from serve.block_manager import BlockManager
 from serve.config import EngineConfig
 from serve.detokenizer import IncrementalDetokenizer
 from serve.lookahead import InFlight, Lookahead
+from serve.memory import startup_report
 from serve.metrics import Metrics
 from serve.model_runner import ModelRunner
 from serve.outputs import CompletionOutput, RequestOutput, failure_message
@@ -68,10 +69,20 @@ class LLMEngine:
         self.metrics = Metrics()
         self.errors: dict[str, str] = {}       # request id -> what failed it, until its output is made
         self._failed: list[str] = []            # requests failed during this step
+        self.startup_report = startup_report(self.runner)   # KV blocks and tokens, memory, decode mode
         self._ids = itertools.count()
         # False (offline batches): text is decoded once at the end and step() reports only finished
         # requests, which keeps per-token host work off the decode loop.
         self.stream_outputs = True
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the KV cache holds: of the full-attention layers, else of the widest sliding window."""
+        plan = self.runner.block_plan
+        if not plan:
+            return 0
+        key = None if None in plan else max(plan)
+        return plan[key] * self.config.block_size
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -4,13 +4,13 @@ Groups are keyed by attention span (None = full, int = sliding window). Within a
 same KV width share one stacked tensor `[num_layers, 2, num_blocks, block_size, Hkv, D]`; each layer
 gets views `(k_cache, v_cache)` of `[num_blocks, block_size, Hkv, D]`. Layers with 0 KV heads get None.
 Memory: a sliding group never needs more blocks than its window (plus one step's chunk) per sequence,
-so it is capped there and the rest of the budget goes to full-attention groups.
+so it is capped there and the rest of the budget goes to full-attention groups. How many bytes the
+cache may take is serve/memory.py's business.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 
 import torch
@@ -41,28 +41,15 @@ def bytes_per_block(spec: GemmaSpec, layers: list[int], config: EngineConfig, dt
     return 2 * config.block_size * width * torch.finfo(dtype).bits // 8
 
 
-def memory_budget(config: EngineConfig, device: torch.device) -> int:
-    """Bytes for the KV cache: a fraction of free memory, or an absolute number of GB."""
-    value = config.kv_cache_memory
-    if value is not None and value > 1:
-        return int(value * 2**30)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * (0.9 if value is None else value))
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if value is None:     # host RAM is shared with everything else: stay modest unless told otherwise
-        return min(int(available * 0.25), 2 * 2**30)
-    return int(available * value)
-
-
-def plan_blocks(spec, config: EngineConfig, max_model_len: int, dtype, device) -> dict[int | None, int]:
-    """Blocks per group: the override, or the budget split so sliding groups stop at their cap."""
+def plan_blocks(spec, config: EngineConfig, max_model_len: int, dtype, budget: int | None) -> dict[int | None, int]:
+    """Blocks per group: the override, or `budget` bytes (serve/memory.py) split so sliding groups stop
+    at their cap."""
     groups = group_layers(spec)
     caps = {key: config.max_num_seqs * blocks_per_seq(key, config, max_model_len) for key in groups}
     if config.num_kv_blocks is not None:
         return {key: config.num_kv_blocks for key in groups}
     cost = {key: bytes_per_block(spec, layers, config, dtype) for key, layers in groups.items()}
-    budget, plan, open_keys = memory_budget(config, device), {}, set(groups)
+    plan, open_keys = {}, set(groups)
     while open_keys:
         share = budget // max(sum(cost[k] for k in open_keys), 1)
         capped = {k for k in open_keys if caps[k] <= share}

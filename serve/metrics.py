@@ -35,6 +35,10 @@ def render(engine) -> str:
         ("serve_requests_waiting", "gauge", "Sequences waiting to be scheduled.", len(scheduler.waiting)),
         ("serve_kv_blocks_used", "gauge", "KV cache blocks in use (all groups).", blocks.num_used_blocks()),
         ("serve_kv_blocks_total", "gauge", "KV cache blocks (all groups).", blocks.num_total_blocks()),
+        ("serve_kv_cache_tokens", "gauge", "Tokens the KV cache of the full-attention layers holds (else of the "
+         "widest window).", engine.kv_cache_tokens),
+        ("serve_cuda_graphs_captured", "gauge", "Decode batch sizes captured as CUDA graphs; 0: decode runs "
+         "eagerly (see the start-up log for why).", engine.runner.num_graphs),
         ("serve_prompt_tokens_total", "counter", "Prompt tokens received.", m.prompt_tokens),
         ("serve_generation_tokens_total", "counter", "Tokens generated.", m.generation_tokens),
         ("serve_sequences_finished_total", "counter", "Sequences finished.", m.finished),

@@ -6,6 +6,7 @@ device; copy-on-write block copies run first; logits are computed only for the s
 The fast path (on CUDA by default, `fast_path="on"` elsewhere) fuses the model's projections and norms
 and sends pure decode steps through serve/cuda_graphs.py (CUDA graphs on the GPU, the same padded
 persistent buffers eagerly elsewhere); prefill and mixed steps run eagerly through `prepare`.
+Start-up on CUDA: weights, fused fast path, memory profile (serve/memory.py), KV cache, decode graphs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from serve.attention import AttentionMetadata, GroupMetadata, select_backend
 from serve.config import EngineConfig
 from serve.cuda_graphs import DecodeGraphs
 from serve.kv_cache import allocate_caches, check_plan, plan_blocks
+from serve.memory import MemoryProfile, host_budget, kv_budget, profile
 from serve.models.loader import load_model
 from serve.scheduler import ScheduledBatch
 
@@ -40,19 +42,53 @@ class ModelRunner:
         self.model, self.spec = load_model(config.model, self.device, self.dtype)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         self.backend = select_backend(config.attention_backend, self.device)
-        self.block_plan = plan_blocks(self.spec, config, self.max_model_len, self.dtype, self.device)
+        self.decode_graphs: DecodeGraphs | None = None
+        fast_path = self._fast_path_on()
+        if fast_path:
+            self.model.fuse(self.max_model_len)
+        use_graphs = fast_path and self._use_graphs()
+        self.memory = self._profile(use_graphs)
+        self.block_plan = plan_blocks(self.spec, config, self.max_model_len, self.dtype, self._kv_budget())
         check_plan(self.block_plan, config, self.max_model_len)
         self.kv_caches, self.kv_stacks = allocate_caches(self.spec, self.block_plan, config, self.dtype, self.device)
-        self.decode_graphs = self._init_fast_path() if self._fast_path_on() else None
+        if fast_path:
+            self.decode_graphs = DecodeGraphs(self, self._graph_batch(), use_graphs)
 
     def _fast_path_on(self) -> bool:
         return self.config.fast_path == "on" or (self.config.fast_path == "auto" and self.device.type == "cuda")
 
-    def _init_fast_path(self) -> DecodeGraphs:
-        self.model.fuse(self.max_model_len)
-        use_graphs = self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name == "triton"
-        max_batch = min(self.config.max_graph_batch or self.config.max_num_seqs, self.config.max_num_seqs)
-        return DecodeGraphs(self, max_batch, use_graphs)
+    def _use_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.config.enforce_eager and self.backend.name == "triton"
+
+    def _graph_batch(self) -> int:
+        """Largest decode batch of the fast path's buckets (captured as CUDA graphs where they are used)."""
+        return min(self.config.max_graph_batch or self.config.max_num_seqs, self.config.max_num_seqs)
+
+    def _profile(self, use_graphs: bool) -> MemoryProfile | None:
+        """On CUDA: a worst-case step and the decode graphs, measured before the KV cache takes the rest."""
+        if self.device.type != "cuda" or self.config.num_kv_blocks is not None:
+            return None
+        return profile(self, self._graph_batch() if use_graphs else None)
+
+    def _kv_budget(self) -> int | None:
+        if self.config.num_kv_blocks is not None:
+            return None
+        return kv_budget(self.config, self.memory) if self.memory is not None else host_budget(self.config)
+
+    @property
+    def num_graphs(self) -> int:
+        """Decode batch sizes captured as CUDA graphs (0: decode runs eagerly)."""
+        return len(self.decode_graphs.graphs) if self.decode_graphs is not None else 0
+
+    def eager_reason(self) -> str | None:
+        """Why decode runs without CUDA graphs (None: it runs with them)."""
+        if self.num_graphs:
+            return None
+        if self.config.enforce_eager:
+            return "--enforce-eager"
+        if self.device.type != "cuda":
+            return f"{self.device.type} device"
+        return "fast path off" if self.decode_graphs is None else f"{self.backend.name} attention backend"
 
     def _tensor(self, values, dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)

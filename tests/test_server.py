@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -181,7 +182,8 @@ def test_serve_flags_reach_the_engine_config(tmp_path, monkeypatch, flags, overl
     from compress.cli import main
 
     seen = {}
-    monkeypatch.setattr(serve.engine, "LLMEngine", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr(serve.engine, "LLMEngine", lambda config: SimpleNamespace(config=seen.setdefault("config", config),
+                                                                                   startup_report=[]))
     monkeypatch.setattr(serve.server, "serve_forever", lambda *args: None)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
     assert main(["serve", str(tmp_path), *flags]) == 0

@@ -161,8 +161,10 @@ def load_causal_lm(model_dir, dtype=torch.float32):
     """A plain HF causal LM from a dense or slimmed directory (per-layer shapes applied before loading)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from compress.models.checks import check_checkpoint
     from compress.errors import UserError
 
+    check_checkpoint(model_dir, tokenizer=True)
     config = AutoConfig.from_pretrained(model_dir)
     if not any(hasattr(text_config(config), k) for k in SHAPE_KEYS):
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)

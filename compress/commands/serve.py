@@ -10,8 +10,10 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--kv-cache-memory", default=None, metavar="FRACTION_OR_GB",
-                   help="KV cache size: a fraction of free memory (0.9) or GB (4GB); default 0.9 on GPU, min(0.25, 2GB) on CPU")
+    p.add_argument("--kv-cache-memory", default=None, metavar="FRACTION_OR_SIZE",
+                   help="a fraction of the memory free after the weights, shared on the GPU by the KV cache, one "
+                        "step's activations and the CUDA graphs (default 0.9; CPU: a quarter of free RAM, at most "
+                        "2GiB), or the KV cache's exact size: 4GB (4e9 bytes), 4GiB, 512MB")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
@@ -32,21 +34,23 @@ def run(args) -> int:
 
     from compress.errors import UserError
     from compress.models.hub import resolve_model
-    from serve.config import EngineConfig, parse_memory
+    from serve.config import EngineConfig, parse_kv_cache_memory
     from serve.engine import LLMEngine
     from serve.server import serve_forever
 
     path = resolve_model(args.model)
     try:
-        memory = None if args.kv_cache_memory is None else parse_memory(args.kv_cache_memory)
+        memory = {} if args.kv_cache_memory is None else parse_kv_cache_memory(args.kv_cache_memory)
         config = EngineConfig(model=str(path), max_model_len=args.max_model_len, block_size=args.block_size,
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                              kv_cache_memory=memory, device=args.device, dtype=args.dtype,
+                              **memory, device=args.device, dtype=args.dtype,
                               enable_prefix_caching=not args.no_prefix_caching, overlap=not args.no_overlap,
                               enforce_eager=args.enforce_eager)
         engine = LLMEngine(config)
     except ValueError as err:
         raise UserError(f"cannot serve {args.model}: {err}") from None
+    for line in engine.startup_report:
+        print(line, flush=True)
     name = args.served_model_name or (args.model if not Path(args.model).is_dir() else Path(path).name)
     serve_forever(engine, name, args.host, args.port, args.api_key)
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from compress.models.checks import check_checkpoint, check_config, check_tokenizer_files
 from compress.errors import UserError
 
 CLASSIFIER_ARCH_SUFFIX = "ForSequenceClassification"
@@ -34,6 +35,7 @@ def resolve(name_or_dir: str | os.PathLike) -> Path:
 def read_config(path: Path):
     from transformers import AutoConfig
 
+    check_config(path)
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, json.JSONDecodeError, KeyError) as err:
@@ -51,6 +53,7 @@ def load(path: str | os.PathLike, device="cpu"):
     from compress.arch import gemma, get_adapter
 
     path = resolve(path)
+    check_checkpoint(path, tokenizer=True)
     config = read_config(path)
     if config.model_type in gemma.MODEL_TYPES:
         return gemma.load_causal_lm(path).to(device).eval()
@@ -119,6 +122,7 @@ def _load_strict(model, state: dict, path: Path) -> None:
 def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(path)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -2,7 +2,8 @@
 
 Accepts plain HF Gemma 2/3 text checkpoints, multimodal Gemma 3 checkpoints (only the language model
 is read) and slimmed checkpoints with per-layer shape keys. Every problem a user can fix raises
-ValueError with one line saying which file or tensor is wrong.
+ValueError with one line saying which file or tensor is wrong (compress/models/checks.py checks the
+whole directory first, its tokenizer included).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from compress.models.checks import check_checkpoint
 from serve.models.gemma import GemmaForCausalLM
 from serve.models.gemma_config import GemmaSpec, spec_from_config
 
@@ -78,6 +80,7 @@ def _check_and_fill(model: GemmaForCausalLM, tensors: dict[str, torch.Tensor]) -
 def load_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[GemmaForCausalLM, GemmaSpec]:
     path = Path(path)
     spec = spec_from_config(read_config(path))
+    check_checkpoint(path, tokenizer=True)     # whole files, layer counts and shapes, tokenizer: one line
     with torch.device("meta"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")   # pruned-away layers
         model = GemmaForCausalLM(spec)
