@@ -54,10 +54,17 @@ def eos_token_ids(path: str, spec_eos: list[int], tokenizer) -> set[int]:
     return ids
 
 
+def make_runner(config: EngineConfig):
+    if config.tensor_parallel_size > 1:
+        from serve.distributed.runner import TensorParallelRunner
+        return TensorParallelRunner(config)
+    return ModelRunner(config)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.runner = ModelRunner(config)
+        self.runner = make_runner(config)
         self.tokenizer = load_tokenizer(config.model)
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = eos_token_ids(config.model, self.runner.spec.eos_token_ids, self.tokenizer)
@@ -72,6 +79,10 @@ class LLMEngine:
         # False (offline batches): text is decoded once at the end and step() reports only finished
         # requests, which keeps per-token host work off the decode loop.
         self.stream_outputs = True
+
+    def close(self) -> None:
+        """Release the runner's processes (tensor-parallel workers); the engine is unusable after."""
+        self.runner.close()
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -314,6 +325,9 @@ class LLM:
     def __init__(self, model: str, **config):
         self.engine = LLMEngine(EngineConfig(model=str(model), **config))
         self.engine.stream_outputs = False
+
+    def close(self) -> None:
+        self.engine.close()
 
     def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
         """prompts: a string, a token-id list, or a list of either; one RequestOutput each, in order."""

@@ -1,0 +1,129 @@
+"""Rank 0's model runner under tensor parallelism (`EngineConfig.tensor_parallel_size > 1`).
+
+The engine, scheduler, block manager and sampler run once, here; each step this runner packs the batch
+(serve/model_runner.pack_batch), sends it with the step's copy-on-write copies to every worker, and runs
+its own shard (serve/distributed/shard.py) beside them; the logits come back gathered. The KV block plan
+is made here, for rank 0's shard, which holds every KV group any rank has (serve/distributed/split.py).
+The fast path (fused kernels, CUDA graphs) is not tensor-parallel yet: `fast_path="on"` is refused at
+start-up, `auto` takes the eager path and says so. Any failure of a rank ends every rank and raises.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from serve.config import EngineConfig
+from serve.distributed import worker
+from serve.distributed.shard import Shard
+from serve.distributed.split import check_split
+from serve.kv_cache import check_plan, plan_blocks
+from serve.model_runner import pack_batch, resolve_device, resolve_dtype
+from serve.models.gemma_config import spec_from_config
+from serve.models.loader import read_config
+from serve.scheduler import ScheduledBatch
+
+log = logging.getLogger("serve")
+COLLECTIVE_TIMEOUT_S = 300.0      # first NCCL collectives of a large model can take a while
+
+
+class TensorParallelRunner:
+    decode_graphs = None
+
+    def __init__(self, config: EngineConfig, timeout_s: float = COLLECTIVE_TIMEOUT_S):
+        self.config, self.world = config, config.tensor_parallel_size
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self._check(config)
+        self.error: str | None = None
+        address = worker.free_address()
+        self.workers = worker.spawn_workers(config, self.world, self.device, self.dtype, address, timeout_s)
+        atexit.register(self.close)
+        try:
+            worker.init_group(self.world, 0, worker.rank_device(self.device, 0), address, timeout_s)
+            self.shard = Shard(config, self.world, 0, worker.rank_device(self.device, 0), self.dtype)
+            self._expect_ready()
+            self._plan()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check(self, config: EngineConfig) -> None:
+        if config.fast_path == "on":
+            raise ValueError("fast_path='on' does not run tensor-parallel yet (fused kernels and CUDA graphs "
+                             "are single-GPU); use fast_path='auto' or 'off'")
+        if self.device.type == "cuda" and self.device.index not in (None, 0):
+            raise ValueError(f"tensor parallelism takes GPUs 0..N-1; --device {config.device} names one GPU")
+        worker.check_world(self.world, self.device)
+        check_split(spec_from_config(read_config(Path(config.model))), self.world)
+        if self.device.type == "cuda":
+            log.warning("tensor_parallel_size=%d: the fast path and CUDA graphs are single-GPU; "
+                        "running the eager path", self.world)
+
+    def _plan(self) -> None:
+        shard = self.shard
+        self.spec, self.model, self.backend = shard.spec, shard.model, shard.backend
+        self.max_model_len = self.config.max_model_len or self.spec.max_position_embeddings
+        self.block_plan = plan_blocks(shard.local_spec, self.config, self.max_model_len, self.dtype, shard.device)
+        check_plan(self.block_plan, self.config, self.max_model_len)
+        self._send(self.block_plan)
+        shard.allocate(self.block_plan)
+        self._expect_ready()
+        self.kv_caches = shard.kv_caches
+
+    def _send(self, message) -> None:
+        for rank, (proc, pipe) in enumerate(self.workers, start=1):
+            if not proc.is_alive():
+                raise self._fail(f"tensor-parallel rank {rank} died (exit code {proc.exitcode})")
+            pipe.send(message)
+
+    def _expect_ready(self) -> None:
+        """Wait for every worker's report on the work just sent; one error ends them all."""
+        for rank, (proc, pipe) in enumerate(self.workers, start=1):
+            try:
+                report = pipe.recv()
+            except EOFError:
+                raise self._fail(f"tensor-parallel rank {rank} died (exit code {proc.join(5) or proc.exitcode})")
+            if report is not None:
+                raise self._fail(report)
+
+    def _fail(self, message: str) -> RuntimeError:
+        self.error = message
+        self.close()
+        return RuntimeError(message)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits [N, vocab] (fp32) for the sequences of `batch` that sample this step, in batch order."""
+        if self.error is not None:
+            raise RuntimeError(f"the tensor-parallel group is down: {self.error}")
+        inputs = pack_batch(batch, self.block_plan, self.config.block_size)
+        self._send((inputs, batch.copies))
+        try:
+            return self.shard.step(inputs, batch.copies)
+        except Exception as err:     # a peer died or timed out inside a collective
+            dead = [f"rank {r} (exit code {p.exitcode})" for r, (p, _) in enumerate(self.workers, 1) if not p.is_alive()]
+            reason = f"tensor-parallel {', '.join(dead)} died" if dead else f"tensor-parallel step failed: {err}"
+            raise self._fail(reason) from err
+
+    def close(self) -> None:
+        """Stop every worker and leave the process group; safe to call twice."""
+        for proc, pipe in self.workers:
+            try:
+                pipe.send(worker.STOP)
+            except (OSError, ValueError):
+                pass
+        for proc, pipe in self.workers:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            pipe.close()
+        self.workers = []
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        atexit.unregister(self.close)
