@@ -1,0 +1,104 @@
+"""Tensor parallelism on CPU: `tensor_parallel_size=2` (rank 0 here, rank 1 a spawned process, gloo)
+gives the greedy tokens of one process for tiny Gemma 2 and Gemma 3 models, a slimmed model with
+uneven layers (3 heads over 2 ranks, a layer with 0 heads and 0 filters, a layer whose one head leaves
+rank 1 without attention, an odd filter count) and single-KV-head models; bad input and a dead rank
+give one clear error and leave no process behind.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from serve import LLM, SamplingParams
+from serve_fixtures import gemma2_config, gemma3_config, random_model, random_prompts, save_model
+
+HEAD_DIM = 16
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+ENGINE = dict(block_size=4, max_num_batched_tokens=16, max_num_seqs=4, num_kv_blocks=64)
+# single-KV-head Gemma 3 slimmed: layer -> (kept query heads, kept filters) of 4 heads / 96 filters
+KEEP = {0: ([0, 1, 3], list(range(96))), 1: ([], []), 2: ([0, 1, 2, 3], list(range(95))), 3: ([2], list(range(0, 96, 2)))}
+
+
+def _rows(heads):
+    return [h * HEAD_DIM + d for h in heads for d in range(HEAD_DIM)]
+
+
+def slim(model, path):
+    sd = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    for i, (heads, filters) in KEEP.items():
+        p = f"model.layers.{i}."
+        kv = [0] if heads else []
+        for name, keep in (("q_proj", heads), ("k_proj", kv), ("v_proj", kv)):
+            sd[p + f"self_attn.{name}.weight"] = sd[p + f"self_attn.{name}.weight"][_rows(keep)]
+        sd[p + "self_attn.o_proj.weight"] = sd[p + "self_attn.o_proj.weight"][:, _rows(heads)]
+        for name in ("gate_proj", "up_proj"):
+            sd[p + f"mlp.{name}.weight"] = sd[p + f"mlp.{name}.weight"][filters]
+        sd[p + "mlp.down_proj.weight"] = sd[p + "mlp.down_proj.weight"][:, filters]
+        if not heads:
+            for name in ("q_norm", "k_norm"):
+                sd.pop(p + f"self_attn.{name}.weight")
+    path = save_model(model, path, extra_config={
+        "num_attention_heads_per_layer": [len(KEEP[i][0]) for i in range(4)],
+        "num_key_value_heads_per_layer": [1 if KEEP[i][0] else 0 for i in range(4)],
+        "intermediate_size_per_layer": [len(KEEP[i][1]) for i in range(4)]})
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def model_dir(kind: str, root):
+    if kind == "gemma2":
+        return save_model(random_model(gemma2_config(), seed=3), root)
+    if kind == "gemma3":
+        return save_model(random_model(gemma3_config(), seed=3), root)
+    config = gemma3_config() if kind.startswith("gemma3") else gemma2_config()
+    config.num_key_value_heads = 1
+    model = random_model(config, seed=5)
+    return slim(model, root) if kind == "gemma3-slim-1kv" else save_model(model, root)
+
+
+def greedy(path, prompts, **config):
+    llm = LLM(path, **ENGINE, **config)
+    try:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)], llm.engine
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "gemma3-slim-1kv", "gemma2-1kv"])
+def test_two_ranks_give_the_tokens_of_one(kind, tmp_path):
+    path = model_dir(kind, tmp_path / kind)
+    prompts = random_prompts([3, 19, 11], seed=4)
+    expected, _ = greedy(path, prompts)
+    tokens, engine = greedy(path, prompts, tensor_parallel_size=2)
+    assert tokens == expected
+    assert engine.block_manager.num_used_blocks() == 0
+    assert not dist.is_initialized() and not engine.runner.workers
+
+
+def test_too_many_ranks_and_the_fast_path_are_refused(tmp_path):
+    path = model_dir("gemma2", tmp_path / "m")
+    with pytest.raises(ValueError, match="larger than the .* CPU cores"):
+        LLM(path, tensor_parallel_size=(os.cpu_count() or 1) + 1)
+    with pytest.raises(ValueError, match="fast_path='on' does not run tensor-parallel"):
+        LLM(path, tensor_parallel_size=2, fast_path="on")
+    with pytest.raises(ValueError, match="tensor_parallel_size must be at least 1"):
+        LLM(path, tensor_parallel_size=0)
+    assert not dist.is_initialized()
+
+
+def test_a_dead_rank_is_one_clear_error_and_ends_every_rank(tmp_path):
+    path = model_dir("gemma2", tmp_path / "m")
+    llm = LLM(path, **ENGINE, tensor_parallel_size=2)
+    (proc, _), = llm.engine.runner.workers
+    proc.kill()
+    proc.join()
+    with pytest.raises(RuntimeError, match="tensor-parallel rank 1 died"):
+        llm.generate([[5, 6, 7]], GREEDY)
+    assert not dist.is_initialized() and not llm.engine.runner.workers
+    with pytest.raises(RuntimeError, match="group is down"):
+        llm.engine.runner.run(None)
