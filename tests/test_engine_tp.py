@@ -102,3 +102,18 @@ def test_a_dead_rank_is_one_clear_error_and_ends_every_rank(tmp_path):
     assert not dist.is_initialized() and not llm.engine.runner.workers
     with pytest.raises(RuntimeError, match="group is down"):
         llm.engine.runner.run(None)
+
+
+def test_serve_flag_reaches_the_engine_and_too_many_ranks_is_one_line(tmp_path, monkeypatch, capsys):
+    import serve.engine
+    import serve.server
+    from compress.cli import main
+
+    path = model_dir("gemma2", tmp_path / "m")
+    monkeypatch.setattr(serve.server, "serve_forever", lambda *args: None)
+    assert main(["serve", str(path), "--device", "cpu", "--tensor-parallel-size", "999"]) == 2
+    assert "tensor_parallel_size=999 is larger than" in capsys.readouterr().err
+    seen = {}
+    monkeypatch.setattr(serve.engine, "LLMEngine", lambda config: seen.setdefault("config", config))
+    assert main(["serve", str(path), "--tensor-parallel-size", "2"]) == 0
+    assert seen["config"].tensor_parallel_size == 2
