@@ -106,8 +106,8 @@ class TensorParallelRunner:
         try:
             return self.shard.step(inputs, batch.copies)
         except Exception as err:     # a peer died or timed out inside a collective
-            dead = [f"rank {r} (exit code {p.exitcode})" for r, (p, _) in enumerate(self.workers, 1) if not p.is_alive()]
-            reason = f"tensor-parallel {', '.join(dead)} died" if dead else f"tensor-parallel step failed: {err}"
+            dead = [f"rank {r} died (exit code {p.exitcode})" for r, (p, _) in enumerate(self.workers, 1) if not p.is_alive()]
+            reason = f"tensor-parallel {', '.join(dead)}" if dead else f"tensor-parallel step failed: {err}"
             raise self._fail(reason) from err
 
     def close(self) -> None:
