@@ -5,12 +5,13 @@ rank 1 without attention, an odd filter count) and single-KV-head models; bad in
 give one clear error and leave no process behind.
 """
 
+import multiprocessing
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from serve import LLM, SamplingParams
 from serve_fixtures import gemma2_config, gemma3_config, random_model, random_prompts, save_model
@@ -117,3 +118,14 @@ def test_serve_flag_reaches_the_engine_and_too_many_ranks_is_one_line(tmp_path, 
     monkeypatch.setattr(serve.engine, "LLMEngine", lambda config: seen.setdefault("config", config))
     assert main(["serve", str(path), "--tensor-parallel-size", "2"]) == 0
     assert seen["config"].tensor_parallel_size == 2
+
+
+def test_a_checkpoint_that_does_not_load_is_one_error_and_no_process_stays(tmp_path):
+    path = model_dir("gemma2", tmp_path / "m")
+    (weights,) = path.glob("*.safetensors")
+    state = load_file(str(weights))
+    state.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="weights lack model.layers.1.mlp.up_proj.weight"):
+        LLM(path, **ENGINE, tensor_parallel_size=2)
+    assert not dist.is_initialized() and not multiprocessing.active_children()

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from serve.distributed.split import LayerShard, vocab_range
+from serve.distributed.split import LayerShard, vocab_chunk, vocab_range
 from serve.models.gemma import GemmaForCausalLM
 from serve.models.gemma_config import GemmaSpec
 
@@ -83,31 +83,35 @@ class TensorParallelGemma(GemmaForCausalLM):
         return logits
 
 
-def _head_rows(heads: list[int], head_dim: int) -> list[int]:
-    return [h * head_dim + d for h in heads for d in range(head_dim)]
+def _head_span(heads: list[int], head_dim: int) -> slice:
+    """Rows of contiguous heads (split.py keeps a rank's heads contiguous)."""
+    if not heads:
+        return slice(0, 0)
+    assert heads == list(range(heads[0], heads[-1] + 1)), heads
+    return slice(heads[0] * head_dim, (heads[-1] + 1) * head_dim)
 
 
-def shard_tensor(name: str, tensor: torch.Tensor, shards: list[LayerShard], spec: GemmaSpec,
-                 world: int, rank: int) -> torch.Tensor:
-    """The slice of a full-model tensor (HF name) that `rank` holds."""
+def shard_tensor(name: str, tensor, shards: list[LayerShard], spec: GemmaSpec, world: int, rank: int) -> torch.Tensor:
+    """The slice of a full-model tensor (HF name) that `rank` holds. `tensor`: a tensor, or a safetensors
+    slice (then only the rank's part is read from disk)."""
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        chunk = -(-spec.vocab_size // world)
         rows = vocab_range(spec.vocab_size, world, rank)
-        return F.pad(tensor[rows.start:rows.stop], (0, 0, 0, chunk - len(rows)))
+        return F.pad(tensor[rows.start:rows.stop], (0, 0, 0, vocab_chunk(spec.vocab_size, world) - len(rows)))
     if not name.startswith("model.layers."):
-        return tensor
+        return tensor[:]
     layer, part = name[len("model.layers."):].split(".", 1)
     shard, d = shards[int(layer)], spec.head_dim
+    filters = slice(shard.filters.start, shard.filters.stop)
     if part.startswith("self_attn.q_proj."):
-        return tensor[_head_rows(shard.heads, d)]
+        return tensor[_head_span(shard.heads, d)]
     if part.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
-        return tensor[_head_rows(shard.kv_heads, d)]
+        return tensor[_head_span(shard.kv_heads, d)]
     if part == "self_attn.o_proj.weight":
-        return tensor[:, _head_rows(shard.heads, d)]
+        return tensor[:, _head_span(shard.heads, d)]
     if part.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
-        return tensor[shard.filters.start:shard.filters.stop]
+        return tensor[filters]
     if part == "mlp.down_proj.weight":
-        return tensor[:, shard.filters.start:shard.filters.stop]
+        return tensor[:, filters]
     if part == "self_attn.o_proj.bias" and shard.attn_reduced and rank > 0:
-        return torch.zeros_like(tensor)       # rank 0 adds the bias once
-    return tensor
+        return torch.zeros_like(tensor[:])       # rank 0 adds the bias once
+    return tensor[:]

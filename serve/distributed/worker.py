@@ -86,15 +86,11 @@ def worker_main(config, world, rank, device, dtype, address, timeout_s, pipe) ->
 
 
 def _reply(pipe, work):
-    """Run `work`; send rank 0 None or the error's message; raise the error here too."""
+    """Run `work` and send rank 0 None, or the error's message and end this rank (rank 0 reports it)."""
     try:
         result = work()
     except Exception as err:
-        pipe.send(f"rank {pipe_rank()}: {type(err).__name__}: {err}")
-        raise
+        pipe.send(f"rank {dist.get_rank()}: {type(err).__name__}: {err}")
+        os._exit(1)
     pipe.send(None)
     return result
-
-
-def pipe_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else -1
