@@ -9,7 +9,6 @@ import multiprocessing
 import os
 
 import pytest
-import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 

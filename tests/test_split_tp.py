@@ -9,7 +9,7 @@ from serve.distributed.split import even_ranges, split_heads, split_layer, vocab
 def test_even_ranges_differ_by_at_most_one():
     assert [len(r) for r in even_ranges(7, 3)] == [3, 2, 2]
     assert [list(r) for r in even_ranges(2, 4)] == [[0], [1], [], []]
-    assert even_ranges(0, 2) == [range(0, 0), range(0, 0)]
+    assert even_ranges(0, 2) == [range(0), range(0)]
 
 
 @pytest.mark.parametrize("heads,kv_heads,world", [(8, 4, 2), (8, 2, 4), (3, 1, 2), (6, 3, 2), (4, 1, 4),
@@ -48,5 +48,5 @@ def test_empty_layers_cost_no_communication():
 
 def test_vocab_shards_are_padded_to_one_width():
     assert vocab_chunk(321, 2) == 161
-    assert [vocab_range(321, 2, r) for r in range(2)] == [range(0, 161), range(161, 321)]
+    assert [vocab_range(321, 2, r) for r in range(2)] == [range(161), range(161, 321)]
     assert vocab_range(5, 4, 3) == range(5, 5)
