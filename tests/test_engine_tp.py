@@ -1,19 +1,26 @@
 """Tensor parallelism on CPU: `tensor_parallel_size=2` (rank 0 here, rank 1 a spawned process, gloo)
 gives the greedy tokens of one process for tiny Gemma 2 and Gemma 3 models, a slimmed model with
 uneven layers (3 heads over 2 ranks, a layer with 0 heads and 0 filters, a layer whose one head leaves
-rank 1 without attention, an odd filter count) and single-KV-head models; bad input and a dead rank
-give one clear error and leave no process behind.
+rank 1 without attention, an odd filter count) and single-KV-head models, offline and over HTTP; bad
+input, a checkpoint that does not load and a dead rank give one clear error and leave no process behind.
 """
 
 import multiprocessing
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from serve import LLM, SamplingParams
+from serve import LLM, LLMEngine, SamplingParams
+from serve.config import EngineConfig
 from serve_fixtures import gemma2_config, gemma3_config, random_model, random_prompts, save_model
+from server_harness import LiveServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evals.loopback import stream  # noqa: E402
 
 HEAD_DIM = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -128,3 +135,19 @@ def test_a_checkpoint_that_does_not_load_is_one_error_and_no_process_stays(tmp_p
     with pytest.raises(ValueError, match="weights lack model.layers.1.mlp.up_proj.weight"):
         LLM(path, **ENGINE, tensor_parallel_size=2)
     assert not dist.is_initialized() and not multiprocessing.active_children()
+
+
+def test_server_over_two_ranks_streams_the_tokens_of_one(tmp_path):
+    """The server steps the engine from a worker thread: the collectives run there too."""
+    path = model_dir("gemma3", tmp_path / "m")
+    prompts = random_prompts([5, 13], seed=2)
+    llm = LLM(path, **ENGINE)
+    expected = [o.outputs[0].text for o in llm.generate(prompts, GREEDY)]
+    engine = LLMEngine(EngineConfig(model=str(path), **ENGINE, tensor_parallel_size=2))
+    try:
+        with LiveServer(engine, "tiny") as live:
+            reply = stream(live.port, "/v1/completions", {"model": "tiny", "prompt": prompts, "max_tokens": 6,
+                                                          "temperature": 0, "ignore_eos": True})
+    finally:
+        engine.close()
+    assert reply.done and reply.texts() == dict(enumerate(expected))
