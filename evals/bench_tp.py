@@ -88,6 +88,8 @@ def bench_one(args, name: str, size: int, fast_path: str, prompts) -> dict:
     from serve import LLM
     row = {"model": name, "tp": size, "fast_path": fast_path}
     path, _ = resolve(args, name)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()         # the random weights drawn on GPU 0 (first run only) would shrink the KV
     llm = None
     try:
         llm = LLM(str(path), tensor_parallel_size=size, fast_path=fast_path, device=args.device,
