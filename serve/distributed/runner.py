@@ -82,19 +82,24 @@ class TensorParallelRunner:
             pipe.send(message)
 
     def _expect_ready(self) -> None:
-        """Wait for every worker's report on the work just sent; one error ends them all."""
+        """Wait for every worker's report on the work just sent (checking it is alive each second); the
+        first error ends every rank and is raised as ValueError: the engine cannot start."""
         for rank, (proc, pipe) in enumerate(self.workers, start=1):
+            while not pipe.poll(1.0):
+                if not proc.is_alive():
+                    raise self._fail(f"tensor-parallel rank {rank} died (exit code {proc.exitcode})", ValueError)
             try:
                 report = pipe.recv()
             except EOFError:
-                raise self._fail(f"tensor-parallel rank {rank} died (exit code {proc.join(5) or proc.exitcode})")
+                raise self._fail(f"tensor-parallel rank {rank} died (exit code {proc.join(5) or proc.exitcode})",
+                                 ValueError) from None
             if report is not None:
-                raise self._fail(report)
+                raise self._fail(report, ValueError)
 
-    def _fail(self, message: str) -> RuntimeError:
+    def _fail(self, message: str, error=RuntimeError) -> Exception:
         self.error = message
         self.close()
-        return RuntimeError(message)
+        return error(message)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
