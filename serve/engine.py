@@ -80,10 +80,6 @@ class LLMEngine:
         # requests, which keeps per-token host work off the decode loop.
         self.stream_outputs = True
 
-    def close(self) -> None:
-        """Release the runner's processes (tensor-parallel workers); the engine is unusable after."""
-        self.runner.close()
-
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         return list(prompt) if isinstance(prompt, list) else self.tokenizer(prompt)["input_ids"]
@@ -140,6 +136,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def close(self) -> None:
+        """Release the runner's processes (tensor-parallel workers); the engine is unusable after."""
+        self.runner.close()
 
     def fail_running(self, err: Exception) -> list[RequestOutput]:
         """After a step raised outside the per-request guards: fail the requests it was running (waiting
