@@ -87,6 +87,19 @@ def test_two_ranks_give_the_tokens_of_one(kind, tmp_path):
     assert not dist.is_initialized() and not engine.runner.workers
 
 
+def test_the_kv_cache_sized_from_memory_serves_two_ranks(tmp_path):
+    path = model_dir("gemma3", tmp_path / "m")
+    prompts = random_prompts([7, 12], seed=6)
+    config = {k: v for k, v in ENGINE.items() if k != "num_kv_blocks"}
+    llm = LLM(path, **config, max_model_len=64, tensor_parallel_size=2)
+    try:
+        assert llm.engine.runner.block_plan and all(n >= 16 for n in llm.engine.runner.block_plan.values())
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+    finally:
+        llm.close()
+    assert tokens == greedy(path, prompts)[0]
+
+
 def test_too_many_ranks_and_the_fast_path_are_refused(tmp_path):
     path = model_dir("gemma2", tmp_path / "m")
     with pytest.raises(ValueError, match="larger than the .* CPU cores"):

@@ -32,7 +32,9 @@ COLLECTIVE_TIMEOUT_S = 300.0      # first NCCL collectives of a large model can 
 
 
 class TensorParallelRunner:
-    decode_graphs = None
+    decode_graphs = None        # the fast path and its decode graphs are single-GPU
+    memory = None               # no start-up memory profile (serve/memory.py) across ranks yet
+    num_graphs = 0
 
     def __init__(self, config: EngineConfig, timeout_s: float = COLLECTIVE_TIMEOUT_S):
         self.config, self.world = config, config.tensor_parallel_size
@@ -64,6 +66,9 @@ class TensorParallelRunner:
             log.warning("tensor_parallel_size=%d: the fast path and CUDA graphs are single-GPU; "
                         "running the eager path", self.world)
 
+    def eager_reason(self) -> str:
+        return f"tensor parallel over {self.world} ranks (the fast path is single-GPU)"
+
     def _plan(self) -> None:
         shard = self.shard
         self.spec, self.model, self.backend = shard.spec, shard.model, shard.backend
@@ -73,7 +78,7 @@ class TensorParallelRunner:
         self._send(self.block_plan)
         shard.allocate(self.block_plan)
         self._expect_ready()
-        self.kv_caches = shard.kv_caches
+        self.kv_caches, self.kv_stacks = shard.kv_caches, shard.kv_stacks
 
     def _send(self, message) -> None:
         for rank, (proc, pipe) in enumerate(self.workers, start=1):
