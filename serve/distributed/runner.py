@@ -73,12 +73,27 @@ class TensorParallelRunner:
         shard = self.shard
         self.spec, self.model, self.backend = shard.spec, shard.model, shard.backend
         self.max_model_len = self.config.max_model_len or self.spec.max_position_embeddings
-        self.block_plan = plan_blocks(shard.local_spec, self.config, self.max_model_len, self.dtype, shard.device)
+        self.block_plan = plan_blocks(shard.local_spec, self.config, self.max_model_len, self.dtype, self._kv_budget())
         check_plan(self.block_plan, self.config, self.max_model_len)
         self._send(self.block_plan)
         shard.allocate(self.block_plan)
         self._expect_ready()
         self.kv_caches, self.kv_stacks = shard.kv_caches, shard.kv_stacks
+
+    def _kv_budget(self):
+        """plan_blocks' last argument. A bridge over the memory-planning branch (serve/memory.py): before it,
+        plan_blocks read the free memory of the device itself; after it, it takes bytes: host RAM, or on
+        the GPU the memory free on rank 0 after its weights (no worst-step profile across ranks yet: the
+        default fraction's headroom must cover one step). Rank 0 holds the largest share of every layer."""
+        try:
+            from serve.memory import MemoryProfile, host_budget, kv_budget
+        except ImportError:
+            return self.shard.device
+        if self.config.num_kv_blocks is not None:
+            return None
+        if self.shard.device.type != "cuda":
+            return host_budget(self.config)
+        return kv_budget(self.config, MemoryProfile(torch.cuda.mem_get_info(self.shard.device)[0], 0))
 
     def _send(self, message) -> None:
         for rank, (proc, pipe) in enumerate(self.workers, start=1):
