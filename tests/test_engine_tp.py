@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch.distributed as dist
@@ -134,7 +135,8 @@ def test_serve_flag_reaches_the_engine_and_too_many_ranks_is_one_line(tmp_path, 
     assert main(["serve", str(path), "--device", "cpu", "--tensor-parallel-size", "999"]) == 2
     assert "tensor_parallel_size=999 is larger than" in capsys.readouterr().err
     seen = {}
-    monkeypatch.setattr(serve.engine, "LLMEngine", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr(serve.engine, "LLMEngine",
+                        lambda config: SimpleNamespace(config=seen.setdefault("config", config), startup_report=[]))
     assert main(["serve", str(path), "--tensor-parallel-size", "2"]) == 0
     assert seen["config"].tensor_parallel_size == 2
 

@@ -11,6 +11,7 @@ start-up, `auto` takes the eager path and says so. Any failure of a rank ends ev
 from __future__ import annotations
 
 import atexit
+import inspect
 import logging
 from pathlib import Path
 
@@ -85,10 +86,9 @@ class TensorParallelRunner:
         plan_blocks read the free memory of the device itself; after it, it takes bytes: host RAM, or on
         the GPU the memory free on rank 0 after its weights (no worst-step profile across ranks yet: the
         default fraction's headroom must cover one step). Rank 0 holds the largest share of every layer."""
-        try:
-            from serve.memory import MemoryProfile, host_budget, kv_budget
-        except ImportError:
+        if "budget" not in inspect.signature(plan_blocks).parameters:
             return self.shard.device
+        from serve.memory import MemoryProfile, host_budget, kv_budget
         if self.config.num_kv_blocks is not None:
             return None
         if self.shard.device.type != "cuda":
