@@ -1,7 +1,7 @@
 """Model directories for the serving benchmark: public Gemma shapes with seeded random bf16 weights.
 
 Speed depends on shapes, not values, so evals/bench_serve.py writes checkpoints in the served-model
-contract (config.json, model.safetensors, tokenizer files) for: Gemma-2-2B, Gemma-3-1B, Gemma-3-4B
+contract (config.json, model.safetensors, tokenizer files) for: Gemma-2-2B, Gemma-2-9B, Gemma-2-27B, Gemma-3-1B, Gemma-3-4B
 (text tower) and gemma-3-270m, from their published configs; and a slimmed sibling of any of them,
 made by keeping the first k query/KV heads and filters of every layer of the parent's weights and
 writing the per-layer shape keys (the contract between compress and serve). The tokenizer is a
@@ -32,6 +32,17 @@ SHAPES = {
                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192,
                        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(26)],
                        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
+    "gemma-2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                       num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, sliding_window=4096,
+                       attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192,
+                       layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(42)],
+                       rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
+    "gemma-2-27b": dict(model_type="gemma2", vocab_size=256000, hidden_size=4608, intermediate_size=36864,
+                        num_hidden_layers=46, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                        query_pre_attn_scalar=144, sliding_window=4096, attn_logit_softcapping=50.0,
+                        final_logit_softcapping=30.0, max_position_embeddings=8192,
+                        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(46)],
+                        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
     "gemma-3-1b": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
                        num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, sliding_window=512,
                        max_position_embeddings=32768, layer_types=_gemma3_types(26), rope_parameters=_ROPE3),

@@ -32,9 +32,11 @@ class EngineConfig:
     max_graph_batch: int | None = None      # largest decode batch captured (default: max_num_seqs)
     overlap: bool = True                    # fast path: launch decode step N+1 before reading N's tokens
     seed: int = 0
+    tensor_parallel_size: int = 1           # > 1: one process per GPU (serve/distributed/)
 
     def __post_init__(self):
-        self._check_positive("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n")
+        self._check_positive("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n",
+                             "tensor_parallel_size")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if self.kv_cache_memory is not None and not 0 < self.kv_cache_memory <= 1:

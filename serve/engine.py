@@ -55,10 +55,17 @@ def eos_token_ids(path: str, spec_eos: list[int], tokenizer) -> set[int]:
     return ids
 
 
+def make_runner(config: EngineConfig):
+    if config.tensor_parallel_size > 1:
+        from serve.distributed.runner import TensorParallelRunner
+        return TensorParallelRunner(config)
+    return ModelRunner(config)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.runner = ModelRunner(config)
+        self.runner = make_runner(config)
         self.tokenizer = load_tokenizer(config.model)
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = eos_token_ids(config.model, self.runner.spec.eos_token_ids, self.tokenizer)
@@ -140,6 +147,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def close(self) -> None:
+        """Release the runner's processes (tensor-parallel workers); the engine is unusable after."""
+        self.runner.close()
 
     def fail_running(self, err: Exception) -> list[RequestOutput]:
         """After a step raised outside the per-request guards: fail the requests it was running (waiting
@@ -325,6 +336,9 @@ class LLM:
     def __init__(self, model: str, **config):
         self.engine = LLMEngine(EngineConfig(model=str(model), **config))
         self.engine.stream_outputs = False
+
+    def close(self) -> None:
+        self.engine.close()
 
     def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
         """prompts: a string, a token-id list, or a list of either; one RequestOutput each, in order."""

@@ -11,6 +11,8 @@ Start-up on CUDA: weights, fused fast path, memory profile (serve/memory.py), KV
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from serve.attention import AttentionMetadata, GroupMetadata, select_backend
@@ -32,6 +34,53 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+@dataclass
+class HostInputs:
+    """One step's model inputs as host lists (what tensor-parallel rank 0 sends to the other ranks)."""
+    ids: list[int]
+    positions: list[int]
+    cu_seqlens_q: list[int]
+    seq_lens: list[int]
+    rows: list[int]                  # tokens whose logits are sampled
+    slots: dict                      # group key -> slot per token
+    block_tables: dict               # group key -> [B][M]
+    max_seqlen_q: int
+    is_decode: bool
+
+
+def pack_batch(batch: ScheduledBatch, block_plan: dict, block_size: int) -> HostInputs:
+    ids, positions, cu, lens, rows = [], [], [0], [], []
+    slots = {key: [] for key in block_plan}
+    for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+        ids += seq.token_ids[start:end]
+        positions += range(start, end)
+        for key, table in seq.block_tables.items():
+            slots[key] += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+        cu.append(cu[-1] + num_new)
+        lens.append(end)
+        if batch.samples(i):
+            rows.append(cu[-1] - 1)
+    tables = {}
+    for key in block_plan:
+        width = max(len(seq.block_tables[key]) for seq in batch.seqs)
+        tables[key] = [seq.block_tables[key] + [0] * (width - len(seq.block_tables[key])) for seq in batch.seqs]
+    return HostInputs(ids, positions, cu, lens, rows, slots, tables, batch.max_num_new_tokens, batch.is_decode)
+
+
+def to_device(inputs: HostInputs, device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    """(input_ids [T], positions [T], metadata, rows [N])."""
+    def tensor(values, dtype):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    groups = {key: GroupMetadata(tensor(inputs.slots[key], torch.int64), tensor(inputs.block_tables[key], torch.int32))
+              for key in inputs.slots}
+    meta = AttentionMetadata(cu_seqlens_q=tensor(inputs.cu_seqlens_q, torch.int32),
+                             seq_lens=tensor(inputs.seq_lens, torch.int32), max_seqlen_q=inputs.max_seqlen_q,
+                             is_decode=inputs.is_decode, groups=groups)
+    return (tensor(inputs.ids, torch.int64), tensor(inputs.positions, torch.int64), meta,
+            tensor(inputs.rows, torch.int64))
 
 
 class ModelRunner:
@@ -90,34 +139,9 @@ class ModelRunner:
             return f"{self.device.type} device"
         return "fast path off" if self.decode_graphs is None else f"{self.backend.name} attention backend"
 
-    def _tensor(self, values, dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """(input_ids [T], positions [T], metadata, rows [N] of the tokens whose logits are sampled)."""
-        block_size = self.config.block_size
-        ids, positions, cu, lens, rows = [], [], [0], [], []
-        slots = {key: [] for key in self.block_plan}
-        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-            ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            for key, table in seq.block_tables.items():
-                slots[key] += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-            cu.append(cu[-1] + num_new)
-            lens.append(end)
-            if batch.samples(i):
-                rows.append(cu[-1] - 1)
-        groups = {key: GroupMetadata(self._tensor(slots[key], torch.int64), self._block_tables(batch, key))
-                  for key in self.block_plan}
-        meta = AttentionMetadata(cu_seqlens_q=self._tensor(cu, torch.int32), seq_lens=self._tensor(lens, torch.int32),
-                                 max_seqlen_q=batch.max_num_new_tokens, is_decode=batch.is_decode, groups=groups)
-        return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), meta, self._tensor(rows, torch.int64)
-
-    def _block_tables(self, batch: ScheduledBatch, key) -> torch.Tensor:
-        tables = [seq.block_tables[key] for seq in batch.seqs]
-        width = max(len(t) for t in tables)
-        return self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32)
+        return to_device(pack_batch(batch, self.block_plan, self.config.block_size), self.device)
 
     def copy_blocks(self, copies: list[tuple]) -> None:
         """Copy-on-write: duplicate a shared block in every layer of its group before writing into it."""
@@ -139,6 +163,9 @@ class ModelRunner:
         input_ids, positions, meta, rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
         return self.model.compute_logits(hidden[rows])
+
+    def close(self) -> None:
+        """Nothing to release on one device (the tensor-parallel runner stops its workers here)."""
 
     @torch.inference_mode()
     def run_ahead(self, seqs, prev_tokens: torch.Tensor, src_rows: list[int]) -> torch.Tensor:

@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-overlap", action="store_true",
                    help="read each decode step's tokens before launching the next (default on the GPU fast path: "
                         "step N+1 is launched while step N's tokens are read)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs of this host, one process each (NCCL); default 1")
     p.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs (decode runs eagerly)")
     p.set_defaults(func=run)
 
@@ -45,7 +47,7 @@ def run(args) -> int:
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                               **memory, device=args.device, dtype=args.dtype,
                               enable_prefix_caching=not args.no_prefix_caching, overlap=not args.no_overlap,
-                              enforce_eager=args.enforce_eager)
+                              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
         engine = LLMEngine(config)
     except ValueError as err:
         raise UserError(f"cannot serve {args.model}: {err}") from None
