@@ -11,7 +11,6 @@ start-up, `auto` takes the eager path and says so. Any failure of a rank ends ev
 from __future__ import annotations
 
 import atexit
-import inspect
 import logging
 from pathlib import Path
 
@@ -81,14 +80,12 @@ class TensorParallelRunner:
         self._expect_ready()
         self.kv_caches, self.kv_stacks = shard.kv_caches, shard.kv_stacks
 
-    def _kv_budget(self):
-        """plan_blocks' last argument. A bridge over the memory-planning branch (serve/memory.py): before it,
-        plan_blocks read the free memory of the device itself; after it, it takes bytes: host RAM, or on
-        the GPU the memory free on rank 0 after its weights (no worst-step profile across ranks yet: the
-        default fraction's headroom must cover one step). Rank 0 holds the largest share of every layer."""
-        if "budget" not in inspect.signature(plan_blocks).parameters:
-            return self.shard.device
+    def _kv_budget(self) -> int | None:
+        """plan_blocks' byte budget: host RAM on the CPU; on the GPU the memory free on rank 0 after its
+        weights (no worst-step profile across ranks yet: the default fraction's headroom must cover one
+        step). Rank 0 holds the largest share of every layer, so its plan fits every rank."""
         from serve.memory import MemoryProfile, host_budget, kv_budget
+
         if self.config.num_kv_blocks is not None:
             return None
         if self.shard.device.type != "cuda":

@@ -21,6 +21,7 @@ from serve.kv_cache import allocate_caches
 from serve.model_runner import HostInputs, to_device
 from serve.models.gemma import GemmaForCausalLM
 from serve.models.gemma_config import spec_from_config
+from compress.models.checks import check_checkpoint
 from serve.models.loader import _check_and_fill, _hf_name, read_config
 
 
@@ -49,6 +50,7 @@ def load_shard(path: str | Path, world: int, rank: int, device, dtype):
     """(this rank's TensorParallelGemma, the full model's spec, this rank's spec). The checkpoint is
     checked against config.json by shape, as the one-GPU loader does; only this rank's slices are read."""
     path = Path(path)
+    check_checkpoint(path, tokenizer=True)  # whole files, layer counts and shapes, tokenizer: one line
     spec = spec_from_config(read_config(path))
     shards = split_model(spec, world, rank)
     local_spec = shard_spec(spec, shards, world)
