@@ -99,7 +99,7 @@ class Pipeline:
 
     def save(self, model, tokenizer) -> None:
         with atomic_output_dir(self.config.output, self.config.overwrite) as tmp:
-            checkpoint.save(model.cpu(), tokenizer, tmp, self.record)
+            checkpoint.save(model.cpu(), tokenizer, tmp, self.record, self.record.get("source_dir"))
 
 
 def prune(config: PruneConfig, progress: bool = True) -> dict:

@@ -87,13 +87,19 @@ class TokenPruningModel(nn.Module):
         mode = mode or self.mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        x = P.embed(self.model, input_ids, token_type_ids)
-        run = self._run_soft if mode == "soft" else self._run_hard
-        x, num_tokens, fractions = run(x, valid, drop=(mode == "drop"), dense=(mode == "dense"))
+        x, _, num_tokens, fractions = self.hidden_states(input_ids, attention_mask, token_type_ids, mode)
         logits = P.classify(self.model, x)
         mask_mean = torch.stack(fractions).mean() if fractions else logits.new_zeros(())
         return TokenPruningOutput(logits, num_tokens, mask_mean, self._task_loss(logits, labels))
+
+    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, mode=None):
+        """The last layer's states `[B, S', D]`, the tokens they are of `[B, S']` (bool; S' is the longest
+        survivor in "drop" mode), tokens per layer `[B, L]`, and the kept fractions of the pruning layers."""
+        mode = mode or self.mode
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        x = P.embed(self.model, input_ids, token_type_ids)
+        run = self._run_soft if mode == "soft" else self._run_hard
+        return run(x, valid, drop=(mode == "drop"), dense=(mode == "dense"))
 
     def _run_hard(self, x, valid, drop: bool, dense: bool):
         kept, lengths = valid, valid.sum(1)
@@ -108,7 +114,7 @@ class TokenPruningModel(nn.Module):
             fractions.append((kept.sum(1) / lengths).mean())
             if drop:
                 x, kept, positions = compact(x, kept, positions)
-        return x, torch.stack(counts, 1).to(x.dtype), fractions
+        return x, kept, torch.stack(counts, 1).to(x.dtype), fractions
 
     def _run_soft(self, x, valid, drop: bool, dense: bool):
         mask = valid.to(x.dtype)  # running soft mask M [B, S]
@@ -125,7 +131,7 @@ class TokenPruningModel(nn.Module):
             mask = mask * torch.cat([torch.ones_like(soft[:, :1]), soft[:, 1:]], dim=1)  # [CLS] stays
             fractions.append((mask.sum(1) / lengths).mean())
             x = x * mask[..., None]
-        return x, torch.stack(counts, 1), fractions
+        return x, mask, torch.stack(counts, 1), fractions
 
     def _decide(self, layer: int, score, kept, lengths):
         """Boolean keep mask [B, S] after `layer`; a subset of `kept` that always holds [CLS]."""
