@@ -8,13 +8,12 @@ thread (its own event loop), so a test asks it over real HTTP without starting a
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
-import socket
 import threading
 from pathlib import Path
 
 from _tiny import save_tiny_model_dir
+from test_server import free_port, request as raw_request
 
 KEY = "sk-test"
 
@@ -36,12 +35,6 @@ def st_dir(path: Path, kind: str, pooling: str | None = "mean", normalize: bool 
                                                                 **{k: m == pooling for m, k in keys.items()}}))
     (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32}))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerThread:
@@ -77,15 +70,8 @@ class ServerThread:
 
 def request(port: int, method: str, path: str, body=None, key: str | None = KEY, raw: bytes | None = None):
     """(status, parsed JSON or text) of one HTTP request."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    conn.request(method, path, raw if raw is not None else (json.dumps(body) if body is not None else None), headers)
-    response = conn.getresponse()
-    data = response.read()
-    conn.close()
+    status, data = raw_request(port, method, path, body, key, raw)
     try:
-        return response.status, json.loads(data)
+        return status, json.loads(data)
     except ValueError:
-        return response.status, data.decode()
+        return status, data.decode()

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from compress.data import batching, metrics
 from compress.device import autocast, pick_device
-from compress.embeddings.model import model_inputs
+from compress.embeddings.model import max_length, model_inputs
 
 TASKS = ("stsb-embed", "bbc-news-embed")
 BBC_MAX_SEQ_LENGTH = 128
@@ -27,8 +27,9 @@ STSB_MAX_SEQ_LENGTH = 128  # when the model gives no limit of its own
 @torch.inference_mode()
 def embed_texts(embedder, tokenizer, texts: list[str], device, max_seq_length: int, batch_size: int = 64,
                 progress: bool = True) -> torch.Tensor:
-    """`[N, D]` float32 embeddings of `texts`, in order."""
-    features = batching.encode(tokenizer, [(t, None, 0.0) for t in texts], max_seq_length)
+    """`[N, D]` float32 embeddings of `texts`, in order, each cut to `max_seq_length` tokens (or the model's limit)."""
+    limit = min(max_seq_length, max_length(embedder.config, embedder.pooling))
+    features = batching.encode(tokenizer, [(t, None, 0.0) for t in texts], limit)
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     rows = [None] * len(texts)
     pad = batching.pad_id_of(tokenizer)

@@ -13,6 +13,7 @@ from torch import nn
 from compress.embeddings.pooling import Pooling, read_pooling
 
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+POSITION_OFFSET = {"roberta": 2, "mpnet": 2}  # positions start after the padding index (pad id 1)
 
 
 class Embedder(nn.Module):
@@ -29,6 +30,12 @@ class Embedder(nn.Module):
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.encoder(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state
         return self.pooling.pool(hidden, mask)
+
+
+def max_length(config, pooling: Pooling) -> int:
+    """Tokens one input may have: the position table's length, or sentence-transformers' limit if lower."""
+    positions = config.max_position_embeddings - POSITION_OFFSET.get(config.model_type, 0)
+    return min(positions, pooling.max_seq_length or positions)
 
 
 def load_embedder(path, device="cpu") -> tuple[Embedder, object]:

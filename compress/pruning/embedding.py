@@ -45,12 +45,14 @@ class EmbeddingFamily(EncoderFamily):
     def calibrate(self, config, model, tokenizer, progress: bool):
         from compress.data import batching
         from compress.embeddings import calib
+        from compress.embeddings.model import max_length
         from compress.pruning.stages import Calibration
 
         docs, source = calib.documents(config.calib, config.data_dir)
         texts = calib.passages(docs, config.num_samples or DEFAULT_NUM_SAMPLES, config.seed)
+        limit = max_length(model.config, self.pooling)
         features = batching.encode(tokenizer, [(t, None, 0.0) for t in texts],
-                                   config.max_seq_length or DEFAULT_MAX_SEQ_LENGTH)
+                                   min(config.max_seq_length or DEFAULT_MAX_SEQ_LENGTH, limit))
         features.sort(key=lambda f: len(f["input_ids"]))  # batches of like lengths: little padding
         batches = [{k: v for k, v in b.items() if k != "labels"}
                    for b in batching.batches(features, config.batch_size, batching.pad_id_of(tokenizer))]

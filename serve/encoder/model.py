@@ -16,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from compress.embeddings.model import Embedder, model_inputs
+from compress.embeddings.model import Embedder, max_length, model_inputs
 from compress.embeddings.pooling import read_pooling
 
 ENCODER_TYPES = ("bert", "roberta", "distilbert", "mpnet")
-POSITION_OFFSET = {"roberta": 2, "mpnet": 2}  # positions start after the padding index (pad id 1)
 
 
 def is_encoder(path: str | Path) -> bool:
@@ -61,9 +60,7 @@ class EncoderModel:
         return getattr(self.config, "hidden_size", None) or self.config.dim
 
     def max_length(self) -> int:
-        """Tokens one input may have: the position table's length, or sentence-transformers' limit."""
-        positions = self.config.max_position_embeddings - POSITION_OFFSET.get(self.config.model_type, 0)
-        return min(positions, self.pooling.max_seq_length or positions)
+        return max_length(self.config, self.pooling)
 
     @torch.inference_mode()
     def embed(self, batch: dict) -> torch.Tensor:
