@@ -12,12 +12,12 @@ accuracy, is in evals/results/token_pruning.md. Every variant runs in fp16 on CU
 `--num-texts` texts of uniformly drawn lengths in [--min-tokens, --max-tokens] tokens.
 
   # here: stage dense models from the cache and slimmed ones from `compress prune --objective embedding`
-  python evals/bench_embed.py stage -o .stage/embed --model minilm --model mpnet-base \
+  python evals/bench_embed.py stage -o evals/bench_embed_stage --model minilm --model mpnet-base \
       --slimmed /tmp/ep/minilm-emb-0.5-512 --slimmed /tmp/ep/mpnet-base-emb-0.5-128
-  # GPU machine (carry .stage): one command, minutes
-  PYTHONPATH=. python3 evals/bench_embed.py run --stage .stage/embed --out $OUT/embed_gpu
+  # GPU machine: one command, minutes (the staged folder is in the repository)
+  PYTHONPATH=. python3 evals/bench_embed.py run --stage evals/bench_embed_stage --out $OUT/embed_gpu
   # CPU smoke test of the whole script
-  python evals/bench_embed.py run --stage .stage/embed --out /tmp/embed_cpu --quick
+  python evals/bench_embed.py run --stage evals/bench_embed_stage --out /tmp/embed_cpu --quick
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-STAGE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-               "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "prune.json")
+SHAPE_FILES = ("config.json", "prune.json", "modules.json", "sentence_bert_config.json",
+               "config_sentence_transformers.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")  # a slimmed model: its parent's
 
 
 def stage(args) -> None:
@@ -48,26 +49,26 @@ def stage(args) -> None:
     for dense, slim in zip(args.model, args.slimmed + [None] * len(args.model)):
         name = Path(dense).name
         index[name] = {"parent": None}
-        _copy_shape(resolve(dense), out / name)
+        _copy(resolve(dense), out / name, SHAPE_FILES + TOKENIZER_FILES)
         if slim:
             index[f"{name}-slim"] = {"parent": name}
-            _copy_shape(Path(slim), out / f"{name}-slim")
+            _copy(Path(slim), out / f"{name}-slim", SHAPE_FILES)
     (out / "stage.json").write_text(json.dumps(index, indent=2) + "\n")
     print(f"staged {', '.join(index)} in {out}")
 
 
-def _copy_shape(src: Path, dst: Path, skip: tuple = ()) -> None:
+def _copy(src: Path, dst: Path, names: tuple) -> None:
     dst.mkdir(parents=True, exist_ok=True)
-    for name in STAGE_FILES:
-        if (src / name).is_file() and name not in skip:
+    for name in names:
+        if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
     if (src / "1_Pooling").is_dir():
         shutil.copytree(src / "1_Pooling", dst / "1_Pooling", dirs_exist_ok=True)
 
 
-def materialize(src: Path, dst: Path, head: bool, keep: float | None = None, seed: int = 0) -> Path:
-    """A model directory of `src`'s shapes with seeded random weights (a 2-label head when `head`; token-pruned
-    by the top-k rule down to `keep` when given)."""
+def materialize(src: Path, tokenizer: Path, dst: Path, head: bool, keep: float | None = None, seed: int = 0) -> Path:
+    """A model directory of `src`'s shapes and `tokenizer`'s files with seeded random weights (a 2-label head when
+    `head`; token-pruned by the top-k rule down to `keep` when given)."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     from compress.arch import get_adapter
@@ -85,7 +86,8 @@ def materialize(src: Path, dst: Path, head: bool, keep: float | None = None, see
         else:
             spec = PruningSpec("topk", [], topk_keep_ratios(keep, len(get_adapter(model).layer_modules())))
             checkpoint.save(TokenPruningModel(model, spec), None, dst, {})
-        _copy_shape(src, dst, skip=("config.json", "prune.json"))
+        _copy(src, dst, SHAPE_FILES[2:])
+        _copy(tokenizer, dst, TOKENIZER_FILES)
     return dst
 
 
@@ -142,7 +144,7 @@ def bench_embeddings(args, staged: dict, work: Path, texts: dict, results: dict)
 
     for name, info in staged.items():
         family = info["parent"] or name
-        path = materialize(Path(args.stage) / name, work / name, head=False)
+        path = materialize(Path(args.stage) / name, Path(args.stage) / family, work / name, head=False)
         encoder = Encoder(str(path), dtype=args.dtype, device=args.device)
         data, tokens = texts[family]
         row = results.setdefault("embed", {}).setdefault(name, {"parent": info["parent"]})
@@ -163,7 +165,8 @@ def bench_classify(args, staged: dict, work: Path, texts: dict, results: dict) -
         family = info["parent"] or name
         data, tokens = texts[family]
         for variant, keep in ((name, None), (f"{name}+topk{args.keep}", args.keep)):
-            path = materialize(Path(args.stage) / name, work / f"{variant}-cls", head=True, keep=keep)
+            path = materialize(Path(args.stage) / name, Path(args.stage) / family, work / f"{variant}-cls", head=True,
+                               keep=keep)
             encoder = Encoder(str(path), dtype=args.dtype, device=args.device)
             results.setdefault("classify", {})[variant] = {"family": family, **engine_rate(encoder, "classify",
                                                                                           data, tokens)}
