@@ -30,6 +30,9 @@ def parse_args(argv):
     p.add_argument("--num-samples", nargs="+", type=int, default=[512],
                    help="calibration passages, one value or one per model")
     p.add_argument("--calib", default=None, help="calibration text (default: the data directory's Wikipedia head)")
+    p.add_argument("--max-seq-length", type=int, default=None, help="calibration passages cut to this many tokens "
+                   "(default 128)")
+    p.add_argument("--search-steps", type=int, default=1)
     p.add_argument("--bbc", action="store_true", help="also BBC News 1-NN accuracy (minutes per model on a CPU)")
     p.add_argument("--results", default=str(RESULTS))
     return p.parse_args(argv)
@@ -38,11 +41,19 @@ def parse_args(argv):
 def prune(args, model: str, num_samples: int) -> Path:
     import compress
 
-    out = Path(args.work) / f"{model}-emb-{args.flops}-{num_samples}"
+    out = Path(args.work) / f"{model}-emb-{args.flops}-{num_samples}{_variant(args).replace(' ', '-')}"
     if not (out / "prune.json").is_file():
         compress.prune(model, None, out, objective="embedding", flops=args.flops, num_samples=num_samples,
-                       calib=args.calib, data_dir=args.data_dir, device="cpu")
+                       calib=args.calib, data_dir=args.data_dir, device="cpu", max_seq_length=args.max_seq_length,
+                       search_steps=args.search_steps)
     return out
+
+
+def _variant(args) -> str:
+    """What sets a run apart from the defaults, as a suffix of its row's name ('' for the defaults)."""
+    parts = ([f"len{args.max_seq_length}"] if args.max_seq_length else []) + \
+        ([f"steps{args.search_steps}"] if args.search_steps > 1 else [])
+    return "".join(f" {p}" for p in parts)
 
 
 def evaluate(store: dict, key: str, path, args) -> dict:
@@ -88,22 +99,29 @@ def _row(model, name, row, result, dense, is_dense) -> str:
     return f"| {model} | {name} | {ratio} | {samples} | {seconds} | {sts} | {sts_change} | {bbc} | {bbc_change} |"
 
 
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"models": {}, "commands": []}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     json_path = Path(args.results).with_suffix(".json")
-    data = json.loads(json_path.read_text()) if json_path.is_file() else {"models": {}}
+    data = _read(json_path)
     command = "python evals/embedding_pruning.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    data["commands"] = [c for c in data.get("commands", []) if c != command] + [command]
     samples = args.num_samples * len(args.models) if len(args.num_samples) == 1 else args.num_samples
     for model, n in zip(args.models, samples):
         out = prune(args, model, n)
         record = json.loads((out / "prune.json").read_text())
-        row = data["models"].setdefault(model, {})
+        key = model + _variant(args)
+        row = data["models"].setdefault(key, {})
         row.update(flops=args.flops, flops_ratio=record["flops_ratio"], num_samples=n,
                    seconds=record["seconds"]["total"], heads=record["num_attention_heads_per_layer"],
                    filters=record["intermediate_size_per_layer"])
         evaluate(row, "dense", model, args)
         evaluate(row, "pruned", out, args)
+        data = _read(json_path)  # other runs may have written rows meanwhile: add this one to theirs
+        data["models"][key] = row
+        data["commands"] = [c for c in data.get("commands", []) if c != command] + [command]
         json_path.write_text(json.dumps(data, indent=2) + "\n")
     Path(args.results).with_suffix(".md").write_text(render(data))
     print(f"wrote {Path(args.results).with_suffix('.md')}")
