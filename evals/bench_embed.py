@@ -218,7 +218,7 @@ def parse_args(argv):
     r.add_argument("--work", default="/tmp/bench_embed", help="where the random-weight models are written")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.add_argument("--dtype", default="auto", help="auto: float16 on CUDA (sentence-transformers too), float32 on CPU")
-    r.add_argument("--num-texts", type=int, default=20000)
+    r.add_argument("--num-texts", type=int, default=10000)
     r.add_argument("--min-tokens", type=int, default=8)
     r.add_argument("--max-tokens", type=int, default=256)
     r.add_argument("--clients", type=int, default=32)

@@ -41,7 +41,7 @@ def parse_args(argv):
 def prune(args, model: str, num_samples: int) -> Path:
     import compress
 
-    out = Path(args.work) / f"{model}-emb-{args.flops}-{num_samples}{_variant(args).replace(' ', '-')}"
+    out = Path(args.work) / f"{model}-emb-{args.flops}-{num_samples}{''.join('-' + p for p in _variant(args)[1:])}"
     if not (out / "prune.json").is_file():
         compress.prune(model, None, out, objective="embedding", flops=args.flops, num_samples=num_samples,
                        calib=args.calib, data_dir=args.data_dir, device="cpu", max_seq_length=args.max_seq_length,
@@ -49,11 +49,10 @@ def prune(args, model: str, num_samples: int) -> Path:
     return out
 
 
-def _variant(args) -> str:
-    """What sets a run apart from the defaults, as a suffix of its row's name ('' for the defaults)."""
-    parts = ([f"len{args.max_seq_length}"] if args.max_seq_length else []) + \
-        ([f"steps{args.search_steps}"] if args.search_steps > 1 else [])
-    return "".join(f" {p}" for p in parts)
+def _variant(args) -> list[str]:
+    """What sets a run apart from the defaults: its FLOPs when not 0.5, then any other setting given."""
+    return ([f"flops{args.flops}" if args.flops != 0.5 else ""] + ([f"len{args.max_seq_length}"] if args.max_seq_length
+            else []) + ([f"steps{args.search_steps}"] if args.search_steps > 1 else []))
 
 
 def evaluate(store: dict, key: str, path, args) -> dict:
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
     for model, n in zip(args.models, samples):
         out = prune(args, model, n)
         record = json.loads((out / "prune.json").read_text())
-        key = model + _variant(args)
+        key = " ".join([model] + [p for p in _variant(args) if p])
         row = data["models"].setdefault(key, {})
         row.update(flops=args.flops, flops_ratio=record["flops_ratio"], num_samples=n,
                    seconds=record["seconds"]["total"], heads=record["num_attention_heads_per_layer"],
