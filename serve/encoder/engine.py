@@ -80,6 +80,8 @@ class Encoder:
 
     def run(self, kind: str, token_ids: list[list[int]]) -> torch.Tensor:
         """Rows of `kind` (EMBED or CLASSIFY) for model inputs `token_ids`, in their order."""
+        if not token_ids:
+            raise ValueError("no inputs")
         forward = self.model.embed if kind == EMBED else self.model.classify
         lengths = [len(ids) for ids in token_ids]
         plan = batching.plan(lengths, self.config.max_num_batched_tokens)

@@ -2,7 +2,8 @@
 
 Any checkpoint of the BERT family serves embeddings: its bare encoder's last hidden states pooled as
 the directory says (compress.embeddings.pooling; mean pooling when it says nothing). A checkpoint with
-a sequence-classification head also serves `classify`: the model's own logits. A token-pruned
+a sequence-classification head also serves `classify`: the model's own logits (a question-answering
+head serves embeddings only). A token-pruned
 checkpoint (compress.token_pruning) runs its token-dropping forward for both: the logits read [CLS],
 the embedding pools the tokens that survive the last layer. Weights are cast to the serving dtype
 once; everything a caller gets back is float32 on the CPU. Shapes: a batch is `[B, S]`; `embed` gives
@@ -37,14 +38,14 @@ class EncoderModel:
     def __init__(self, path: str | Path, device: torch.device, dtype: torch.dtype):
         import compress
         from compress import token_pruning
-        from compress.models.checkpoint import has_task_head, load_tokenizer
+        from compress.models.checkpoint import CLASSIFIER_ARCH_SUFFIX, load_tokenizer
 
         self.path, self.device = Path(path), device
         self.token_pruned = token_pruning.is_token_pruned(path)
         self.model = compress.load(path).to(device, dtype).eval()
         hf = self.model.model if self.token_pruned else self.model
         self.config, self.tokenizer, self.pooling = hf.config, load_tokenizer(path), read_pooling(path)
-        self.has_head = has_task_head(hf.config)
+        self.has_head = any(a.endswith(CLASSIFIER_ARCH_SUFFIX) for a in hf.config.architectures or [])
         self.embedder = None if self.token_pruned else Embedder(hf.base_model, self.pooling)
 
     @property
