@@ -49,10 +49,11 @@ def prune(args, model: str, num_samples: int) -> Path:
     return out
 
 
-def _variant(args) -> list[str]:
+def _variant(args, num_samples: int = 512) -> list[str]:
     """What sets a run apart from the defaults: its FLOPs when not 0.5, then any other setting given."""
     return ([f"flops{args.flops}" if args.flops != 0.5 else ""] + ([f"len{args.max_seq_length}"] if args.max_seq_length
-            else []) + ([f"steps{args.search_steps}"] if args.search_steps > 1 else []))
+            else []) + ([f"steps{args.search_steps}"] if args.search_steps > 1 else [])
+            + ([f"n{num_samples}"] if num_samples != 512 else []))
 
 
 def evaluate(store: dict, key: str, path, args) -> dict:
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     for model, n in zip(args.models, samples):
         out = prune(args, model, n)
         record = json.loads((out / "prune.json").read_text())
-        key = " ".join([model] + [p for p in _variant(args) if p])
+        key = " ".join([model] + [p for p in _variant(args, n) if p])
         row = data["models"].setdefault(key, {})
         row.update(flops=args.flops, flops_ratio=record["flops_ratio"], num_samples=n,
                    seconds=record["seconds"]["total"], heads=record["num_attention_heads_per_layer"],
