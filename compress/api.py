@@ -37,14 +37,16 @@ def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, 
 
 def load(path: str | os.PathLike, device: str = "cpu"):
     """A plain Hugging Face torch model from a fine-tuned or slimmed directory (uneven layers allowed);
-    a slimmed Gemma loads as its causal LM, a token-pruned directory as its token-dropping model."""
+    a slimmed Gemma loads as its causal LM, a token-pruned directory as its token-dropping model, an
+    encoder without a task head (an embedding model) as its bare encoder, whose pooling
+    `compress.embeddings.read_pooling(DIR)` gives."""
     from compress import token_pruning
     from compress.models.checkpoint import load as run, resolve
 
     local = resolve(path)
     if token_pruning.is_token_pruned(local):
         return token_pruning.load(local, device)
-    return run(local, device=device)
+    return run(local, device=device, allow_base=True)
 
 
 def evaluate(path: str | os.PathLike, task: str, data_dir=None, device: str = "auto") -> dict:

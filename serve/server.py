@@ -61,6 +61,11 @@ async def errors_and_auth(request: web.Request, handler):
         return _error(ApiError(500, "internal server error", kind="server_error"))
 
 
+async def not_an_encoder(request: web.Request):
+    raise ApiError(400, "this model is a decoder: it generates text (/v1/completions, /v1/chat/completions); "
+                        "embeddings and classification need an encoder checkpoint")
+
+
 async def models(request: web.Request):
     engine = request.app[ENGINE].engine
     card = {"id": request.app[MODEL_NAME], "object": "model", "created": int(time.time()), "owned_by": "compress",
@@ -110,6 +115,8 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None, li
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    app.router.add_post("/v1/embeddings", not_an_encoder)
+    app.router.add_post("/classify", not_an_encoder)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_page)

@@ -167,12 +167,19 @@ def test_disconnect_aborts_and_frees_blocks(server):
     assert metric(port, "serve_kv_blocks_used") == 0 and metric(port, "serve_requests_running") == 0
 
 
-def test_unservable_model_dir_is_one_line_exit_2(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+@pytest.mark.parametrize("model_type, message", [("t5", "not supported"), ("bert", "no model.safetensors")])
+def test_unservable_model_dir_is_one_line_exit_2(tmp_path, model_type, message):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
     proc = subprocess.run([sys.executable, "-m", "compress", "serve", str(tmp_path)], capture_output=True, text=True,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1 and "not supported" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/classify"])
+def test_a_decoder_asked_for_embeddings_is_400(server, path):
+    status, data = request(server[0], "POST", path, {"model": MODEL, "input": "hi"})
+    assert status == 400 and "decoder" in json.loads(data)["error"]["message"]
 
 
 @pytest.mark.parametrize("flags, overlap, eager", [([], True, False), (["--no-overlap", "--enforce-eager"], False, True)])

@@ -73,7 +73,7 @@ class BertAdapter(Adapter):
 
 class DistilBertAdapter(Adapter):
     def layer_modules(self):
-        return list(self.model.distilbert.transformer.layer)
+        return list(self.model.base_model.transformer.layer)
 
     def layer_parts(self, layer):
         blk = self.layer_modules()[layer]
@@ -153,7 +153,7 @@ def _additive(mask, dtype):
 
 class MPNetAdapter(Adapter):
     def layer_modules(self):
-        return list(self.model.mpnet.encoder.layer)
+        return list(self.model.base_model.encoder.layer)
 
     def layer_parts(self, layer):
         blk = self.layer_modules()[layer]

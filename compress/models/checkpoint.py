@@ -46,10 +46,9 @@ def has_task_head(config) -> bool:
     return any(a.endswith((CLASSIFIER_ARCH_SUFFIX, QA_ARCH_SUFFIX)) for a in (getattr(config, "architectures", None) or []))
 
 
-def load(path: str | os.PathLike, device="cpu"):
-    """A fine-tuned or slimmed model from `path` (eval mode): a task-head encoder, or a Gemma causal LM."""
-    from transformers import AutoModelForSequenceClassification
-
+def load(path: str | os.PathLike, device="cpu", allow_base: bool = False):
+    """A fine-tuned or slimmed model from `path` (eval mode): a task-head encoder, or a Gemma causal LM; with
+    `allow_base`, an encoder without a task head loads as its bare Hugging Face model (an embedding model)."""
     from compress.arch import gemma, get_adapter
 
     path = resolve(path)
@@ -57,14 +56,10 @@ def load(path: str | os.PathLike, device="cpu"):
     config = read_config(path)
     if config.model_type in gemma.MODEL_TYPES:
         return gemma.load_causal_lm(path).to(device).eval()
-    if not has_task_head(config):
+    if not has_task_head(config) and not allow_base:
         raise UserError(f"model {path} has no sequence-classification head; fine-tune it first with `compress finetune`")
     state = read_weights(path)
-    from transformers import AutoModelForQuestionAnswering
-
-    is_qa = any(a.endswith(QA_ARCH_SUFFIX) for a in config.architectures)
-    auto = AutoModelForQuestionAnswering if is_qa else AutoModelForSequenceClassification
-    model = auto.from_config(config)  # real init: fills non-persistent buffers
+    model = _build(config, state)  # real init: fills non-persistent buffers
     adapter = get_adapter(model)
     try:
         adapter.resize_to_config()
@@ -73,6 +68,18 @@ def load(path: str | os.PathLike, device="cpu"):
     adapter.install_fast_path()
     _load_strict(model, state, path)
     return model.to(device).eval()
+
+
+def _build(config, state: dict):
+    """The Hugging Face model `config` describes: its task head's class, else the bare encoder (with a
+    pooler only where the weights have one)."""
+    from transformers import AutoModel, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    if has_task_head(config):
+        is_qa = any(a.endswith(QA_ARCH_SUFFIX) for a in config.architectures)
+        return (AutoModelForQuestionAnswering if is_qa else AutoModelForSequenceClassification).from_config(config)
+    pooler = {} if config.model_type == "distilbert" else {"add_pooling_layer": any(k.startswith("pooler.") for k in state)}
+    return AutoModel.from_config(config, **pooler)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -129,9 +136,14 @@ def load_tokenizer(path: str | os.PathLike):
         raise UserError(f"cannot load the tokenizer from {path}: {str(err).splitlines()[0][:160]}") from None
 
 
-def save(model, tokenizer, out_dir: Path, extra: dict | None = None) -> None:
-    """Write weights (safetensors), config.json, tokenizer files and, when given, prune.json."""
+def save(model, tokenizer, out_dir: Path, extra: dict | None = None, source_dir=None) -> None:
+    """Write weights (safetensors), config.json, tokenizer files and, when given, prune.json; the
+    sentence-transformers pooling files of `source_dir`, when it has them, so the result embeds as it did."""
+    from compress.embeddings.pooling import copy_files
+
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if source_dir is not None:
+        copy_files(source_dir, out_dir)
     if extra is not None:
         (out_dir / "prune.json").write_text(json.dumps(extra, indent=2) + "\n")

@@ -6,7 +6,8 @@ Fields are grouped by family. Those in the first group apply to both; a field ma
 or the Python API, so a recipe can never hold a setting that silently does nothing. Precedence:
 dataclass defaults < recipe < flags (compress.recipes.resolve). The family comes from the model
 (compress.pruning.pipeline): a Gemma 2/3 checkpoint prunes as a decoder with the language-modelling
-loss, anything else as an encoder fine-tuned on `task`.
+loss, anything else as an encoder, fine-tuned on `task` (objective `task`) or, with objective `embedding`,
+a sentence-embedding model pruned without labels on `calib` text (compress.pruning.embedding).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ FAMILIES = (ENCODER, DECODER)
 METHODS = {ENCODER: ("fisher", "magnitude", "random"),
            DECODER: ("fisher", "fisher-mlp", "magnitude", "activation", "activation-mlp")}
 FISHERS = ("empirical", "model")  # the Fishers of compress.pruning.fisher.mask_gradients
+TASK, EMBEDDING = "task", "embedding"  # encoder objectives: a fine-tuned task's loss, or the pooled embedding
+OBJECTIVES = (TASK, EMBEDDING)
 DTYPES = ("float32", "bfloat16", "float16")
 WHERE = {ENCODER: "an encoder (with --task)", DECODER: "a decoder (without --task)"}
 
@@ -50,7 +53,9 @@ class PruneConfig:
     device: str = "auto"
     overwrite: bool = False
     family: str | None = None  # None: from the model's config (compress.pruning.pipeline.family_of)
+    calib: str | None = None  # calibration text of a decoder or an embedding objective; None: compress.data.calib's
     # encoders
+    objective: str | None = _only(ENCODER, TASK)  # OBJECTIVES: a task's loss, or label-free distillation
     task: str | None = _only(ENCODER)
     latency_ms: float | None = _only(ENCODER)
     speedup: float | None = _only(ENCODER)  # latency budget = the table's dense time / speedup
@@ -64,7 +69,6 @@ class PruneConfig:
     filter_multiple: int | None = _only(ENCODER, 8)  # FFN widths padded with zero filters to a multiple
     eval: bool | None = _only(ENCODER, False)
     # decoders
-    calib: str | None = _only(DECODER)  # calibration text; None: compress.data.calib's default
     seq_len: int | None = _only(DECODER, 512)  # calibration window in tokens, BOS included
     context_len: int | None = _only(DECODER, 2048)  # prefill length of the cost model
     dtype: str | None = _only(DECODER, "float32")
@@ -97,6 +101,8 @@ class PruneConfig:
         require_positive(self, "batch_size", "num_samples")
         if self.damp < 0:
             raise UserError(f"damp must be >= 0, got {self.damp}")
+        if self.calib is not None and not str(self.calib).strip():
+            raise UserError("--calib is empty; give a .txt/.txt.gz file or directory, or omit it")
         if self.family is None:
             return self
         if self.family not in FAMILIES:
@@ -122,8 +128,16 @@ class PruneConfig:
                         f"{', '.join(METHODS[self.family])}")
 
     def _validate_encoder(self) -> None:
-        if not self.task:
-            raise UserError("an encoder needs --task: the task it was fine-tuned on (its train split calibrates)")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown --objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == EMBEDDING:
+            self._validate_embedding()
+        elif not self.task:
+            raise UserError("an encoder needs --task: the task it was fine-tuned on (its train split calibrates), "
+                            "or --objective embedding (label-free, on text)")
+        elif self.calib is not None:
+            raise UserError("--calib applies to decoders and to --objective embedding; an encoder pruned for --task "
+                            "calibrates on that task's train split")
         if self.flops is None and not self.has_latency_budget:
             raise UserError("give a constraint: --flops F, --latency-ms MS or --speedup S (FLOPs and latency may "
                             "go together)")
@@ -147,11 +161,15 @@ class PruneConfig:
             raise UserError(f"--method {self.method} needs --flops and no latency budget (the baselines have no "
                             "latency search)")
 
+    def _validate_embedding(self) -> None:
+        if self.task:
+            raise UserError("--objective embedding needs no labels: drop --task (calibrate on text with --calib)")
+        if self.method != "fisher":
+            raise UserError(f"--objective embedding scores with the Fisher only, not --method {self.method}")
+
     def _validate_decoder(self) -> None:
         if self.flops is None:
             raise UserError(f"--flops must be in (0, 1], got {self.flops}")
-        if self.calib is not None and not str(self.calib).strip():
-            raise UserError("--calib is empty; give a .txt/.txt.gz file or directory, or omit it")
         self._validate_method()
         require_positive(self, "context_len", "max_filter_swaps")
         if self.seq_len < 2:

@@ -51,7 +51,7 @@ def mask_gradients(model, adapter, batches, device, progress: bool = True, kind:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels", None)  # None: a QA batch (start/end positions, compress.train.qa)
         b = batch["input_ids"].shape[0]
-        hm, fm = _leaf_masks(adapter, masks, b, device)
+        hm, fm = leaf_masks(adapter, masks, b, device)
         with adapter.masks(hm, fm):
             if labels is None:
                 losses = [_span_loss(model, batch)]
@@ -67,7 +67,7 @@ def mask_gradients(model, adapter, batches, device, progress: bool = True, kind:
     return [torch.cat(g) for g in heads], [torch.cat(g) for g in filters]
 
 
-def _leaf_masks(adapter, masks, b: int, device):
+def leaf_masks(adapter, masks, b: int, device):
     """Per-example copies of the masks (`[B, H_l]`, `[B, F_l]`) to take gradients against."""
     if masks is None:
         return ([torch.ones(b, h, device=device, requires_grad=True) for h in adapter.num_heads()],

@@ -3,7 +3,8 @@
 calibrate -> score (mask gradients) -> search under a cost model -> rearrange -> tune -> slim -> save.
 One `Pipeline` runs these stages in this order for every model; what a stage does for a family lives in
 compress.pruning.encoder (task-loss Fisher, FLOPs or latency budgets, weight tuning) and
-compress.pruning.decoder (language-modelling Fisher, GQA-shaped search, layer-wise tuning). Masks travel
+compress.pruning.decoder (language-modelling Fisher, GQA-shaped search, layer-wise tuning), and for an
+encoder pruned for its embeddings without labels in compress.pruning.embedding. Masks travel
 between the stages as `(heads, filters)`, lists of per-layer 0/1 (or tuned) tensors; only
 compress.arch touches module paths. `search_steps` K > 1 runs score + search K times down a schedule, each
 score taken with the masks so far applied and each search kept among the units still alive;
@@ -17,8 +18,9 @@ from compress.arch import get_adapter
 from compress.device import pick_device
 from compress.models import checkpoint
 from compress.models.outputs import atomic_output_dir, check_output_dir
-from compress.pruning.config import DECODER, ENCODER, PruneConfig
+from compress.pruning.config import DECODER, EMBEDDING, ENCODER, PruneConfig
 from compress.pruning.decoder import DecoderFamily
+from compress.pruning.embedding import EmbeddingFamily
 from compress.pruning.encoder import EncoderFamily
 from compress.pruning.slim import slim_model
 from compress.pruning.stages import Calibration, Phases, Scores
@@ -34,13 +36,20 @@ def family_of(model: str) -> str:
     return DECODER if is_decoder(model) else ENCODER
 
 
+def family_for(config: PruneConfig):
+    """What each stage does for this run: the model's family, or an encoder's embedding objective."""
+    if config.family == ENCODER and config.objective == EMBEDDING:
+        return EmbeddingFamily()
+    return FAMILIES[config.family]
+
+
 class Pipeline:
     """The stages of one pruning run, for the family of `config.model`."""
 
     def __init__(self, config: PruneConfig, progress: bool = True):
         config.validate()
         self.config = config.for_family(config.family or family_of(config.model))
-        self.family = FAMILIES[self.config.family]
+        self.family = family_for(self.config)
         self.progress, self.phases, self.device = progress, Phases(), pick_device(self.config.device)
         self.record: dict = {}
 
@@ -99,7 +108,7 @@ class Pipeline:
 
     def save(self, model, tokenizer) -> None:
         with atomic_output_dir(self.config.output, self.config.overwrite) as tmp:
-            checkpoint.save(model.cpu(), tokenizer, tmp, self.record)
+            checkpoint.save(model.cpu(), tokenizer, tmp, self.record, self.record.get("source_dir"))
 
 
 def prune(config: PruneConfig, progress: bool = True) -> dict:

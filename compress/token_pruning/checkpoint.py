@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+from compress.embeddings.pooling import copy_files
 from compress.errors import UserError
 from compress.token_pruning.model import PruningSpec, TokenPruningModel
 
@@ -36,7 +37,8 @@ def is_token_pruned(path: str | Path) -> bool:
 
 
 def save(model: TokenPruningModel, tokenizer, out_dir: str | Path, record: dict, source_dir: str | Path | None = None):
-    """Write weights, config (with the thresholds), tokenizer, the record, and the parent's prune.json."""
+    """Write weights, config (with the thresholds), tokenizer, the record, and the parent's prune.json and
+    sentence-transformers pooling files."""
     out_dir = Path(out_dir)
     hf = model.model
     setattr(hf.config, CONFIG_KEY, dataclasses.asdict(model.current_spec()))
@@ -50,6 +52,8 @@ def save(model: TokenPruningModel, tokenizer, out_dir: str | Path, record: dict,
     parent_record = Path(source_dir) / "prune.json" if source_dir else None
     if parent_record is not None and parent_record.is_file():
         shutil.copy2(parent_record, out_dir / "prune.json")
+    if source_dir is not None:
+        copy_files(source_dir, out_dir)  # the parent's pooling config: embeddings pool as the parent's did
 
 
 def load(path: str | Path, device=None) -> TokenPruningModel:

@@ -11,7 +11,10 @@ over the (kept, non-padding) query positions. Tokens under the layer's threshold
   - "masked": hard 0/1 masks, dropped tokens get -inf as keys (training stage 2; test reference);
   - "drop":   inference: dropped tokens are removed (gather per sequence, re-padded to the longest
               survivor in the batch for attention; projections and FFN run on the packed real tokens),
-              so time falls with the kept length.
+              so time falls with the kept length. On a GPU what a layer costs besides its work is host
+              syncs: the packing indices are found once per layer (one sync, with the new width's), and
+              attention whose probabilities no decision reads (the last layer; every layer in "dense")
+              runs fused through scaled_dot_product_attention.
 A threshold is applied after each layer but the last (pruning after the last layer changes neither
 the output, which reads [CLS] only, nor the cost), so there are num_hidden_layers - 1 of them.
 Shapes: B batch, S sequence, D hidden, h heads of the current layer, L layers.
@@ -87,28 +90,36 @@ class TokenPruningModel(nn.Module):
         mode = mode or self.mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        x = P.embed(self.model, input_ids, token_type_ids)
-        run = self._run_soft if mode == "soft" else self._run_hard
-        x, num_tokens, fractions = run(x, valid, drop=(mode == "drop"), dense=(mode == "dense"))
+        x, _, num_tokens, fractions = self.hidden_states(input_ids, attention_mask, token_type_ids, mode)
         logits = P.classify(self.model, x)
         mask_mean = torch.stack(fractions).mean() if fractions else logits.new_zeros(())
         return TokenPruningOutput(logits, num_tokens, mask_mean, self._task_loss(logits, labels))
+
+    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None, mode=None):
+        """The last layer's states `[B, S', D]`, the tokens they are of `[B, S']` (bool; S' is the longest
+        survivor in "drop" mode), tokens per layer `[B, L]`, and the kept fractions of the pruning layers."""
+        mode = mode or self.mode
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        x = P.embed(self.model, input_ids, token_type_ids)
+        run = self._run_soft if mode == "soft" else self._run_hard
+        return run(x, valid, drop=(mode == "drop"), dense=(mode == "dense"))
 
     def _run_hard(self, x, valid, drop: bool, dense: bool):
         kept, lengths = valid, valid.sum(1)
         positions = torch.arange(x.shape[1], device=x.device).expand_as(valid)
         counts, fractions = [], []
         for layer, parts in enumerate(self.parts):
-            x, probs = self._layer(parts, x, _key_bias(kept, x.dtype), positions, packed=kept if drop else None)
+            scores = not dense and layer < len(self.parts) - 1  # the last layer's drop would change nothing
+            packed = kept.flatten().nonzero().squeeze(1) if drop else None  # one host sync per layer
+            x, probs = self._layer(parts, x, _key_bias(kept, x.dtype), positions, packed, scores)
             counts.append(kept.sum(1))
-            if layer == len(self.parts) - 1 or dense or probs.shape[1] == 0:
+            if not scores or probs.shape[1] == 0:
                 continue
             kept = self._decide(layer, importance(probs, kept.to(probs.dtype)), kept, lengths)
             fractions.append((kept.sum(1) / lengths).mean())
             if drop:
                 x, kept, positions = compact(x, kept, positions)
-        return x, torch.stack(counts, 1).to(x.dtype), fractions
+        return x, kept, torch.stack(counts, 1).to(x.dtype), fractions
 
     def _run_soft(self, x, valid, drop: bool, dense: bool):
         mask = valid.to(x.dtype)  # running soft mask M [B, S]
@@ -125,7 +136,7 @@ class TokenPruningModel(nn.Module):
             mask = mask * torch.cat([torch.ones_like(soft[:, :1]), soft[:, 1:]], dim=1)  # [CLS] stays
             fractions.append((mask.sum(1) / lengths).mean())
             x = x * mask[..., None]
-        return x, torch.stack(counts, 1), fractions
+        return x, mask, torch.stack(counts, 1), fractions
 
     def _decide(self, layer: int, score, kept, lengths):
         """Boolean keep mask [B, S] after `layer`; a subset of `kept` that always holds [CLS]."""
@@ -138,41 +149,43 @@ class TokenPruningModel(nn.Module):
         rank = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
         return rank < k[:, None]
 
-    def _layer(self, parts: P.LayerParts, x, key_bias, positions, packed=None):
+    def _layer(self, parts: P.LayerParts, x, key_bias, positions, packed=None, probs_needed: bool = True):
         """One post-LN encoder layer; returns its output [B, S, D] and attention probs [B, h, S, S].
 
-        With `packed` (a [B, S] mask of real tokens) every position-wise part (projections, norms,
-        FFN) runs on the T real tokens only, so its cost follows the kept lengths, not the padding;
-        only the attention itself works on the re-padded [B, h, S, S] layout.
+        With `packed` (the flat indices [T] of the real tokens in [B * S]) every position-wise part
+        (projections, norms, FFN) runs on the T real tokens only, so its cost follows the kept lengths,
+        not the padding; only the attention itself works on the re-padded [B, h, S, S] layout. Without
+        `probs_needed` the attention runs fused (scaled_dot_product_attention, no [B, h, S, S] in memory)
+        and no probabilities are returned.
         """
         B, S, _ = x.shape
-        tokens = x if packed is None else x[packed]  # [B, S, D] or [T, D]
+        tokens = x if packed is None else x.flatten(0, 1).index_select(0, packed)  # [B, S, D] or [T, D]
         heads = parts.num_heads
         if heads == 0:  # the branch is just the output projection's bias
             attn, probs = parts.o(tokens.new_zeros(*tokens.shape[:-1], 0)), x.new_zeros(B, 0, S, S)
         else:
             q, k, v = (self._split_heads(proj(tokens), packed, B, S) for proj in (parts.q, parts.k, parts.v))
-            scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5  # [B, h, S, S]
             bias = P.position_bias(self.model, positions, x)
             if bias is not None:
-                scores = scores + (bias if parts.bias_heads is None else bias[:, parts.bias_heads])
-            probs = torch.softmax(scores + key_bias, dim=-1)
-            context = F.dropout(probs, self.p_attn, self.training) @ v  # [B, h, S, d]
+                key_bias = key_bias + (bias if parts.bias_heads is None else bias[:, parts.bias_heads])
+            context, probs = self._attention(q, k, v, key_bias, probs_needed)  # [B, h, S, d], [B, h, S, S] or None
             context = context.transpose(1, 2).reshape(B, S, heads * self.head_dim)
-            attn = parts.o(context if packed is None else context[packed])
+            attn = parts.o(context if packed is None else context.flatten(0, 1).index_select(0, packed))
         out = self._finish_layer(parts, tokens, attn)
-        if packed is None:
-            return out, probs
-        full = out.new_zeros(B, S, out.shape[-1])
-        full[packed] = out
-        return full, probs
+        return (out, probs) if packed is None else (_unpack(out, packed, B, S), probs)
+
+    def _attention(self, q, k, v, bias, probs_needed: bool):
+        if not probs_needed:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.head_dim**-0.5,
+                                                     dropout_p=self.p_attn if self.training else 0.0)
+            return context, None
+        probs = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim**-0.5 + bias, dim=-1)
+        return F.dropout(probs, self.p_attn, self.training) @ v, probs
 
     def _split_heads(self, y, packed, B: int, S: int):
         """[B, S, h*d] or packed [T, h*d] -> [B, h, S, d] (padding rows zero)."""
         if packed is not None:
-            full = y.new_zeros(B, S, y.shape[-1])
-            full[packed] = y
-            y = full
+            y = _unpack(y, packed, B, S)
         return y.view(B, S, -1, self.head_dim).transpose(1, 2)
 
     def _finish_layer(self, parts: P.LayerParts, x, attn):
@@ -208,6 +221,11 @@ def compact(x, keep, positions):
     x = x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
     kept = torch.arange(width, device=x.device)[None, :] < lengths[:, None]
     return x, kept, positions.gather(1, order)
+
+
+def _unpack(rows: torch.Tensor, packed: torch.Tensor, B: int, S: int) -> torch.Tensor:
+    """Packed rows [T, F] at flat indices `packed` [T] -> [B, S, F], zero elsewhere."""
+    return rows.new_zeros(B * S, rows.shape[-1]).index_copy_(0, packed, rows).view(B, S, -1)
 
 
 def _key_bias(kept: torch.Tensor, dtype) -> torch.Tensor:
