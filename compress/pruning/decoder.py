@@ -4,8 +4,10 @@ What differs from an encoder, stage by stage (compress.pruning.pipeline runs the
 - calibrate: `num_samples` windows of `seq_len` tokens of plain text, each led by BOS
   (compress.data.calib: a file, a directory, bbc-news, the shared Wikipedia sample, or text the model
   samples itself);
-- score: the Fisher of the language-modelling loss (compress.pruning.lm_scores); `fisher-mlp` keeps every
-  head (an ablation). Baselines: magnitude, activation norms (FLAP-like), `activation-mlp`;
+- score: the Fisher of the language-modelling loss (compress.pruning.lm_scores); `fisher-group` costs each
+  layer's feasible head masks by the Fisher of their exact effect through the post-norm
+  (compress.pruning.group_fisher); `fisher-mlp` keeps every head (an ablation). Baselines: magnitude,
+  activation norms (FLAP-like), `activation-mlp`;
 - search: GQA-aware (compress.pruning.gqa): a layer keeps whole query groups of equal size per KV head,
   under the decoder cost model (compress.pruning.decoder_cost: sliding windows bound attention, the LM
   head is not pruned). Baseline scores, whose scale differs between heads and filters, are made
@@ -98,6 +100,12 @@ class DecoderFamily:
         from compress.pruning import baselines, lm_scores
         from compress.pruning.stages import Scores
 
+        if config.method == "fisher-group":
+            from compress.pruning.group_fisher import group_fisher_scores
+
+            *scores, record["calibration_loss"] = group_fisher_scores(model, adapter, calib.batches, device,
+                                                                     _groups(self.parent_shape(adapter)), progress)
+            return Scores(*scores)
         if config.method.startswith("fisher"):
             head_grads, filter_grads, record["calibration_loss"] = lm_scores.lm_mask_gradients(
                 model, adapter, calib.batches, device, progress)
@@ -118,13 +126,14 @@ class DecoderFamily:
             heads, filters = _per_flop(heads, cost_model.q_cost), _per_flop(filters, cost_model.filter_cost)
         if config.method.endswith("-mlp"):  # the MLP-only variants: every head outranks every filter
             heads = [torch.full_like(h, 1e6 * cost_model.dense_flops()) for h in heads]
-        return gqa.search_gqa(heads, filters, cost_model, target * cost_model.dense_flops(), _groups(parent))
+        return gqa.search_gqa(heads, filters, cost_model, target * cost_model.dense_flops(), _groups(parent),
+                              options=scores.head_options)
 
     def rearrange(self, config, masks, scores, parent, alive, device):
         from compress.pruning import gqa
         from compress.pruning.rearrange import block_fisher, rearrange_layer
 
-        heads = gqa.rearrange_gqa(masks[0], scores.head_grads, _groups(parent))
+        heads = masks[0] if scores.head_options else gqa.rearrange_gqa(masks[0], scores.head_grads, _groups(parent))
         filters = [rearrange_layer(m, block_fisher(g), config.max_filter_swaps)
                    for m, g in zip(masks[1], scores.filter_grads)]
         return heads, filters

@@ -8,6 +8,8 @@ groups and their g' best heads. Shapes across layers are a multiple-choice knaps
 dynamic programming on the budget cut into `num_bins` bins (shape costs rounded up, so the result
 always fits); the filters then fill what is left, best score per FLOP first (exact when all filters
 cost the same, as in Gemma), and are refilled with the exact leftover after backtracking.
+A caller may hand the search each layer's options with their own values instead (`options`, e.g.
+compress.pruning.group_fisher: every feasible mask with the estimated loss of its exact effect).
 
 Rearrangement (Kwon et al. 2022, Sec. 4.2) of a GQA layer's heads: among the masks of the same
 shape, the one minimising p^T I p (I the layer's Fisher block, p the pruned indicator), found by
@@ -44,12 +46,25 @@ def layer_options(scores: torch.Tensor, group: int) -> list[tuple[int, int, floa
     return options
 
 
-def search_gqa(head_scores, filter_scores, cost, budget: float, group_sizes, num_bins: int = 20_000):
-    """0/1 head and filter masks with `cost.flops(...) <= budget` and the most kept score."""
+def feasible_masks(num_heads: int, group: int, limit: int) -> list[torch.Tensor] | None:
+    """Every GQA-shaped 0/1 mask `[H]` of a layer, the empty one first; None when there are more than `limit`."""
+    num_kv = num_heads // group if num_heads else 0
+    count = 1 + sum(math.comb(num_kv, k) * math.comb(group, per) ** k
+                    for per in range(1, group + 1) for k in range(1, num_kv + 1))
+    if count > limit:
+        return None
+    return [torch.zeros(num_heads)] + [m for per in range(1, group + 1) for k in range(1, num_kv + 1)
+                                       for m in _shape_masks(num_kv, group, k, per)]
+
+
+def search_gqa(head_scores, filter_scores, cost, budget: float, group_sizes, num_bins: int = 20_000,
+               options=None):
+    """0/1 head and filter masks with `cost.flops(...) <= budget` and the most kept score. `options`: per layer,
+    the attention shapes to choose from as `layer_options` gives them (default: from `head_scores`)."""
     if budget <= 0:
         raise ValueError("FLOPs budget must be positive")
     unit = budget / num_bins
-    options = [layer_options(s, g) for s, g in zip(head_scores, group_sizes)]
+    options = options or [layer_options(s, g) for s, g in zip(head_scores, group_sizes)]
     choices = []
     best = np.full(num_bins + 1, -np.inf)
     best[0] = 0.0
