@@ -77,14 +77,19 @@ def heldout_sets(tokenizer, data_dir: Path, args) -> dict:
 def evaluate(model, tokenizer, sets, args) -> dict:
     from compress.data.perplexity import perplexity
 
-    device = next(model.parameters()).device
-    result = {"perplexity": {name: round(perplexity(model, w, args.batch_size)["perplexity"], 3)
-                             for name, w in sets.items()}, "continuations": []}
+    return {"perplexity": {name: round(perplexity(model, w, args.batch_size)["perplexity"], 3)
+                           for name, w in sets.items()},
+            "continuations": continuations(model, tokenizer, args.max_new_tokens)}
+
+
+def continuations(model, tokenizer, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of `PROMPTS`."""
+    device, texts = next(model.parameters()).device, []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-        result["continuations"].append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return result
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
 
 
 def run(args) -> dict:
