@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="evals/results/gemma_pruning")
+    p.add_argument("--tune-weights", action="store_true", help="tune the output projections' kept columns")
     p.add_argument("--quick", action="store_true", help="tiny CPU configuration to validate the script")
     p.add_argument("--cpu-table", action="store_true", help="the reduced configuration of the committed CPU table")
     args = p.parse_args(argv)
@@ -103,7 +104,7 @@ def run(args) -> dict:
     data_dir = wiki.parents[1]
     base = PruneConfig(model=args.model, output="-", flops=1.0, data_dir=str(data_dir), num_samples=args.num_samples,
                        seq_len=args.seq_len, context_len=args.context_len, batch_size=args.batch_size,
-                       device=args.device, family="decoder")
+                       tune_weights=args.tune_weights, device=args.device, family="decoder")
     shared = Pipeline(base)
     with shared.phases("load"):
         dense, tokenizer, _ = shared.family.load(shared.config, shared.device)

@@ -7,7 +7,8 @@ same windows for every run). Every model is measured on held-out text that neith
 distillation reads: the Wikipedia articles past the calibration head, and a novel (perplexity), plus top-1
 agreement with the parent on the Wikipedia tail (how often it would be accepted as a greedy draft). Also:
 seconds to prune and to distil, the overlap of the units kept from a second calibration draw (stability),
-greedy continuations. Rows are written after every cell; `--time-limit` starts no new cell past it.
+greedy continuations (without training and at the largest budget). Rows are written after every cell: first
+every cell without training, then the distilled ones, in --flops order; `--time-limit` starts none past it.
 Writes `<out>.md` and `<out>.json`.
 
 GPU (the reported table; about 9 minutes on one H100 once the model is in the cache):
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--distill-batch-size", type=int, help="default by device")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ppl-seq-len", type=int, default=512)
-    p.add_argument("--ppl-max-windows", type=int, default=64)
+    p.add_argument("--ppl-max-windows", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--time-limit", type=float, default=None, help="minutes; no new cell starts past it")
     p.add_argument("--device", default="auto")
@@ -136,9 +137,14 @@ class Table:
         print(json.dumps({k: row.get(k) for k in ("method", "flops", "tokens", "perplexity", "agreement")}), flush=True)
         self.write()
 
-    def out_of_time(self) -> bool:
+    def stop_before(self, what: str) -> bool:
+        """True (and the reason recorded) once --time-limit has passed."""
         limit = self.args.time_limit
-        return limit is not None and time.perf_counter() - self.t0 > 60 * limit
+        if limit is None or time.perf_counter() - self.t0 <= 60 * limit:
+            return False
+        self.result["stopped"] = f"stopped at the time limit ({limit} min) before {what}"
+        self.write()
+        return True
 
     def write(self) -> None:
         self.result["seconds"] = round(time.perf_counter() - self.t0, 1)
@@ -188,37 +194,41 @@ def prune(table: Table, method: str, flops: float, scores, scores2):
     return model, {"method": method, "flops": flops, "tokens": 0, **shape, "prune_seconds": seconds}, stability
 
 
-def distill(table: Table, model, row: dict, tokens: int) -> dict:
+def distill(table: Table, model, row: dict, tokens: int, with_text: bool) -> dict:
     from compress.distill.trainer import Trainer
 
-    student = copy.deepcopy(model)
+    student = copy.deepcopy(model).to(table.shared.device)
     trainer = Trainer(table.distill_config(tokens), student, table.teacher, table.windows, progress=True)
     trainer.run()
     result = {**row, "tokens": trainer.step * trainer.config.tokens_per_step, "distill_seconds": round(trainer.seconds, 1),
-              "distill_history": trainer.history, **table.measure(student)}
+              "distill_history": trainer.history, **table.measure(student, with_text)}
     del student, trainer
     return result
 
 
 def run(args) -> dict:
+    """No-training rows for every cell first, then the distilled ones, each in --flops order: under a time
+    limit the table keeps the cells that matter most (the first FLOPs listed)."""
     table = Table(args)
     table.setup()
-    scores = {}
+    scores, pruned = {}, {}
     for method in args.methods:
         first, second, seconds = score(table, method)
         scores[method] = (first, second)
         table.result.setdefault("score_seconds", {})[method] = seconds
-    for flops in args.flops:
-        for method in args.methods:
-            if table.out_of_time():
-                table.result["stopped"] = f"time limit of {args.time_limit} min reached before FLOPs {flops} {method}"
-                table.write()
-                return table.result
-            model, row, stability = prune(table, method, flops, *scores[method])
-            table.result["stability"].append(stability)
-            table.add({**row, **table.measure(model)})
-            for tokens in args.budgets:
-                table.add(distill(table, model, row, tokens))
+    cells = [(flops, method) for flops in args.flops for method in args.methods]
+    for cell in cells:
+        if table.stop_before(f"pruning at FLOPs {cell[0]} with {cell[1]}"):
+            return table.result
+        model, row, stability = prune(table, cell[1], cell[0], *scores[cell[1]])
+        table.result["stability"].append(stability)
+        table.add({**row, **table.measure(model)})
+        pruned[cell] = (model.cpu(), row)  # the GPU keeps only the model in use
+    for (flops, method), tokens in [(cell, tokens) for cell in cells for tokens in args.budgets]:
+        if table.stop_before(f"distilling FLOPs {flops} {method} for {tokens:,} tokens"):
+            return table.result
+        model, row = pruned[(flops, method)]
+        table.add(distill(table, model, row, tokens, with_text=tokens == max(args.budgets)))
     table.result["complete"] = True
     table.write()
     return table.result

@@ -66,7 +66,8 @@ def register(subparsers) -> None:
                    help="tune by refitting the kept columns and bias of each layer's output projections with "
                         "damped layer-wise least squares (default; past the paper, it keeps far more accuracy at "
                         "the same shapes: evals/results/glue_pruning_weights.md). --no-tune-weights tunes one "
-                        "scale per kept head or filter instead, the paper's mask tuning. Encoders only")
+                        "scale per kept head or filter instead, the paper's mask tuning. Decoders: off by default "
+                        "(docs/experiments.md)")
     p.add_argument("--eval", action="store_true", default=None, help="report the dev metric before and after")
     p.add_argument("--recipe", help="YAML file whose keys are these settings; flags override it")
     add_data_flags(p)

@@ -24,6 +24,7 @@ METHODS = {ENCODER: ("fisher", "magnitude", "random"),
 FISHERS = ("empirical", "model")  # the Fishers of compress.pruning.fisher.mask_gradients
 DTYPES = ("float32", "bfloat16", "float16")
 WHERE = {ENCODER: "an encoder (with --task)", DECODER: "a decoder (without --task)"}
+TUNE_WEIGHTS = {ENCODER: True, DECODER: False}  # docs/experiments.md: what each measured
 
 
 def _only(family: str, default=None):
@@ -50,6 +51,8 @@ class PruneConfig:
     device: str = "auto"
     overwrite: bool = False
     family: str | None = None  # None: from the model's config (compress.pruning.pipeline.family_of)
+    tune_weights: bool | None = None  # refit the output projections; False: the paper's masks; None: the
+    # family's default (TUNE_WEIGHTS)
     # encoders
     task: str | None = _only(ENCODER)
     latency_ms: float | None = _only(ENCODER)
@@ -60,7 +63,6 @@ class PruneConfig:
     fisher: str | None = _only(ENCODER, "empirical")  # FISHERS: the loss at the gold label, or the model's own
     search_steps: int | None = _only(ENCODER, 1)  # Fisher + search rounds down to --flops
     max_seq_length: int | None = _only(ENCODER)  # None: the task's default (128 for GLUE, 384 for SQuAD)
-    tune_weights: bool | None = _only(ENCODER, True)  # refit the output projections; False: the paper's masks
     filter_multiple: int | None = _only(ENCODER, 8)  # FFN widths padded with zero filters to a multiple
     eval: bool | None = _only(ENCODER, False)
     # decoders
@@ -78,6 +80,8 @@ class PruneConfig:
         for f in dataclasses.fields(self):
             if f.metadata.get("family") == self.family and getattr(self, f.name) is None:
                 setattr(self, f.name, f.metadata["default"])
+        if self.tune_weights is None:
+            self.tune_weights = TUNE_WEIGHTS[self.family]
         if self.family == DECODER:  # the calibration scale follows the device (compress.data.calib.SCALE)
             from compress.data.calib import default_scale
 

@@ -13,8 +13,9 @@ What differs from an encoder, stage by stage (compress.pruning.pipeline runs the
   head is not pruned). Baseline scores, whose scale differs between heads and filters, are made
   comparable first (`_per_flop`);
 - rearrange: GQA-shaped, and at most `max_filter_swaps` swaps of filters per layer;
-- tune: least-squares mask tuning of each branch before its post-norm, layer by layer, in fp32
-  (compress.pruning.tune_layerwise). The baselines go through the same search and tuning, so a
+- tune: least-squares tuning of each branch before its post-norm, layer by layer, in fp32
+  (compress.pruning.tune_layerwise): one scale per kept unit, or with `--tune-weights` the output
+  projections' kept columns. The baselines go through the same search and tuning, so a
   comparison at the same FLOPs isolates the importance criterion.
 """
 
@@ -144,7 +145,8 @@ class DecoderFamily:
     def tune(self, config, model, adapter, calib, masks, device, progress):
         from compress.pruning.tune_layerwise import tune_layerwise
 
-        return tune_layerwise(model, adapter, calib.batches, *masks, device, config.damp, progress)
+        return tune_layerwise(model, adapter, calib.batches, *masks, device, config.damp, progress,
+                              weights=config.tune_weights)
 
     def filter_multiple(self, config) -> int:
         return 1
