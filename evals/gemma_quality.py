@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, help="calibration batch (default by device)")
     p.add_argument("--context-len", type=int, default=2048)
     p.add_argument("--distill-seq-len", type=int, help="default by device (compress.distill.config)")
-    p.add_argument("--distill-batch-size", type=int, help="default by device")
+    p.add_argument("--distill-batch-size", type=int, default=8, help="windows per step (8 x 1024 tokens: more steps "
+                   "in a small budget)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--ppl-seq-len", type=int, default=512)
     p.add_argument("--ppl-max-windows", type=int, default=32)

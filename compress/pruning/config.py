@@ -20,7 +20,7 @@ from compress.recipes import require_positive
 ENCODER, DECODER = "encoder", "decoder"
 FAMILIES = (ENCODER, DECODER)
 METHODS = {ENCODER: ("fisher", "magnitude", "random"),
-           DECODER: ("fisher", "fisher-group", "fisher-mlp", "magnitude", "activation", "activation-mlp")}
+           DECODER: ("fisher", "fisher-group", "fisher-width", "fisher-mlp", "magnitude", "activation", "activation-mlp")}
 FISHERS = ("empirical", "model")  # the Fishers of compress.pruning.fisher.mask_gradients
 DTYPES = ("float32", "bfloat16", "float16")
 WHERE = {ENCODER: "an encoder (with --task)", DECODER: "a decoder (without --task)"}

@@ -101,11 +101,12 @@ class DecoderFamily:
         from compress.pruning import baselines, lm_scores
         from compress.pruning.stages import Scores
 
-        if config.method == "fisher-group":
-            from compress.pruning.group_fisher import group_fisher_scores
+        if config.method in ("fisher-group", "fisher-width"):
+            from compress.pruning.group_fisher import MLP_LEVELS, group_fisher_scores
 
-            *scores, record["calibration_loss"] = group_fisher_scores(model, adapter, calib.batches, device,
-                                                                     _groups(self.parent_shape(adapter)), progress)
+            *scores, record["calibration_loss"] = group_fisher_scores(
+                model, adapter, calib.batches, device, _groups(self.parent_shape(adapter)), progress,
+                mlp_levels=MLP_LEVELS if config.method == "fisher-width" else 0)
             return Scores(*scores)
         if config.method.startswith("fisher"):
             head_grads, filter_grads, record["calibration_loss"] = lm_scores.lm_mask_gradients(
@@ -128,7 +129,7 @@ class DecoderFamily:
         if config.method.endswith("-mlp"):  # the MLP-only variants: every head outranks every filter
             heads = [torch.full_like(h, 1e6 * cost_model.dense_flops()) for h in heads]
         return gqa.search_gqa(heads, filters, cost_model, target * cost_model.dense_flops(), _groups(parent),
-                              options=scores.head_options)
+                              options=scores.head_options, filter_options=scores.filter_options)
 
     def rearrange(self, config, masks, scores, parent, alive, device):
         from compress.pruning import gqa

@@ -58,29 +58,40 @@ def feasible_masks(num_heads: int, group: int, limit: int) -> list[torch.Tensor]
 
 
 def search_gqa(head_scores, filter_scores, cost, budget: float, group_sizes, num_bins: int = 20_000,
-               options=None):
+               options=None, filter_options=None):
     """0/1 head and filter masks with `cost.flops(...) <= budget` and the most kept score. `options`: per layer,
-    the attention shapes to choose from as `layer_options` gives them (default: from `head_scores`)."""
+    the attention shapes to choose from as `layer_options` gives them (default: from `head_scores`);
+    `filter_options`: per layer, MLP widths to choose from as (filters, value, mask) instead of the fill."""
     if budget <= 0:
         raise ValueError("FLOPs budget must be positive")
     unit = budget / num_bins
     options = options or [layer_options(s, g) for s, g in zip(head_scores, group_sizes)]
-    choices = []
-    best = np.full(num_bins + 1, -np.inf)
-    best[0] = 0.0
-    for layer, opts in enumerate(options):
-        bins = [math.ceil(cost.layer_flops(layer, h, k, 0) / unit - 1e-9) for h, k, _, _ in opts]
-        best, arg = _knapsack_step(best, bins, [v for _, _, v, _ in opts])
-        choices.append((arg, bins))
-    fill = _FilterFill(filter_scores, cost)
-    totals = best + fill.value(budget - unit * np.arange(num_bins + 1))
+    groups = [[(cost.layer_flops(l, h, k, 0), v) for h, k, v, _ in opts] for l, opts in enumerate(options)]
+    if filter_options is not None:
+        groups += [[(cost.layer_flops(l, 0, 0, n), v) for n, v, _ in opts] for l, opts in enumerate(filter_options)]
+    best, choices = _knapsack(groups, unit, num_bins)
+    fill = None if filter_options is not None else _FilterFill(filter_scores, cost)
+    totals = best if fill is None else best + fill.value(budget - unit * np.arange(num_bins + 1))
     b = int(np.argmax(totals))
     if not np.isfinite(totals[b]):
         raise ValueError("budget too small for any mask")
     picks = _backtrack(choices, b)
-    heads = [options[l][p][3].clone() for l, p in enumerate(picks)]
+    heads = [options[l][p][3].clone() for l, p in enumerate(picks[:len(options)])]
+    if fill is None:
+        return heads, [filter_options[l][p][2].clone() for l, p in enumerate(picks[len(options):])]
     head_flops = sum(cost.layer_flops(l, options[l][p][0], options[l][p][1], 0) for l, p in enumerate(picks))
     return heads, fill.masks(budget - head_flops)
+
+
+def _knapsack(groups, unit: float, num_bins: int):
+    """Multiple-choice knapsack over `groups` of (FLOPs, value) options: best value per budget bin, and choices."""
+    best, choices = np.full(num_bins + 1, -np.inf), []
+    best[0] = 0.0
+    for opts in groups:
+        bins = [math.ceil(flops / unit - 1e-9) for flops, _ in opts]
+        best, arg = _knapsack_step(best, bins, [v for _, v in opts])
+        choices.append((arg, bins))
+    return best, choices
 
 
 def _knapsack_step(best: np.ndarray, bins: list[int], values: list[float]):
