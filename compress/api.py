@@ -22,7 +22,12 @@ def prune(model: str | os.PathLike, task: str | None, output: str | os.PathLike,
     from compress.recipes import load_recipe, resolve
 
     config = resolve(PruneConfig, load_recipe(recipe), model=str(model), task=task, output=str(output), **settings)
-    return run(config, progress=progress)
+    record = run(config, progress=progress)
+    if config.distill_tokens:  # then recover by distillation from `model` (compress.distill)
+        from compress.distill.trainer import distill_pruned
+
+        record["distill"] = distill_pruned(config, progress=progress)
+    return record
 
 
 def finetune(model: str | os.PathLike, task: str, output: str | os.PathLike, *, recipe=None, **settings) -> dict:

@@ -14,7 +14,7 @@ import sys
 from compress.errors import UserError
 
 # Module names under compress.commands, in the order `compress --help` lists them.
-COMMANDS = ("finetune", "prune", "latency_table", "token_prune", "eval", "serve", "fetch")
+COMMANDS = ("finetune", "prune", "distill", "latency_table", "token_prune", "eval", "serve", "fetch")
 
 
 class _Parser(argparse.ArgumentParser):

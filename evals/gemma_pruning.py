@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="evals/results/gemma_pruning")
+    p.add_argument("--tune-weights", action="store_true", help="tune the output projections' kept columns")
     p.add_argument("--quick", action="store_true", help="tiny CPU configuration to validate the script")
     p.add_argument("--cpu-table", action="store_true", help="the reduced configuration of the committed CPU table")
     args = p.parse_args(argv)
@@ -77,14 +78,19 @@ def heldout_sets(tokenizer, data_dir: Path, args) -> dict:
 def evaluate(model, tokenizer, sets, args) -> dict:
     from compress.data.perplexity import perplexity
 
-    device = next(model.parameters()).device
-    result = {"perplexity": {name: round(perplexity(model, w, args.batch_size)["perplexity"], 3)
-                             for name, w in sets.items()}, "continuations": []}
+    return {"perplexity": {name: round(perplexity(model, w, args.batch_size)["perplexity"], 3)
+                           for name, w in sets.items()},
+            "continuations": continuations(model, tokenizer, args.max_new_tokens)}
+
+
+def continuations(model, tokenizer, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of `PROMPTS`."""
+    device, texts = next(model.parameters()).device, []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-        result["continuations"].append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return result
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
 
 
 def run(args) -> dict:
@@ -98,7 +104,7 @@ def run(args) -> dict:
     data_dir = wiki.parents[1]
     base = PruneConfig(model=args.model, output="-", flops=1.0, data_dir=str(data_dir), num_samples=args.num_samples,
                        seq_len=args.seq_len, context_len=args.context_len, batch_size=args.batch_size,
-                       device=args.device, family="decoder")
+                       tune_weights=args.tune_weights, device=args.device, family="decoder")
     shared = Pipeline(base)
     with shared.phases("load"):
         dense, tokenizer, _ = shared.family.load(shared.config, shared.device)

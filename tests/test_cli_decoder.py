@@ -73,7 +73,7 @@ def test_config_has_the_keys_the_runtime_reads(pruned):
     (["--flops", "1.5"], "--flops must be in"),
     (["--max-seq-length", "64"], "--max-seq-length applies only to an encoder"),
     (["--search-steps", "2"], "--search-steps applies only to an encoder"),
-    (["--tune-weights"], "--tune-weights applies only to an encoder"),
+    (["--fisher", "model"], "--fisher applies only to an encoder"),
 ])
 def test_bad_decoder_inputs_exit_2_with_one_line(pruned, tmp_path, capsys, extra, match):
     root, _, _ = pruned

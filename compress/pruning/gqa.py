@@ -8,6 +8,8 @@ groups and their g' best heads. Shapes across layers are a multiple-choice knaps
 dynamic programming on the budget cut into `num_bins` bins (shape costs rounded up, so the result
 always fits); the filters then fill what is left, best score per FLOP first (exact when all filters
 cost the same, as in Gemma), and are refilled with the exact leftover after backtracking.
+A caller may hand the search each layer's options with their own values instead (`options`, e.g.
+compress.pruning.group_fisher: every feasible mask with the estimated loss of its exact effect).
 
 Rearrangement (Kwon et al. 2022, Sec. 4.2) of a GQA layer's heads: among the masks of the same
 shape, the one minimising p^T I p (I the layer's Fisher block, p the pruned indicator), found by
@@ -44,28 +46,52 @@ def layer_options(scores: torch.Tensor, group: int) -> list[tuple[int, int, floa
     return options
 
 
-def search_gqa(head_scores, filter_scores, cost, budget: float, group_sizes, num_bins: int = 20_000):
-    """0/1 head and filter masks with `cost.flops(...) <= budget` and the most kept score."""
+def feasible_masks(num_heads: int, group: int, limit: int) -> list[torch.Tensor] | None:
+    """Every GQA-shaped 0/1 mask `[H]` of a layer, the empty one first; None when there are more than `limit`."""
+    num_kv = num_heads // group if num_heads else 0
+    count = 1 + sum(math.comb(num_kv, k) * math.comb(group, per) ** k
+                    for per in range(1, group + 1) for k in range(1, num_kv + 1))
+    if count > limit:
+        return None
+    return [torch.zeros(num_heads)] + [m for per in range(1, group + 1) for k in range(1, num_kv + 1)
+                                       for m in _shape_masks(num_kv, group, k, per)]
+
+
+def search_gqa(head_scores, filter_scores, cost, budget: float, group_sizes, num_bins: int = 20_000,
+               options=None, filter_options=None):
+    """0/1 head and filter masks with `cost.flops(...) <= budget` and the most kept score. `options`: per layer,
+    the attention shapes to choose from as `layer_options` gives them (default: from `head_scores`);
+    `filter_options`: per layer, MLP widths to choose from as (filters, value, mask) instead of the fill."""
     if budget <= 0:
         raise ValueError("FLOPs budget must be positive")
     unit = budget / num_bins
-    options = [layer_options(s, g) for s, g in zip(head_scores, group_sizes)]
-    choices = []
-    best = np.full(num_bins + 1, -np.inf)
-    best[0] = 0.0
-    for layer, opts in enumerate(options):
-        bins = [math.ceil(cost.layer_flops(layer, h, k, 0) / unit - 1e-9) for h, k, _, _ in opts]
-        best, arg = _knapsack_step(best, bins, [v for _, _, v, _ in opts])
-        choices.append((arg, bins))
-    fill = _FilterFill(filter_scores, cost)
-    totals = best + fill.value(budget - unit * np.arange(num_bins + 1))
+    options = options or [layer_options(s, g) for s, g in zip(head_scores, group_sizes)]
+    groups = [[(cost.layer_flops(l, h, k, 0), v) for h, k, v, _ in opts] for l, opts in enumerate(options)]
+    if filter_options is not None:
+        groups += [[(cost.layer_flops(l, 0, 0, n), v) for n, v, _ in opts] for l, opts in enumerate(filter_options)]
+    best, choices = _knapsack(groups, unit, num_bins)
+    fill = None if filter_options is not None else _FilterFill(filter_scores, cost)
+    totals = best if fill is None else best + fill.value(budget - unit * np.arange(num_bins + 1))
     b = int(np.argmax(totals))
     if not np.isfinite(totals[b]):
         raise ValueError("budget too small for any mask")
     picks = _backtrack(choices, b)
-    heads = [options[l][p][3].clone() for l, p in enumerate(picks)]
+    heads = [options[l][p][3].clone() for l, p in enumerate(picks[:len(options)])]
+    if fill is None:
+        return heads, [filter_options[l][p][2].clone() for l, p in enumerate(picks[len(options):])]
     head_flops = sum(cost.layer_flops(l, options[l][p][0], options[l][p][1], 0) for l, p in enumerate(picks))
     return heads, fill.masks(budget - head_flops)
+
+
+def _knapsack(groups, unit: float, num_bins: int):
+    """Multiple-choice knapsack over `groups` of (FLOPs, value) options: best value per budget bin, and choices."""
+    best, choices = np.full(num_bins + 1, -np.inf), []
+    best[0] = 0.0
+    for opts in groups:
+        bins = [math.ceil(flops / unit - 1e-9) for flops, _ in opts]
+        best, arg = _knapsack_step(best, bins, [v for _, v in opts])
+        choices.append((arg, bins))
+    return best, choices
 
 
 def _knapsack_step(best: np.ndarray, bins: list[int], values: list[float]):

@@ -20,6 +20,8 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
+from compress.device import autocast
+
 LOSS_CHUNK = 128  # positions per LM-head chunk: bounds the [B, chunk, vocab] logits in memory
 
 
@@ -61,7 +63,7 @@ def lm_mask_gradients(model, adapter, batches, device, progress: bool = True):
             ids = batch["input_ids"].to(device)
             hm = [torch.ones(len(ids), h, device=device, requires_grad=True) for h in adapter.num_heads()]
             fm = [torch.ones(len(ids), f, device=device, requires_grad=True) for f in adapter.num_filters()]
-            with adapter.masks(hm, fm):
+            with adapter.masks(hm, fm), autocast(ids.device):  # bf16 on the GPU: Fisher needs no more
                 hidden = adapter.final_hidden(ids)
             grad_hidden, loss = lm_loss_grad(adapter, hidden, ids)
             grads = torch.autograd.grad(hidden, hm + fm, grad_outputs=grad_hidden, allow_unused=True)

@@ -23,6 +23,8 @@ class Scores:
     filters: list[torch.Tensor]  # per layer [F]
     head_grads: list[torch.Tensor] | None = None  # per layer [N, H]: per-example mask gradients (Fisher only)
     filter_grads: list[torch.Tensor] | None = None
+    head_options: list | None = None  # per layer: (heads, kv heads, value, mask [H]) for the GQA search (fisher-group)
+    filter_options: list | None = None  # per layer: (filters, value, mask [F]) (fisher-width)
 
 
 class Phases:

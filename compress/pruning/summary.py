@@ -47,7 +47,7 @@ def format_summary(record: dict) -> str:
 def _title(record: dict) -> str:
     recipe = record.get("recipe", {})
     if record.get("family") == "decoder":
-        tuned = ", tuned masks" if recipe.get("tune", True) else ""
+        tuned = "" if not recipe.get("tune", True) else ", tuned weights" if recipe.get("tune_weights") else ", tuned masks"
         return f"pruned {record['model']} with the language-modelling loss ({record['method']}, " \
                f"{record['constraint']}{tuned})"
     tuned = ("" if record["method"] != "fisher" or not recipe.get("tune", True)

@@ -1,0 +1,77 @@
+"""`compress distill`: recover a pruned Gemma by distillation from its dense parent (compress.distill)."""
+
+from __future__ import annotations
+
+from compress.commands._common import overrides
+
+DISTILL_FLAGS = ("seq_len", "batch_size", "lr", "eval_every", "eval_windows", "save_every", "save_minutes",
+                 "sample", "train_embeddings", "activation_checkpointing")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("distill", help="recover a pruned Gemma by distillation from its dense parent",
+                              description="Knowledge distillation (KL to the teacher's next-token distribution) "
+                                          "of a slimmed Gemma from the model it was pruned from. The output is a "
+                                          "slimmed checkpoint like the student's, complete after every save.")
+    p.add_argument("student", metavar="STUDENT", help="slimmed Gemma directory (from `compress prune`)")
+    p.add_argument("--teacher", metavar="PARENT", help="the dense model it was pruned from (directory or name)")
+    p.add_argument("-o", "--output", metavar="DIR", help="output directory (may be STUDENT itself)")
+    p.add_argument("--calib", help="training text: a .txt/.txt.gz file, a directory of them, or bbc-news (default: "
+                                   "the shared Wikipedia sample's head, else text the teacher samples)")
+    p.add_argument("--data-dir", default=None, help="shared data directory (default $COMPRESS_DATA_DIR)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--tokens", type=int, help="training tokens (default 10M on a GPU, 16k on a CPU)")
+    add_distill_flags(p)
+    p.add_argument("--seed", type=int, help="seed of the data order and of the teacher's samples (default 0)")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="go on from the checkpoint in DIR (same settings; a fresh start if DIR does not exist)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output directory")
+    p.set_defaults(func=run)
+
+
+def add_distill_flags(p, prefix: str = "") -> None:
+    """The training flags; `compress prune` takes them as --distill-* (its --seq-len and --batch-size calibrate)."""
+    def add(name, **kwargs):
+        p.add_argument(f"--{prefix}{name}", dest=f"{prefix}{name}".replace("-", "_"), default=None, **kwargs)
+
+    add("seq-len", type=int, help="training window in tokens, BOS included (default 1024 on a GPU, 128 on a CPU)")
+    add("batch-size", type=int,
+        help="windows per step (default 16 on a GPU, 2 on a CPU); lower it if the GPU runs out of memory")
+    add("lr", type=float, help="peak learning rate (default 2e-4)")
+    add("eval-every", type=int, help="steps between held-out evaluations (default: 10 per run)")
+    add("eval-windows", type=int, help="held-out windows cut from the end of the text (default 32 on a GPU, 4 on a CPU)")
+    add("save-every", type=int, help="steps between checkpoints (default: every --save-minutes)")
+    add("save-minutes", type=float, help="minutes between checkpoints (default 10)")
+    p.add_argument(f"--{prefix}no-sample", dest=f"{prefix}sample".replace("-", "_"), action="store_false", default=None,
+                   help="never let the teacher sample text: a short text repeats in epochs instead")
+    add("train-embeddings", action="store_true",
+        help="also train the embedding (tied to the LM head; default: kept as the teacher's)")
+    add("activation-checkpointing", action="store_true",
+        help="recompute activations in the backward pass: less GPU memory, slower")
+
+
+def distill_overrides(args, prefix: str = "") -> dict:
+    """The training flags the user gave, keyed by DistillConfig field."""
+    fields = {name: f"{prefix}{name}".replace("-", "_") for name in DISTILL_FLAGS}
+    return {name: getattr(args, flag) for name, flag in fields.items() if getattr(args, flag, None) is not None}
+
+
+def run(args) -> int:
+    from compress.distill.config import DistillConfig
+    from compress.distill.trainer import distill
+    from compress.recipes import resolve
+
+    names = ("tokens", "calib", "data_dir", "device", "seed", "resume", "overwrite", "output", "teacher")
+    config = resolve(DistillConfig, None, student=args.student, **overrides(args, names), **distill_overrides(args))
+    record = distill(config)
+    print(format_record(record, config.output))
+    return 0
+
+
+def format_record(record: dict, output) -> str:
+    first, last = record["history"][0], record["history"][-1]
+    return (f"distilled {record['student']} from {record['teacher']}: {record['tokens_done']:,} tokens in "
+            f"{record['seconds']:.0f} s ({record['tokens_per_second']:,.0f} tokens/s)\n"
+            f"  held-out perplexity {first['perplexity']:.3f} -> {last['perplexity']:.3f}, KL {first['kl']:.4f} -> "
+            f"{last['kl']:.4f}, top-1 agreement {first['agreement']:.1%} -> {last['agreement']:.1%}\n"
+            f"  saved to {output}")

@@ -1,0 +1,246 @@
+"""Quality of slimmed Gemmas: importance methods x FLOPs, each without training and after distillation.
+
+For each FLOPs fraction (of the non-embedding FLOPs at --context-len) and each method, prune a copy of the
+dense model (score once per method on the shared calibration windows; GQA search, rearrangement, least-squares
+tuning, slimming), then distil a copy of it from the dense parent at each token budget (compress.distill, the
+same windows for every run). Every model is measured on held-out text that neither calibration nor
+distillation reads: the Wikipedia articles past the calibration head, and a novel (perplexity), plus top-1
+agreement with the parent on the Wikipedia tail (how often it would be accepted as a greedy draft). Also:
+seconds to prune and to distil, the overlap of the units kept from a second calibration draw (stability),
+greedy continuations (without training and at the largest budget). Rows are written after every cell: first
+every cell without training, then the distilled ones, in --flops order; `--time-limit` starts none past it.
+Writes `<out>.md` and `<out>.json`.
+
+GPU (the reported table; about 9 minutes on one H100 once the model is in the cache):
+  python -m evals.gemma_quality --data-dir DIR
+CPU check (the real 270M at a tiny scale, minutes):
+  python -m evals.gemma_quality --quick --data-dir ../shared/data --out /tmp/gemma_quality_quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not __package__:  # run as a file: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress.arch import get_adapter  # noqa: E402
+from evals.gemma_pruning import continuations, device_name, heldout_sets  # noqa: E402
+from evals.gemma_quality_report import WIKI  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--data-dir", default=None, help="shared data dir with text/ (default $COMPRESS_DATA_DIR)")
+    p.add_argument("--flops", type=float, nargs="+", default=[0.8, 0.5, 0.6, 0.7, 0.9], help="in running order")
+    p.add_argument("--methods", nargs="+", default=["fisher-group", "activation", "fisher"])
+    p.add_argument("--budgets", type=int, nargs="+", default=[200_000, 600_000], help="distillation tokens")
+    p.add_argument("--num-samples", type=int, help="calibration windows (default by device)")
+    p.add_argument("--seq-len", type=int, help="calibration window (default by device)")
+    p.add_argument("--batch-size", type=int, help="calibration batch (default by device)")
+    p.add_argument("--context-len", type=int, default=2048)
+    p.add_argument("--distill-seq-len", type=int, help="default by device (compress.distill.config)")
+    p.add_argument("--distill-batch-size", type=int, default=8, help="windows per step (8 x 1024 tokens: more steps "
+                   "in a small budget)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--ppl-seq-len", type=int, default=512)
+    p.add_argument("--ppl-max-windows", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--time-limit", type=float, default=None, help="minutes; no new cell starts past it")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="evals/results/gemma_quality")
+    p.add_argument("--quick", action="store_true", help="tiny scale, to check the script on a CPU")
+    args = p.parse_args(argv)
+    args.command = "python -m evals.gemma_quality " + " ".join(shlex.quote(a) for a in
+                                                               (sys.argv[1:] if argv is None else argv))
+    if args.quick:
+        args.flops, args.budgets, args.num_samples, args.seq_len, args.batch_size = [0.8], [128, 256], 4, 64, 2
+        args.distill_seq_len, args.distill_batch_size, args.ppl_seq_len, args.ppl_max_windows = 64, 2, 128, 2
+        args.max_new_tokens = 8
+    return args
+
+
+class Table:
+    """The run's state: shared models and data, rows so far, and where they are written."""
+
+    def __init__(self, args):
+        from compress.data.calib import wikipedia_path
+        from compress.pruning.config import PruneConfig
+        from compress.pruning.pipeline import Pipeline
+
+        wiki = wikipedia_path(args.data_dir)
+        if wiki is None:
+            sys.exit("needs the shared text data: pass --data-dir DIR or set COMPRESS_DATA_DIR")
+        self.args, self.data_dir, self.t0 = args, wiki.parents[1], time.perf_counter()
+        self.base = PruneConfig(model=args.model, output="-", flops=1.0, data_dir=str(self.data_dir),
+                                num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                                context_len=args.context_len, device=args.device, family="decoder")
+        self.shared = Pipeline(self.base)
+        self.result = {"rows": [], "stability": [], "command": args.command, "settings": vars(args)}
+
+    def setup(self) -> None:
+        """Dense model, teacher copy, calibration draws, held-out sets, distillation windows, dense row."""
+        pipe, phase = self.shared, self.shared.phases
+        with phase("load"):
+            self.dense, self.tokenizer, _ = pipe.family.load(pipe.config, pipe.device)
+            on_gpu = pipe.device.type == "cuda"  # the teacher in bf16 there; on the CPU the dense model itself
+            self.teacher = copy.deepcopy(self.dense).to(torch.bfloat16) if on_gpu else self.dense
+        with phase("calibration"):
+            self.calib = pipe.family.calibrate(pipe.config, self.dense, self.tokenizer, True)
+            second = dataclasses.replace(pipe.config, seed=pipe.config.seed + 1)
+            self.calib2 = pipe.family.calibrate(second, self.dense, self.tokenizer, True)
+        self.sets = heldout_sets(self.tokenizer, self.data_dir, self.args)
+        with phase("distill_windows"):
+            self.windows = self._windows()
+        with phase("eval_dense"):
+            self.add({"method": "dense", "flops": 1.0, "tokens": 0, **self.measure(self.dense)})
+        self.result.update(device=device_name(self.dense), calibration=self.calib.source,
+                           calib_config=pipe.config.settings(), distill_text=self.windows.source,
+                           distill_sampled_windows=self.windows.num_sampled)
+
+    def distill_config(self, tokens: int):
+        from compress.distill.config import DistillConfig
+
+        a = self.args
+        return DistillConfig(student="-", teacher="-", output="-", tokens=tokens, data_dir=str(self.data_dir),
+                             seq_len=a.distill_seq_len, batch_size=a.distill_batch_size, lr=a.lr,
+                             eval_every=10 ** 9, device=a.device).validate()
+
+    def _windows(self):
+        from compress.distill.data import distill_windows, text_windows
+
+        config = self.distill_config(max(self.args.budgets))
+        return distill_windows(self.teacher, self.tokenizer, config, text_windows(self.tokenizer, config))
+
+    def measure(self, model, with_text: bool = True) -> dict:
+        from compress.distill.loss import compare
+
+        model.eval()
+        found = {name: compare(model, self.teacher, w, 4) for name, w in self.sets.items()}
+        out = {"perplexity": {n: round(r["perplexity"], 3) for n, r in found.items()},
+               "agreement": round(found[WIKI]["agreement"], 4), "kl": round(found[WIKI]["kl"], 4)}
+        if with_text:
+            out["continuations"] = continuations(model, self.tokenizer, self.args.max_new_tokens)
+        return out
+
+    def add(self, row: dict) -> None:
+        self.result["rows"].append(row)
+        print(json.dumps({k: row.get(k) for k in ("method", "flops", "tokens", "perplexity", "agreement")}), flush=True)
+        self.write()
+
+    def stop_before(self, what: str) -> bool:
+        """True (and the reason recorded) once --time-limit has passed."""
+        limit = self.args.time_limit
+        if limit is None or time.perf_counter() - self.t0 <= 60 * limit:
+            return False
+        self.result["stopped"] = f"stopped at the time limit ({limit} min) before {what}"
+        self.write()
+        return True
+
+    def write(self) -> None:
+        self.result["seconds"] = round(time.perf_counter() - self.t0, 1)
+        self.result["shared_seconds"] = self.shared.phases.seconds
+        out = Path(self.args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(self.result, indent=2) + "\n")
+        from evals.gemma_quality_report import write_markdown
+
+        write_markdown(self.result, out.with_suffix(".md"))
+
+
+def score(table: Table, method: str):
+    """(scores on the first draw, scores on the second, seconds of the first)."""
+    from compress.pruning.pipeline import Pipeline
+
+    pipe = Pipeline(dataclasses.replace(table.base, method=method))
+    adapter, found = get_adapter(table.dense), []
+    for calib in (table.calib, table.calib2):
+        t0 = time.perf_counter()
+        found.append(pipe.family.score(pipe.config, table.dense, adapter, calib, pipe.device, None, True, {}))
+        found.append(time.perf_counter() - t0)
+    return found[0], found[2], round(found[1], 1)
+
+
+def prune(table: Table, method: str, flops: float, scores, scores2):
+    """The slimmed model, its row (no training) and the stability of its selection."""
+    from compress.pruning.pipeline import Pipeline
+    from compress.pruning.slim import slim_model
+    from compress.pruning.stability import kept_overlap
+
+    config = dataclasses.replace(table.base, method=method, flops=flops)
+    probe = Pipeline(dataclasses.replace(config, tune=False))
+    model, pipe = copy.deepcopy(table.dense), Pipeline(config)
+    adapter = get_adapter(model)
+    parent, cost_model = pipe.family.parent_shape(adapter), pipe.family.cost_model(adapter, table.calib, pipe.config)
+    other = probe.masks(model, adapter, table.calib2, cost_model, parent, scores=scores2)
+    t0 = time.perf_counter()
+    heads, filters = pipe.masks(model, adapter, table.calib, cost_model, parent, scores=scores)
+    stability = {"method": method, "flops": flops, **kept_overlap((heads, filters), other)}
+    slim_model(adapter, heads, filters)
+    seconds = round(time.perf_counter() - t0, 1)
+    shape = {"num_attention_heads_per_layer": adapter.num_heads(), "num_key_value_heads_per_layer": adapter.num_kv_heads(),
+             "intermediate_size_per_layer": adapter.num_filters(),
+             "flops_ratio": round(cost_model.flops(adapter.num_heads(), adapter.num_kv_heads(), adapter.num_filters())
+                                  / cost_model.dense_flops(), 4)}
+    return model, {"method": method, "flops": flops, "tokens": 0, **shape, "prune_seconds": seconds}, stability
+
+
+def distill(table: Table, model, row: dict, tokens: int, with_text: bool) -> dict:
+    from compress.distill.trainer import Trainer
+
+    student = copy.deepcopy(model).to(table.shared.device)
+    trainer = Trainer(table.distill_config(tokens), student, table.teacher, table.windows, progress=True)
+    trainer.run()
+    result = {**row, "tokens": trainer.step * trainer.config.tokens_per_step, "distill_seconds": round(trainer.seconds, 1),
+              "distill_history": trainer.history, **table.measure(student, with_text)}
+    del student, trainer
+    return result
+
+
+def run(args) -> dict:
+    """No-training rows for every cell first, then the distilled ones, each in --flops order: under a time
+    limit the table keeps the cells that matter most (the first FLOPs listed)."""
+    table = Table(args)
+    table.setup()
+    scores, pruned = {}, {}
+    for method in args.methods:
+        first, second, seconds = score(table, method)
+        scores[method] = (first, second)
+        table.result.setdefault("score_seconds", {})[method] = seconds
+    cells = [(flops, method) for flops in args.flops for method in args.methods]
+    for cell in cells:
+        if table.stop_before(f"pruning at FLOPs {cell[0]} with {cell[1]}"):
+            return table.result
+        model, row, stability = prune(table, cell[1], cell[0], *scores[cell[1]])
+        table.result["stability"].append(stability)
+        table.add({**row, **table.measure(model)})
+        pruned[cell] = (model.cpu(), row)  # the GPU keeps only the model in use
+    for (flops, method), tokens in [(cell, tokens) for cell in cells for tokens in args.budgets]:
+        if table.stop_before(f"distilling FLOPs {flops} {method} for {tokens:,} tokens"):
+            return table.result
+        model, row = pruned[(flops, method)]
+        table.add(distill(table, model, row, tokens, with_text=tokens == max(args.budgets)))
+    table.result["complete"] = True
+    table.write()
+    return table.result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run(args)
+    print(f"wrote {Path(args.out).with_suffix('.md')} and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
