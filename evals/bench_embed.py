@@ -13,7 +13,7 @@ accuracy, is in evals/results/token_pruning.md. Every variant runs in fp16 on CU
 
   # here: stage dense models from the cache and slimmed ones from `compress prune --objective embedding`
   python evals/bench_embed.py stage -o evals/bench_embed_stage --model minilm --model mpnet-base \
-      --slimmed /tmp/ep/minilm-emb-0.5-512 --slimmed /tmp/ep/mpnet-base-emb-0.5-128
+      --slimmed /tmp/ep/minilm-emb-0.5-512 --slimmed /tmp/ep/mpnet-base-emb-0.5-256
   # GPU machine: one command, minutes (the staged folder is in the repository)
   PYTHONPATH=. python3 evals/bench_embed.py run --stage evals/bench_embed_stage --out $OUT/embed_gpu
   # sentence-transformers is on the GPU image (6.0.1, with scikit-learn); where it is not, carry its wheel:
