@@ -10,14 +10,13 @@ is a 500 with a one-line message (the traceback goes to the log, never to the cl
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import time
 
 from aiohttp import web
 
-from serve import metrics
+from serve import metrics, middleware
 from serve.async_engine import AsyncEngine
 from serve.context import API_KEY, ENGINE, LIMITS, MODEL_NAME, TEXT, ServerLimits, read_request
 from serve.engine import LLMEngine
@@ -25,40 +24,10 @@ from serve.generate import chat_completions, completions
 from serve.protocol import ApiError, DetokenizeRequest, TokenizeRequest
 from serve.tokenization import TextWorker
 
-log = logging.getLogger("serve")
 EXIT_ENGINE_DEAD = 3
 
 
-def _error(err: ApiError) -> web.Response:
-    return web.json_response(err.body(), status=err.status)
-
-
-async def _error_and_close(request: web.Request, err: ApiError) -> web.Response:
-    """Answer, then drop the connection at once (aiohttp would otherwise linger to read the body)."""
-    response = _error(err)
-    await response.prepare(request)
-    await response.write_eof()
-    if request.transport is not None:
-        request.transport.close()       # after the buffered answer is flushed
-    return response
-
-
-@web.middleware
-async def errors_and_auth(request: web.Request, handler):
-    key = request.app[API_KEY]
-    try:
-        if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
-            raise ApiError(401, "missing or invalid API key", kind="authentication_error")
-        return await handler(request)
-    except ApiError as err:
-        return await _error_and_close(request, err) if err.close else _error(err)
-    except web.HTTPException as err:    # aiohttp's own refusals (404, 405, ...): the same error body
-        if err.status < 400:
-            raise
-        return _error(ApiError(err.status, err.reason))
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return _error(ApiError(500, "internal server error", kind="server_error"))
+errors_and_auth = middleware.errors_and_auth(API_KEY, lambda path: path.startswith("/v1/"))
 
 
 async def not_an_encoder(request: web.Request):

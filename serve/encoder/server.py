@@ -9,10 +9,10 @@ large), goes out as an OpenAI error body; a missing or wrong key (with --api-key
 from __future__ import annotations
 
 import json
-import logging
 
 from aiohttp import web
 
+from serve import middleware
 from serve.encoder.async_engine import AsyncEncoder
 from serve.encoder.engine import CLASSIFY, EMBED, Encoder
 from serve.encoder.protocol import classify_response, embeddings_response, parse
@@ -21,25 +21,9 @@ from serve.protocol import ApiError
 ENGINE, MODEL_NAME, API_KEY = (web.AppKey("encoder", AsyncEncoder), web.AppKey("model", str),
                                web.AppKey("key", str))
 OPEN_PATHS = ("/health", "/metrics")
-log = logging.getLogger("serve")
 
 
-@web.middleware
-async def errors_and_auth(request: web.Request, handler):
-    key = request.app[API_KEY]
-    try:
-        if key and request.path not in OPEN_PATHS and request.headers.get("Authorization") != f"Bearer {key}":
-            raise ApiError(401, "missing or invalid API key", kind="authentication_error")
-        return await handler(request)
-    except ApiError as err:
-        return web.json_response(err.body(), status=err.status)
-    except web.HTTPException as err:  # aiohttp's own: 404, 405, 413 ...
-        if err.status < 400:
-            raise
-        return web.json_response(ApiError(err.status, err.reason).body(), status=err.status)
-    except Exception:
-        log.exception("request failed")
-        return web.json_response(ApiError(500, "internal error", kind="server_error").body(), status=500)
+errors_and_auth = middleware.errors_and_auth(API_KEY, lambda path: path not in OPEN_PATHS)
 
 
 async def _request(request: web.Request, token_ids: bool):
