@@ -39,8 +39,9 @@ def register(subparsers) -> None:
                         "the search otherwise empties late layers whole, and every model it left with an empty "
                         "last layer collapsed, evals/results/latency_search.md)")
     p.add_argument("--method", choices=sorted(set(METHODS["encoder"] + METHODS["decoder"])),
-                   help=f"mask selection (default fisher; encoders: {', '.join(METHODS['encoder'])}; "
-                        f"decoders: {', '.join(METHODS['decoder'])})")
+                   help=f"mask selection (encoders: {', '.join(METHODS['encoder'])}, default fisher; decoders: "
+                        f"{', '.join(METHODS['decoder'])}, default fisher-group: each layer's head masks costed by "
+                        "the Fisher of their exact effect, docs/experiments.md)")
     p.add_argument("--fisher", choices=FISHERS,
                    help="Fisher of the masks: 'empirical' (the loss at the gold labels, as in the paper) or "
                         "'model' (expected over the model's own predictions; stabler when the model fits its "
