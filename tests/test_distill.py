@@ -178,3 +178,14 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, change, match):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and match in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_matches_perplexity_and_is_zero_against_itself(kind="gemma2"):
+    from compress.data.perplexity import perplexity
+    from compress.distill.loss import compare
+    from test_gemma_prune import _ids
+
+    model, windows = _model(kind), _ids(5, 16)
+    result = compare(model, model, windows, 2)
+    assert result["perplexity"] == pytest.approx(perplexity(model, windows, 2)["perplexity"], rel=1e-5)
+    assert result["kl"] == pytest.approx(0.0, abs=1e-6) and result["agreement"] == 1.0 and result["num_tokens"] == 75
