@@ -77,6 +77,8 @@ def test_distilled_checkpoint_loads_in_compress_and_serve(pair):
 def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from compress.errors import UserError
+
     _pair(tmp_path, "gemma3")
     whole = distill(_config(tmp_path, tmp_path / "whole", save_every=1), progress=False)
     step = Trainer.train_step
@@ -93,6 +95,8 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch):
     assert partial["steps_done"] == 4 and not partial["complete"]
     assert (tmp_path / "cut" / "training_state.pt").is_file()
     monkeypatch.setattr(Trainer, "train_step", step)
+    with pytest.raises(UserError, match="settings other than the checkpoint's: tokens 512 -> 1024"):
+        distill(_config(tmp_path, tmp_path / "cut", save_every=2, resume=True, tokens=1024), progress=False)
     resumed = distill(_config(tmp_path, tmp_path / "cut", save_every=2, resume=True), progress=False)
     assert resumed["history"] == whole["history"]
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
