@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--distill-seq-len", type=int, help="default by device (compress.distill.config)")
     p.add_argument("--distill-batch-size", type=int, default=8, help="windows per step (8 x 1024 tokens: more steps "
                    "in a small budget)")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ppl-seq-len", type=int, default=512)
     p.add_argument("--ppl-max-windows", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -188,7 +188,8 @@ def prune(table: Table, method: str, flops: float, scores, scores2):
     stability = {"method": method, "flops": flops, **kept_overlap((heads, filters), other)}
     slim_model(adapter, heads, filters)
     seconds = round(time.perf_counter() - t0, 1)
-    shape = {"num_attention_heads_per_layer": adapter.num_heads(), "num_key_value_heads_per_layer": adapter.num_kv_heads(),
+    shape = {"num_attention_heads_per_layer": adapter.num_heads(),
+             "num_key_value_heads_per_layer": adapter.num_kv_heads(),
              "intermediate_size_per_layer": adapter.num_filters(),
              "flops_ratio": round(cost_model.flops(adapter.num_heads(), adapter.num_kv_heads(), adapter.num_filters())
                                   / cost_model.dense_flops(), 4)}
@@ -201,7 +202,8 @@ def distill(table: Table, model, row: dict, tokens: int, with_text: bool) -> dic
     student = copy.deepcopy(model).to(table.shared.device)
     trainer = Trainer(table.distill_config(tokens), student, table.teacher, table.windows, progress=True)
     trainer.run()
-    result = {**row, "tokens": trainer.step * trainer.config.tokens_per_step, "distill_seconds": round(trainer.seconds, 1),
+    result = {**row, "tokens": trainer.step * trainer.config.tokens_per_step,
+              "distill_seconds": round(trainer.seconds, 1),
               "distill_history": trainer.history, **table.measure(student, with_text)}
     del student, trainer
     return result

@@ -19,7 +19,8 @@ def write_markdown(result: dict, path: Path) -> None:
                   "Share of the units kept from the first calibration draw that a second draw (seed + 1) also keeps "
                   "(search and rearrangement, before tuning).", "",
                   "| FLOPs | method | heads | filters |", "|---|---|---|---|"]
-        lines += [f"| {s['flops']} | {s['method']} | {s['heads']:.1%} | {s['filters']:.1%} |" for s in result["stability"]]
+        lines += [f"| {s['flops']} | {s['method']} | {s['heads']:.1%} | {s['filters']:.1%} |"
+                  for s in result["stability"]]
         lines.append("")
     lines += ["## Greedy continuations", "", *_continuations(rows)]
     path.write_text("\n".join(lines) + "\n")
@@ -64,7 +65,8 @@ def _targets(result: dict) -> list[str]:
     rows, dense = result["rows"][1:], result["rows"][0]["perplexity"][WIKI]
     lines = []
     for flops, distilled, limit in TARGETS:
-        cells = [r for r in rows if r["flops"] == flops and (r["tokens"] > 0) == distilled and r["method"] != "activation"]
+        cells = [r for r in rows
+                 if r["flops"] == flops and (r["tokens"] > 0) == distilled and r["method"] != "activation"]
         if not cells:
             lines.append(f"- FLOPs {flops}, {'distilled' if distilled else 'no training'}: not run")
             continue

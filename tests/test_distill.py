@@ -77,6 +77,8 @@ def test_distilled_checkpoint_loads_in_compress_and_serve(pair):
 def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from compress.errors import UserError
+
     _pair(tmp_path, "gemma3")
     whole = distill(_config(tmp_path, tmp_path / "whole", save_every=1), progress=False)
     step = Trainer.train_step
@@ -93,6 +95,8 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch):
     assert partial["steps_done"] == 4 and not partial["complete"]
     assert (tmp_path / "cut" / "training_state.pt").is_file()
     monkeypatch.setattr(Trainer, "train_step", step)
+    with pytest.raises(UserError, match="settings other than the checkpoint's: tokens 512 -> 1024"):
+        distill(_config(tmp_path, tmp_path / "cut", save_every=2, resume=True, tokens=1024), progress=False)
     resumed = distill(_config(tmp_path, tmp_path / "cut", save_every=2, resume=True), progress=False)
     assert resumed["history"] == whole["history"]
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
@@ -178,3 +182,14 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, change, match):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and match in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_matches_perplexity_and_is_zero_against_itself(kind="gemma2"):
+    from compress.data.perplexity import perplexity
+    from compress.distill.loss import compare
+    from test_gemma_prune import _ids
+
+    model, windows = _model(kind), _ids(5, 16)
+    result = compare(model, model, windows, 2)
+    assert result["perplexity"] == pytest.approx(perplexity(model, windows, 2)["perplexity"], rel=1e-5)
+    assert result["kl"] == pytest.approx(0.0, abs=1e-6) and result["agreement"] == 1.0 and result["num_tokens"] == 75

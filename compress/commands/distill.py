@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from compress.commands._common import overrides
 
-DISTILL_FLAGS = ("seq_len", "batch_size", "lr", "eval_every", "eval_windows", "save_every", "save_minutes",
-                 "sample", "train_embeddings", "activation_checkpointing")
+DISTILL_FLAGS = ("seq_len", "batch_size", "lr", "evals", "eval_every", "eval_windows", "save_every",
+                 "save_minutes", "sample", "train_embeddings", "activation_checkpointing")
 
 
 def register(subparsers) -> None:
@@ -37,9 +37,12 @@ def add_distill_flags(p, prefix: str = "") -> None:
     add("seq-len", type=int, help="training window in tokens, BOS included (default 1024 on a GPU, 128 on a CPU)")
     add("batch-size", type=int,
         help="windows per step (default 16 on a GPU, 2 on a CPU); lower it if the GPU runs out of memory")
-    add("lr", type=float, help="peak learning rate (default 2e-4)")
-    add("eval-every", type=int, help="steps between held-out evaluations (default: 10 per run)")
-    add("eval-windows", type=int, help="held-out windows cut from the end of the text (default 32 on a GPU, 4 on a CPU)")
+    add("lr", type=float, help="peak learning rate (default 1e-4; 5e-4 diverged on the 270M, docs/experiments.md)")
+    add("evals", type=int, help="held-out evaluations per run, after the one before training (default 10 on a "
+                                 "GPU, 2 on a CPU)")
+    add("eval-every", type=int, help="steps between held-out evaluations (default: from --evals)")
+    add("eval-windows", type=int,
+        help="held-out windows cut from the end of the text (default 32 on a GPU, 4 on a CPU)")
     add("save-every", type=int, help="steps between checkpoints (default: every --save-minutes)")
     add("save-minutes", type=float, help="minutes between checkpoints (default 10)")
     p.add_argument(f"--{prefix}no-sample", dest=f"{prefix}sample".replace("-", "_"), action="store_false", default=None,

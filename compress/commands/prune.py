@@ -34,8 +34,9 @@ def _add_common(p) -> None:
     p.add_argument("-o", "--output", help="output directory (written atomically)")
     p.add_argument("--flops", type=float, help="fraction of the prunable FLOPs to keep, in (0, 1]")
     p.add_argument("--method", choices=sorted(set(METHODS["encoder"] + METHODS["decoder"])),
-                   help=f"mask selection (default fisher; encoders: {', '.join(METHODS['encoder'])}; "
-                        f"decoders: {', '.join(METHODS['decoder'])})")
+                   help=f"mask selection (encoders: {', '.join(METHODS['encoder'])}, default fisher; decoders: "
+                        f"{', '.join(METHODS['decoder'])}, default fisher-group: each layer's head masks costed by "
+                        "the Fisher of their exact effect, docs/experiments.md)")
     p.add_argument("--num-samples", type=int,
                    help="calibration examples (default: 2048; bbc-news 128) or decoder windows (default 256 on a GPU, "
                         "32 on a CPU)")

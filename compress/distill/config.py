@@ -15,8 +15,8 @@ from compress.errors import UserError
 from compress.recipes import require_positive
 
 # By device. GPU: 16 x 1024 tokens a step (bf16); CPU: tiny, only to show the loop runs.
-SCALE = {"cuda": {"tokens": 10_000_000, "seq_len": 1024, "batch_size": 16, "eval_windows": 32},
-         "cpu": {"tokens": 16_384, "seq_len": 128, "batch_size": 2, "eval_windows": 4}}
+SCALE = {"cuda": {"tokens": 10_000_000, "seq_len": 1024, "batch_size": 16, "eval_windows": 32, "evals": 10},
+         "cpu": {"tokens": 16_384, "seq_len": 128, "batch_size": 2, "eval_windows": 4, "evals": 2}}
 TRAINING_FIELDS = ("tokens", "seq_len", "batch_size", "lr", "min_lr_ratio", "warmup", "weight_decay",
                    "max_grad_norm", "seed", "calib", "sample", "train_embeddings")
 
@@ -33,12 +33,13 @@ class DistillConfig:
     data_dir: str | None = None
     seq_len: int | None = None  # window in tokens, BOS included
     batch_size: int | None = None  # windows per step
-    lr: float = 2e-4  # peak AdamW learning rate (linear warmup, cosine decay to min_lr_ratio * lr)
+    lr: float = 1e-4  # peak AdamW learning rate (linear warmup, cosine decay to min_lr_ratio * lr)
     min_lr_ratio: float = 0.1
-    warmup: float = 0.02  # fraction of the steps
+    warmup: float = 0.1  # fraction of the steps (at least one when above 0)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    eval_every: int | None = None  # steps between held-out evaluations; None: 10 per run
+    evals: int | None = None  # held-out evaluations per run after the one before training
+    eval_every: int | None = None  # steps between held-out evaluations; None: from `evals`
     eval_windows: int | None = None  # held-out windows, cut from the end of the training text
     save_every: int | None = None  # steps between checkpoints; None: every `save_minutes`
     save_minutes: float = 10.0
@@ -61,7 +62,7 @@ class DistillConfig:
     def validate(self) -> "DistillConfig":
         if not self.student or not self.teacher or not self.output:
             raise UserError("give the student, --teacher PARENT and -o/--output DIR")
-        require_positive(self, "tokens", "batch_size", "eval_windows", "eval_every", "save_every")
+        require_positive(self, "tokens", "batch_size", "eval_windows", "evals", "eval_every", "save_every")
         if self.seq_len < 2:
             raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup < 1:

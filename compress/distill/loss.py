@@ -48,17 +48,25 @@ def kd_loss_grad(student, teacher, s_hidden: torch.Tensor, t_hidden: torch.Tenso
 @torch.no_grad()
 def compare(student, teacher, windows: torch.Tensor, batch_size: int) -> dict:
     """Perplexity of `student` (a causal LM) on `[W, L]` windows, its KL to `teacher` and top-1 agreement,
-    over the predictions of positions 1..L-1 of each window."""
+    over the predictions of positions 1..L-1 of each window (LM heads `LOSS_ROWS` positions at a time)."""
+    from compress.arch import get_adapter
+
+    s_adapter, t_adapter = get_adapter(student), get_adapter(teacher)
     device = next(student.parameters()).device
     nll = kl = agree = 0.0
     count = 0
     for start in range(0, len(windows), batch_size):
         ids = windows[start:start + batch_size].to(device)
         with autocast(device):
-            s = student(input_ids=ids).logits[:, :-1].float().flatten(0, 1)  # [B*(L-1), V]
-            t = teacher(input_ids=ids).logits[:, :-1].float().flatten(0, 1)
-        nll += float(torch.nn.functional.cross_entropy(s, ids[:, 1:].flatten(), reduction="sum"))
-        kl += float(kl_rows(s, t).sum())
-        agree += float((s.argmax(-1) == t.argmax(-1)).sum())
-        count += len(s)
+            s_hidden = s_adapter.final_hidden(ids)[:, :-1].flatten(0, 1)  # [B*(L-1), hidden]
+            t_hidden = t_adapter.final_hidden(ids)[:, :-1].flatten(0, 1)
+        targets = ids[:, 1:].flatten()
+        for r0 in range(0, len(targets), LOSS_ROWS):
+            rows = slice(r0, r0 + LOSS_ROWS)
+            with autocast(device):
+                s, t = s_adapter.lm_logits(s_hidden[rows]).float(), t_adapter.lm_logits(t_hidden[rows]).float()
+            nll += float(torch.nn.functional.cross_entropy(s, targets[rows], reduction="sum"))
+            kl += float(kl_rows(s, t).sum())
+            agree += float((s.argmax(-1) == t.argmax(-1)).sum())
+        count += len(targets)
     return {"perplexity": math.exp(nll / count), "kl": kl / count, "agreement": agree / count, "num_tokens": count}

@@ -31,19 +31,20 @@ class Trainer:
     def __init__(self, config: DistillConfig, student, teacher, windows, progress: bool = True):
         from compress.arch import get_adapter
 
-        self.config, self.student, self.teacher, self.windows, self.progress = config, student, teacher, windows, progress
+        self.config, self.student, self.teacher, self.windows = config, student, teacher, windows
+        self.progress = progress
         self.s_adapter, self.t_adapter = get_adapter(student), get_adapter(teacher)
         self.params = trainable(student, config.train_embeddings)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(0.9, 0.95),
                                            weight_decay=config.weight_decay)
         self.step, self.history, self.seconds = 0, [], 0.0
-        self.eval_every = config.eval_every or max(1, config.num_steps // 10)
+        self.eval_every = config.eval_every or max(1, config.num_steps // config.evals)
         if config.activation_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def lr_at(self, step: int) -> float:
         c, total = self.config, self.config.num_steps
-        warm = round(c.warmup * total)
+        warm = max(1, round(c.warmup * total)) if c.warmup else 0
         if step < warm:
             return c.lr * (step + 1) / warm
         done = (step - warm) / max(total - warm, 1)
@@ -187,7 +188,7 @@ def _resume_point(config: DistillConfig, output: Path):
         raise UserError(f"{output} holds no distillation checkpoint to resume (no {ckpt.RECORD_FILE})")
     changed = {k: v for k, v in config.training_settings().items() if record["settings"].get(k) != v}
     if changed:
-        raise UserError(f"--resume with settings other than the checkpoint's: "
+        raise UserError("--resume with settings other than the checkpoint's: "
                         + ", ".join(f"{k} {record['settings'].get(k)!r} -> {v!r}" for k, v in changed.items()))
     return record, state
 

@@ -21,13 +21,15 @@ from compress.recipes import require_positive
 ENCODER, DECODER = "encoder", "decoder"
 FAMILIES = (ENCODER, DECODER)
 METHODS = {ENCODER: ("fisher", "magnitude", "random"),
-           DECODER: ("fisher", "fisher-group", "fisher-width", "fisher-mlp", "magnitude", "activation", "activation-mlp")}
+           DECODER: ("fisher", "fisher-group", "fisher-width", "fisher-mlp", "magnitude", "activation",
+                     "activation-mlp")}
 FISHERS = ("empirical", "model")  # the Fishers of compress.pruning.fisher.mask_gradients
 TASK, EMBEDDING = "task", "embedding"  # encoder objectives: a fine-tuned task's loss, or the pooled embedding
 OBJECTIVES = (TASK, EMBEDDING)
 DTYPES = ("float32", "bfloat16", "float16")
 WHERE = {ENCODER: "an encoder (with --task)", DECODER: "a decoder (without --task)"}
 TUNE_WEIGHTS = {ENCODER: True, DECODER: False}  # docs/experiments.md: what each measured
+DEFAULT_METHOD = {ENCODER: "fisher", DECODER: "fisher-group"}  # decoders: docs/experiments.md
 
 
 def _only(family: str, default=None):
@@ -43,7 +45,7 @@ class PruneConfig:
     model: str = ""
     output: str = ""
     flops: float | None = None  # fraction of the prunable FLOPs to keep (decoders: non-embedding)
-    method: str = "fisher"
+    method: str | None = None  # None: the family's default (DEFAULT_METHOD)
     num_samples: int | None = None  # None: the task's default (encoders) or by device (decoders, calib.SCALE)
     batch_size: int | None = None  # None: 32 (encoders) or by device (decoders)
     seed: int = 0
@@ -86,6 +88,8 @@ class PruneConfig:
                 setattr(self, f.name, f.metadata["default"])
         if self.tune_weights is None:
             self.tune_weights = TUNE_WEIGHTS[self.family]
+        if self.method is None:
+            self.method = DEFAULT_METHOD[self.family]
         if self.family == DECODER:  # the calibration scale follows the device (compress.data.calib.SCALE)
             from compress.data.calib import default_scale
 

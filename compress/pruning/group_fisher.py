@@ -60,7 +60,8 @@ def group_fisher_scores(model, adapter, batches, device, groups: list[int], prog
     options = [[(int(m.sum()), kept_kv_heads(m, grp) if len(m) else 0, -float(s) / num, m)
                 for m, s in zip(masks, sums)] for masks, sums, grp in zip(candidates, sq, groups)]
     filter_options = None if not mlp_levels else [
-        [(n, -float(s) / num, _top(order, n)) for n, s in zip(ws, sums)] for order, ws, sums in zip(orders, widths, sq_mlp)]
+        [(n, -float(s) / num, _top(order, n)) for n, s in zip(ws, sums)]
+        for order, ws, sums in zip(orders, widths, sq_mlp)]
     return ([g.pow(2).mean(0) for g in head_grads], [g.pow(2).mean(0) for g in filter_grads], head_grads,
             filter_grads, options, filter_options, loss)
 
@@ -95,7 +96,8 @@ def _fisher_pass(model, adapter, batches, device, candidates, orders, widths, pr
                 if kind == "attention":
                     sq[layer] += option_effects(parts, x, g, candidates[layer]).double().pow(2).sum(0).cpu()
                 else:
-                    sq_mlp[layer] += width_effects(parts, x, g, orders[layer], widths[layer]).double().pow(2).sum(0).cpu()
+                    z = width_effects(parts, x, g, orders[layer], widths[layer])
+                    sq_mlp[layer] += z.double().pow(2).sum(0).cpu()
             losses.append(loss / len(ids))
     return ([torch.cat(g) for g in heads], [torch.cat(g) for g in filters], sq, sq_mlp,
             sum(losses) / max(len(losses), 1))
