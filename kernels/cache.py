@@ -19,7 +19,6 @@ same way).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

@@ -8,7 +8,6 @@ copy-on-write, and block accounting (all blocks free at the end; sliding layers 
 import math
 
 import pytest
-import torch
 
 from serve import LLM, SamplingParams
 from serve.block_manager import FREED

@@ -5,7 +5,6 @@ The slimmed checkpoint is made here by slicing a tiny dense model and writing th
 keys of the checkpoint contract (README); the reference zeroes the same heads and filters in the dense model.
 """
 
-import json
 
 import torch
 from safetensors.torch import save_file

@@ -116,7 +116,7 @@ def ablate(iters: int, kinds: list[str], table_blocks: int = 128) -> None:
     for omit in [()] + [(k,) for k in kinds] if kinds else ABLATIONS:
         run = decode_layer_chain(ABLATE_LAYERS, shape, device=DEVICE, omit=omit)
         torch.cuda.synchronize()
-        t = time_ms(lambda: run()[0], iters) * 1e3
+        t = time_ms(lambda chain=run: chain()[0], iters) * 1e3
         whole = t if whole is None else whole
         saved = (whole - t) / ABLATE_LAYERS
         print(f"| {' + '.join(omit) or 'nothing'} | {t:.2f} | {t / ABLATE_LAYERS:.2f} | {saved:.2f} | "
