@@ -40,8 +40,9 @@ def st_dir(path: Path, kind: str, pooling: str | None = "mean", normalize: bool 
 class ServerThread:
     """`with ServerThread(encoder, "tiny") as port:` serves the encoder app on 127.0.0.1:port."""
 
-    def __init__(self, encoder, name: str = "tiny", api_key: str | None = KEY):
+    def __init__(self, encoder, name: str = "tiny", api_key: str | None = KEY, limits=None):
         self.encoder, self.name, self.api_key, self.port = encoder, name, api_key, free_port()
+        self.limits = limits
         self._ready, self._loop = threading.Event(), None
 
     def __enter__(self) -> int:
@@ -56,7 +57,7 @@ class ServerThread:
         from serve.encoder.server import build_app
 
         self._loop = asyncio.new_event_loop()
-        runner = web.AppRunner(build_app(self.encoder, self.name, self.api_key))
+        runner = web.AppRunner(build_app(self.encoder, self.name, self.api_key, self.limits))
         self._loop.run_until_complete(runner.setup())
         self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
         self._ready.set()

@@ -232,6 +232,29 @@ def test_truncation_when_asked_and_auth(served):
     assert status == 200 and "serve_encoder_inputs_total" in text
 
 
+def test_body_limits_413_and_408_and_the_server_keeps_serving(tmp_path):
+    """The decoder server's body limits hold here too: a body over the cap is 413 before it is read, half
+    a body that stops arriving is 408 within the timeout and its connection is closed."""
+    import sys
+    from pathlib import Path
+
+    from serve.context import ServerLimits
+    from serve.encoder import Encoder
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from evals.loopback import send_raw
+
+    encoder = Encoder(str(st_dir(tmp_path / "m", "bert", "mean")))
+    with ServerThread(encoder, limits=ServerLimits(max_body_bytes=4096, body_timeout_s=1.0)) as port:
+        status, body = request(port, "POST", "/v1/embeddings", {"model": "tiny", "input": ["word " * 2000]})
+        assert status == 413 and "larger than 4096 bytes" in body["error"]["message"], body
+        head = ("POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n" '{"model": ').encode()
+        reply = send_raw(port, head, timeout=20)
+        assert reply.status == 408 and reply.seconds < 5, (reply.status, reply.seconds, reply.error)
+        assert len(embed_over_http(port, TEXTS[:2])) == 2
+
+
 def test_startup_says_mean_pooling_without_a_config(tmp_path):
     from serve import Encoder
     from serve.encoder.server import startup_lines

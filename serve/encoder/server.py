@@ -3,7 +3,10 @@
 Routes: POST /v1/embeddings (OpenAI), POST /classify (vLLM; sequence-classification checkpoints only),
 GET /v1/models, /health, /metrics (Prometheus text). /v1/completions and /v1/chat/completions answer
 400 saying why: an encoder generates nothing. Every error, ours or aiohttp's (unknown route, body too
-large), goes out as an OpenAI error body; a missing or wrong key (with --api-key) is 401.
+large), goes out as an OpenAI error body; a missing or wrong key (with --api-key) is 401. Bodies are read
+within the decoder server's limits (serve/context.py): over `max_body_bytes` is 413, one that has not
+arrived whole within `body_timeout_s` is 408 and its connection is closed. An encoder's bodies are larger
+than a decoder's (a batch of up to max_num_inputs texts or token-id lists), so its default cap is 64 MiB.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 from aiohttp import web
 
 from serve import middleware
+from serve.context import LIMITS, ServerLimits, read_body
 from serve.encoder.async_engine import AsyncEncoder
 from serve.encoder.engine import CLASSIFY, EMBED, Encoder
 from serve.encoder.protocol import classify_response, embeddings_response, parse
@@ -21,6 +25,7 @@ from serve.protocol import ApiError
 ENGINE, MODEL_NAME, API_KEY = (web.AppKey("encoder", AsyncEncoder), web.AppKey("model", str),
                                web.AppKey("key", str))
 OPEN_PATHS = ("/health", "/metrics")
+ENCODER_LIMITS = ServerLimits(max_body_bytes=64 * 2**20)
 
 
 errors_and_auth = middleware.errors_and_auth(API_KEY, lambda path: path not in OPEN_PATHS)
@@ -28,7 +33,7 @@ errors_and_auth = middleware.errors_and_auth(API_KEY, lambda path: path not in O
 
 async def _request(request: web.Request, token_ids: bool):
     try:
-        body = json.loads(await request.read())
+        body = json.loads(await read_body(request))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the request body is not valid JSON: {err}") from None
     encoder = request.app[ENGINE].encoder
@@ -94,9 +99,12 @@ def render_metrics(engine: AsyncEncoder) -> str:
     return "".join(f"# HELP {n} {h}\n# TYPE {n} {k}\n{n} {v}\n" for n, k, h, v in rows)
 
 
-def build_app(encoder: Encoder, model_name: str, api_key: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=64 * 2**20)
+def build_app(encoder: Encoder, model_name: str, api_key: str | None = None,
+              limits: ServerLimits | None = None) -> web.Application:
+    limits = limits or ENCODER_LIMITS
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=limits.max_body_bytes)
     app[ENGINE], app[MODEL_NAME], app[API_KEY] = AsyncEncoder(encoder), model_name, api_key or ""
+    app[LIMITS] = limits
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/classify", classify)
     app.router.add_post("/v1/completions", not_generative)
@@ -123,9 +131,10 @@ def startup_lines(encoder: Encoder, model_name: str, host: str, port: int) -> li
     return lines
 
 
-def serve_forever(encoder: Encoder, model_name: str, host: str, port: int, api_key: str | None = None) -> None:
+def serve_forever(encoder: Encoder, model_name: str, host: str, port: int, api_key: str | None = None,
+                  limits: ServerLimits | None = None) -> None:
     """Blocks until interrupted."""
-    app = build_app(encoder, model_name, api_key)
+    app = build_app(encoder, model_name, api_key, limits)
     for line in startup_lines(encoder, model_name, host, port):
         print(line, flush=True)
     web.run_app(app, host=host, port=port, print=None)
