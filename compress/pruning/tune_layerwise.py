@@ -33,8 +33,8 @@ def tune_layerwise(model, adapter, batches, head_masks, filter_masks, device, da
     """Tuned masks (or, with `weights`, the masks unchanged and the output projections refitted in place)
     and per-layer errors before/after. `forward(batch)` runs the whole dense model on a batch (default: a
     decoder's `adapter.final_hidden`); `valid[b]`: batch b's non-padding tokens (default: all)."""
-    heads = [m.clone().float().to(device) for m in head_masks]
-    filters = [m.clone().float().to(device) for m in filter_masks]
+    heads = [m.clone().float().to(d) for m, d in zip(head_masks, adapter.head_devices())]
+    filters = [m.clone().float().to(d) for m, d in zip(filter_masks, adapter.filter_devices())]
     forward = forward or (lambda batch: adapter.final_hidden(batch["input_ids"].to(device)))
     valid = valid or [None] * len(batches)
     inputs, layer_calls = _capture(adapter, batches, forward)
