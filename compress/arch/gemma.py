@@ -159,8 +159,10 @@ def sliding_window(config, layer: int) -> int | None:
     return window if config.model_type == "gemma2" and layer % 2 == 0 else None
 
 
-def load_causal_lm(model_dir, dtype=torch.float32):
-    """A plain HF causal LM from a dense or slimmed directory (per-layer shapes applied before loading)."""
+def load_causal_lm(model_dir, dtype=torch.float32, device_map: dict | None = None):
+    """A plain HF causal LM from a dense or slimmed directory (per-layer shapes applied before loading).
+    `device_map` (module name: device): a dense checkpoint's weights load straight onto their devices; a
+    slimmed one still loads on the CPU (compress.pruning.spread dispatches it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from compress.models.checks import check_checkpoint
@@ -169,7 +171,7 @@ def load_causal_lm(model_dir, dtype=torch.float32):
     check_checkpoint(model_dir, tokenizer=True)
     config = AutoConfig.from_pretrained(model_dir)
     if not any(hasattr(text_config(config), k) for k in SHAPE_KEYS):
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     GemmaAdapter(model).resize_to_config()
     _load_weights(model, model_dir, UserError)
