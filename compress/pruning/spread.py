@@ -89,7 +89,8 @@ def _dispatch(model, device_map: dict[str, str]) -> None:
     level = log.level
     log.setLevel(logging.ERROR)  # for an all-cpu map it warns of weights "offloaded to the cpu"; none are
     try:
-        dispatch_model(model, device_map, force_hooks=True)
+        dispatch_model(model, device_map, force_hooks=True,  # a KV cache is not moved, as transformers does
+                       skip_keys=getattr(model, "_skip_keys_device_placement", None))
     finally:
         log.setLevel(level)
 
