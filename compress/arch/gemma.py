@@ -165,8 +165,8 @@ def load_causal_lm(model_dir, dtype=torch.float32, device_map: dict | None = Non
     slimmed one still loads on the CPU (compress.pruning.spread dispatches it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from compress.models.checks import check_checkpoint
     from compress.errors import UserError
+    from compress.models.checks import check_checkpoint
 
     check_checkpoint(model_dir, tokenizer=True)
     config = AutoConfig.from_pretrained(model_dir)
@@ -194,7 +194,7 @@ def _load_weights(model, model_dir, error) -> None:
     for f in files:
         try:
             state.update(load_file(f))
-        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+        except Exception as err:  # noqa: BLE001 (safetensors raises its own types for truncated or garbled files)
             raise error(f"checkpoint {f} is corrupt or incomplete ({str(err).splitlines()[0][:120]})") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 
 from compress.commands._common import add_data_flags, overrides
-from compress.commands.distill import add_distill_flags, distill_overrides, format_record
+from compress.commands.distill import (
+    add_distill_flags,
+    distill_overrides,
+    format_record,
+)
 from compress.pruning.config import DTYPES, FISHERS, METHODS, OBJECTIVES
 
 

@@ -100,13 +100,13 @@ class PruneConfig:
         if self.batch_size is None:
             self.batch_size = 32
 
-    def for_family(self, family: str) -> "PruneConfig":
+    def for_family(self, family: str) -> PruneConfig:
         """A validated copy bound to `family`: its fields' defaults filled in, the other family's refused."""
         if self.family not in (None, family):
             raise UserError(f"this config is for {self.family}s, not {family}s")
         return dataclasses.replace(self, family=family).validate()
 
-    def validate(self) -> "PruneConfig":
+    def validate(self) -> PruneConfig:
         """Checks of both families and, once the family is known, of its own fields (and none of the other's)."""
         if not self.model or not self.output:
             raise UserError("missing required setting: give --model and -o/--output (or recipe keys)")
