@@ -161,9 +161,13 @@ def test_map_for_two_gpus_places_whole_layers_and_the_rest_on_the_first(dense, m
     (0, 80, {"model.layers.1.mlp": "cpu"}, [], "splits model.layers.1: place whole layers"),
     (0, 80, {"model.layer.1": "cpu"}, [], "names no module of this model"),
     (0, 80, {"lm_head": None}, [], "does not give any device"),
+    (0, 80, "BROKEN", [], "is not valid JSON"),
 ])
 def test_bad_device_maps_exit_2_with_one_line(dense, tmp_path, monkeypatch, capsys, gpus, free_gib, spec, extra, match):
     _fake_gpus(monkeypatch, gpus, free_gib)
+    if spec == "BROKEN":
+        (tmp_path / "map.json").write_text('{"lm_head": ')
+        spec = str(tmp_path / "map.json")
     if isinstance(spec, dict):  # the all-cpu map of the fixture, changed as given (None: the key left out)
         changed = {**json.loads((dense / "cpu.json").read_text()), **spec}
         (tmp_path / "map.json").write_text(json.dumps({k: v for k, v in changed.items() if v is not None}))

@@ -67,10 +67,10 @@ class DecoderFamily:
 
         if config.calib and config.calib not in NAMED_CORPORA:
             read_text(config.calib)
-        if config.device_map not in (None, "auto", "balanced"):  # its devices, before the model is read
-            from compress.pruning.spread import check_devices, read_map
+        if config.device_map:  # before the model is read
+            from compress.pruning.spread import check_present
 
-            check_devices(read_map(config.device_map).values())
+            check_present(config.device_map)
 
     def load(self, config, device):
         import torch

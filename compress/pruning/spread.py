@@ -55,6 +55,12 @@ def _device_name(device) -> str:
                     "not supported)")
 
 
+def check_present(spec: str) -> None:
+    """The devices a JSON map names are here (`auto` and `balanced` take what is here)."""
+    if spec not in SPECS:
+        check_devices(read_map(spec).values())
+
+
 def check_devices(devices) -> None:
     """Every device exists here, and `cpu` is either all of them or none (accelerate would offload the CPU part
     and stream it to the GPU on every pass, which the slimming cannot edit)."""
