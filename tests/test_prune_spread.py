@@ -192,9 +192,11 @@ def test_device_map_is_for_decoders_only(tmp_path, capsys):
     assert "--device-map applies only to a decoder" in capsys.readouterr().err
 
 
-def test_device_map_is_a_recipe_key(dense):
-    from compress.pruning.config import PruneConfig
-    from compress.recipes import resolve
-
-    recipe = {"model": str(dense / "gemma3"), "output": "o", "flops": 0.5, "device_map": "balanced"}
-    assert resolve(PruneConfig, recipe).for_family("decoder").device_map == "balanced"
+def test_cli_takes_a_device_map_from_a_recipe(dense, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {dense / 'gemma2'}\nflops: 0.7\nnum_samples: 4\nseq_len: 16\ncontext_len: 32\n"
+                      f"calib: {dense / 'calib.txt'}\ndevice_map: {dense / 'cpu.json'}\n")
+    assert main(["prune", "--recipe", str(recipe), "-o", str(tmp_path / "out")]) == 0
+    assert "spread over 1 device(s): cpu layers 0-1" in capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "prune.json").read_text())
+    assert record["placement"] == {"cpu": [0, 1]} and record["recipe"]["device_map"] == str(dense / "cpu.json")
