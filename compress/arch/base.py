@@ -97,6 +97,15 @@ class Adapter:
     def hidden_size(self) -> int:
         return self.layer_parts(0).o.out_features
 
+    def head_devices(self) -> list[torch.device]:
+        """Per layer, the device of its output projection, where its head mask scales activations (one device
+        unless the model is spread over several, compress.pruning.spread)."""
+        return [self.layer_parts(i).o.weight.device for i in range(self.num_layers)]
+
+    def filter_devices(self) -> list[torch.device]:
+        """Per layer, the device of its FFN output projection, where its filter mask scales activations."""
+        return [self.layer_parts(i).ffn_out.weight.device for i in range(self.num_layers)]
+
     def ones_masks(self, device=None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         heads = [torch.ones(h, device=device) for h in self.num_heads()]
         filters = [torch.ones(f, device=device) for f in self.num_filters()]
@@ -224,7 +233,7 @@ def _keep_cols(linear: nn.Linear, cols: torch.Tensor, scale: torch.Tensor | None
 def _head_hook(mask: torch.Tensor, num_heads: int):
     def hook(module, args):
         (x,) = args[:1]
-        m = mask.to(x.dtype)
+        m = mask.to(x)  # a mask made on another device than its layer's follows it (a differentiable copy)
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (num_heads, 1) if m.dim() == 2 else (num_heads, 1)
         out = (x.unflatten(-1, (num_heads, -1)) * m.reshape(shape)).flatten(-2)
         return (out,) + tuple(args[1:])
@@ -234,7 +243,7 @@ def _head_hook(mask: torch.Tensor, num_heads: int):
 def _filter_hook(mask: torch.Tensor):
     def hook(module, args):
         (x,) = args[:1]
-        m = mask.to(x.dtype)
+        m = mask.to(x)
         if m.dim() == 2:
             m = m.reshape((x.shape[0],) + (1,) * (x.dim() - 2) + (m.shape[-1],))
         return (x * m,) + tuple(args[1:])

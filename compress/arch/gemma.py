@@ -159,17 +159,19 @@ def sliding_window(config, layer: int) -> int | None:
     return window if config.model_type == "gemma2" and layer % 2 == 0 else None
 
 
-def load_causal_lm(model_dir, dtype=torch.float32):
-    """A plain HF causal LM from a dense or slimmed directory (per-layer shapes applied before loading)."""
+def load_causal_lm(model_dir, dtype=torch.float32, device_map: dict | None = None):
+    """A plain HF causal LM from a dense or slimmed directory (per-layer shapes applied before loading).
+    `device_map` (module name: device): a dense checkpoint's weights load straight onto their devices; a
+    slimmed one still loads on the CPU (compress.pruning.spread dispatches it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from compress.models.checks import check_checkpoint
     from compress.errors import UserError
+    from compress.models.checks import check_checkpoint
 
     check_checkpoint(model_dir, tokenizer=True)
     config = AutoConfig.from_pretrained(model_dir)
     if not any(hasattr(text_config(config), k) for k in SHAPE_KEYS):
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device_map)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     GemmaAdapter(model).resize_to_config()
     _load_weights(model, model_dir, UserError)
@@ -192,7 +194,7 @@ def _load_weights(model, model_dir, error) -> None:
     for f in files:
         try:
             state.update(load_file(f))
-        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+        except Exception as err:  # noqa: BLE001 (safetensors raises its own types for truncated or garbled files)
             raise error(f"checkpoint {f} is corrupt or incomplete ({str(err).splitlines()[0][:120]})") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 
 from compress.commands._common import add_data_flags, overrides
-from compress.commands.distill import add_distill_flags, distill_overrides, format_record
+from compress.commands.distill import (
+    add_distill_flags,
+    distill_overrides,
+    format_record,
+)
 from compress.pruning.config import DTYPES, FISHERS, METHODS, OBJECTIVES
 
 
@@ -102,6 +106,11 @@ def _add_decoder(g) -> None:
                                               "256 on a CPU)")
     g.add_argument("--context-len", type=int, help="context length of the decoder FLOPs model (default 2048)")
     g.add_argument("--dtype", choices=DTYPES, help="decoder weights while pruning (default float32)")
+    g.add_argument("--device-map", metavar="auto|balanced|FILE",
+                   help="spread the model over the GPUs of this host, whole layers per GPU, for a model that does not "
+                        "fit one: 'auto' fills each GPU in turn, 'balanced' spreads the layers evenly, FILE is a JSON "
+                        "map of module name: device (accelerate's format). The placement is printed and kept in "
+                        "prune.json (default: off, one device)")
     g.add_argument("--distill-tokens", type=int, metavar="N",
                    help="then recover the pruned decoder by distillation from --model on the calibration text for N "
                         "tokens (`compress distill`; its flags as --distill-*)")

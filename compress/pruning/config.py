@@ -78,6 +78,7 @@ class PruneConfig:
     dtype: str | None = _only(DECODER, "float32")
     max_filter_swaps: int | None = _only(DECODER, 128)  # per layer; each swap is O(filters^2)
     distill_tokens: int | None = _only(DECODER)  # then distil from the parent this many tokens (compress.distill)
+    device_map: str | None = _only(DECODER)  # auto, balanced or a JSON file: spread over GPUs (compress.pruning.spread)
 
     def __post_init__(self):
         """Once the family is known, its fields' defaults fill what was left unset."""
@@ -99,13 +100,13 @@ class PruneConfig:
         if self.batch_size is None:
             self.batch_size = 32
 
-    def for_family(self, family: str) -> "PruneConfig":
+    def for_family(self, family: str) -> PruneConfig:
         """A validated copy bound to `family`: its fields' defaults filled in, the other family's refused."""
         if self.family not in (None, family):
             raise UserError(f"this config is for {self.family}s, not {family}s")
         return dataclasses.replace(self, family=family).validate()
 
-    def validate(self) -> "PruneConfig":
+    def validate(self) -> PruneConfig:
         """Checks of both families and, once the family is known, of its own fields (and none of the other's)."""
         if not self.model or not self.output:
             raise UserError("missing required setting: give --model and -o/--output (or recipe keys)")
@@ -189,6 +190,18 @@ class PruneConfig:
             raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype}")
+        if self.device_map is not None:
+            self._validate_device_map()
+
+    def _validate_device_map(self) -> None:
+        from compress.pruning.spread import check_spec
+
+        if self.device != "auto":
+            raise UserError(f"give --device or --device-map, not both (got --device {self.device}): the map places "
+                            "every layer")
+        if self.distill_tokens:
+            raise UserError("--distill-tokens does not run on a model spread with --device-map; leave one out")
+        check_spec(self.device_map)
 
     @property
     def has_latency_budget(self) -> bool:

@@ -33,18 +33,24 @@ def is_decoder(name_or_dir: str) -> bool:
     return checkpoint.read_config(checkpoint.resolve(name_or_dir)).model_type in MODEL_TYPES
 
 
-def load_decoder(name: str, device, dtype=None):
-    """The model (eval mode, float32 unless `dtype`), its tokenizer and its local directory."""
+def load_decoder(name: str, device, dtype=None, device_map: str | None = None, config=None):
+    """The model (eval mode, float32 unless `dtype`), its tokenizer and its local directory. `device_map`
+    (with the PruneConfig `config`, whose calibration sizes the placement provisions for): the model spread
+    over devices instead of on `device` (compress.pruning.spread)."""
     import torch
 
     from compress.arch.gemma import MODEL_TYPES, load_causal_lm
     from compress.models import checkpoint
 
     path = checkpoint.resolve(name)
-    config = checkpoint.read_config(path)
-    if config.model_type not in MODEL_TYPES:
-        raise UserError(f"model type {config.model_type!r} is not a supported decoder "
+    model_type = checkpoint.read_config(path).model_type
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"model type {model_type!r} is not a supported decoder "
                         f"(supported: {', '.join(MODEL_TYPES)})")
+    if device_map is not None:
+        from compress.pruning.spread import load_spread
+
+        return load_spread(path, dtype or torch.float32, device_map, config), checkpoint.load_tokenizer(path), path
     model = load_causal_lm(path, dtype=dtype or torch.float32).to(device).eval()
     return model, checkpoint.load_tokenizer(path), path
 
@@ -61,11 +67,15 @@ class DecoderFamily:
 
         if config.calib and config.calib not in NAMED_CORPORA:
             read_text(config.calib)
+        if config.device_map:  # before the model is read
+            from compress.pruning.spread import check_present
+
+            check_present(config.device_map)
 
     def load(self, config, device):
         import torch
 
-        return load_decoder(config.model, device, getattr(torch, config.dtype))
+        return load_decoder(config.model, device, getattr(torch, config.dtype), config.device_map, config)
 
     def calibrate(self, config, model, tokenizer, progress: bool):
         import torch

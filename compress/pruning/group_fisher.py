@@ -32,7 +32,12 @@ from tqdm.auto import tqdm
 from compress.device import autocast
 from compress.pruning import gqa
 from compress.pruning.decoder_cost import kept_kv_heads
-from compress.pruning.lm_scores import frozen_weights, lm_loss_grad, lm_mask_gradients
+from compress.pruning.lm_scores import (
+    frozen_weights,
+    leaf_masks,
+    lm_loss_grad,
+    lm_mask_gradients,
+)
 
 MAX_MASKS = 64  # per layer; Gemma 3 270M/1B have 16, Gemma 2 2B 96 (then the per-shape best of the diagonal)
 MLP_LEVELS = 32  # fisher-width: MLP widths costed per layer (0, 1/32, ..., all of its filters)
@@ -83,8 +88,7 @@ def _fisher_pass(model, adapter, batches, device, candidates, orders, widths, pr
     with frozen_weights(model):
         for batch in tqdm(batches, desc="fisher (head groups)", unit="batch", disable=not progress):
             ids = batch["input_ids"].to(device)
-            hm = [torch.ones(len(ids), h, device=device, requires_grad=True) for h in adapter.num_heads()]
-            fm = [torch.ones(len(ids), f, device=device, requires_grad=True) for f in adapter.num_filters()]
+            hm, fm = leaf_masks(adapter, len(ids))
             with adapter.masks(hm, fm), _Taps(adapter, mlp=widths is not None) as taps, autocast(ids.device):
                 hidden = adapter.final_hidden(ids)
             grad_hidden, loss = lm_loss_grad(adapter, hidden, ids)

@@ -46,8 +46,9 @@ def lm_loss_grad(adapter, hidden: torch.Tensor, input_ids: torch.Tensor) -> tupl
     total = 0.0
     for t0 in range(0, n_pred, LOSS_CHUNK):
         t1 = min(t0 + LOSS_CHUNK, n_pred)
-        logits = adapter.lm_logits(h[:, t0:t1]).float()  # [B, c, V]
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[:, t0:t1].flatten(), reduction="sum")
+        logits = adapter.lm_logits(h[:, t0:t1]).float()  # [B, c, V]; on the LM head's device when spread
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[:, t0:t1].flatten().to(logits.device),
+                                                reduction="sum")
         (nll / n_pred).backward()
         total += float(nll.detach())
     return h.grad, total / n_pred
@@ -61,8 +62,7 @@ def lm_mask_gradients(model, adapter, batches, device, progress: bool = True):
     with frozen_weights(model):
         for batch in tqdm(batches, desc="fisher (LM loss)", unit="batch", disable=not progress):
             ids = batch["input_ids"].to(device)
-            hm = [torch.ones(len(ids), h, device=device, requires_grad=True) for h in adapter.num_heads()]
-            fm = [torch.ones(len(ids), f, device=device, requires_grad=True) for f in adapter.num_filters()]
+            hm, fm = leaf_masks(adapter, len(ids))
             with adapter.masks(hm, fm), autocast(ids.device):  # bf16 on the GPU: Fisher needs no more
                 hidden = adapter.final_hidden(ids)
             grad_hidden, loss = lm_loss_grad(adapter, hidden, ids)
@@ -73,11 +73,20 @@ def lm_mask_gradients(model, adapter, batches, device, progress: bool = True):
     return [torch.cat(g) for g in heads], [torch.cat(g) for g in filters], sum(losses) / max(len(losses), 1)
 
 
+def leaf_masks(adapter, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """All-ones per-example masks (`[B, H_l]`, `[B, F_l]`) to take gradients against, each on its layer's device."""
+    return ([torch.ones(batch_size, h, device=d, requires_grad=True)
+             for h, d in zip(adapter.num_heads(), adapter.head_devices())],
+            [torch.ones(batch_size, f, device=d, requires_grad=True)
+             for f, d in zip(adapter.num_filters(), adapter.filter_devices())])
+
+
 @torch.no_grad()
 def activation_scores(model, adapter, batches, device, progress: bool = True):
     """Wanda-style structured scores: per head `[H_l]` and per filter `[F_l]`, from calibration activations."""
-    sq_heads = [torch.zeros(adapter.layer_parts(i).o.in_features, device=device) for i in range(adapter.num_layers)]
-    sq_filters = [torch.zeros(f, device=device) for f in adapter.num_filters()]
+    sq_heads = [torch.zeros(adapter.layer_parts(i).o.in_features, device=d)
+                for i, d in enumerate(adapter.head_devices())]
+    sq_filters = [torch.zeros(f, device=d) for f, d in zip(adapter.num_filters(), adapter.filter_devices())]
     hooks = []
     for i in range(adapter.num_layers):
         parts = adapter.layer_parts(i)

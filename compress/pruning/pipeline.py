@@ -18,6 +18,7 @@ from compress.arch import get_adapter
 from compress.device import pick_device
 from compress.models import checkpoint
 from compress.models.outputs import atomic_output_dir, check_output_dir
+from compress.pruning import spread
 from compress.pruning.config import DECODER, EMBEDDING, ENCODER, PruneConfig
 from compress.pruning.decoder import DecoderFamily
 from compress.pruning.embedding import EmbeddingFamily
@@ -66,11 +67,15 @@ class Pipeline:
         config, family, phase = self.config, self.family, self.phases
         with phase("load"):
             model, tokenizer, path = family.load(config, self.device)
+        if config.device_map:  # spread over devices: inputs enter where the embedding is
+            self.device = spread.main_device(model)
         with phase("calibration"):
             calib = family.calibrate(config, model, tokenizer, self.progress)
         adapter = get_adapter(model)
         self.record.update(model=str(config.model), source_dir=str(path), task=family.task_name(config),
                            calibration=calib.source, num_samples=calib.num_samples)
+        if config.device_map:
+            self.record["placement"] = spread.layer_placement(adapter)
         parent, cost_model = family.parent_shape(adapter), family.cost_model(adapter, calib, config)
         family.before(self, model, tokenizer, adapter, calib)
         heads, filters = self.masks(model, adapter, calib, cost_model, parent)
@@ -108,7 +113,7 @@ class Pipeline:
 
     def save(self, model, tokenizer) -> None:
         with atomic_output_dir(self.config.output, self.config.overwrite) as tmp:
-            checkpoint.save(model.cpu(), tokenizer, tmp, self.record, self.record.get("source_dir"))
+            checkpoint.save(spread.gathered(model), tokenizer, tmp, self.record, self.record.get("source_dir"))
 
 
 def prune(config: PruneConfig, progress: bool = True) -> dict:

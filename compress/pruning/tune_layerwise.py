@@ -33,8 +33,8 @@ def tune_layerwise(model, adapter, batches, head_masks, filter_masks, device, da
     """Tuned masks (or, with `weights`, the masks unchanged and the output projections refitted in place)
     and per-layer errors before/after. `forward(batch)` runs the whole dense model on a batch (default: a
     decoder's `adapter.final_hidden`); `valid[b]`: batch b's non-padding tokens (default: all)."""
-    heads = [m.clone().float().to(device) for m in head_masks]
-    filters = [m.clone().float().to(device) for m in filter_masks]
+    heads = [m.clone().float().to(d) for m, d in zip(head_masks, adapter.head_devices())]
+    filters = [m.clone().float().to(d) for m, d in zip(filter_masks, adapter.filter_devices())]
     forward = forward or (lambda batch: adapter.final_hidden(batch["input_ids"].to(device)))
     valid = valid or [None] * len(batches)
     inputs, layer_calls = _capture(adapter, batches, forward)
@@ -60,14 +60,14 @@ def _capture(adapter, batches, forward):
     for batch in batches:
         seen = {}
 
-        def grab(index):
+        def grab(index, seen):
             def hook(module, args, kwargs):
                 if index == 0:
                     inputs.append(args[0] if args else kwargs["hidden_states"])
                 seen[index] = (args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"})
             return hook
 
-        hooks = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        hooks = [b.register_forward_pre_hook(grab(i, seen), with_kwargs=True) for i, b in enumerate(blocks)]
         try:
             forward(batch)
         finally:
@@ -98,8 +98,8 @@ def _teacher(adapter, layer, block, teacher, calls, valid):
     parts, targets, nxt = adapter.layer_parts(layer), [], []
     for hidden, call, keep in zip(teacher, calls, valid):
         grab = {}
-        hooks = [parts.attn_norm.register_forward_pre_hook(lambda m, a: grab.__setitem__("attention", _rows(a[0], keep))),
-                 parts.ffn_norm.register_forward_pre_hook(lambda m, a: grab.__setitem__("ffn", _rows(a[0], keep)))]
+        hooks = [parts.attn_norm.register_forward_pre_hook(_store(grab, "attention", keep)),
+                 parts.ffn_norm.register_forward_pre_hook(_store(grab, "ffn", keep))]
         try:
             nxt.append(_layer_out(block, hidden, call))
         finally:
@@ -113,17 +113,21 @@ def _branch_stats(adapter, layer, block, branch, student, calls, valid, heads, f
     br, stats = branch_setup(adapter, layer, branch, heads, filters, weights)
     for hidden, call, keep, target in zip(student, calls, valid, targets):
         grab = {}
-
-        def at_norm(module, args):
-            grab["s"] = _rows(args[0], keep)
-            raise _Stop
-
-        hooks = [br.proj.register_forward_pre_hook(lambda m, a: grab.__setitem__("x", _rows(a[0], keep)), prepend=True),
-                 br.norm.register_forward_pre_hook(at_norm)]
+        hooks = [br.proj.register_forward_pre_hook(_store(grab, "x", keep), prepend=True),
+                 br.norm.register_forward_pre_hook(_store(grab, "s", keep, stop=True))]
         with adapter.masks(heads, filters):
             _run_until(block, hidden, call, hooks)
         accumulate_branch(stats, br, grab, target[branch], weights)
     return stats
+
+
+def _store(grab: dict, key: str, keep, stop: bool = False):
+    """A pre-hook that keeps its input's valid rows in `grab[key]` and, with `stop`, ends the pass there."""
+    def hook(module, args):
+        grab[key] = _rows(args[0], keep)
+        if stop:
+            raise _Stop
+    return hook
 
 
 def _rows(x: torch.Tensor, keep) -> torch.Tensor:
