@@ -353,3 +353,32 @@ def test_no_local_text_calibrates_on_model_samples(monkeypatch):
     result = calib.resolve_calibration(_model("gemma3"), _tokenizer(), None, None, num_samples=3, seq_len=10, seed=0)
     assert result.input_ids.shape == (3, 10) and (result.input_ids[:, 0] == 2).all()
     assert "sampled from the dense model" in result.source
+
+
+@pytest.mark.parametrize("method", ["fisher-group", "fisher"])
+def test_a_checkpoint_with_a_zero_head_layer_prunes_again(method, tmp_path):
+    """A slimmed model whose first layer kept no heads (0 query and 0 KV heads) is itself prunable: that
+    layer has nothing to choose among its heads, the others are searched as usual."""
+    from compress.models import checkpoint
+    from compress.pruning.config import PruneConfig
+    from compress.pruning.pipeline import Pipeline
+    from compress.pruning.slim import slim_model
+
+    model, tok = _model("gemma3"), _tokenizer()
+    adapter = GemmaAdapter(model)
+    slim_model(adapter, [torch.zeros(4), torch.ones(4)], [torch.ones(f) for f in adapter.num_filters()])
+    checkpoint.save(model, tok, tmp_path / "slimmed", {})
+    text = tmp_path / "calib.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (600,), generator=g)))
+    config = PruneConfig(model=str(tmp_path / "slimmed"), output=str(tmp_path / "again"), flops=0.7,
+                         calib=str(text), num_samples=8, seq_len=16, context_len=32, batch_size=4, device="cpu",
+                         method=method)
+    pipe = Pipeline(config, progress=False)
+    pruned, _ = pipe.prune()
+    pipe.save(pruned, tok)
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved["num_attention_heads_per_layer"][0] == 0 and saved["num_key_value_heads_per_layer"][0] == 0
+    assert pipe.record["flops_after"] <= 0.7 * pipe.record["flops_before"] * (1 + 1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=_ids()).logits, load_causal_lm(tmp_path / "again")(input_ids=_ids()).logits)

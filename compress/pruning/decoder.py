@@ -171,8 +171,9 @@ class DecoderFamily:
 
 
 def _groups(parent) -> list[int]:
-    """Query heads per KV head of each layer, from the parent's (heads, kv heads, ...) shape."""
-    return [h // k for h, k in zip(parent[0], parent[1])]
+    """Query heads per KV head of each layer, from the parent's (heads, kv heads, ...) shape; 1 for a layer
+    that already has no heads (nothing to group)."""
+    return [h // k if k else 1 for h, k in zip(parent[0], parent[1])]
 
 
 def _per_flop(scores: list, unit_cost: list[float]) -> list:

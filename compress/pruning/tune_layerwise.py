@@ -45,6 +45,9 @@ def tune_layerwise(model, adapter, batches, head_masks, filter_masks, device, da
         targets, teacher = _teacher(adapter, layer, block, teacher, calls, valid)
         entry = {}
         for branch, masks in (("attention", heads), ("ffn", filters)):
+            if masks[layer].numel() == 0:  # a slimmed parent's empty branch: no units, nothing to tune
+                entry[branch] = {"error_before": None, "error_after": None}
+                continue
             stats = _branch_stats(adapter, layer, block, branch, student, calls, valid, heads, filters, targets,
                                   weights)
             entry[branch] = solve_branch(stats, masks, layer, damp, weights)
