@@ -256,11 +256,11 @@ def main(argv=None) -> int:
                             else ["gemma-2-2b"])
     vocab = min(_vocab_size(m) for m in models)
     prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, vocab, args.seed)
-    begin, steps = time.perf_counter(), plan(args, models)
+    begin, steps, ran = time.perf_counter(), plan(args, models), 0
     for label, fn in steps:
         if label in results["done"]:
             continue
-        if args.budget_s and time.perf_counter() - begin > args.budget_s:
+        if args.budget_s and ran and time.perf_counter() - begin > args.budget_s:
             print(f"budget of {args.budget_s:.0f} s spent: run the same command with --resume for the rest", flush=True)
             break
         try:
@@ -269,6 +269,7 @@ def main(argv=None) -> int:
             results.setdefault("errors", []).append(f"{label}: {type(err).__name__}: {err}"[:400])
             print("FAILED", label, repr(err)[:400], flush=True)
         results["done"].append(label)
+        ran += 1
         if args.out:
             write_report(results, args.out)
     print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=1, default=str))
@@ -415,7 +416,7 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true",
                    help="continue the run recorded in --out's JSON: steps already done are skipped")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="start no step after this many seconds (then --resume goes on where it stopped)")
+                   help="start no step after this many seconds, past the first (--resume goes on from there)")
     args = p.parse_args(argv)
     args.hf_requests = args.hf_requests or args.num_requests
     args.rate = args.rate or [8.0]

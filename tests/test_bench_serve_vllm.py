@@ -123,3 +123,16 @@ def test_peer_gets_our_prompts_limits_and_sampling(model_dir, tmp_path, monkeypa
     assert "attention FLASH_ATTN" in section and "77 KV blocks of 16 tokens" in section and "| 1,234 |" in section
     batch1 = section.split("### Batch-1")[1]
     assert "| serve |" in batch1 and "| vLLM 0.0.stub |" in batch1
+
+
+def test_budget_stops_between_steps_and_resume_finishes_the_run(model_dir, tmp_path, capsys):
+    first = run(model_dir, tmp_path, tmp_path / "empty", "--budget-s", "1e-9")
+    printed = capsys.readouterr().out
+    assert "run the same command with --resume" in printed and "all steps done" not in printed
+    saved = json.loads((tmp_path / "serve_vs_vllm.json").read_text())
+    assert saved["done"] == [f"offline {model_dir}"] and "2 x 5-12 -> 4" not in first
+    text = run(model_dir, tmp_path, tmp_path / "empty", "--resume")
+    assert "all steps done" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "serve_vs_vllm.json").read_text())
+    assert saved["calls"] == 2 and len(saved["done"]) == 3 and len(saved["offline"]) == 1
+    assert text.count("| serve |") == 3                      # two workloads and the batch-1 row, each once
