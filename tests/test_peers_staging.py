@@ -110,3 +110,18 @@ def test_wheel_list_is_complete_and_fits_the_transfer():
         assert row["filename"].endswith(".whl") and ("cp312" in row["filename"] or "abi3" in row["filename"]
                                                      or "py3-none-any" in row["filename"]), row
     assert len({r["name"] for r in rows}) == len(rows)
+
+
+def test_unpack_puts_a_wheel_where_pip_would(tmp_path):
+    import zipfile
+
+    import install
+    wheel = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("demo/__init__.py", "VALUE = 7\n")
+        archive.writestr("demo-1.0.data/platlib/demo_ext/__init__.py", "")
+        archive.writestr("demo-1.0.dist-info/METADATA", "Name: demo\nVersion: 1.0\n")
+    install.unpack(wheel, tmp_path / "site")
+    assert (tmp_path / "site" / "demo" / "__init__.py").read_text() == "VALUE = 7\n"
+    assert (tmp_path / "site" / "demo_ext" / "__init__.py").is_file()
+    assert not list((tmp_path / "site").glob("*.data/*lib"))

@@ -14,10 +14,12 @@ vllm-flash-attn), each on one line.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,8 +57,23 @@ def stage(source: Path, dest: Path) -> list[str]:
 
 
 def pip_install(wheels: list[Path], target: Path) -> None:
+    """`pip install --no-index --no-deps --target`; where this interpreter has no pip, the wheels are
+    unpacked into `target` as pip would for pure and platform libraries (scripts are not needed here)."""
+    if importlib.util.find_spec("pip") is None:
+        print("no pip in this interpreter: unpacking the wheels")
+        for wheel in wheels:
+            unpack(wheel, target)
+        return
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade", "--target", str(target)]
     subprocess.run(cmd + [str(w) for w in wheels], check=True)
+
+
+def unpack(wheel: Path, target: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(target)
+    for lib in target.glob("*.data/*lib"):              # NAME.data/purelib, NAME.data/platlib
+        shutil.copytree(lib, target, dirs_exist_ok=True)
+        shutil.rmtree(lib)
 
 
 def smoke(target: Path) -> bool:
