@@ -7,7 +7,9 @@ gives rows that say "not run: <reason>"; the runtime's rows are produced either 
 from __future__ import annotations
 
 import json
+import re
 import time
+from pathlib import Path
 
 from bench_serve import (
     _vocab_size,
@@ -34,6 +36,14 @@ def limits(args, max_model_len: int | None = None) -> dict:
             "max_model_len": max_model_len or args.max_model_len, "gpu_memory_utilization": args.vllm_gpu_memory_utilization}
 
 
+def log_file(args, kind: str, label: str) -> Path:
+    """Where a vLLM run's whole output goes: `vllm_logs/` beside --out (else the work directory)."""
+    folder = (Path(args.out).parent if args.out else Path(args.workdir)) / "vllm_logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^\w.-]+", "_", label).strip("_")[-80:]
+    return folder / f"{kind}_{slug}.log"
+
+
 def free_gb() -> float:
     """Free GPU memory when vLLM starts (the runtime's engine freed before), NaN without a GPU."""
     import torch
@@ -50,7 +60,7 @@ def offline_row(args, results: dict, workload: str, path, prompts, output_len: i
     spec = {"name": name, "model": str(path), "prompts": prompts, "output_len": output_len,
             "latency": latency, **limits(args, max_model_len)}
     row = {"workload": workload, "system": "vLLM", "free_gb_at_start": free_gb(),
-           **run_offline_child(spec, args.vllm_python, args.vllm_path)}
+           **run_offline_child(spec, args.vllm_python, args.vllm_path, log_file(args, "offline", workload))}
     return row
 
 
@@ -63,10 +73,16 @@ def online_row(args, results: dict, name: str, path, prompts, rate: float) -> di
     def launch(port: int):
         cmd = server_command(args.vllm_python, path, port, name, limits(args))
         return start_process(cmd, port, child_env(args.vllm_path), timeout=args.vllm_startup_s)
+    log = log_file(args, "online", f"{name}_{rate}")
+
+    def keep_log(text: str) -> dict:
+        log.write_text(text)
+        return {**read_log(text), "log": str(log)}
     try:
-        row = run_online(path, name, prompts, args.output_len, rate, [], args.seed, launch=launch, read_log=read_log)
+        row = run_online(path, name, prompts, args.output_len, rate, [], args.seed, launch=launch, read_log=keep_log)
     except RuntimeError as err:
-        return {"model": name, "system": "vLLM", "rate": rate, "error": last_line(str(err))}
+        log.write_text(str(err))
+        return {"model": name, "system": "vLLM", "rate": rate, "error": last_line(str(err)), "log": str(log)}
     return {"model": name, "system": "vLLM", **row}
 
 

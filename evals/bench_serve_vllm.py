@@ -70,10 +70,11 @@ def read_log(text: str) -> dict:
     return found
 
 
-def run_offline_child(spec: dict, python: str, vllm_path: str | None, timeout: float = 1800) -> dict:
-    """One child process: offline throughput on spec's prompts (and the batch-1 step when asked)."""
+def run_offline_child(spec: dict, python: str, vllm_path: str | None, log_path: Path, timeout: float = 1800) -> dict:
+    """One child process: offline throughput on spec's prompts (and the batch-1 step when asked); its
+    whole output stays in `log_path`."""
     with tempfile.TemporaryDirectory() as tmp:
-        spec_path, out_path, log_path = Path(tmp, "spec.json"), Path(tmp, "out.json"), Path(tmp, "log.txt")
+        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "out.json")
         spec_path.write_text(json.dumps(spec))
         with open(log_path, "w") as log:
             try:
@@ -84,8 +85,8 @@ def run_offline_child(spec: dict, python: str, vllm_path: str | None, timeout: f
                 code = f"timed out after {timeout:.0f} s"
         text = log_path.read_text(errors="replace")
         if code != 0 or not out_path.is_file():
-            return {"name": spec["name"], "error": f"vLLM exited ({code}): {last_line(text)}"}
-        return {**json.loads(out_path.read_text()), **read_log(text)}
+            return {"name": spec["name"], "error": f"vLLM exited ({code}): {last_line(text)}", "log": str(log_path)}
+        return {**json.loads(out_path.read_text()), **read_log(text), "log": str(log_path)}
 
 
 def server_command(python: str, path, port: int, name: str, limits: dict) -> list[str]:

@@ -22,4 +22,4 @@ timeout -s INT -k 30 ${BENCH_TIMEOUT:-540} python3 evals/bench_serve.py suite --
   --workload gemma-2-2b:32:2048:384:4096:512 --workload gemma-3-4b:8192:16384:256:16640:64 \
   --budget-s ${BUDGET:-240} $RESUME --workdir $WORK --out $STATE/serve_vs_vllm.md 2>&1 \
   | grep -v "Loading weights\|it/s\]" | tee -a $STATE/serve_vs_vllm.log
-cp $STATE/serve_vs_vllm.* $OUT/
+cp $STATE/serve_vs_vllm.* $OUT/; [ -d $STATE/vllm_logs ] && cp -r $STATE/vllm_logs $OUT/

@@ -136,3 +136,5 @@ def test_budget_stops_between_steps_and_resume_finishes_the_run(model_dir, tmp_p
     saved = json.loads((tmp_path / "serve_vs_vllm.json").read_text())
     assert saved["calls"] == 2 and len(saved["done"]) == 3 and len(saved["offline"]) == 1
     assert text.count("| serve |") == 3                      # two workloads and the batch-1 row, each once
+    logs = sorted((tmp_path / "vllm_logs").glob("offline_*.log"))
+    assert len(logs) == 2 and all("GPU KV cache size: 1,234 tokens" in log.read_text() for log in logs)
