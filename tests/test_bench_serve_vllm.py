@@ -123,6 +123,8 @@ def test_peer_gets_our_prompts_limits_and_sampling(model_dir, tmp_path, monkeypa
     assert "attention FLASH_ATTN" in section and "77 KV blocks of 16 tokens" in section and "| 1,234 |" in section
     batch1 = section.split("### Batch-1")[1]
     assert "| serve |" in batch1 and "| vLLM 0.0.stub |" in batch1
+    logs = sorted((tmp_path / "vllm_logs").glob("offline_*.log"))
+    assert len(logs) == 2 and all("GPU KV cache size: 1,234 tokens" in log.read_text() for log in logs)
 
 
 def test_budget_stops_between_steps_and_resume_finishes_the_run(model_dir, tmp_path, capsys):
@@ -136,5 +138,3 @@ def test_budget_stops_between_steps_and_resume_finishes_the_run(model_dir, tmp_p
     saved = json.loads((tmp_path / "serve_vs_vllm.json").read_text())
     assert saved["calls"] == 2 and len(saved["done"]) == 3 and len(saved["offline"]) == 1
     assert text.count("| serve |") == 3                      # two workloads and the batch-1 row, each once
-    logs = sorted((tmp_path / "vllm_logs").glob("offline_*.log"))
-    assert len(logs) == 2 and all("GPU KV cache size: 1,234 tokens" in log.read_text() for log in logs)
