@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import random
 import statistics
@@ -300,7 +301,7 @@ def start_results(args) -> dict:
 
 
 def plan(args, models: list[str]) -> list:
-    import bench_serve_peer as peer
+    peer = importlib.import_module("bench_serve_peer") if args.compare == "vllm" or args.workload else None
     steps = []
     first = models[0]
     if args.mode in ("offline", "suite"):

@@ -12,9 +12,9 @@ def _rate(row: dict, key: str) -> float:
     return row[key] / row["seconds"] if row.get("seconds") else _NAN
 
 
-def _offline_lines(rows: list[dict]) -> list[str]:
-    lines = [("| workload | system | requests | seconds | output tok/s | total tok/s | serve / vLLM (output / total)"
-             " | KV tokens |"),
+def _offline_lines(rows: list[dict], peer: str = "vLLM") -> list[str]:
+    ratio_head = f"serve / {peer} (output / total)" if peer else ""
+    lines = [f"| workload | system | requests | seconds | output tok/s | total tok/s | {ratio_head} | KV tokens |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     ours = {r["workload"]: r for r in rows if r["system"] == "serve" and "error" not in r}
     peer = {r["workload"]: r for r in rows if r["system"] == "vLLM" and "error" not in r}
@@ -75,7 +75,8 @@ def _online_lines(rows: list[dict]) -> list[str]:
 
 def vs_lines(results: dict) -> list[str]:
     if "peer" not in results:
-        return []
+        rows = results.get("vs", [])
+        return ["", "## More workloads", ""] + _offline_lines(rows, peer="") if rows else []
     peer = results["peer"]
     head = (f"vLLM {peer['version']}" if peer.get("version") else f"vLLM not run: {peer['reason']}")
     lines = ["", "## Against vLLM (same checkpoint, prompts and limits; each system alone on the GPU in turn)", "",

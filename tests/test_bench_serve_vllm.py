@@ -90,7 +90,7 @@ def test_missing_vllm_is_one_line_and_our_rows_remain(model_dir, tmp_path, capsy
     assert [line.split("|")[2:4] for line in online] == [[" 40.0 ", " serve "], [" 40.0 ", " vLLM "],
                                                           [" 80.0 ", " serve "], [" 80.0 ", " vLLM "]], text
     assert all(f"not run: {reason}" in line for line in online[1::2])
-    assert all(float(line.split("|")[6].split("/")[1]) > 0 for line in online[::2])    # TTFT p90 of ours
+    assert all(float(line.split("|")[5].split("/")[1]) > 0 for line in online[::2])    # TTFT p90 of ours
     assert "Failed steps" not in text
 
 
@@ -138,3 +138,14 @@ def test_budget_stops_between_steps_and_resume_finishes_the_run(model_dir, tmp_p
     saved = json.loads((tmp_path / "serve_vs_vllm.json").read_text())
     assert saved["calls"] == 2 and len(saved["done"]) == 3 and len(saved["offline"]) == 1
     assert text.count("| serve |") == 3                      # two workloads and the batch-1 row, each once
+
+
+def test_a_workload_without_a_peer_is_reported_on_its_own(model_dir, tmp_path):
+    import bench_serve
+    out = tmp_path / "serve.md"
+    argv = ["offline", "--model", str(model_dir), "--num-requests", "2", "--min-prompt", "4", "--max-prompt", "6",
+            "--output-len", "2", "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--max-model-len", "32",
+            "--workload", f"{model_dir}:5:12:4:48:2", "--out", str(out)]
+    assert bench_serve.main(argv) == 0
+    section = out.read_text().split("## More workloads")[1]
+    assert "vLLM" not in section and f"| {model_dir}, 2 x 5-12 -> 4, len 48 | serve | 2 |" in section
