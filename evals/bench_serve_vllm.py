@@ -40,10 +40,12 @@ def child_env(vllm_path: str | None) -> dict:
 
 
 def last_line(text: str) -> str:
-    """The line that says what failed: a traceback's last line, else the last non-empty one."""
+    """The line that says what failed: the last exception line that is not a wrapper pointing elsewhere
+    (vLLM's engine core re-raises with "See root cause above"), else the last non-empty line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line)]
-    return (errors or lines or ["no output"])[-1][:300]
+    causes = [line for line in errors if "root cause above" not in line]
+    return (causes or errors or lines or ["no output"])[-1][:300]
 
 
 def probe(python: str, vllm_path: str | None) -> tuple[str | None, str]:

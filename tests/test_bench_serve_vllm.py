@@ -149,3 +149,18 @@ def test_a_workload_without_a_peer_is_reported_on_its_own(model_dir, tmp_path):
     assert bench_serve.main(argv) == 0
     section = out.read_text().split("## More workloads")[1]
     assert "vLLM" not in section and f"| {model_dir}, 2 x 5-12 -> 4, len 48 | serve | 2 |" in section
+
+
+def test_the_reason_is_the_root_cause_not_the_wrapper():
+    from bench_serve_vllm import last_line
+    log = """INFO 12-07 starting
+Traceback (most recent call last):
+  File "x.py", line 1, in <module>
+ValueError: Free memory on device (7.1/79.2 GiB) on startup is less than desired GPU memory utilization
+ERROR 12-07 EngineCore failed to start.
+RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+    assert last_line(log) == ("ValueError: Free memory on device (7.1/79.2 GiB) on startup is less than desired GPU "
+                              "memory utilization")
+    assert last_line("ModuleNotFoundError: No module named 'vllm'\n") == "ModuleNotFoundError: No module named 'vllm'"
+    assert last_line("segfault\n\n") == "segfault" and last_line("") == "no output"
