@@ -10,15 +10,17 @@
 # limit the run gets SIGINT, so the vLLM process of the step under way is stopped with it:
 #   FRESH=1 OUT=evals/results bash evals/serve_vs_vllm.sh    # first call
 #   OUT=evals/results bash evals/serve_vs_vllm.sh            # again until it prints "all steps done"
+# VLLM_MEM=0.85 sets vLLM's share of GPU memory where its default (0.9) finds too little free.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-evals/results}
 STATE=${STATE:-/root/serve_vs_vllm}; mkdir -p $STATE       # outside the repository copy: kept while warm
 WORK=/dev/shm/bench_serve; mkdir -p $WORK 2>/dev/null || WORK=/tmp/bench_serve
-[ "${FRESH:-0}" = 1 ] && rm -f $STATE/serve_vs_vllm.*
+[ "${FRESH:-0}" = 1 ] && rm -rf $STATE/serve_vs_vllm.* $STATE/vllm_logs
 RESUME=""; [ -f $STATE/serve_vs_vllm.json ] && RESUME=--resume
 timeout -s INT -k 30 ${BENCH_TIMEOUT:-540} python3 evals/bench_serve.py suite --model gemma-2-2b --compare vllm \
-  --vllm-path ${VLLM_PATH:-/root/vllm-site} --rate 4 --rate 16 --online-requests 128 \
+  --vllm-path ${VLLM_PATH:-/root/vllm-site} ${VLLM_MEM:+--vllm-gpu-memory-utilization $VLLM_MEM} \
+  --rate 4 --rate 16 --online-requests 128 \
   --workload gemma-2-2b:32:2048:384:4096:512 --workload gemma-3-4b:8192:16384:256:16640:64 \
   --budget-s ${BUDGET:-240} $RESUME --workdir $WORK --out $STATE/serve_vs_vllm.md 2>&1 \
   | grep -v "Loading weights\|it/s\]" | tee -a $STATE/serve_vs_vllm.log
