@@ -11,9 +11,16 @@ With `--slim`, `--mix MIN:MAX:OUT` and `--grid-max-model-len N` add a grid: the 
 sibling on every mix (the default workload first) at every context length, each engine built after
 the last was freed, with its decode mode (CUDA graphs captured or not) in the table; `--serve-check`
 also starts `compress serve` of the sibling at each grid length (health, one completion, start-up log).
+`--compare vllm` runs vLLM (evals/bench_serve_vllm.py, a process of its own after the runtime's engine
+is freed) on the same checkpoint, prompts and limits: offline, batch-1, online at every `--rate`, and
+every `--workload`; where vLLM does not import, its rows say "not run: <the import error>".
+`--budget-s` stops starting steps after that long and `--resume` goes on from --out's JSON, so one run
+can span several calls of a machine that limits each call's time.
 
   python evals/bench_serve.py offline --model gemma-2-2b --compare hf --slim 0.6
   python evals/bench_serve.py online --model gemma-2-2b --rate 8
+  python evals/bench_serve.py suite --compare vllm --vllm-path /root/vllm-site --rate 4 --rate 16 \
+      --workload gemma-2-2b:32:2048:384:4096:512 --out evals/results/serve_vs_vllm.md    # evals/serve_vs_vllm.sh
   python evals/bench_serve.py suite --out evals/results/serve_gpu.md      # everything, GPU machine
   python evals/bench_serve.py offline --slim 0.6 --mix 32:1800:384 --grid-max-model-len 4096 --grid-max-model-len 8192
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import random
 import statistics
@@ -168,6 +176,9 @@ def bench_model(args, name: str, results: dict, prompts, slim: float | None = No
     row = run_offline(llm, prompts, args.output_len, label)
     row.update(init_s=init_s, **engine_info(llm))
     results["offline"].append(row)
+    compared = args.compare == "vllm" and slim is None and name == (args.model or ["gemma-2-2b"])[0]
+    if compared:
+        results["vs"].append({"workload": main_workload(args, name), "system": "serve", **row, "name": "serve"})
     print(json.dumps(row), flush=True)
     if args.compare == "hf" and slim is None and not results["hf"]:
         subset = prompts[:args.hf_requests]
@@ -176,6 +187,8 @@ def bench_model(args, name: str, results: dict, prompts, slim: float | None = No
         prompt_len, output_len = min(512, args.max_model_len // 2), min(128, args.max_model_len // 4)
         lat = {"model": label, **run_latency(llm, config["vocab_size"], results["copy_gbs"], prompt_len, output_len)}
         results["latency"].append(lat)
+        if compared:
+            results["vs_latency"].append({**lat, "model": name, "system": "serve"})
         print(json.dumps(lat), flush=True)
     del llm
     release_memory()
@@ -223,57 +236,99 @@ def bench_hf(args, name: str, results: dict, prompts) -> None:
         print(json.dumps(row), flush=True)
 
 
-def bench_online(args, name: str, results: dict, prompts) -> None:
+def bench_online(args, name: str, results: dict, prompts, rate: float) -> None:
     from bench_serve_online import run_online
     path, _ = resolve(args, name)
     server_args = ["--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens",
                    str(args.max_num_batched_tokens), "--max-model-len", str(args.max_model_len),
                    "--no-prefix-caching"]
-    row = {"model": name, **run_online(path, name, prompts[:args.online_requests], args.output_len, args.rate,
+    row = {"model": name, **run_online(path, name, prompts[:args.online_requests], args.output_len, rate,
                                        server_args, args.seed)}
     results["online"].append(row)
+    if args.compare == "vllm":
+        results["vs_online"].append({"system": "serve", **row})
     print(json.dumps(row), flush=True)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "args": vars(args),
-               "copy_gbs": copy_bandwidth_gbs() if torch.cuda.is_available() else float("nan"),
-               "offline": [], "latency": [], "hf": [], "online": [], "grid": [], "serve_check": []}
+    results = start_results(args)
     models = args.model or (["gemma-2-2b", "gemma-3-1b", "gemma-3-4b", "gemma-3-270m"] if args.mode == "suite"
                             else ["gemma-2-2b"])
     vocab = min(_vocab_size(m) for m in models)
     prompts = make_prompts(args.num_requests, args.min_prompt, args.max_prompt, vocab, args.seed)
-    steps = plan(args, models)
+    begin, steps, ran = time.perf_counter(), plan(args, models), 0
     for label, fn in steps:
+        if label in results["done"]:
+            continue
+        if args.budget_s and ran and time.perf_counter() - begin > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: run the same command with --resume for the rest", flush=True)
+            break
         try:
             fn(results, prompts)
         except Exception as err:  # report what ran; say what failed
             results.setdefault("errors", []).append(f"{label}: {type(err).__name__}: {err}"[:400])
             print("FAILED", label, repr(err)[:400], flush=True)
+        results["done"].append(label)
+        ran += 1
         if args.out:
             write_report(results, args.out)
-    print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=1, default=str))
+    if all(label in results["done"] for label, _ in steps):
+        print("all steps done", flush=True)
     return 0
 
 
+def start_results(args) -> dict:
+    """A fresh record of the run, or (--resume) the one at --out's JSON, whose finished steps are skipped.
+    With --compare vllm, whether vLLM imports (its version, or the one-line reason it does not)."""
+    saved = Path(args.out).with_suffix(".json") if args.out else None
+    if args.resume and saved and saved.is_file():
+        results = json.loads(saved.read_text())
+        results["calls"] = results.get("calls", 1) + 1
+        return results
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "torch": torch.__version__, "command": "python " + " ".join(sys.argv), "args": vars(args),
+               "copy_gbs": copy_bandwidth_gbs() if torch.cuda.is_available() else float("nan"),
+               "offline": [], "latency": [], "hf": [], "online": [], "grid": [], "serve_check": [],
+               "vs": [], "vs_latency": [], "vs_online": [], "done": []}
+    if args.compare == "vllm":
+        from bench_serve_vllm import probe
+        version, reason = probe(args.vllm_python, args.vllm_path)
+        results["peer"] = {"name": "vllm", "version": version, "reason": reason}
+        print(f"vLLM {version}" if version else f"vLLM not run: {reason}", flush=True)
+    return results
+
+
 def plan(args, models: list[str]) -> list:
+    peer = importlib.import_module("bench_serve_peer") if args.compare == "vllm" or args.workload else None
     steps = []
     first = models[0]
     if args.mode in ("offline", "suite"):
         steps.append((f"offline {first}", lambda r, p: bench_model(args, first, r, p)))
+        if args.compare == "vllm":
+            steps.append((f"vllm offline {first}", lambda r, p: peer.bench_vllm_main(args, first, r, p)))
         if args.slim:
             steps.append((f"slim {first}", lambda r, p: bench_model(args, first, r, p, slim=args.slim)))
     steps += grid_steps(args, first)
     if args.mode in ("offline", "suite") and args.compare == "hf":
         steps.append((f"hf {first}", lambda r, p: bench_hf(args, first, r, p)))
     if args.mode in ("online", "suite"):
-        steps.append((f"online {first}", lambda r, p: bench_online(args, first, r, p)))
+        for rate in args.rate:
+            steps.append((f"online {first} at {rate}", lambda r, p, q=rate: bench_online(args, first, r, p, q)))
+            if args.compare == "vllm":
+                steps.append((f"vllm online {first} at {rate}",
+                              lambda r, p, q=rate: peer.bench_vllm_online(args, first, r, p, q)))
     if args.mode in ("offline", "suite"):
         for name in models[1:]:
             steps.append((f"offline {name}", lambda r, p, n=name: bench_model(args, n, r, p)))
+    for w in args.workload:
+        steps.append((f"workload {w['label']}", lambda r, p, w=w: peer.bench_workload(args, w, r)))
     return steps
+
+
+def main_workload(args, name: str) -> str:
+    return f"{name}, {args.num_requests} x {args.min_prompt}-{args.max_prompt} -> {args.output_len}, len {args.max_model_len}"
 
 
 def grid_steps(args, name: str) -> list:
@@ -302,6 +357,21 @@ def parse_mix(text: str) -> tuple[int, int, int]:
     return lo, hi, out
 
 
+def parse_workload(text: str) -> dict:
+    """`MODEL:MIN:MAX:OUT:MAX_MODEL_LEN[:NUM]`: NUM prompts (default 256) of MIN..MAX tokens, OUT output
+    tokens each, at max_model_len MAX_MODEL_LEN."""
+    parts = text.split(":")
+    try:
+        lo, hi, out, length, *num = (int(v) for v in parts[1:])
+        num = num[0] if num else 256
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a workload is MODEL:MIN:MAX:OUT:MAX_MODEL_LEN[:NUM], got {text!r}") from None
+    if len(parts) > 6 or not 1 <= lo <= hi or out < 1 or num < 1 or hi + out > length:
+        raise argparse.ArgumentTypeError(f"a workload needs 1 <= MIN <= MAX, MAX + OUT <= MAX_MODEL_LEN, got {text!r}")
+    return {"model": parts[0], "min_prompt": lo, "max_prompt": hi, "output_len": out, "max_model_len": length,
+            "num_requests": num, "label": f"{parts[0]}, {num} x {lo}-{hi} -> {out}, len {length}"}
+
+
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """The offline workload and engine limits shared by bench_serve, bench_overlap and profile_serve."""
     p.add_argument("--num-requests", type=int, default=256)
@@ -320,10 +390,21 @@ def parse_args(argv):
     p.add_argument("mode", choices=["offline", "online", "suite"])
     p.add_argument("--model", action="append", help="shape name or model directory (repeatable)")
     add_workload_args(p)
-    p.add_argument("--compare", choices=["hf"], default=None, help="also run Hugging Face baselines")
+    p.add_argument("--compare", choices=["hf", "vllm"], default=None,
+                   help="also run Hugging Face baselines, or vLLM on the same checkpoints (evals/bench_serve_vllm.py)")
+    p.add_argument("--vllm-path", default=None, help="a folder to put first on vLLM's PYTHONPATH (evals/peers/install.py)")
+    p.add_argument("--vllm-python", default=sys.executable, help="the interpreter that runs vLLM")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=None,
+                   help="vLLM's share of GPU memory (default: vLLM's own, 0.9 of the whole GPU)")
+    p.add_argument("--vllm-startup-s", type=float, default=900, help="how long vLLM's server may take to answer /health")
+    p.add_argument("--workload", type=parse_workload, action="append", default=[],
+                   metavar="MODEL:MIN:MAX:OUT:MAX_MODEL_LEN[:NUM]",
+                   help="another offline workload for the runtime (and vLLM with --compare vllm), e.g. "
+                        "gemma-3-4b:8192:16384:256:16640:64")
     p.add_argument("--hf-requests", type=int, default=None, help="HF runs on the first N prompts (default all)")
     p.add_argument("--slim", type=float, default=None, help="also time a slimmed sibling at this FLOPs ratio")
-    p.add_argument("--rate", type=float, default=8.0, help="online: Poisson arrival rate (requests/s)")
+    p.add_argument("--rate", type=float, action="append", default=None,
+                   help="online: Poisson arrival rate (requests/s); repeat for several (default 8)")
     p.add_argument("--online-requests", type=int, default=128)
     p.add_argument("--kv-cache-memory", default=None, help="as `compress serve --kv-cache-memory` (0.9, 40GB)")
     p.add_argument("--mix", type=parse_mix, action="append", default=[], metavar="MIN:MAX:OUT",
@@ -333,8 +414,13 @@ def parse_args(argv):
     p.add_argument("--serve-check", action="store_true",
                    help="grid: start `compress serve` of the slimmed sibling at each grid length")
     p.add_argument("--out", default=None, help="write the markdown report here")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run recorded in --out's JSON: steps already done are skipped")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no step after this many seconds, past the first (--resume goes on from there)")
     args = p.parse_args(argv)
     args.hf_requests = args.hf_requests or args.num_requests
+    args.rate = args.rate or [8.0]
     return args
 
 

@@ -3,7 +3,8 @@
 Starts the server process on 127.0.0.1, sends streaming `/v1/completions` requests (token-id prompts,
 `ignore_eos`) with exponential inter-arrival gaps at `rate` requests/s, and records per request the
 time to first token (TTFT), the gaps between streamed chunks (ITL) and the time per output token
-after the first (TPOT = (latency - TTFT) / (tokens - 1)). Reports mean / p50 / p99 of each, in ms.
+after the first (TPOT = (latency - TTFT) / (tokens - 1)). Reports mean / p50 / p90 / p99 of each, in ms.
+The same client drives a peer's OpenAI server (`run_online(..., launch=...)`).
 """
 
 from __future__ import annotations
@@ -31,13 +32,18 @@ def free_port() -> int:
 
 
 def start_server(path, port: int, server_args: list[str], timeout: float = 300) -> subprocess.Popen:
-    """`compress serve PATH` on 127.0.0.1:`port`, returned once /health answers; RuntimeError with the
-    server's log tail if it exits or does not come up. The log goes to a file, not a pipe nobody reads,
-    so a chatty server never blocks on a full pipe."""
-    import urllib.request
+    """`compress serve PATH` on 127.0.0.1:`port`, returned once /health answers (see start_process)."""
     cmd = [sys.executable, "-m", "compress", "serve", str(path), "--port", str(port), *server_args]
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    log = tempfile.TemporaryFile(mode="w+")
+    return start_process(cmd, port, env, timeout)
+
+
+def start_process(cmd: list[str], port: int, env: dict, timeout: float = 300) -> subprocess.Popen:
+    """A server process, returned once http://127.0.0.1:`port`/health answers 200; RuntimeError with the
+    server's log tail if it exits or does not come up. The log goes to a file (`proc.log`), not a pipe
+    nobody reads, so a chatty server never blocks on a full pipe."""
+    import urllib.request
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (it lives as long as the process)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log = log
     deadline = time.time() + timeout
@@ -87,7 +93,8 @@ async def _drive(port: int, model: str, prompts, output_len: int, rate: float, s
 
 def _stats(values) -> dict:
     arr = np.asarray(values, dtype=float) * 1000.0
-    return {"mean": float(arr.mean()), "p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99))}
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"mean": float(arr.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
 
 
 def summarize(results: list[dict], seconds: float) -> dict:
@@ -134,11 +141,17 @@ def check_server(path, server_args: list[str]) -> dict:
 
 
 def run_online(path, model_name: str, prompts, output_len: int, rate: float, server_args: list[str],
-               seed: int = 0) -> dict:
+               seed: int = 0, launch=None, read_log=None) -> dict:
+    """Poisson load against `compress serve PATH`, or against the server `launch(port)` starts (a Popen
+    from start_process); `read_log(text)` adds what it returns from the stopped server's log."""
     port = free_port()
-    proc = start_server(path, port, ["--served-model-name", model_name, *server_args])
+    proc = launch(port) if launch else start_server(path, port, ["--served-model-name", model_name, *server_args])
     try:
         results, seconds = asyncio.run(_drive(port, model_name, prompts, output_len, rate, seed))
     finally:
         stop_server(proc)
-    return {"rate": rate, **summarize(results, seconds)}
+    row = {"rate": rate, **summarize(results, seconds)}
+    if read_log:
+        proc.log.seek(0)
+        row.update(read_log(proc.log.read()))
+    return row

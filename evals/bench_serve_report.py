@@ -1,6 +1,6 @@
 """Markdown report of evals/bench_serve.py: one table per mode, ratios against the first row, the command;
 the grid of a model against its slimmed sibling (per mix and context length, with each engine's decode
-mode), and the fresh `compress serve` start-ups.
+mode), the fresh `compress serve` start-ups, and the rows against vLLM (bench_serve_vs_report).
 
 Also writes the raw results as JSON next to the markdown (same stem, .json).
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from bench_serve_vs_report import vs_lines
 
 
 def _rate(row: dict, key: str) -> float:
@@ -99,13 +101,13 @@ def _online_lines(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     lines = ["", "## Online (Poisson arrivals, streaming over HTTP)", "",
-             "| model | rate (req/s) | requests | metric | mean (ms) | p50 (ms) | p99 (ms) |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+             "| model | rate (req/s) | requests | metric | mean (ms) | p50 (ms) | p90 (ms) | p99 (ms) |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
             s = r[metric]
             lines.append(f"| {r['model']} | {r['rate']} | {r['requests']} | {metric[:-3].upper()} | {s['mean']:.1f}"
-                         f" | {s['p50']:.1f} | {s['p99']:.1f} |")
+                         f" | {s['p50']:.1f} | {s.get('p90', float('nan')):.1f} | {s['p99']:.1f} |")
     return lines
 
 
@@ -117,6 +119,7 @@ def render(results: dict) -> str:
     lines += _throughput_rows(offline, offline[0] if offline else None)
     lines += _grid_lines(results) + _serve_check_lines(results.get("serve_check", []))
     lines += _hf_lines(results["hf"]) + _latency_lines(results["latency"]) + _online_lines(results["online"])
+    lines += vs_lines(results)
     if results.get("errors"):
         lines += ["", "## Failed steps", ""] + [f"- {e}" for e in results["errors"]]
     return "\n".join(lines) + "\n"

@@ -58,11 +58,15 @@ SHAPES = {
 
 
 def hf_config(name: str) -> dict:
-    """config.json of a shape, through transformers' own config class (so HF loads it as is)."""
+    """config.json of a shape, through transformers' own config class (so HF loads it as is), with the
+    architecture and dtype named, as a peer (vLLM) needs them to load the same directory."""
     from transformers import Gemma2Config, Gemma3TextConfig
     fields = {**_COMMON, **SHAPES[name]}
-    cls = Gemma2Config if fields.pop("model_type") == "gemma2" else Gemma3TextConfig
-    return cls(**fields).to_dict()
+    gemma2 = fields.pop("model_type") == "gemma2"
+    cls = Gemma2Config if gemma2 else Gemma3TextConfig
+    config = cls(**fields).to_dict()
+    config.update(architectures=["Gemma2ForCausalLM" if gemma2 else "Gemma3ForCausalLM"], dtype="bfloat16")
+    return config
 
 
 def synthetic_tokenizer(vocab_size: int):
