@@ -398,4 +398,13 @@ class LLM:
             for output in self.engine.step():
                 if output.finished:
                     done[output.request_id] = output
+        if self.engine.speculator is not None:
+            log.info(self.engine.speculator.stats.summary())
         return [done[i] for i in ids]
+
+    def summary(self) -> str:
+        """Counters of the batches so far: tokens, steps, preemptions and, with a draft, speculation."""
+        engine, m = self.engine, self.engine.metrics
+        line = (f"{m.prompt_tokens} prompt and {m.generation_tokens} generated tokens in {m.num_steps} steps, "
+                f"{engine.scheduler.num_preemptions} preemptions")
+        return line if engine.speculator is None else f"{line}; {engine.speculator.stats.summary()}"
