@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from serve.block_manager import draft_key
 from serve.config import EngineConfig
+from serve.kv_cache import KVCacheTooSmall
 from serve.model_runner import ModelRunner
 from serve.models.gemma_config import spec_from_config
 from serve.models.loader import read_config
@@ -66,6 +67,10 @@ def check_draft_spec(config: EngineConfig) -> None:
         draft = spec_from_config(read_config(Path(config.draft)))
     except ValueError as err:
         raise ValueError(f"the draft {config.draft} cannot be served: {err}") from None
+    max_len = config.max_model_len or target.max_position_embeddings
+    if draft.max_position_embeddings < max_len:
+        raise ValueError(f"the draft's context is {draft.max_position_embeddings} tokens, max_model_len is {max_len}; "
+                         f"lower --max-model-len")
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"the draft's vocabulary has {draft.vocab_size} tokens, the target's {target.vocab_size}; "
                          f"a draft must share the target's tokenizer")
@@ -83,8 +88,12 @@ def make_runners(config: EngineConfig) -> tuple[ModelRunner, DraftRunner]:
     check_draft_spec(config)
     target_bytes, draft_bytes = kv_bytes_per_token(config.model), kv_bytes_per_token(config.draft)
     share = target_bytes / (target_bytes + draft_bytes)
-    target = ModelRunner(config, kv_share=share)
-    draft_config = dataclasses.replace(config, model=config.draft, draft=None)
+    try:
+        target = ModelRunner(config, kv_share=share)
+    except KVCacheTooSmall as err:
+        raise ValueError(f"the draft {config.draft} does not fit beside the target (their KV caches share the "
+                         f"budget): {err}") from None
+    draft_config = dataclasses.replace(config, model=config.draft, draft=None, max_model_len=target.max_model_len)
     if config.num_kv_blocks is None:
         budget = target.kv_budget_bytes * (1 - share) / share
         if target.device.type == "cuda":
@@ -96,6 +105,6 @@ def make_runners(config: EngineConfig) -> tuple[ModelRunner, DraftRunner]:
         draft = DraftRunner(draft_config)
     except torch.OutOfMemoryError:
         raise ValueError(f"the draft {config.draft} does not fit in memory beside the target") from None
-    except ValueError as err:
+    except KVCacheTooSmall as err:
         raise ValueError(f"the draft {config.draft} does not fit beside the target: {err}") from None
     return target, draft
