@@ -138,7 +138,7 @@ def test_abort_and_sampling_free_every_block(tiny):
     _, _, prompts, _, _ = tiny
     llm = speculative(tiny, k="auto")
     engine = llm.engine
-    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=20, ignore_eos=True, seed=5)
+    params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=12, ignore_eos=True, seed=5)
     for i, prompt in enumerate(prompts):
         engine.add_request(prompt, params, f"r{i}")
     for step in range(12):

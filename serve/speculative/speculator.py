@@ -18,6 +18,7 @@ Per step (the engine calls `run`, then scheduler.advance, then `accept` and `set
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _target_copies(batch: ScheduledBatch) -> ScheduledBatch:
+    """The batch with only the target's block copies (the draft's groups have tuple keys)."""
+    return dataclasses.replace(batch, copies=[c for c in batch.copies if not isinstance(c[0], tuple)])
+
+
 def can_speculate(seq: Sequence) -> bool:
     params = seq.params
     return seq.forked and params.logprobs is None and not params.uses_processors
@@ -91,6 +97,9 @@ class Speculator:
         self.k_max = MAX_SPECULATIVE_TOKENS if self.auto else config.num_speculative_tokens
         self.stats = SpecStats()
         self.draft_time = self.target_time = BatchTimeModel()
+        if target.device.type == "cuda":
+            log.warning("speculative decoding: draft and verify passes run eagerly (no CUDA graphs); only steps "
+                        "that draft nothing use the decode graphs")
         if self.auto:
             tokens = config.max_num_batched_tokens
             self.draft_time = measure(draft, config.max_num_seqs, tokens)
@@ -99,7 +108,7 @@ class Speculator:
     def startup_lines(self) -> list[str]:
         mode = "auto (goodput)" if self.auto else str(self.k_max)
         line = (f"speculative decoding: draft {self.config.draft}, up to {self.k_max} tokens per step, length "
-                f"{mode}; draft and verify passes run eagerly, no CUDA graphs")
+                f"{mode}; draft and verify passes run eagerly (no CUDA graphs)")
         return [line]
 
     # ---- before the model runs ----------------------------------------------------------------
@@ -133,17 +142,20 @@ class Speculator:
         shape = StepShape(catch_up, sum(batch.num_new_tokens) - len(seqs), batch.num_sampling - len(seqs))
         return choose_length(rates, caps, self.k_max, shape, self.draft_time, self.target_time)
 
-    def _copy_blocks(self, copies: list[tuple]) -> None:
-        self.target.copy_blocks([c for c in copies if not isinstance(c[0], tuple)])
+    def _copy_draft_blocks(self, copies: list[tuple]) -> None:
         self.draft.copy_blocks([(key[1], src, dst) for key, src, dst in copies if isinstance(key, tuple)])
 
     # ---- the passes -----------------------------------------------------------------------------
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, list[Draft]]:
         """(sequences that sample without speculating, their logits [N, V], the drafts verified)."""
         lengths = self._plan(batch)
-        self._copy_blocks(batch.copies)
+        self._copy_draft_blocks(batch.copies)
         drafts = {seq.seq_id: Draft(seq) for seq in batch.seqs if seq.seq_id in lengths}
         self._draft(batch, lengths, drafts)
+        if not drafts:          # the target's own step: its decode graphs where they apply
+            plain = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+            return plain, self.target.run(_target_copies(batch)), []
+        self.target.copy_blocks(_target_copies(batch).copies)
         return self._verify(batch, drafts)
 
     def _draft(self, batch: ScheduledBatch, lengths: dict, drafts: dict) -> None:
