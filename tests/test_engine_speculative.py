@@ -10,8 +10,6 @@ filters), the target itself (every drafted token accepted) and an unrelated rand
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from serve import LLM, SamplingParams
 from serve_fixtures import (
     build_tokenizer,
     gemma2_config,
@@ -21,10 +19,12 @@ from serve_fixtures import (
     save_model,
 )
 
+from serve import LLM, SamplingParams
+
 NEW_TOKENS = 10
 LENGTHS = [3, 30, 12, 21, 9]
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-SMALL = dict(block_size=4, max_num_batched_tokens=16, max_num_seqs=8, kv_cache_bytes=2**22)
+SMALL = {"block_size": 4, "max_num_batched_tokens": 16, "max_num_seqs": 8, "kv_cache_bytes": 2**22}
 
 
 def slim_child(target, path, family: str):
