@@ -1,10 +1,12 @@
-"""The engine loop and the offline API: `LLM(path).generate(prompts, SamplingParams(...))`.
+"""The engine loop (the offline API over it is serve/llm.py).
 
 One `step()`: scheduler.schedule -> model_runner.run (logits of the sequences that finish a prompt or
 decode) -> scheduler.advance (KV bookkeeping) -> fork requests with n > 1 -> sampler -> append tokens,
 detokenize, check EOS / stop strings / max_tokens -> RequestOutput for every request that moved.
 Runs of pure decode steps on the fast path overlap instead (serve/lookahead.py): each `step()` launches
 the next decode step before it reads, appends and reports the tokens of the one already in flight.
+With a draft model (serve/speculative/), every step is speculative instead: the speculator drafts and
+verifies, the sequences that drafted append their accepted tokens, the others sample as above.
 
 Failure isolation: an error in sampling a row or in appending its token fails that request alone (its
 sequences finish with reason "error", its blocks are freed, its output carries `error`) and the step
@@ -375,36 +377,3 @@ def _visible_text(seq: Sequence) -> str:
     if seq.is_finished or not seq.params.stop:
         return text
     return text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
-
-
-class LLM:
-    """Offline batch generation: `LLM(path).generate(prompts, SamplingParams(...))`."""
-
-    def __init__(self, model: str, **config):
-        self.engine = LLMEngine(EngineConfig(model=str(model), **config))
-        self.engine.stream_outputs = False
-
-    def close(self) -> None:
-        self.engine.close()
-
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
-        """prompts: a string, a token-id list, or a list of either; one RequestOutput each, in order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = params or SamplingParams()
-        ids = [self.engine.add_request(p, params) for p in prompts]
-        done: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    done[output.request_id] = output
-        if self.engine.speculator is not None:
-            log.info(self.engine.speculator.stats.summary())
-        return [done[i] for i in ids]
-
-    def summary(self) -> str:
-        """Counters of the batches so far: tokens, steps, preemptions and, with a draft, speculation."""
-        engine, m = self.engine, self.engine.metrics
-        line = (f"{m.prompt_tokens} prompt and {m.generation_tokens} generated tokens in {m.num_steps} steps, "
-                f"{engine.scheduler.num_preemptions} preemptions")
-        return line if engine.speculator is None else f"{line}; {engine.speculator.stats.summary()}"

@@ -1,7 +1,8 @@
 """Speculative decoding in the engine on tiny Gemma 2 and Gemma 3 targets: greedy tokens with a draft
 (fixed K and auto) equal greedy tokens without, through mixed batches, chunked prefill, preemption,
 prefix-cache hits, stop strings, stop tokens and max_tokens reached mid-draft; every block of both models
-is free after all requests end or abort; a draft that cannot draft for the target is refused.
+is free after all requests end or abort, and sliding-window groups of both models hold only their window;
+a draft that cannot draft for the target is refused.
 
 Drafts: a slimmed child of the target (its first two layers, one of them with half its heads and
 filters), the target itself (every drafted token accepted) and an unrelated random model (almost none).
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from serve_fixtures import (
+    WINDOW,
     build_tokenizer,
     gemma2_config,
     gemma3_config,
@@ -20,6 +22,8 @@ from serve_fixtures import (
 )
 
 from serve import LLM, SamplingParams
+from serve.block_manager import FREED
+from serve.config import MAX_SPECULATIVE_TOKENS
 
 NEW_TOKENS = 10
 LENGTHS = [3, 30, 12, 21, 9]
@@ -134,17 +138,21 @@ def test_stops_inside_a_draft(tiny):
     assert_all_free(llm)
 
 
-def test_abort_and_sampling_free_every_block(tiny):
+def test_abort_and_sampling_free_every_block_and_windows_hold(tiny):
     _, _, prompts, _, _ = tiny
     llm = speculative(tiny, k="auto")
     engine = llm.engine
     params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, max_tokens=12, ignore_eos=True, seed=5)
     for i, prompt in enumerate(prompts):
         engine.add_request(prompt, params, f"r{i}")
+    limit = -(-(WINDOW + MAX_SPECULATIVE_TOKENS) // 4) + 1       # the window plus a draft, in blocks of 4
     for step in range(12):
         engine.step()
         if step == 6:
             engine.abort_request("r1")
+        for seq in engine.scheduler.running:
+            for key in (WINDOW, ("draft", WINDOW)):
+                assert len([b for b in seq.block_tables[key] if b != FREED]) <= limit, (key, seq.block_tables[key])
     engine.abort_request("r2")
     while engine.has_unfinished_requests():
         engine.step()
