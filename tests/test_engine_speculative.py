@@ -225,3 +225,17 @@ def test_seeded_sampling_is_reproducible_with_a_draft(tiny):
     first = token_ids(speculative(tiny, k=2).generate(prompts[:2], params))
     assert first == token_ids(speculative(tiny, k=2).generate(prompts[:2], params))
     assert torch.tensor(first).max() < 320
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the draft's KV is kept in step with the target's, so its catch-up "
+                                       "pass runs even in steps that draft nothing (auto under high load pays it)")
+def test_steps_that_draft_nothing_do_not_run_the_draft(tiny):
+    _, _, prompts, _, _ = tiny
+    llm = speculative(tiny, k="auto")
+    speculator = llm.engine.speculator
+    speculator._choose = lambda batch, seqs, caps: 0
+    calls = []
+    run_spans = speculator.draft.run_spans
+    speculator.draft.run_spans = lambda spans: calls.append(len(spans)) or run_spans(spans)
+    llm.generate(prompts, GREEDY)
+    assert calls == []
