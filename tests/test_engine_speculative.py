@@ -239,3 +239,24 @@ def test_steps_that_draft_nothing_do_not_run_the_draft(tiny):
     speculator.draft.run_spans = lambda spans: calls.append(len(spans)) or run_spans(spans)
     llm.generate(prompts, GREEDY)
     assert calls == []
+
+
+def test_mixed_requests_under_preemption(tiny):
+    """Greedy, sampled n=2 (forked after the prompt) and logprobs rows (which do not speculate) in one
+    batch under a KV pool small enough to preempt: greedy rows keep their tokens, every block comes back."""
+    _, _, prompts, expected, _ = tiny
+    llm = speculative(tiny, "self", k=4, num_kv_blocks=20, max_model_len=48, kv_cache_bytes=None, max_num_seqs=4)
+    engine = llm.engine
+    sampled = SamplingParams(temperature=0.9, top_p=0.8, n=2, max_tokens=NEW_TOKENS, ignore_eos=True, seed=3)
+    logprobs = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
+    kinds = [GREEDY, sampled, logprobs, GREEDY, sampled]
+    ids = [engine.add_request(p, params) for p, params in zip(prompts, kinds)]
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    for i in (0, 2, 3):
+        assert done[ids[i]].outputs[0].token_ids == expected[i]
+    assert [len(o.token_ids) for o in done[ids[1]].outputs] == [NEW_TOKENS] * 2
+    assert len(done[ids[2]].outputs[0].logprobs) == NEW_TOKENS
+    assert engine.scheduler.num_preemptions > 0
+    assert_all_free(llm)
