@@ -8,6 +8,9 @@ Drafts: a slimmed child of the target (its first two layers, one of them with ha
 filters), the target itself (every drafted token accepted) and an unrelated random model (almost none).
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -21,9 +24,12 @@ from serve_fixtures import (
     save_model,
 )
 
-from serve import LLM, SamplingParams
+from serve import LLM, LLMEngine, SamplingParams
 from serve.block_manager import FREED
-from serve.config import MAX_SPECULATIVE_TOKENS
+from serve.config import MAX_SPECULATIVE_TOKENS, EngineConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evals.loopback import metric, stream
 
 NEW_TOKENS = 10
 LENGTHS = [3, 30, 12, 21, 9]
@@ -260,3 +266,16 @@ def test_mixed_requests_under_preemption(tiny):
     assert len(done[ids[2]].outputs[0].logprobs) == NEW_TOKENS
     assert engine.scheduler.num_preemptions > 0
     assert_all_free(llm)
+
+
+def test_server_streams_speculative_greedy_text_and_metrics(tiny):
+    from server_harness import LiveServer
+    target, drafts, prompts, _, plain = tiny
+    expected = [o.outputs[0].text for o in plain.generate(prompts[:2], GREEDY)]
+    engine = LLMEngine(EngineConfig(model=str(target), draft=str(drafts["self"]), num_speculative_tokens=3, **SMALL))
+    with LiveServer(engine, "tiny") as live:
+        reply = stream(live.port, "/v1/completions", {"model": "tiny", "prompt": prompts[:2], "temperature": 0,
+                                                      "max_tokens": NEW_TOKENS, "ignore_eos": True})
+        assert reply.done and reply.texts() == dict(enumerate(expected))
+        assert metric(live.port, "serve_spec_acceptance_rate") == 1.0
+        assert metric(live.port, "serve_kv_blocks_used") == 0
