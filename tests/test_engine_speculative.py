@@ -29,7 +29,7 @@ from serve.block_manager import FREED
 from serve.config import MAX_SPECULATIVE_TOKENS, EngineConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evals.loopback import metric, stream
+from evals.loopback import call, metric, stream
 
 NEW_TOKENS = 10
 LENGTHS = [3, 30, 12, 21, 9]
@@ -279,3 +279,18 @@ def test_server_streams_speculative_greedy_text_and_metrics(tiny):
         assert reply.done and reply.texts() == dict(enumerate(expected))
         assert metric(live.port, "serve_spec_acceptance_rate") == 1.0
         assert metric(live.port, "serve_kv_blocks_used") == 0
+        for bad in (-1, MAX_SPECULATIVE_TOKENS + 1, 1.5, "auto"):
+            body = {"model": "tiny", "prompt": "hello", "max_tokens": 2, "max_speculative_tokens": bad}
+            reply = call(live.port, "POST", "/v1/completions", body)
+            assert reply.status == 400 and b"max_speculative_tokens" in reply.body, (bad, reply.body)
+
+
+def test_request_cap_on_speculative_tokens(tiny):
+    _, _, prompts, expected, _ = tiny
+    llm = speculative(tiny, "self", k=3)
+    stats = llm.engine.speculator.stats
+    none = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, max_speculative_tokens=0)
+    assert token_ids(llm.generate(prompts[:2], none)) == expected[:2] and stats.num_drafted == 0
+    one = none.model_copy(update={"max_speculative_tokens": 1})
+    assert token_ids(llm.generate(prompts[:2], one)) == expected[:2]
+    assert stats.num_drafted == stats.num_verified > 0

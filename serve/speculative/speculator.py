@@ -3,7 +3,7 @@
 Per step (the engine calls `run`, then scheduler.advance, then `accept` and `settle`):
 1. Sequences that decode one token, sample it, and need nothing per token from the host
    (no logprobs, no logits processors) may speculate; each drafts min(k, cap) tokens, cap keeping the
-   output within max_tokens. k is fixed or chosen for goodput (goodput.py), and shrinks so that the
+   output within max_tokens and within the request's max_speculative_tokens. k is fixed or chosen for goodput (goodput.py), and shrinks so that the
    verify pass stays within max_num_batched_tokens. Their extra KV slots are reserved now; a sequence
    whose slots cannot be had without preempting anyone drafts nothing.
 2. Draft pass 1 (catch-up) computes, for every scheduled sequence, the tokens the draft has not seen
@@ -85,6 +85,11 @@ def _target_copies(batch: ScheduledBatch) -> ScheduledBatch:
     return dataclasses.replace(batch, copies=[c for c in batch.copies if not isinstance(c[0], tuple)])
 
 
+def _request_cap(seq: Sequence) -> int:
+    cap = seq.params.max_speculative_tokens
+    return MAX_SPECULATIVE_TOKENS if cap is None else cap
+
+
 def can_speculate(seq: Sequence) -> bool:
     params = seq.params
     return seq.forked and params.logprobs is None and not params.uses_processors
@@ -117,7 +122,7 @@ class Speculator:
         rows = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                 if n == 1 and batch.samples(i) and can_speculate(seq)]
         seqs = [batch.seqs[i] for i in rows]
-        caps = [max(0, min(self.k_max, seq.max_num_tokens - seq.num_tokens - 1)) for seq in seqs]
+        caps = [max(0, min(self.k_max, _request_cap(seq), seq.max_num_tokens - seq.num_tokens - 1)) for seq in seqs]
         if not seqs:
             return {}
         k = self._choose(batch, seqs, caps)
