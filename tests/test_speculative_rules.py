@@ -114,3 +114,12 @@ def test_low_acceptance_does_not_speculate_and_caps_limit_lengths():
     # the catch-up pass drafts d_1 at no extra cost, so a flat verify makes k = 1 free: never more
     assert choose_length([0.02], [8], 8, shape, draft, launch_bound()) <= 1
     assert choose_length([0.9], [2], 8, shape, BatchTimeModel({1: 0.0001}), launch_bound()) == 2
+
+
+def test_a_cheaper_decode_step_counts_for_k_zero():
+    """The target's own decode step (CUDA graphs) can beat an eager verify that drafting needs."""
+    shape = StepShape(catch_up_tokens=32, other_tokens=0, other_samples=0)
+    draft, eager = BatchTimeModel({1: 0.002, 1024: 0.002}), BatchTimeModel({1: 0.020, 1024: 0.020})
+    rates, caps = [0.5] * 32, [8] * 32
+    assert choose_length(rates, caps, 8, shape, draft, eager) > 0
+    assert choose_length(rates, caps, 8, shape, draft, eager, BatchTimeModel({1: 0.008, 256: 0.008})) == 0

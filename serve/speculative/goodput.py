@@ -15,7 +15,8 @@ that maximises expected generated tokens per second of step time:
   Small batches are launch-bound (flat: a longer verify is nearly free, k > 0 wins); large ones are
   compute-bound (time grows with tokens: E(a, k) / (k + 1) < 1 makes k = 0 win on its own).
 - The draft's catch-up pass (its KV kept in step with the target's) runs whatever k is, so it is a cost
-  of every choice; t_verify counts the batch's other tokens (prefill chunks) too.
+  of every choice; t_verify counts the batch's other tokens (prefill chunks) too. A pure decode step
+  that drafts nothing is the target's own decode step (CUDA graphs on the GPU), timed by its own model.
 """
 
 from __future__ import annotations
@@ -94,22 +95,24 @@ class StepShape:
 
 
 def step_goodput(k: int, rates: list[float], caps: list[int], shape: StepShape,
-                 draft: BatchTimeModel, target: BatchTimeModel) -> float:
-    """Expected tokens per second of a step drafting min(k, cap_i) tokens for sequence i."""
+                 draft: BatchTimeModel, target: BatchTimeModel, decode: BatchTimeModel | None = None) -> float:
+    """Expected tokens per second of a step drafting min(k, cap_i) tokens for sequence i. `decode`: the
+    target's own decode step, the cost of k = 0 where the batch is pure decode (its CUDA graphs)."""
     lengths = [min(k, cap) for cap in caps]
     tokens = shape.other_samples + sum(expected_tokens(a, n) for a, n in zip(rates, lengths))
     seconds = draft.predict(shape.catch_up_tokens)
     seconds += sum(draft.predict(sum(n >= j for n in lengths)) for j in range(2, k + 1))
-    seconds += target.predict(shape.other_tokens + sum(n + 1 for n in lengths))
+    verify = decode if k == 0 and decode is not None and decode.points else target
+    seconds += verify.predict(shape.other_tokens + sum(n + 1 for n in lengths))
     return tokens / seconds if seconds > 0 else 0.0
 
 
 def choose_length(rates: list[float], caps: list[int], k_max: int, shape: StepShape,
-                  draft: BatchTimeModel, target: BatchTimeModel) -> int:
+                  draft: BatchTimeModel, target: BatchTimeModel, decode: BatchTimeModel | None = None) -> int:
     """The k in 0..k_max of the highest goodput (the shortest of equals)."""
-    best, best_goodput = 0, step_goodput(0, rates, caps, shape, draft, target)
+    best, best_goodput = 0, step_goodput(0, rates, caps, shape, draft, target, decode)
     for k in range(1, k_max + 1):
-        goodput = step_goodput(k, rates, caps, shape, draft, target)
+        goodput = step_goodput(k, rates, caps, shape, draft, target, decode)
         if goodput > best_goodput * (1 + 1e-9):
             best, best_goodput = k, goodput
     return best

@@ -1,6 +1,7 @@
 """Start-up timing of draft and target forwards: the points of goodput.py's BatchTimeModel.
 
-Each point is a forward of `num_tokens` tokens spread over min(num_tokens, max_num_seqs) placeholder
+`measure` times eager forwards (draft and verify passes), `measure_decode` the target's own decode step
+(CUDA graphs on the GPU), the cost of a step that drafts nothing. Each point is a forward of `num_tokens` tokens spread over min(num_tokens, max_num_seqs) placeholder
 sequences that share one block table (their KV is garbage written before any request arrives), timed
 after a warm-up, the device synchronised around it.
 """
@@ -14,6 +15,7 @@ import torch
 
 from serve.model_runner import Span
 from serve.sampling_params import SamplingParams
+from serve.scheduler import ScheduledBatch
 from serve.sequence import Sequence
 from serve.speculative.goodput import BatchTimeModel
 
@@ -47,17 +49,39 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(runner, spans: list[Span]) -> float:
-    runner.run_spans(spans)     # warm-up
-    _sync(runner.device)
+def _decode_batch(runner, num_seqs: int) -> ScheduledBatch:
+    """A pure decode step of `num_seqs` placeholder sequences (what runner.run sends to its decode graphs)."""
+    batch = ScheduledBatch(max_num_new_tokens=1, num_sampling=num_seqs)
+    for span in _spans(runner, num_seqs, num_seqs):
+        batch.seqs.append(span.seq)
+        batch.num_new_tokens.append(1)
+        batch.sampling.append(True)
+    return batch
+
+
+def time_call(device, fn) -> float:
+    fn()                        # warm-up
+    _sync(device)
     start = time.perf_counter()
     for _ in range(REPEATS):
-        runner.run_spans(spans)
-    _sync(runner.device)
+        fn()
+    _sync(device)
     return (time.perf_counter() - start) / REPEATS
 
 
 def measure(runner, max_num_seqs: int, max_tokens: int) -> BatchTimeModel:
-    return BatchTimeModel({n: time_forward(runner, _spans(runner, n, max_num_seqs))
-                           for n in profile_points(max_num_seqs, max_tokens)})
+    """Forwards of any query lengths (draft passes, verify passes): run_spans, eager."""
+    points = {}
+    for n in profile_points(max_num_seqs, max_tokens):
+        spans = _spans(runner, n, max_num_seqs)
+        points[n] = time_call(runner.device, lambda: runner.run_spans(spans))     # noqa: B023 - called at once
+    return BatchTimeModel(points)
 
+
+def measure_decode(runner, max_num_seqs: int) -> BatchTimeModel:
+    """The target's own decode steps (its decode graphs where it has them): a step that drafts nothing."""
+    points = {}
+    for n in profile_points(max_num_seqs, max_num_seqs):
+        batch = _decode_batch(runner, n)
+        points[n] = time_call(runner.device, lambda: runner.run(batch))          # noqa: B023 - called at once
+    return BatchTimeModel(points)

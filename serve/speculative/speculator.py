@@ -36,7 +36,7 @@ from serve.speculative.goodput import (
     StepShape,
     choose_length,
 )
-from serve.speculative.profile import measure
+from serve.speculative.profile import measure, measure_decode
 from serve.speculative.rejection import draw, greedy_accept, rejection_sample
 
 log = logging.getLogger("serve")
@@ -101,7 +101,7 @@ class Speculator:
         self.auto = config.num_speculative_tokens == "auto"
         self.k_max = MAX_SPECULATIVE_TOKENS if self.auto else config.num_speculative_tokens
         self.stats = SpecStats()
-        self.draft_time = self.target_time = BatchTimeModel()
+        self.draft_time, self.target_time, self.decode_time = BatchTimeModel(), BatchTimeModel(), BatchTimeModel()
         if target.device.type == "cuda":
             log.warning("speculative decoding: draft and verify passes run eagerly (no CUDA graphs); only steps "
                         "that draft nothing use the decode graphs")
@@ -109,6 +109,7 @@ class Speculator:
             tokens = config.max_num_batched_tokens
             self.draft_time = measure(draft, config.max_num_seqs, tokens)
             self.target_time = measure(target, config.max_num_seqs, tokens)
+            self.decode_time = measure_decode(target, config.max_num_seqs)
 
     def startup_lines(self) -> list[str]:
         mode = "auto (goodput)" if self.auto else str(self.k_max)
@@ -145,7 +146,8 @@ class Speculator:
         catch_up = sum(seq.num_computed_tokens + n - seq.num_draft_computed
                        for seq, n in zip(batch.seqs, batch.num_new_tokens))
         shape = StepShape(catch_up, sum(batch.num_new_tokens) - len(seqs), batch.num_sampling - len(seqs))
-        return choose_length(rates, caps, self.k_max, shape, self.draft_time, self.target_time)
+        decode = self.decode_time if batch.is_pure_decode else None
+        return choose_length(rates, caps, self.k_max, shape, self.draft_time, self.target_time, decode)
 
     def _copy_draft_blocks(self, copies: list[tuple]) -> None:
         self.draft.copy_blocks([(key[1], src, dst) for key, src, dst in copies if isinstance(key, tuple)])
@@ -157,11 +159,19 @@ class Speculator:
         self._copy_draft_blocks(batch.copies)
         drafts = {seq.seq_id: Draft(seq) for seq in batch.seqs if seq.seq_id in lengths}
         self._draft(batch, lengths, drafts)
-        if not drafts:          # the target's own step: its decode graphs where they apply
-            plain = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
-            return plain, self.target.run(_target_copies(batch)), []
+        if not drafts:
+            return self._plain(batch)
         self.target.copy_blocks(_target_copies(batch).copies)
         return self._verify(batch, drafts)
+
+    def _plain(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, list[Draft]]:
+        """The target's own step (its decode graphs where they apply), timed for goodput.py."""
+        start = time.perf_counter()
+        logits = self.target.run(_target_copies(batch))
+        if batch.is_pure_decode:
+            _sync(self.target.device)
+            self.decode_time.observe(len(batch), time.perf_counter() - start)
+        return [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)], logits, []
 
     def _draft(self, batch: ScheduledBatch, lengths: dict, drafts: dict) -> None:
         spans = []
