@@ -7,7 +7,8 @@ block_manager -> model_runner -> models/gemma.py -> attention backend -> sampler
 """
 
 from serve.encoder import Encoder
-from serve.engine import LLM, LLMEngine
+from serve.engine import LLMEngine
+from serve.llm import LLM
 from serve.config import EngineConfig
 from serve.outputs import CompletionOutput, RequestOutput
 from serve.sampling_params import SamplingParams

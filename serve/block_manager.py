@@ -8,6 +8,11 @@ Face). Every layer has its own cache tensor of its own KV width, so pruned layer
 - Prefix caching: a full block is hashed with its whole prefix (hash chain); a freed block keeps its hash
   and stays reusable until the pool evicts it (least recently freed first).
 - Copy-on-write: `fork` shares every block; appending into a shared, partly filled block copies it first.
+- Draft groups (speculative decoding): a key ("draft", window) holds a draft model's group. Its blocks
+  are allocated and freed with the target's, but its KV may lag one token behind (the last accepted
+  draft token is computed next step): windows and hashes of a draft group follow
+  `seq.num_draft_computed`, and a block is offered to the prefix cache once every group has computed it.
+  `trim` gives back the blocks past the computed tokens (those of rejected speculative tokens).
 """
 
 from __future__ import annotations
@@ -17,6 +22,21 @@ from collections import OrderedDict, deque
 from serve.sequence import Sequence
 
 FREED = -1
+DRAFT = "draft"
+
+
+def window(key) -> int | None:
+    """The attention span of a group key: None (full), a window, or a draft group's ("draft", window)."""
+    return key[1] if isinstance(key, tuple) else key
+
+
+def draft_key(key):
+    return (DRAFT, key)
+
+
+def num_computed(seq: Sequence, key) -> int:
+    """Tokens whose KV the group `key` holds for `seq`."""
+    return seq.num_draft_computed if isinstance(key, tuple) else seq.num_computed_tokens
 
 
 class BlockPool:
@@ -135,9 +155,10 @@ class BlockManager:
             seq.block_hashes.append(hash((parent, tuple(seq.token_ids[i * size:(i + 1) * size]))))
 
     def _first_needed_block(self, key, num_computed: int) -> int:
-        if key is None:
+        span = window(key)
+        if span is None:
             return 0
-        return max(0, num_computed - key + 1) // self.block_size
+        return max(0, num_computed - span + 1) // self.block_size
 
     def find_cached_prefix(self, seq: Sequence) -> int:
         """Number of leading full blocks whose KV every group still holds (at least one token is left)."""
@@ -175,16 +196,16 @@ class BlockManager:
                 table.append(block)
             seq.block_tables[key] = table
         seq.block_table_version += 1
-        seq.num_computed_tokens = num_cached_blocks * self.block_size
+        seq.num_computed_tokens = seq.num_draft_computed = num_cached_blocks * self.block_size
         seq.num_registered_blocks = num_cached_blocks
         self.append_slots(seq, num_new)
 
     # ---- after a step, fork, free -------------------------------------------------------------
     def commit(self, seq: Sequence) -> None:
         """Cache the newly completed blocks and free sliding-window blocks no future query can see."""
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(num_computed(seq, key) for key in self.pools) // self.block_size
         if self.enable_prefix_caching and num_full > seq.num_registered_blocks:
-            self._update_hashes(seq, seq.num_computed_tokens)
+            self._update_hashes(seq, num_full * self.block_size)
             for key, pool in self.pools.items():
                 table = seq.block_tables[key]
                 for i in range(seq.num_registered_blocks, num_full):
@@ -192,8 +213,9 @@ class BlockManager:
                         pool.register(table[i], seq.block_hashes[i])
             seq.num_registered_blocks = num_full
         for key, pool in self.pools.items():
-            if key is not None:
-                self._free_out_of_window(seq.block_tables[key], pool, self._first_needed_block(key, seq.num_computed_tokens))
+            if window(key) is not None:
+                first = self._first_needed_block(key, num_computed(seq, key))
+                self._free_out_of_window(seq.block_tables[key], pool, first)
 
     @staticmethod
     def _free_out_of_window(table: list[int], pool: BlockPool, first_needed: int) -> None:
@@ -221,8 +243,17 @@ class BlockManager:
                     pool.release(block)
         seq.block_tables = {}
         seq.block_table_version += 1
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed = 0
         seq.num_registered_blocks = 0
+
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past the computed tokens (slots of rejected speculative tokens): never
+        hashed (not full of computed tokens) nor shared (appended fresh)."""
+        keep = -(-seq.num_computed_tokens // self.block_size)
+        for key, pool in self.pools.items():
+            table = seq.block_tables.get(key, [])
+            while len(table) > keep:
+                pool.release(table.pop())
 
     def num_used_blocks(self) -> int:
         return sum(pool.num_used for pool in self.pools.values())

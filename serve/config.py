@@ -5,11 +5,15 @@ batch limits) and validates them with `ValueError`; the CLI turns those into one
 KV memory is a fraction of the device memory free after the weights (`kv_cache_memory`, <= 1; on the
 GPU the KV cache, one step's activations and the decode graphs share it: serve/memory.py) or an exact
 size of the KV cache in bytes (`kv_cache_bytes`); `parse_kv_cache_memory` reads the flag into either.
+With a `draft`, each step the draft proposes up to `num_speculative_tokens` tokens per decoding sequence
+(at most MAX_SPECULATIVE_TOKENS; "auto": chosen every step for goodput, serve/speculative/goodput.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+MAX_SPECULATIVE_TOKENS = 8      # past this, verify steps grow faster than acceptance pays for them
 
 
 @dataclass
@@ -33,6 +37,8 @@ class EngineConfig:
     overlap: bool = True                    # fast path: launch decode step N+1 before reading N's tokens
     seed: int = 0
     tensor_parallel_size: int = 1           # > 1: one process per GPU (serve/distributed/)
+    draft: str | None = None                # a draft model directory: speculative decoding (serve/speculative/)
+    num_speculative_tokens: int | str = "auto"   # tokens the draft proposes per step, 0..MAX_SPECULATIVE_TOKENS or "auto"
 
     def __post_init__(self):
         self._check_positive("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n",
@@ -52,8 +58,17 @@ class EngineConfig:
             raise ValueError(f"fast_path must be auto, on or off, got {self.fast_path!r}")
         if self.max_graph_batch is not None and self.max_graph_batch < 1:
             raise ValueError(f"max_graph_batch must be at least 1, got {self.max_graph_batch}")
+        self._check_speculation()
         if self.attention_backend not in ("auto", "reference", "triton"):
             raise ValueError(f"attention_backend must be auto, reference or triton, got {self.attention_backend!r}")
+
+    def _check_speculation(self) -> None:
+        k = self.num_speculative_tokens
+        if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_SPECULATIVE_TOKENS):
+            raise ValueError(f"num_speculative_tokens must be 'auto' or an integer in 0..{MAX_SPECULATIVE_TOKENS}, "
+                             f"got {k!r}")
+        if self.draft is not None and self.tensor_parallel_size > 1:
+            raise ValueError("speculative decoding (a draft model) runs on one device; drop --tensor-parallel-size")
 
     def _check_positive(self, *names: str) -> None:
         for name in names:

@@ -1,10 +1,12 @@
-"""The engine loop and the offline API: `LLM(path).generate(prompts, SamplingParams(...))`.
+"""The engine loop (the offline API over it is serve/llm.py).
 
 One `step()`: scheduler.schedule -> model_runner.run (logits of the sequences that finish a prompt or
 decode) -> scheduler.advance (KV bookkeeping) -> fork requests with n > 1 -> sampler -> append tokens,
 detokenize, check EOS / stop strings / max_tokens -> RequestOutput for every request that moved.
 Runs of pure decode steps on the fast path overlap instead (serve/lookahead.py): each `step()` launches
 the next decode step before it reads, appends and reports the tokens of the one already in flight.
+With a draft model (serve/speculative/), every step is speculative instead: the speculator drafts and
+verifies, the sequences that drafted append their accepted tokens, the others sample as above.
 
 Failure isolation: an error in sampling a row or in appending its token fails that request alone (its
 sequences finish with reason "error", its blocks are freed, its output carries `error`) and the step
@@ -32,6 +34,8 @@ from serve.sampler import sample
 from serve.sampling_params import SamplingParams
 from serve.scheduler import ScheduledBatch, Scheduler
 from serve.sequence import Sequence, SequenceStatus
+from serve.speculative import Speculator, make_runners
+from serve.speculative.proposer import check_tokenizers
 
 log = logging.getLogger("serve")
 
@@ -65,22 +69,31 @@ def make_runner(config: EngineConfig):
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.runner = make_runner(config)
+        self.runner, draft = make_runners(config) if config.draft is not None else (make_runner(config), None)
         self.tokenizer = load_tokenizer(config.model)
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = eos_token_ids(config.model, self.runner.spec.eos_token_ids, self.tokenizer)
-        self.block_manager = BlockManager(self.runner.block_plan, config.block_size, config.enable_prefix_caching)
+        plan = self.runner.block_plan if draft is None else {**self.runner.block_plan, **draft.table_plan}
+        self.block_manager = BlockManager(plan, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.lookahead = Lookahead(config, self.runner, self.scheduler)
+        self.speculator = None if draft is None else self._speculator(draft)
         self.requests: dict[str, list[Sequence]] = {}
         self.metrics = Metrics()
         self.errors: dict[str, str] = {}       # request id -> what failed it, until its output is made
         self._failed: list[str] = []            # requests failed during this step
         self.startup_report = startup_report(self.runner)   # KV blocks and tokens, memory, decode mode
+        if self.speculator is not None:
+            self.startup_report += self.speculator.startup_lines()
         self._ids = itertools.count()
         # False (offline batches): text is decoded once at the end and step() reports only finished
         # requests, which keeps per-token host work off the decode loop.
         self.stream_outputs = True
+
+    def _speculator(self, draft) -> Speculator:
+        check_tokenizers(self.tokenizer, load_tokenizer(self.config.draft))
+        self.lookahead.enabled = False      # a speculative step reads its tokens before the next one
+        return Speculator(self.config, self.runner, draft, self.block_manager)
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -203,6 +216,8 @@ class LLMEngine:
         return self._outputs(seqs if self.stream_outputs else [seqs[i] for i in finished])
 
     def _step_sync(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        if self.speculator is not None:
+            return self._step_speculative(batch)
         sampling = [seq for seq, samples in zip(batch.seqs, batch.sampling) if samples]
         logits = self.runner.run(batch)
         graphs = self.runner.decode_graphs
@@ -220,6 +235,40 @@ class LLMEngine:
         # sit past num_scheduled in `sampling` and are not part of the batch).
         moved = batch.seqs if self.stream_outputs else [sampling[i] for i in finished if i < num_scheduled]
         return self._outputs(moved)
+
+    def _step_speculative(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """A step with drafts (serve/speculative/speculator.py): the sequences that do not speculate
+        sample as in `_step_sync`; the others append their accepted tokens."""
+        sampling, logits, drafts = self.speculator.run(batch)
+        self.scheduler.advance(batch)
+        num_scheduled = len(sampling)
+        logits = self._fork_all(sampling, logits)
+        tokens, logprobs = self._sample(logits, sampling, None) if sampling else ([], [])
+        finished = [sampling[i] for i in self._append_all(sampling, tokens, logprobs) if i < num_scheduled]
+        self.metrics.generation_tokens += len(tokens)
+        for draft in drafts:
+            if self._append_draft(draft):
+                finished.append(draft.seq)
+        self.metrics.num_steps += 1
+        return self._outputs(batch.seqs if self.stream_outputs else finished)
+
+    def _append_draft(self, draft) -> bool:
+        """Append a verified draft's accepted tokens up to a stop; True when the sequence finished."""
+        seq = draft.seq
+        if seq.is_finished:       # failed with a sibling
+            return False
+        try:
+            tokens = self.speculator.accept(draft)
+            self.speculator.record(draft, len(tokens) - 1)
+            for token in tokens:
+                self.metrics.generation_tokens += 1
+                if self._append(seq, token, None):
+                    return True
+            self.speculator.settle(draft, len(tokens) - 1)
+        except Exception as err:
+            log.exception("request %s failed in accepting drafted tokens", seq.request_id)
+            self._fail(seq.request_id, err)
+        return False
 
     def _outputs(self, moved: list[Sequence]) -> list[RequestOutput]:
         """Outputs of the requests of `moved`, and of those failed this step."""
@@ -328,27 +377,3 @@ def _visible_text(seq: Sequence) -> str:
     if seq.is_finished or not seq.params.stop:
         return text
     return text[:max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
-
-
-class LLM:
-    """Offline batch generation: `LLM(path).generate(prompts, SamplingParams(...))`."""
-
-    def __init__(self, model: str, **config):
-        self.engine = LLMEngine(EngineConfig(model=str(model), **config))
-        self.engine.stream_outputs = False
-
-    def close(self) -> None:
-        self.engine.close()
-
-    def generate(self, prompts, params: SamplingParams | None = None) -> list[RequestOutput]:
-        """prompts: a string, a token-id list, or a list of either; one RequestOutput each, in order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = params or SamplingParams()
-        ids = [self.engine.add_request(p, params) for p in prompts]
-        done: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    done[output.request_id] = output
-        return [done[i] for i in ids]

@@ -63,12 +63,16 @@ def plan_blocks(spec, config: EngineConfig, max_model_len: int, dtype, budget: i
     return plan
 
 
+class KVCacheTooSmall(ValueError):
+    """The KV budget holds less than one sequence of max_model_len."""
+
+
 def check_plan(plan: dict, config: EngineConfig, max_model_len: int) -> None:
     for key, num_blocks in plan.items():
         need = blocks_per_seq(key, config, max_model_len)
         if num_blocks < need:
             kind = "full-attention" if key is None else f"sliding-window ({key})"
-            raise ValueError(f"the KV cache of the {kind} layers holds {num_blocks} blocks, one sequence of "
+            raise KVCacheTooSmall(f"the KV cache of the {kind} layers holds {num_blocks} blocks, one sequence of "
                              f"max_model_len={max_model_len} needs {need}; lower --max-model-len or raise "
                              f"--kv-cache-memory")
 

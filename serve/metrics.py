@@ -2,7 +2,9 @@
 
 Counters accumulate in the engine; gauges (running/waiting requests, KV blocks) are read from the
 scheduler and block manager when the page is rendered; the latency histograms (TTFT, TPOT, end to end)
-are filled by the async engine (serve/latency.py).
+are filled by the async engine (serve/latency.py). With a draft model, the speculation counters
+(serve/speculative/speculator.py SpecStats) follow: drafted and accepted tokens, their ratio, the mean
+tokens per verify, and the steps that chose each speculation length.
 """
 
 from __future__ import annotations
@@ -49,4 +51,19 @@ def render(engine) -> str:
         ("serve_engine_steps_total", "counter", "Engine steps run.", m.num_steps),
         ("serve_requests_failed_total", "counter", "Requests failed by an error of their own.", m.failed),
     ]
-    return "".join(_line(*row) for row in rows) + m.latency.render()
+    text = "".join(_line(*row) for row in rows) + m.latency.render()
+    return text if engine.speculator is None else text + _speculation(engine.speculator.stats)
+
+
+def _speculation(stats) -> str:
+    rows = [
+        ("serve_spec_draft_tokens_total", "counter", "Tokens the draft proposed.", stats.num_drafted),
+        ("serve_spec_accepted_tokens_total", "counter", "Drafted tokens the target accepted.", stats.num_accepted),
+        ("serve_spec_acceptance_rate", "gauge", "Accepted over drafted tokens.", f"{stats.acceptance_rate:.6f}"),
+        ("serve_spec_mean_accepted_length", "gauge", "Tokens per speculating sequence and step (accepted + 1).",
+         f"{stats.mean_accepted_length:.6f}"),
+    ]
+    name = "serve_spec_steps_by_length_total"
+    lengths = "".join(f'{name}{{length="{k}"}} {n}\n' for k, n in sorted(stats.chosen.items()))
+    header = f"# HELP {name} Engine steps by the speculation length chosen.\n# TYPE {name} counter\n"
+    return "".join(_line(*row) for row in rows) + header + lengths

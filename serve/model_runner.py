@@ -50,24 +50,45 @@ class HostInputs:
     is_decode: bool
 
 
+@dataclass
+class Span:
+    """Tokens of one sequence a forward computes: `ids` at positions start.. (written into its KV), and
+    the logits of the last `num_logits` of them."""
+    seq: object
+    start: int
+    ids: list[int]
+    num_logits: int
+
+
 def pack_batch(batch: ScheduledBatch, block_plan: dict, block_size: int) -> HostInputs:
+    spans = [Span(seq, seq.num_computed_tokens, seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n],
+                  int(batch.samples(i))) for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))]
+    return pack_spans(spans, block_plan, block_size)
+
+
+def pack_spans(spans: list[Span], block_plan: dict, block_size: int, table_key=None) -> HostInputs:
+    """HostInputs of `spans`; `table_key(key)` names the sequence's block table of the runner's group
+    `key` (a draft model's groups live under their own keys, serve/block_manager.py)."""
     ids, positions, cu, lens, rows = [], [], [0], [], []
+    names = {key: table_key(key) if table_key else key for key in block_plan}
     slots = {key: [] for key in block_plan}
-    for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-        ids += seq.token_ids[start:end]
+    for span in spans:
+        start, end = span.start, span.start + len(span.ids)
+        ids += span.ids
         positions += range(start, end)
-        for key, table in seq.block_tables.items():
+        for key, name in names.items():
+            table = span.seq.block_tables[name]
             slots[key] += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-        cu.append(cu[-1] + num_new)
+        cu.append(cu[-1] + len(span.ids))
         lens.append(end)
-        if batch.samples(i):
-            rows.append(cu[-1] - 1)
+        rows += range(cu[-1] - span.num_logits, cu[-1])
     tables = {}
-    for key in block_plan:
-        width = max(len(seq.block_tables[key]) for seq in batch.seqs)
-        tables[key] = [seq.block_tables[key] + [0] * (width - len(seq.block_tables[key])) for seq in batch.seqs]
-    return HostInputs(ids, positions, cu, lens, rows, slots, tables, batch.max_num_new_tokens, batch.is_decode)
+    for key, name in names.items():
+        width = max(len(span.seq.block_tables[name]) for span in spans)
+        tables[key] = [span.seq.block_tables[name] + [0] * (width - len(span.seq.block_tables[name]))
+                       for span in spans]
+    max_q = max(len(span.ids) for span in spans)
+    return HostInputs(ids, positions, cu, lens, rows, slots, tables, max_q, max_q == 1)
 
 
 def to_device(inputs: HostInputs, device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
@@ -84,8 +105,12 @@ def to_device(inputs: HostInputs, device) -> tuple[torch.Tensor, torch.Tensor, A
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    table_key = None        # the draft's runner names its groups' tables differently (serve/speculative/)
+
+    def __init__(self, config: EngineConfig, kv_share: float = 1.0):
         self.config = config
+        self.kv_share = kv_share            # of the KV budget; a draft model takes the rest
+        self.kv_budget_bytes: int | None = None     # what the KV cache was planned with
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model, self.spec = load_model(config.model, self.device, self.dtype)
@@ -122,7 +147,9 @@ class ModelRunner:
     def _kv_budget(self) -> int | None:
         if self.config.num_kv_blocks is not None:
             return None
-        return kv_budget(self.config, self.memory) if self.memory is not None else host_budget(self.config)
+        budget = kv_budget(self.config, self.memory) if self.memory is not None else host_budget(self.config)
+        self.kv_budget_bytes = int(budget * self.kv_share)
+        return self.kv_budget_bytes
 
     @property
     def num_graphs(self) -> int:
@@ -142,6 +169,17 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """(input_ids [T], positions [T], metadata, rows [N] of the tokens whose logits are sampled)."""
         return to_device(pack_batch(batch, self.block_plan, self.config.block_size), self.device)
+
+    @torch.inference_mode()
+    def run_spans(self, spans: list[Span]) -> torch.Tensor:
+        """Logits [sum of num_logits, vocab] (fp32) of a forward over `spans` (any query lengths: draft
+        catch-up and speculative verify passes), eagerly through the prefill path."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.argmax = None
+        inputs = pack_spans(spans, self.block_plan, self.config.block_size, self.table_key)
+        input_ids, positions, meta, rows = to_device(inputs, self.device)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches, self.backend)
+        return self.model.compute_logits(hidden[rows])
 
     def copy_blocks(self, copies: list[tuple]) -> None:
         """Copy-on-write: duplicate a shared block in every layer of its group before writing into it."""

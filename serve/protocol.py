@@ -6,7 +6,8 @@ itself: nesting past its recursion limit, lone surrogates and NaN/Infinity are i
 fields are refused with 400 rather than ignored, so a client never believes a field it sent had an
 effect: `suffix`, `tools`, `tool_choice`, `functions`, `min_p` and the like are simply not declared.
 Sampling fields and their ranges come from serve/sampling_params.py; beyond OpenAI's, vLLM's top_k,
-min_tokens, repetition_penalty, stop_token_ids, ignore_eos and skip_special_tokens are accepted.
+min_tokens, repetition_penalty, stop_token_ids, ignore_eos and skip_special_tokens are accepted, and this
+runtime's max_speculative_tokens (with a draft model: a per-request cap on drafted tokens per step).
 What needs the model (token ids in the vocabulary, the context length, `n` against max_n) is checked by
 the engine (LLMEngine.check_request).
 """

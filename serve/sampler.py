@@ -45,6 +45,18 @@ def _apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
+def filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    """probs [N, V] of the rows' sampling distributions: logits scaled by temperature (greedy rows: 1),
+    cut by top-k then top-p, softmaxed. Speculative decoding applies it to draft and target alike."""
+    temps = _to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], logits.device)
+    scaled = logits / temps[:, None]
+    if any(p.top_k > 0 for p in params):
+        scaled = _apply_top_k(scaled, [p.top_k for p in params])
+    if any(p.top_p < 1 for p in params):
+        scaled = _apply_top_p(scaled, [p.top_p for p in params])
+    return scaled.softmax(dim=1)
+
+
 def _noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     noise = torch.empty_like(probs).exponential_()
     for i, seq in enumerate(seqs):
@@ -64,13 +76,7 @@ def sample_tokens(logits: torch.Tensor, seqs: list[Sequence], argmax: torch.Tens
     tokens = logits.argmax(dim=1) if argmax is None else argmax
     if not all(p.greedy for p in params):
         greedy = _to_device([p.greedy for p in params], logits.device)
-        temps = _to_device([p.temperature if p.temperature > 0 else 1.0 for p in params], logits.device)
-        scaled = logits / temps[:, None]
-        if any(p.top_k > 0 for p in params):
-            scaled = _apply_top_k(scaled, [p.top_k for p in params])
-        if any(p.top_p < 1 for p in params):
-            scaled = _apply_top_p(scaled, [p.top_p for p in params])
-        probs = scaled.softmax(dim=1)
+        probs = filtered_probs(logits, params)
         tokens = torch.where(greedy, tokens, (probs / _noise(probs, seqs)).argmax(dim=1))
     return tokens
 

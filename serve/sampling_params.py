@@ -9,7 +9,8 @@ Semantics follow the OpenAI API and vLLM's extensions: temperature 0 is greedy, 
 0 or -1 disabled (larger than the vocabulary: disabled too), `n` independent samples sharing the
 prompt's KV blocks, `stop` strings cut the text before the match, `stop_token_ids` end a sample like
 EOS, `min_tokens` forbids EOS, stop tokens and stop strings until that many tokens are out, `logprobs`
-asks for the sampled token's log-probability plus that many alternatives. The penalties and
+asks for the sampled token's log-probability plus that many alternatives; `max_speculative_tokens`
+caps the tokens a draft model proposes for the request per step (serve/speculative/). The penalties and
 `logit_bias` are defined in serve/logits_processors.py. Integers are bounded where the device takes
 them (int64 seeds: any 64-bit value, signed or not; int32 counts), floats must be finite.
 """
@@ -20,6 +21,8 @@ from functools import cached_property
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve.config import MAX_SPECULATIVE_TOKENS
 
 INT32_MAX = 2**31 - 1
 MAX_LOGIT_BIAS = 300        # entries, as OpenAI allows
@@ -57,6 +60,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: Annotated[float, _finite(gt=0.0, le=10.0)] = 1.0   # past 10 every seen token is out
     logit_bias: Annotated[dict[TokenId, Annotated[float, _finite(ge=-100.0, le=100.0)]],
                           Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    # With a draft model: at most this many drafted tokens per step for this request (0: none)
+    max_speculative_tokens: Annotated[int, Field(ge=0, le=MAX_SPECULATIVE_TOKENS)] | None = None
 
 
 class SamplingParams(SamplingFields):

@@ -31,6 +31,8 @@ class Sequence:
         self.sample_index = sample_index    # which of the request's n samples this is
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0        # tokens whose KV is in the cache
+        self.num_draft_computed = 0         # tokens whose KV is in the draft's cache (speculative decoding)
+        self.acceptance = None              # the draft's acceptance estimate for this sequence (goodput.py)
         self.block_tables: dict[int | None, list[int]] = {}   # KV group key -> physical blocks
         self.block_hashes: list[int] = []   # hash chain of the full blocks seen so far
         self.num_registered_blocks = 0      # leading blocks already offered to the prefix cache
@@ -68,6 +70,7 @@ class Sequence:
         child = Sequence(self.request_id, self.token_ids[:self.num_prompt_tokens], self.params, sample_index)
         child.token_ids = list(self.token_ids)
         child.num_computed_tokens = self.num_computed_tokens
+        child.num_draft_computed = self.num_draft_computed
         child.block_hashes = list(self.block_hashes)
         child.num_registered_blocks = self.num_registered_blocks
         child.status = self.status

@@ -82,3 +82,26 @@ def test_can_append_refuses_past_the_pool():
     s = seq(range(8))
     compute(bm, s, 8)
     assert not bm.can_append(s, 1)
+
+
+def test_draft_groups_lag_and_trim_gives_back_rejected_slots():
+    """A draft group ("draft", window) follows num_draft_computed: its window and the prefix cache wait
+    for it; `trim` frees the blocks past the computed tokens (slots of rejected speculative tokens)."""
+    draft_full, draft_window = ("draft", None), ("draft", WINDOW)
+    bm = BlockManager({None: 32, WINDOW: 32, draft_full: 32, draft_window: 32}, BS)
+    s = seq(range(100, 114))                          # 14 tokens
+    compute(bm, s, 13)
+    s.num_draft_computed = 7                          # the draft is behind: blocks 0-1 are full only in the target
+    bm.commit(s)
+    assert s.num_registered_blocks == 1
+    assert s.block_tables[WINDOW][0] == FREED and s.block_tables[draft_window][0] != FREED
+    s.num_draft_computed = 13
+    bm.commit(s)
+    assert s.num_registered_blocks == 3 and s.block_tables[draft_window][0] == FREED
+    bm.append_slots(s, 1 + 5)                         # one decode token and five drafts: positions 13..18
+    assert all(len(s.block_tables[key]) == 5 for key in bm.pools)
+    s.num_computed_tokens = 15                        # one draft kept
+    bm.trim(s)
+    assert all(len(s.block_tables[key]) == 4 for key in bm.pools)
+    bm.free(s)
+    assert bm.num_used_blocks() == 0 and s.num_draft_computed == 0

@@ -33,6 +33,12 @@ def register(subparsers) -> None:
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split the model over N GPUs of this host, one process each (NCCL); default 1")
     p.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs (decode runs eagerly)")
+    p.add_argument("--draft", default=None, metavar="DIR_OR_NAME",
+                   help="speculative decoding: a draft model sharing the target's tokenizer (e.g. its slimmed child "
+                        "from `compress prune`); greedy output is unchanged, sampled output keeps its distribution")
+    p.add_argument("--num-speculative-tokens", default="auto", metavar="K|auto",
+                   help="tokens the draft proposes per step, 0..8 (serve/config.py MAX_SPECULATIVE_TOKENS); default "
+                        "auto: chosen every step for the most tokens per second, 0 under high load")
     p.set_defaults(func=run)
 
 
@@ -56,7 +62,8 @@ def run(args) -> int:
                               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens or 2048,
                               **memory, device=args.device, dtype=args.dtype,
                               enable_prefix_caching=not args.no_prefix_caching, overlap=not args.no_overlap,
-                              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
+                              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+                              **_speculation(args))
         engine = LLMEngine(config)
     except ValueError as err:
         raise UserError(f"cannot serve {args.model}: {err}") from None
@@ -64,6 +71,25 @@ def run(args) -> int:
         print(line, flush=True)
     serve_forever(engine, name, args.host, args.port, args.api_key)
     return 0
+
+
+def _speculation(args) -> dict:
+    """EngineConfig fields of --draft and --num-speculative-tokens (ValueError on a bad value)."""
+    from compress.models.hub import resolve_model
+    from serve.config import MAX_SPECULATIVE_TOKENS
+
+    k = args.num_speculative_tokens
+    if k != "auto":
+        try:
+            k = int(k)
+        except ValueError:
+            raise ValueError(f"--num-speculative-tokens must be 'auto' or an integer in 0..{MAX_SPECULATIVE_TOKENS}, "
+                             f"got {k!r}") from None
+    if args.draft is None:
+        if args.num_speculative_tokens != "auto":
+            raise ValueError("--num-speculative-tokens needs --draft")
+        return {}
+    return {"draft": str(resolve_model(args.draft)), "num_speculative_tokens": k}
 
 
 def _serve_encoder(args, path, name: str) -> int:

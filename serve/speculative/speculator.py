@@ -1,0 +1,264 @@
+"""One speculative step: choose k, draft, verify in one target forward, accept, roll back.
+
+Per step (the engine calls `run`, then scheduler.advance, then `accept` and `settle`):
+1. Sequences that decode one token, sample it, and need nothing per token from the host
+   (no logprobs, no logits processors) may speculate; each drafts min(k, cap) tokens, cap keeping the
+   output within max_tokens and within the request's max_speculative_tokens. k is fixed or chosen for goodput (goodput.py), and shrinks so that the
+   verify pass stays within max_num_batched_tokens. Their extra KV slots are reserved now; a sequence
+   whose slots cannot be had without preempting anyone drafts nothing.
+2. Draft pass 1 (catch-up) computes, for every scheduled sequence, the tokens the draft has not seen
+   (a prefill chunk, a decode token, and the last accepted draft token of the step before), which keeps
+   the draft's KV in step with the target's; its last logits give d_1. Passes 2..k feed d_{j-1}.
+3. One target forward verifies: each speculating sequence computes [last token, d_1..d_k] (query length
+   k+1 through the paged prefill path), the others their scheduled tokens.
+4. rejection.py keeps a prefix of the drafts and adds one target token; the engine appends them (a stop
+   token, stop string or max_tokens ends the sequence there). `settle` moves the computed counts to the
+   kept tokens and gives back the blocks of rejected ones (BlockManager.trim).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from serve.config import MAX_SPECULATIVE_TOKENS
+from serve.model_runner import Span
+from serve.sampler import filtered_probs
+from serve.scheduler import ScheduledBatch
+from serve.sequence import Sequence
+from serve.speculative.goodput import (
+    Acceptance,
+    BatchTimeModel,
+    StepShape,
+    choose_length,
+)
+from serve.speculative.profile import measure, measure_decode
+from serve.speculative.rejection import draw, greedy_accept, rejection_sample
+
+log = logging.getLogger("serve")
+
+
+@dataclass
+class Draft:
+    """One sequence's proposal and what the target made of it."""
+    seq: Sequence
+    tokens: list[int] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)     # q_j [V] per token (sampled rows)
+    target_logits: torch.Tensor | None = None                   # [k+1, V]
+
+
+@dataclass
+class SpecStats:
+    num_drafted: int = 0           # draft tokens proposed
+    num_accepted: int = 0          # of them kept
+    num_verified: int = 0          # sequence-steps that speculated
+    chosen: dict = field(default_factory=dict)     # k -> steps that chose it
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per speculating sequence-step (kept drafts plus the target's token)."""
+        return (self.num_accepted + self.num_verified) / self.num_verified if self.num_verified else 0.0
+
+    def summary(self) -> str:
+        chosen = ", ".join(f"k={k}: {n}" for k, n in sorted(self.chosen.items()))
+        return (f"speculation: {self.num_accepted}/{self.num_drafted} drafted tokens accepted "
+                f"({self.acceptance_rate:.1%}), {self.mean_accepted_length:.2f} tokens per verify; "
+                f"steps by length: {chosen or 'none'}")
+
+
+def _sync(device) -> None:
+    """Step times are measured on the host: wait for the device where it runs ahead."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _target_copies(batch: ScheduledBatch) -> ScheduledBatch:
+    """The batch with only the target's block copies (the draft's groups have tuple keys)."""
+    return dataclasses.replace(batch, copies=[c for c in batch.copies if not isinstance(c[0], tuple)])
+
+
+def _request_cap(seq: Sequence) -> int:
+    cap = seq.params.max_speculative_tokens
+    return MAX_SPECULATIVE_TOKENS if cap is None else cap
+
+
+def can_speculate(seq: Sequence) -> bool:
+    params = seq.params
+    return seq.forked and params.logprobs is None and not params.uses_processors
+
+
+class Speculator:
+    def __init__(self, config, target, draft, block_manager):
+        self.config, self.target, self.draft, self.block_manager = config, target, draft, block_manager
+        self.auto = config.num_speculative_tokens == "auto"
+        self.k_max = MAX_SPECULATIVE_TOKENS if self.auto else config.num_speculative_tokens
+        self.stats = SpecStats()
+        self.draft_time, self.target_time, self.decode_time = BatchTimeModel(), BatchTimeModel(), BatchTimeModel()
+        if target.device.type == "cuda":
+            log.warning("speculative decoding: draft and verify passes run eagerly (no CUDA graphs); only steps "
+                        "that draft nothing use the decode graphs")
+        if self.auto:
+            tokens = config.max_num_batched_tokens
+            self.draft_time = measure(draft, config.max_num_seqs, tokens)
+            self.target_time = measure(target, config.max_num_seqs, tokens)
+            self.decode_time = measure_decode(target, config.max_num_seqs)
+
+    def startup_lines(self) -> list[str]:
+        mode = "auto (goodput)" if self.auto else str(self.k_max)
+        line = (f"speculative decoding: draft {self.config.draft}, up to {self.k_max} tokens per step, length "
+                f"{mode}; draft and verify passes run eagerly (no CUDA graphs)")
+        return [line]
+
+    # ---- before the model runs ----------------------------------------------------------------
+    def _plan(self, batch: ScheduledBatch) -> dict[int, int]:
+        """seq_id -> tokens to draft, slots reserved."""
+        rows = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                if n == 1 and batch.samples(i) and can_speculate(seq)]
+        seqs = [batch.seqs[i] for i in rows]
+        caps = [max(0, min(self.k_max, _request_cap(seq), seq.max_num_tokens - seq.num_tokens - 1)) for seq in seqs]
+        if not seqs:
+            return {}
+        k = self._choose(batch, seqs, caps)
+        room = self.config.max_num_batched_tokens - sum(batch.num_new_tokens)
+        while k > 0 and sum(min(k, cap) for cap in caps) > room:
+            k -= 1
+        self.stats.chosen[k] = self.stats.chosen.get(k, 0) + 1
+        lengths = {}
+        for seq, cap in zip(seqs, caps):
+            n = min(k, cap)
+            if n > 0 and self.block_manager.can_append(seq, 1 + n):
+                batch.copies += self.block_manager.append_slots(seq, 1 + n)
+                lengths[seq.seq_id] = n
+        return lengths
+
+    def _choose(self, batch: ScheduledBatch, seqs: list[Sequence], caps: list[int]) -> int:
+        if not self.auto:
+            return self.k_max
+        rates = [(seq.acceptance or Acceptance()).rate for seq in seqs]
+        catch_up = sum(seq.num_computed_tokens + n - seq.num_draft_computed
+                       for seq, n in zip(batch.seqs, batch.num_new_tokens))
+        shape = StepShape(catch_up, sum(batch.num_new_tokens) - len(seqs), batch.num_sampling - len(seqs))
+        decode = self.decode_time if batch.is_pure_decode else None
+        return choose_length(rates, caps, self.k_max, shape, self.draft_time, self.target_time, decode)
+
+    def _copy_draft_blocks(self, copies: list[tuple]) -> None:
+        self.draft.copy_blocks([(key[1], src, dst) for key, src, dst in copies if isinstance(key, tuple)])
+
+    # ---- the passes -----------------------------------------------------------------------------
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, list[Draft]]:
+        """(sequences that sample without speculating, their logits [N, V], the drafts verified)."""
+        lengths = self._plan(batch)
+        self._copy_draft_blocks(batch.copies)
+        drafts = {seq.seq_id: Draft(seq) for seq in batch.seqs if seq.seq_id in lengths}
+        self._draft(batch, lengths, drafts)
+        if not drafts:
+            return self._plain(batch)
+        self.target.copy_blocks(_target_copies(batch).copies)
+        return self._verify(batch, drafts)
+
+    def _plain(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, list[Draft]]:
+        """The target's own step (its decode graphs where they apply), timed for goodput.py."""
+        start = time.perf_counter()
+        logits = self.target.run(_target_copies(batch))
+        if batch.is_pure_decode:
+            _sync(self.target.device)
+            self.decode_time.observe(len(batch), time.perf_counter() - start)
+        return [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)], logits, []
+
+    def _draft(self, batch: ScheduledBatch, lengths: dict, drafts: dict) -> None:
+        spans = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start, end = seq.num_draft_computed, seq.num_computed_tokens + n
+            spans.append(Span(seq, start, seq.token_ids[start:end], int(seq.seq_id in lengths)))
+            seq.num_draft_computed = end
+        self._propose(spans, drafts)
+        for j in range(2, max(lengths.values(), default=0) + 1):
+            spans = [Span(d.seq, d.seq.num_tokens + j - 2, d.tokens[-1:], 1)
+                     for d in drafts.values() if lengths[d.seq.seq_id] >= j]
+            self._propose(spans, drafts)
+
+    def _propose(self, spans: list[Span], drafts: dict) -> None:
+        """Run a draft pass and append each logits row's proposal to its sequence's draft."""
+        start = time.perf_counter()
+        logits = self.draft.run_spans(spans)
+        owners = [drafts[span.seq.seq_id] for span in spans if span.num_logits]
+        if owners:
+            self._sample_drafts(logits, owners)
+        _sync(self.draft.device)
+        self.draft_time.observe(sum(len(span.ids) for span in spans), time.perf_counter() - start)
+
+    def _sample_drafts(self, logits: torch.Tensor, owners: list[Draft]) -> None:
+        tokens = logits.argmax(dim=1)
+        sampled = [not d.seq.params.greedy for d in owners]
+        probs = None
+        if any(sampled):
+            probs = filtered_probs(logits, [d.seq.params for d in owners])
+            for row, draft in enumerate(owners):
+                if sampled[row]:
+                    tokens[row] = draw(probs[row:row + 1], draft.seq.generator)[0]
+        for row, (draft, token) in enumerate(zip(owners, tokens.tolist())):
+            draft.tokens.append(token)
+            if sampled[row]:
+                draft.probs.append(probs[row])
+
+    def _verify(self, batch: ScheduledBatch, drafts: dict) -> tuple[list[Sequence], torch.Tensor, list[Draft]]:
+        spans, plain = [], []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            draft = drafts.get(seq.seq_id)
+            if draft is None:
+                spans.append(Span(seq, start, seq.token_ids[start:start + n], int(batch.samples(i))))
+                plain += [seq] if batch.samples(i) else []
+            else:
+                spans.append(Span(seq, start, [seq.token_ids[start]] + draft.tokens, len(draft.tokens) + 1))
+        begin = time.perf_counter()
+        logits = self.target.run_spans(spans)
+        rows, plain_rows = 0, []
+        for span in spans:
+            if span.seq.seq_id in drafts:
+                drafts[span.seq.seq_id].target_logits = logits[rows:rows + span.num_logits]
+            elif span.num_logits:
+                plain_rows.append(rows)
+            rows += span.num_logits
+        result = (plain, logits[plain_rows], list(drafts.values()))
+        _sync(self.target.device)
+        self.target_time.observe(sum(len(span.ids) for span in spans), time.perf_counter() - begin)
+        return result
+
+    # ---- after the model ran ------------------------------------------------------------------
+    def accept(self, draft: Draft) -> list[int]:
+        """The tokens to append for one verified draft (1..k+1)."""
+        logits = draft.target_logits
+        if draft.seq.params.greedy:
+            return greedy_accept(draft.tokens, logits.argmax(dim=1).tolist())
+        k, generator = len(draft.tokens), draft.seq.generator
+        target = filtered_probs(logits, [draft.seq.params] * (k + 1))
+        uniform = torch.rand(k, generator=generator, device=logits.device)
+        noise = torch.empty(logits.shape[1], device=logits.device).exponential_(generator=generator)
+        tokens = torch.tensor(draft.tokens, device=logits.device)
+        return rejection_sample(tokens, torch.stack(draft.probs), target, uniform, noise)
+
+    def settle(self, draft: Draft, num_kept: int) -> None:
+        """After the accepted tokens were appended to a sequence still running: its KV counts follow
+        the kept drafts; slots of rejected ones are given back."""
+        seq, k = draft.seq, len(draft.tokens)
+        start = seq.num_computed_tokens          # scheduler.advance counted the verify's first token
+        seq.num_computed_tokens = start + num_kept
+        seq.num_draft_computed = start + min(num_kept, k - 1)
+        self.block_manager.commit(seq)
+        self.block_manager.trim(seq)
+        seq.acceptance = seq.acceptance or Acceptance()
+        seq.acceptance.update(num_kept, k)
+
+    def record(self, draft: Draft, num_kept: int) -> None:
+        self.stats.num_drafted += len(draft.tokens)
+        self.stats.num_accepted += num_kept
+        self.stats.num_verified += 1
