@@ -99,3 +99,22 @@ def test_only_arch_knows_module_paths():
     offenders = [f"{p.relative_to(ROOT)}: {needle}" for p in sources("compress") if "arch" not in p.parts
                  for needle in paths if needle in p.read_text()]
     assert offenders == []
+
+
+def test_no_tracked_file_holds_merge_conflict_markers():
+    """A merge resolved in haste leaves `<<<<<<< ` / `>>>>>>> ` lines behind; none may be committed."""
+    import subprocess
+
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    found = []
+    for name in tracked.splitlines():
+        path = ROOT / name
+        if path.suffix not in {".py", ".md", ".sh", ".yaml", ".toml", ".txt"} or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if line.startswith(("<<<<<<< ", ">>>>>>> ")):
+                found.append(f"{name}:{number}")
+    assert not found, f"merge conflict markers at {found}"
