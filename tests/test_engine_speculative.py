@@ -27,6 +27,7 @@ from serve_fixtures import (
 from serve import LLM, LLMEngine, SamplingParams
 from serve.block_manager import FREED
 from serve.config import MAX_SPECULATIVE_TOKENS, EngineConfig
+from serve.speculative.goodput import BatchTimeModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evals.loopback import call, metric, stream
@@ -81,7 +82,19 @@ def token_ids(outputs):
 
 def speculative(tiny, draft="slim", k="auto", **config):
     target, drafts, *_ = tiny
-    return LLM(target, draft=drafts[draft], num_speculative_tokens=k, **{**SMALL, **config})
+    llm = LLM(target, draft=drafts[draft], num_speculative_tokens=k, **{**SMALL, **config})
+    if k == "auto":
+        pin_launch_bound(llm.engine.speculator)
+    return llm
+
+
+def pin_launch_bound(speculator, draft_seconds=0.001, target_seconds=0.010):
+    """Timings of tiny models on a shared CPU are noise: give `auto` a fixed launch-bound profile (a cheap
+    draft, a flat target) where drafting pays, and make it ignore what it observes."""
+    def flat(seconds):
+        return BatchTimeModel({1 << i: seconds for i in range(10)}, weight=0.0)
+    speculator.draft_time, speculator.target_time = flat(draft_seconds), flat(target_seconds)
+    speculator.decode_time = flat(target_seconds)
 
 
 def assert_all_free(llm):
@@ -233,8 +246,6 @@ def test_seeded_sampling_is_reproducible_with_a_draft(tiny):
     assert torch.tensor(first).max() < 320
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the draft's KV is kept in step with the target's, so its catch-up "
-                                       "pass runs even in steps that draft nothing (auto under high load pays it)")
 def test_steps_that_draft_nothing_do_not_run_the_draft(tiny):
     _, _, prompts, _, _ = tiny
     llm = speculative(tiny, k="auto")
