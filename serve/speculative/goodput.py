@@ -22,10 +22,11 @@ that maximises expected generated tokens per second of step time:
 
       catch-up_k = sum_{i: min(k, cap_i) > 0} 1 + (lag_i - 1) / max(1, remaining_i / E_i(min(k, cap_i)))
 
-  (remaining_i: the tokens it may still generate). Charged in full, a long lag would make k = 0 win for
-  ever once chosen (the lag grows every step it wins); ignored, a step would start a catch-up that its
-  few remaining tokens cannot repay. Amortized, a stretch of k = 0 raises the charge by only about
-  E_i / remaining_i per step, so the choice moves smoothly with load instead of flipping back and forth.
+  (remaining_i: the tokens it may still generate by max_tokens; a stop may come sooner). Charged in
+  full, a long lag would make k = 0 win for ever once chosen (the lag grows every step it wins);
+  ignored, a step would start a catch-up that its few remaining tokens cannot repay. Amortized, a
+  stretch of k = 0 raises the charge by only about E_i / remaining_i per step, so the choice moves
+  smoothly with load instead of flipping back and forth.
 - t_verify counts the batch's other tokens (prefill chunks) too. A pure decode step that drafts nothing
   is the target's own decode step (CUDA graphs on the GPU), timed by its own model.
 """
