@@ -8,10 +8,13 @@ Face). Every layer has its own cache tensor of its own KV width, so pruned layer
 - Prefix caching: a full block is hashed with its whole prefix (hash chain); a freed block keeps its hash
   and stays reusable until the pool evicts it (least recently freed first).
 - Copy-on-write: `fork` shares every block; appending into a shared, partly filled block copies it first.
-- Draft groups (speculative decoding): a key ("draft", window) holds a draft model's group. Its blocks
-  are allocated and freed with the target's, but its KV may lag one token behind (the last accepted
-  draft token is computed next step): windows and hashes of a draft group follow
-  `seq.num_draft_computed`, and a block is offered to the prefix cache once every group has computed it.
+- Draft groups (speculative decoding): a key ("draft", window) holds a draft model's group. The draft is
+  lazy: its KV lags the target's by any number of tokens (`seq.num_draft_computed`), and its blocks are
+  allocated only when it catches up (`append_slots(..., draft=True)`, counted from its own computed
+  tokens); scheduling, `can_append` and `can_allocate` see the target's groups alone, so a draft never
+  causes a preemption. Every per-group rule follows that group's own computed count: copy-on-write,
+  windows, `trim`, and the prefix cache (a draft group registers and reuses only blocks the draft has
+  computed; `allocate` takes the draft's cached prefix up to the target's). `fork` and `free` cover both.
   `trim` gives back the blocks past the computed tokens (those of rejected speculative tokens).
 """
 
@@ -34,9 +37,13 @@ def draft_key(key):
     return (DRAFT, key)
 
 
+def is_draft(key) -> bool:
+    return isinstance(key, tuple)
+
+
 def num_computed(seq: Sequence, key) -> int:
     """Tokens whose KV the group `key` holds for `seq`."""
-    return seq.num_draft_computed if isinstance(key, tuple) else seq.num_computed_tokens
+    return seq.num_draft_computed if is_draft(key) else seq.num_computed_tokens
 
 
 class BlockPool:
@@ -93,24 +100,28 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.num_copies = 0       # copy-on-write block copies so far
 
+    def _side(self, draft: bool) -> dict:
+        """The pools of the target's groups, or of the draft's."""
+        return {key: pool for key, pool in self.pools.items() if is_draft(key) == draft}
+
     # ---- sizing -------------------------------------------------------------------------------
     def _blocks_to_add(self, seq: Sequence, key, num_new: int) -> int:
         table = seq.block_tables.get(key, [])
-        needed = -(-(seq.num_computed_tokens + num_new) // self.block_size) - len(table)
+        needed = -(-(num_computed(seq, key) + num_new) // self.block_size) - len(table)
         return max(needed, 0) + int(self._needs_copy(seq, key))
 
     def _needs_copy(self, seq: Sequence, key) -> bool:
-        index, offset = divmod(seq.num_computed_tokens, self.block_size)
+        index, offset = divmod(num_computed(seq, key), self.block_size)
         table = seq.block_tables.get(key, [])
         return offset > 0 and index < len(table) and self.pools[key].ref_counts[table[index]] > 1
 
     def has_next_slot(self, seq: Sequence) -> bool:
-        """Whether the next token's slot is already allocated and unshared in every group: then a decode
-        needs no block and no copy, which is most steps, and the scheduler can skip the full check."""
+        """Whether the target's next token slot is already allocated and unshared in every group: then a
+        decode needs no block and no copy, which is most steps, and the scheduler can skip the full check."""
         index, offset = divmod(seq.num_computed_tokens, self.block_size)
         if offset == 0:
             return False
-        for key, pool in self.pools.items():
+        for key, pool in self._side(False).items():
             table = seq.block_tables.get(key)
             if table is None or len(table) <= index or pool.ref_counts[table[index]] > 1:
                 return False
@@ -121,28 +132,30 @@ class BlockManager:
         ready; False, changing nothing, when it needs a copy-on-write or more blocks than are free."""
         if self.has_next_slot(seq):
             return True
-        if any(self._needs_copy(seq, key) for key in self.pools) or not self.can_append(seq, 1):
+        if any(self._needs_copy(seq, key) for key in self._side(False)) or not self.can_append(seq, 1):
             return False
         self.append_slots(seq, 1)
         return True
 
-    def can_append(self, seq: Sequence, num_new: int) -> bool:
-        return all(self._blocks_to_add(seq, key, num_new) <= pool.num_free for key, pool in self.pools.items())
+    def can_append(self, seq: Sequence, num_new: int, draft: bool = False) -> bool:
+        """Whether the target's groups (or the draft's) can take `num_new` tokens past their computed ones."""
+        return all(self._blocks_to_add(seq, key, num_new) <= pool.num_free for key, pool in self._side(draft).items())
 
-    def append_slots(self, seq: Sequence, num_new: int) -> list[tuple]:
-        """Give `seq` blocks for `num_new` more tokens; returns (group, src, dst) block copies to do first."""
+    def append_slots(self, seq: Sequence, num_new: int, draft: bool = False) -> list[tuple]:
+        """Give `seq` blocks for `num_new` more tokens in the target's groups (or the draft's, past the
+        draft's computed tokens); returns (group, src, dst) block copies to do first."""
         copies = []
-        for key, pool in self.pools.items():
+        for key, pool in self._side(draft).items():
             table = seq.block_tables.setdefault(key, [])
             if self._needs_copy(seq, key):
-                index = seq.num_computed_tokens // self.block_size
+                index = num_computed(seq, key) // self.block_size
                 new_block = pool.allocate()
                 copies.append((key, table[index], new_block))
                 self.num_copies += 1
                 pool.release(table[index])
                 table[index] = new_block
                 seq.block_table_version += 1
-            while len(table) * self.block_size < seq.num_computed_tokens + num_new:
+            while len(table) * self.block_size < num_computed(seq, key) + num_new:
                 table.append(pool.allocate())
         return copies
 
@@ -161,13 +174,16 @@ class BlockManager:
         return max(0, num_computed - span + 1) // self.block_size
 
     def find_cached_prefix(self, seq: Sequence) -> int:
-        """Number of leading full blocks whose KV every group still holds (at least one token is left)."""
+        """Number of leading full blocks whose KV every target group still holds (at least one token is
+        left to compute)."""
         if not self.enable_prefix_caching:
             return 0
         self._update_hashes(seq, seq.num_tokens)
-        num_blocks = (seq.num_tokens - 1) // self.block_size
-        for count in range(num_blocks, 0, -1):
-            if all(self._holds(pool, key, seq.block_hashes, count) for key, pool in self.pools.items()):
+        return self._cached_count(seq, self._side(False), (seq.num_tokens - 1) // self.block_size)
+
+    def _cached_count(self, seq: Sequence, pools: dict, max_count: int) -> int:
+        for count in range(max_count, 0, -1):
+            if all(self._holds(pool, key, seq.block_hashes, count) for key, pool in pools.items()):
                 return count
         return 0
 
@@ -176,8 +192,10 @@ class BlockManager:
         return all(h in pool.hash_to_block for h in hashes[first:count])
 
     def can_allocate(self, seq: Sequence, num_cached_blocks: int, num_new: int) -> bool:
+        """Whether the target's groups can take the cached prefix and `num_new` tokens after it (the draft
+        takes only cached blocks now, which needs no free block)."""
         total = -(-(num_cached_blocks * self.block_size + num_new) // self.block_size)
-        for key, pool in self.pools.items():
+        for key, pool in self._side(False).items():
             first = self._first_needed_block(key, num_cached_blocks * self.block_size)
             hits = [pool.hash_to_block[h] for h in seq.block_hashes[first:num_cached_blocks]]
             revived = sum(pool.ref_counts[b] == 0 for b in hits)
@@ -186,36 +204,55 @@ class BlockManager:
         return True
 
     def allocate(self, seq: Sequence, num_cached_blocks: int, num_new: int) -> None:
-        """Take the cached prefix blocks, then fresh blocks for `num_new` tokens after them."""
+        """Take the cached prefix blocks, then fresh blocks for `num_new` tokens after them; the draft's
+        groups take the longest prefix they hold, up to the target's, and nothing else yet."""
+        draft_pools = self._side(True)
+        num_draft_cached = self._cached_count(seq, draft_pools, num_cached_blocks) if draft_pools else 0
         for key, pool in self.pools.items():
-            first = self._first_needed_block(key, num_cached_blocks * self.block_size)
+            count = num_draft_cached if is_draft(key) else num_cached_blocks
+            first = self._first_needed_block(key, count * self.block_size)
             table = [FREED] * first
-            for h in seq.block_hashes[first:num_cached_blocks]:
+            for h in seq.block_hashes[first:count]:
                 block = pool.hash_to_block[h]
                 pool.acquire(block)
                 table.append(block)
             seq.block_tables[key] = table
         seq.block_table_version += 1
-        seq.num_computed_tokens = seq.num_draft_computed = num_cached_blocks * self.block_size
-        seq.num_registered_blocks = num_cached_blocks
+        seq.num_computed_tokens = num_cached_blocks * self.block_size
+        seq.num_draft_computed = num_draft_cached * self.block_size
+        seq.num_registered_blocks, seq.num_draft_registered_blocks = num_cached_blocks, num_draft_cached
         self.append_slots(seq, num_new)
 
     # ---- after a step, fork, free -------------------------------------------------------------
     def commit(self, seq: Sequence) -> None:
         """Cache the newly completed blocks and free sliding-window blocks no future query can see."""
-        num_full = min(num_computed(seq, key) for key in self.pools) // self.block_size
-        if self.enable_prefix_caching and num_full > seq.num_registered_blocks:
-            self._update_hashes(seq, num_full * self.block_size)
-            for key, pool in self.pools.items():
-                table = seq.block_tables[key]
-                for i in range(seq.num_registered_blocks, num_full):
-                    if table[i] != FREED:
-                        pool.register(table[i], seq.block_hashes[i])
-            seq.num_registered_blocks = num_full
+        if self.enable_prefix_caching:
+            self._register(seq, draft=False)
+            self._register(seq, draft=True)
         for key, pool in self.pools.items():
             if window(key) is not None:
                 first = self._first_needed_block(key, num_computed(seq, key))
                 self._free_out_of_window(seq.block_tables[key], pool, first)
+
+    def _register(self, seq: Sequence, draft: bool) -> None:
+        """Offer the blocks one side (target or draft) has newly filled to its pools' prefix cache."""
+        pools = self._side(draft)
+        if not pools:
+            return
+        done = seq.num_draft_registered_blocks if draft else seq.num_registered_blocks
+        num_full = (seq.num_draft_computed if draft else seq.num_computed_tokens) // self.block_size
+        if num_full <= done:
+            return
+        self._update_hashes(seq, num_full * self.block_size)
+        for key, pool in pools.items():
+            table = seq.block_tables[key]
+            for i in range(done, num_full):
+                if table[i] != FREED:
+                    pool.register(table[i], seq.block_hashes[i])
+        if draft:
+            seq.num_draft_registered_blocks = num_full
+        else:
+            seq.num_registered_blocks = num_full
 
     @staticmethod
     def _free_out_of_window(table: list[int], pool: BlockPool, first_needed: int) -> None:
@@ -244,13 +281,13 @@ class BlockManager:
         seq.block_tables = {}
         seq.block_table_version += 1
         seq.num_computed_tokens = seq.num_draft_computed = 0
-        seq.num_registered_blocks = 0
+        seq.num_registered_blocks = seq.num_draft_registered_blocks = 0
 
     def trim(self, seq: Sequence) -> None:
-        """Give back the blocks past the computed tokens (slots of rejected speculative tokens): never
-        hashed (not full of computed tokens) nor shared (appended fresh)."""
-        keep = -(-seq.num_computed_tokens // self.block_size)
+        """Give back each group's blocks past its computed tokens (slots of rejected speculative tokens):
+        never hashed (not full of computed tokens) nor shared (appended fresh)."""
         for key, pool in self.pools.items():
+            keep = -(-num_computed(seq, key) // self.block_size)
             table = seq.block_tables.get(key, [])
             while len(table) > keep:
                 pool.release(table.pop())

@@ -31,11 +31,12 @@ class Sequence:
         self.sample_index = sample_index    # which of the request's n samples this is
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0        # tokens whose KV is in the cache
-        self.num_draft_computed = 0         # tokens whose KV is in the draft's cache (speculative decoding)
+        self.num_draft_computed = 0         # the same in the draft's cache (speculative decoding; it may lag)
         self.acceptance = None              # the draft's acceptance estimate for this sequence (goodput.py)
         self.block_tables: dict[int | None, list[int]] = {}   # KV group key -> physical blocks
         self.block_hashes: list[int] = []   # hash chain of the full blocks seen so far
         self.num_registered_blocks = 0      # leading blocks already offered to the prefix cache
+        self.num_draft_registered_blocks = 0    # the same in the draft's groups (speculative decoding)
         self.block_table_version = 0        # bumped when a table entry is replaced, not just appended
         self.forked = params.n == 1         # a parent with n > 1 forks once its prompt is done
         self.finish_reason: str | None = None
@@ -73,6 +74,7 @@ class Sequence:
         child.num_draft_computed = self.num_draft_computed
         child.block_hashes = list(self.block_hashes)
         child.num_registered_blocks = self.num_registered_blocks
+        child.num_draft_registered_blocks = self.num_draft_registered_blocks
         child.status = self.status
         child.forked = True
         return child

@@ -84,24 +84,77 @@ def test_can_append_refuses_past_the_pool():
     assert not bm.can_append(s, 1)
 
 
-def test_draft_groups_lag_and_trim_gives_back_rejected_slots():
-    """A draft group ("draft", window) follows num_draft_computed: its window and the prefix cache wait
-    for it; `trim` frees the blocks past the computed tokens (slots of rejected speculative tokens)."""
-    draft_full, draft_window = ("draft", None), ("draft", WINDOW)
-    bm = BlockManager({None: 32, WINDOW: 32, draft_full: 32, draft_window: 32}, BS)
-    s = seq(range(100, 114))                          # 14 tokens
+DRAFT_FULL, DRAFT_WINDOW = ("draft", None), ("draft", WINDOW)
+
+
+def with_draft(n=32):
+    return BlockManager({None: n, WINDOW: n, DRAFT_FULL: n, DRAFT_WINDOW: n}, BS)
+
+
+def catch_up(bm, s, num_new, num_drafts=0):
+    """A speculative step for the draft: slots for its lag and its drafts, then the lag computed."""
+    assert bm.can_append(s, num_new + num_drafts, draft=True)
+    copies = bm.append_slots(s, num_new + num_drafts, draft=True)
+    s.num_draft_computed += num_new
+    bm.commit(s)
+    return copies
+
+
+def test_draft_groups_lag_and_allocate_only_when_they_catch_up():
+    """The draft's groups take no block while it lags (prefill, steps that draft nothing); catching up
+    allocates its whole lag at once, then its window frees as usual and `trim` gives back rejected slots."""
+    bm = with_draft()
+    s = seq(range(100, 130))
     compute(bm, s, 13)
-    s.num_draft_computed = 7                          # the draft is behind: blocks 0-1 are full only in the target
-    bm.commit(s)
-    assert s.num_registered_blocks == 1
-    assert s.block_tables[WINDOW][0] == FREED and s.block_tables[draft_window][0] != FREED
-    s.num_draft_computed = 13
-    bm.commit(s)
-    assert s.num_registered_blocks == 3 and s.block_tables[draft_window][0] == FREED
-    bm.append_slots(s, 1 + 5)                         # one decode token and five drafts: positions 13..18
-    assert all(len(s.block_tables[key]) == 5 for key in bm.pools)
-    s.num_computed_tokens = 15                        # one draft kept
+    for _ in range(5):                                   # decode steps that draft nothing
+        compute(bm, s, 1)
+    assert s.num_computed_tokens == 18 and s.num_draft_computed == 0
+    assert s.block_tables[DRAFT_FULL] == s.block_tables[DRAFT_WINDOW] == []
+    assert bm.pools[DRAFT_FULL].num_used == bm.pools[DRAFT_WINDOW].num_used == 0
+    assert s.num_registered_blocks == 4 and s.num_draft_registered_blocks == 0   # the target caches alone
+    catch_up(bm, s, 18, num_drafts=2)                   # lag 18, then drafts at positions 18, 19
+    assert len(s.block_tables[DRAFT_FULL]) == 5 and s.num_draft_registered_blocks == 4
+    assert s.block_tables[DRAFT_WINDOW][:2] == [FREED, FREED]     # outside the window of position 17
+    bm.append_slots(s, 1 + 3)                            # the target verifies [18, d_1..d_3]
+    s.num_computed_tokens, s.num_draft_computed = 20, 19          # one draft kept
     bm.trim(s)
-    assert all(len(s.block_tables[key]) == 4 for key in bm.pools)
+    assert len(s.block_tables[None]) == 5 and len(s.block_tables[DRAFT_FULL]) == 5
     bm.free(s)
-    assert bm.num_used_blocks() == 0 and s.num_draft_computed == 0
+    assert bm.num_used_blocks() == 0 and s.num_draft_computed == s.num_draft_registered_blocks == 0
+
+
+def test_lagging_draft_caches_and_reuses_its_own_prefix():
+    """Each side registers the blocks it has computed; a new sequence takes the target's hits and the
+    draft's (fewer, as far as the draft had caught up)."""
+    bm = with_draft()
+    s = seq(range(100, 130))
+    compute(bm, s, 20)
+    catch_up(bm, s, 17)
+    assert (s.num_registered_blocks, s.num_draft_registered_blocks) == (5, 4)
+    other = seq(list(range(100, 124)) + [1])
+    assert bm.find_cached_prefix(other) == 5
+    bm.allocate(other, 5, 5)
+    assert (other.num_computed_tokens, other.num_draft_computed) == (20, 16)
+    assert other.block_tables[DRAFT_FULL] == s.block_tables[DRAFT_FULL][:4]
+    assert other.block_tables[DRAFT_WINDOW][:2] == [FREED, FREED]
+    for x in (s, other):
+        bm.free(x)
+    assert bm.num_used_blocks() == 0
+
+
+def test_draft_pool_never_blocks_the_target_and_forks_copy_on_write():
+    bm = BlockManager({None: 8, DRAFT_FULL: 3}, BS)
+    s = seq(range(12))
+    compute(bm, s, 12)
+    assert bm.can_append(s, 4) and not bm.can_append(s, 16, draft=True)
+    bm.free(s)
+    parent = seq(range(6), n=2)
+    compute(bm, parent, 6)
+    catch_up(bm, parent, 6)                              # draft block 1 holds 2 tokens
+    child = parent.fork(1)
+    bm.fork(parent, child)
+    copies = bm.append_slots(child, 1, draft=True)
+    assert copies == [(DRAFT_FULL, parent.block_tables[DRAFT_FULL][1], child.block_tables[DRAFT_FULL][1])]
+    for x in (parent, child):
+        bm.free(x)
+    assert bm.num_used_blocks() == 0

@@ -15,8 +15,10 @@ from serve.speculative.goodput import (
     Acceptance,
     BatchTimeModel,
     StepShape,
+    catch_up_tokens,
     choose_length,
     expected_tokens,
+    step_goodput,
 )
 from serve.speculative.rejection import draw, greedy_accept, rejection_sample
 
@@ -97,29 +99,49 @@ def compute_bound() -> BatchTimeModel:
 
 
 def test_small_launch_bound_batch_speculates():
-    shape = StepShape(catch_up_tokens=1, other_tokens=0, other_samples=0)
+    shape = StepShape(other_tokens=0, other_samples=0, lags=[1], remaining=[100])
     k = choose_length([0.8], [8], 8, shape, BatchTimeModel({1: 0.002, 64: 0.002}), launch_bound())
     assert k >= 3
 
 
 def test_large_compute_bound_batch_does_not_speculate():
-    shape = StepShape(catch_up_tokens=256, other_tokens=0, other_samples=0)
+    shape = StepShape(other_tokens=0, other_samples=0, lags=[1] * 256, remaining=[100] * 256)
     draft = BatchTimeModel({1: 0.001, 256: 0.010, 4096: 0.16})
     assert choose_length([0.8] * 256, [8] * 256, 8, shape, draft, compute_bound()) == 0
 
 
 def test_low_acceptance_does_not_speculate_and_caps_limit_lengths():
-    shape = StepShape(catch_up_tokens=1, other_tokens=0, other_samples=0)
+    shape = StepShape(other_tokens=0, other_samples=0, lags=[1], remaining=[100])
     draft = BatchTimeModel({1: 0.005})
-    # the catch-up pass drafts d_1 at no extra cost, so a flat verify makes k = 1 free: never more
-    assert choose_length([0.02], [8], 8, shape, draft, launch_bound()) <= 1
+    # a draft pass costs half a verify: at this acceptance no length repays it
+    assert choose_length([0.02], [8], 8, shape, draft, launch_bound()) == 0
     assert choose_length([0.9], [2], 8, shape, BatchTimeModel({1: 0.0001}), launch_bound()) == 2
 
 
 def test_a_cheaper_decode_step_counts_for_k_zero():
     """The target's own decode step (CUDA graphs) can beat an eager verify that drafting needs."""
-    shape = StepShape(catch_up_tokens=32, other_tokens=0, other_samples=0)
+    shape = StepShape(other_tokens=0, other_samples=0, lags=[1] * 32, remaining=[100] * 32)
     draft, eager = BatchTimeModel({1: 0.002, 1024: 0.002}), BatchTimeModel({1: 0.020, 1024: 0.020})
     rates, caps = [0.5] * 32, [8] * 32
     assert choose_length(rates, caps, 8, shape, draft, eager) > 0
     assert choose_length(rates, caps, 8, shape, draft, eager, BatchTimeModel({1: 0.008, 256: 0.008})) == 0
+
+
+def test_catch_up_is_charged_to_drafting_lengths_only_and_amortized():
+    """After a stretch of k = 0 the draft lags: k > 0 pays its catch-up, spread over the steps it serves.
+    A short remainder cannot repay a long lag; a long one can; a step of k = 0 charges nothing."""
+    draft, target = BatchTimeModel({1: 0.002, 64: 0.002, 4096: 0.060}), launch_bound()
+    rates, caps = [0.8], [4]
+
+    def shape(lag, remaining):
+        return StepShape(other_tokens=0, other_samples=0, lags=[lag], remaining=[remaining])
+
+    assert catch_up_tokens(rates, [0], shape(4000, 500)) == 0
+    assert catch_up_tokens(rates, [4], shape(1, 500)) == 1
+    assert catch_up_tokens(rates, [4], shape(4000, 3)) == 4000            # one step left: the whole lag
+    assert catch_up_tokens(rates, [4], shape(4000, 3000)) == pytest.approx(1 + 3999 * expected_tokens(0.8, 4) / 3000)
+    assert choose_length(rates, caps, 4, shape(4000, 3), draft, target) == 0
+    assert choose_length(rates, caps, 4, shape(4000, 3000), draft, target) > 0
+    # the charge grows smoothly with the lag: no cliff between one step of k = 0 and the next
+    charges = [step_goodput(4, rates, caps, shape(lag, 3000), draft, target) for lag in range(1, 200)]
+    assert all(0 <= a - b < 0.01 * a for a, b in zip(charges, charges[1:]))

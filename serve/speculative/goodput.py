@@ -4,7 +4,7 @@ Each step picks one length k in 0..k_max for the whole batch (one verify forward
 sequence, so a per-batch k keeps the step's shape simple; a sequence near its max_tokens gets less)
 that maximises expected generated tokens per second of step time:
 
-    goodput(k) = sum_i E_i(min(k, cap_i)) / (t_draft(catch-up) + sum_{j=2..k} t_draft(b_j) + t_verify(n_k))
+    goodput(k) = sum_i E_i(min(k, cap_i)) / (t_draft(catch-up_k) + sum_{j=2..k} t_draft(b_j) + t_verify(n_k))
 
 - E(a, k) = (1 - a^(k+1)) / (1 - a): expected tokens a sequence emits when each drafted token is kept
   with probability a (its accepted prefix plus the target's token). `Acceptance` estimates a per
@@ -14,9 +14,21 @@ that maximises expected generated tokens per second of step time:
   measured points (start-up profile, serve/speculative/profile.py), refreshed by every observed step.
   Small batches are launch-bound (flat: a longer verify is nearly free, k > 0 wins); large ones are
   compute-bound (time grows with tokens: E(a, k) / (k + 1) < 1 makes k = 0 win on its own).
-- The draft's catch-up pass (its KV kept in step with the target's) runs whatever k is, so it is a cost
-  of every choice; t_verify counts the batch's other tokens (prefill chunks) too. A pure decode step
-  that drafts nothing is the target's own decode step (CUDA graphs on the GPU), timed by its own model.
+- The draft is lazy (speculator.py): it runs only in steps that draft, and first catches up on the
+  tokens it skipped (its lag: 1 for a sequence that drafted the step before, more after a stretch of
+  k = 0 or a prompt). So k = 0 costs the draft nothing, and k > 0 pays the catch-up. The catch-up is a
+  debt paid once that serves the rest of the sequence, so a step charges each drafting sequence its own
+  token plus the rest of its lag spread over the speculative steps it has left:
+
+      catch-up_k = sum_{i: min(k, cap_i) > 0} 1 + (lag_i - 1) / max(1, remaining_i / E_i(min(k, cap_i)))
+
+  (remaining_i: the tokens it may still generate by max_tokens; a stop may come sooner). Charged in
+  full, a long lag would make k = 0 win for ever once chosen (the lag grows every step it wins);
+  ignored, a step would start a catch-up that its few remaining tokens cannot repay. Amortized, a
+  stretch of k = 0 raises the charge by only about E_i / remaining_i per step, so the choice moves
+  smoothly with load instead of flipping back and forth.
+- t_verify counts the batch's other tokens (prefill chunks) too. A pure decode step that drafts nothing
+  is the target's own decode step (CUDA graphs on the GPU), timed by its own model.
 """
 
 from __future__ import annotations
@@ -87,11 +99,24 @@ class BatchTimeModel:
 
 @dataclass
 class StepShape:
-    """What a step computes besides the drafts: the draft's catch-up tokens, the target's other tokens
-    (prefill chunks and non-speculating decodes) and the tokens those sample."""
-    catch_up_tokens: int
+    """What a step computes besides the drafts: the target's other tokens (prefill chunks and
+    non-speculating decodes) and the tokens those sample; per sequence that may speculate, the tokens
+    its draft has not computed (`lags`, counting the one scheduled now) and the tokens it may still
+    generate (`remaining`)."""
     other_tokens: int
     other_samples: int
+    lags: list[int]
+    remaining: list[int]
+
+
+def catch_up_tokens(rates: list[float], lengths: list[int], shape: StepShape) -> float:
+    """Draft tokens a step charges for catching up (the module docstring's amortized rule)."""
+    total = 0.0
+    for a, n, lag, left in zip(rates, lengths, shape.lags, shape.remaining):
+        if n > 0:
+            steps = max(1.0, left / expected_tokens(a, n))      # speculative steps the catch-up serves
+            total += 1 + (lag - 1) / steps
+    return total
 
 
 def step_goodput(k: int, rates: list[float], caps: list[int], shape: StepShape,
@@ -100,7 +125,7 @@ def step_goodput(k: int, rates: list[float], caps: list[int], shape: StepShape,
     target's own decode step, the cost of k = 0 where the batch is pure decode (its CUDA graphs)."""
     lengths = [min(k, cap) for cap in caps]
     tokens = shape.other_samples + sum(expected_tokens(a, n) for a, n in zip(rates, lengths))
-    seconds = draft.predict(shape.catch_up_tokens)
+    seconds = draft.predict(catch_up_tokens(rates, lengths, shape))
     seconds += sum(draft.predict(sum(n >= j for n in lengths)) for j in range(2, k + 1))
     verify = decode if k == 0 and decode is not None and decode.points else target
     seconds += verify.predict(shape.other_tokens + sum(n + 1 for n in lengths))

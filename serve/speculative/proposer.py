@@ -1,8 +1,8 @@
 """The draft model: its runner, the checks that it can draft for the target, and its memory share.
 
 The draft runs through the same ModelRunner as the target; its KV groups live in the target's block
-manager under ("draft", window) keys (serve/block_manager.py), so its blocks are allocated, preempted,
-prefix-cached and freed with its sequence's. Memory: the KV budget (serve/memory.py) is split between
+manager under ("draft", window) keys (serve/block_manager.py): allocated only when the lazy draft
+catches up, prefix-cached as far as the draft has computed, preempted and freed with its sequence's. Memory: the KV budget (serve/memory.py) is split between
 the two models in proportion to their KV bytes per token; on the GPU the draft's weights come out of
 the draft's share first. Its passes run eagerly (no CUDA graphs: the start-up log says so).
 """

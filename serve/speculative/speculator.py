@@ -3,12 +3,17 @@
 Per step (the engine calls `run`, then scheduler.advance, then `accept` and `settle`):
 1. Sequences that decode one token, sample it, and need nothing per token from the host
    (no logprobs, no logits processors) may speculate; each drafts min(k, cap) tokens, cap keeping the
-   output within max_tokens and within the request's max_speculative_tokens. k is fixed or chosen for goodput (goodput.py), and shrinks so that the
-   verify pass stays within max_num_batched_tokens. Their extra KV slots are reserved now; a sequence
-   whose slots cannot be had without preempting anyone drafts nothing.
-2. Draft pass 1 (catch-up) computes, for every scheduled sequence, the tokens the draft has not seen
-   (a prefill chunk, a decode token, and the last accepted draft token of the step before), which keeps
-   the draft's KV in step with the target's; its last logits give d_1. Passes 2..k feed d_{j-1}.
+   output within max_tokens and within the request's max_speculative_tokens. k is fixed or chosen for
+   goodput (goodput.py), and shrinks so that the verify pass stays within max_num_batched_tokens.
+2. The draft is lazy: it runs only for sequences that draft this step, so a step with k = 0 (or a
+   sequence whose cap is 0, or a prompt being prefilled) costs the draft nothing and its KV lags the
+   target's (`seq.num_draft_computed`). A drafting sequence first catches up: draft pass 1 computes every
+   token the draft has not seen (a multi-token query through the paged prefill path, up to the token
+   scheduled now); its last logits give d_1. The catch-up of all sequences shares a budget of
+   max_num_batched_tokens; a sequence too far behind for what is left computes a chunk of its lag and
+   drafts in a later step. Slots are reserved now in both models (the draft's from its own computed
+   count); a sequence whose slots cannot be had without preempting anyone drafts nothing.
+   Passes 2..k feed d_{j-1}.
 3. One target forward verifies: each speculating sequence computes [last token, d_1..d_k] (query length
    k+1 through the paged prefill path), the others their scheduled tokens.
 4. rejection.py keeps a prefix of the drafts and adds one target token; the engine appends them (a stop
@@ -118,34 +123,53 @@ class Speculator:
         return [line]
 
     # ---- before the model runs ----------------------------------------------------------------
-    def _plan(self, batch: ScheduledBatch) -> dict[int, int]:
-        """seq_id -> tokens to draft, slots reserved."""
+    def _plan(self, batch: ScheduledBatch) -> tuple[dict[int, int], list[Span]]:
+        """(seq_id -> tokens to draft, the draft's catch-up spans); slots reserved in both models."""
         rows = [i for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                 if n == 1 and batch.samples(i) and can_speculate(seq)]
         seqs = [batch.seqs[i] for i in rows]
         caps = [max(0, min(self.k_max, _request_cap(seq), seq.max_num_tokens - seq.num_tokens - 1)) for seq in seqs]
         if not seqs:
-            return {}
+            return {}, []
         k = self._choose(batch, seqs, caps)
         room = self.config.max_num_batched_tokens - sum(batch.num_new_tokens)
         while k > 0 and sum(min(k, cap) for cap in caps) > room:
             k -= 1
         self.stats.chosen[k] = self.stats.chosen.get(k, 0) + 1
-        lengths = {}
+        lengths, spans, budget = {}, [], self.config.max_num_batched_tokens
         for seq, cap in zip(seqs, caps):
             n = min(k, cap)
-            if n > 0 and self.block_manager.can_append(seq, 1 + n):
-                batch.copies += self.block_manager.append_slots(seq, 1 + n)
-                lengths[seq.seq_id] = n
-        return lengths
+            span = self._reserve(batch, seq, n, budget) if n > 0 and budget > 0 else None
+            if span is not None:
+                spans.append(span)
+                budget -= len(span.ids)
+                if span.num_logits:
+                    lengths[seq.seq_id] = n
+        return lengths, spans
+
+    def _reserve(self, batch: ScheduledBatch, seq: Sequence, n: int, budget: int) -> Span | None:
+        """The draft's catch-up span of a sequence that drafts n tokens, its slots reserved in both models
+        (None where they cannot be had); past `budget`, a chunk of the catch-up that drafts nothing."""
+        manager, start = self.block_manager, seq.num_draft_computed
+        lag = seq.num_computed_tokens + 1 - start          # through the token scheduled this step
+        if lag > budget:
+            if not manager.can_append(seq, budget, draft=True):
+                return None
+            batch.copies += manager.append_slots(seq, budget, draft=True)
+            return Span(seq, start, seq.token_ids[start:start + budget], 0)
+        # the target verifies [last token, d_1..d_n]; the draft writes its lag and d_1..d_{n-1}
+        if not (manager.can_append(seq, 1 + n) and manager.can_append(seq, lag + n - 1, draft=True)):
+            return None
+        batch.copies += manager.append_slots(seq, 1 + n) + manager.append_slots(seq, lag + n - 1, draft=True)
+        return Span(seq, start, seq.token_ids[start:start + lag], 1)
 
     def _choose(self, batch: ScheduledBatch, seqs: list[Sequence], caps: list[int]) -> int:
         if not self.auto:
             return self.k_max
         rates = [(seq.acceptance or Acceptance()).rate for seq in seqs]
-        catch_up = sum(seq.num_computed_tokens + n - seq.num_draft_computed
-                       for seq, n in zip(batch.seqs, batch.num_new_tokens))
-        shape = StepShape(catch_up, sum(batch.num_new_tokens) - len(seqs), batch.num_sampling - len(seqs))
+        lags = [seq.num_computed_tokens + 1 - seq.num_draft_computed for seq in seqs]
+        remaining = [seq.max_num_tokens - seq.num_tokens for seq in seqs]
+        shape = StepShape(sum(batch.num_new_tokens) - len(seqs), batch.num_sampling - len(seqs), lags, remaining)
         decode = self.decode_time if batch.is_pure_decode else None
         return choose_length(rates, caps, self.k_max, shape, self.draft_time, self.target_time, decode)
 
@@ -155,10 +179,10 @@ class Speculator:
     # ---- the passes -----------------------------------------------------------------------------
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, list[Draft]]:
         """(sequences that sample without speculating, their logits [N, V], the drafts verified)."""
-        lengths = self._plan(batch)
+        lengths, spans = self._plan(batch)
         self._copy_draft_blocks(batch.copies)
         drafts = {seq.seq_id: Draft(seq) for seq in batch.seqs if seq.seq_id in lengths}
-        self._draft(batch, lengths, drafts)
+        self._draft(spans, lengths, drafts)
         if not drafts:
             return self._plain(batch)
         self.target.copy_blocks(_target_copies(batch).copies)
@@ -173,13 +197,13 @@ class Speculator:
             self.decode_time.observe(len(batch), time.perf_counter() - start)
         return [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)], logits, []
 
-    def _draft(self, batch: ScheduledBatch, lengths: dict, drafts: dict) -> None:
-        spans = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start, end = seq.num_draft_computed, seq.num_computed_tokens + n
-            spans.append(Span(seq, start, seq.token_ids[start:end], int(seq.seq_id in lengths)))
-            seq.num_draft_computed = end
+    def _draft(self, spans: list[Span], lengths: dict, drafts: dict) -> None:
+        """Catch-up (pass 1, which proposes d_1), then passes 2..k; nothing where no span was planned."""
+        if not spans:
+            return
         self._propose(spans, drafts)
+        for span in spans:
+            span.seq.num_draft_computed = span.start + len(span.ids)
         for j in range(2, max(lengths.values(), default=0) + 1):
             spans = [Span(d.seq, d.seq.num_tokens + j - 2, d.tokens[-1:], 1)
                      for d in drafts.values() if lengths[d.seq.seq_id] >= j]
