@@ -100,7 +100,8 @@ def render(data: dict) -> str:
              "the distillation loss between the masked and the dense embeddings) on passages of the data "
              "directory's Wikipedia sample; CPU, fp32. Distilled: `compress distill PRUNED --teacher DENSE` (no "
              "labels; the pruned model learns the dense model's normalised embeddings and their in-batch cosine "
-             "similarities on fresh passages of the same text, 32 a step, compress/distill/embedding.py); its "
+             "similarities on fresh passages of the same text, 32 a step unless the row says otherwise, "
+             "compress/distill/embedding.py); its "
              "seconds are the distillation's, on top of the pruning's.", "",
              "| model | variant | FLOPs ratio | calibration passages | seconds | STS-B Spearman | change | "
              "BBC News 1-NN | change |", "|---|---|---|---|---|---|---|---|---|"]
