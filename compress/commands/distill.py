@@ -93,10 +93,15 @@ def distill_overrides(args, prefix: str = "") -> dict:
 
 def run(args) -> int:
     from compress.distill.embedding import is_encoder
-
-    if is_encoder(args.student):
-        return run_embedding(args)
     from compress.errors import UserError
+
+    encoder = is_encoder(args.student)
+    if args.teacher and is_encoder(args.teacher) != encoder:
+        student, teacher = ("an encoder", "a Gemma decoder") if encoder else ("a Gemma decoder", "an encoder")
+        raise UserError(f"the student {args.student} is {student} but the teacher {args.teacher} is {teacher}: "
+                        "not a Gemma pair, nor an encoder and its parent")
+    if encoder:
+        return run_embedding(args)
 
     for name in ("steps", "max_seq_length", "relational"):
         if getattr(args, name, None) is not None:
