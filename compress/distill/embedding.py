@@ -122,8 +122,9 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_at(step):.2e}", refresh=False)
             if self.step % every == 0 or self.step == c.steps:
                 entry = self.evaluate()
-                bar.write(f"step {self.step}/{c.steps}: held-out loss {entry['loss']:.5f} (MSE {entry['mse']:.5f}, "
-                          f"relational {entry['relational']:.5f})") if progress else None
+                if progress:
+                    bar.write(f"step {self.step}/{c.steps}: held-out loss {entry['loss']:.5f} (MSE {entry['mse']:.5f}, "
+                              f"relational {entry['relational']:.5f})")
         bar.close()
 
 
@@ -171,6 +172,7 @@ def distill_embedding(config: EmbedDistillConfig, progress: bool = True) -> dict
     """Distil `config.student` from `config.teacher` into `config.output`; returns the distill.json record."""
     from compress.distill.state import read_prune_record
     from compress.embeddings.model import Embedder, load_embedder, max_length
+    from compress.embeddings.pooling import read_pooling
     from compress.models import checkpoint
     from compress.models.outputs import atomic_output_dir, check_output_dir
 
@@ -183,7 +185,7 @@ def distill_embedding(config: EmbedDistillConfig, progress: bool = True) -> dict
         if not is_encoder(path):
             raise UserError(f"the {role} {path} is a decoder; embedding distillation takes two encoders")
     model = checkpoint.load(student_path, device, allow_base=True)
-    student, tokenizer = Embedder(model.base_model, _pooling(student_path)), checkpoint.load_tokenizer(student_path)
+    student, tokenizer = Embedder(model.base_model, read_pooling(student_path)), checkpoint.load_tokenizer(student_path)
     teacher = load_embedder(teacher_path, device)[0].eval()
     check_pair(student, teacher)
     for p in teacher.parameters():
@@ -200,12 +202,6 @@ def distill_embedding(config: EmbedDistillConfig, progress: bool = True) -> dict
         checkpoint.save(model.cpu(), tokenizer, tmp, prune_record, source_dir=student_path)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
-
-
-def _pooling(path):
-    from compress.embeddings.pooling import read_pooling
-
-    return read_pooling(path)
 
 
 def distill_pruned_embedding(prune_config, progress: bool = True, **settings) -> dict:
