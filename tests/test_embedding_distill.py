@@ -110,6 +110,18 @@ def test_prune_then_distill_in_place(tmp_path, capsys):
     assert record["steps_done"] == 4 and record["settings"]["batch_size"] == 4 and pruned["flops_ratio"] <= 0.5
 
 
+def test_the_distill_command_takes_an_encoder_student(tmp_path, capsys):
+    from compress.cli import main
+
+    parent, student = slimmed(tmp_path)
+    assert main(["distill", str(student), "--teacher", str(parent), "-o", str(tmp_path / "out"), "--steps", "3",
+                 "--batch-size", "4", "--relational", "2", "--max-seq-length", "16", "--device", "cpu",
+                 "--calib", str(write_calib(tmp_path / "calib.txt"))]) == 0
+    assert "3 steps, 12 passages" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "out" / "distill.json").read_text())["settings"]
+    assert (settings["relational"], settings["max_seq_length"]) == (2.0, 16)
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"steps": 0}, "--steps must be at least 1"),
     ({"batch_size": 1}, "--batch-size must be at least 2"),
