@@ -32,7 +32,10 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--tokens", type=int, help="training tokens (default 10M on a GPU, 16k on a CPU)")
     add_distill_flags(p)
-    g = p.add_argument_group("encoders (sentence-embedding students)")
+    g = p.add_argument_group("encoders (sentence-embedding students)",
+                             "--batch-size (passages a step) defaults to 32 on a CPU and 64 on a GPU, --lr to 1e-4; "
+                             "--tokens, --seq-len, --eval-*, --save-*, --no-sample, --activation-checkpointing and "
+                             "--resume are a Gemma's only")
     g.add_argument("--steps", type=int, help="optimizer steps, each on --batch-size fresh passages (default 1000 on "
                                              "a CPU, 2000 on a GPU)")
     g.add_argument("--max-seq-length", type=int, help="passages cut to this many tokens (default 128)")
