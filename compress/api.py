@@ -27,6 +27,10 @@ def prune(model: str | os.PathLike, task: str | None, output: str | os.PathLike,
         from compress.distill.trainer import distill_pruned
 
         record["distill"] = distill_pruned(config, progress=progress)
+    if config.distill_steps:  # an embedding model: by distillation of the parent's embeddings
+        from compress.distill.embedding import distill_pruned_embedding
+
+        record["distill"] = distill_pruned_embedding(config, progress=progress)
     return record
 
 

@@ -1,11 +1,12 @@
 """Label-free pruning of sentence-embedding models: STS-B cosine Spearman (and BBC News nearest-neighbour
-accuracy) of the dense model and of `compress prune --objective embedding` at a FLOPs budget.
+accuracy) of the dense model, of `compress prune --objective embedding` at a FLOPs budget and, with
+--distill-steps, of the pruned model recovered by `compress distill` from the dense model's embeddings.
 
 Regenerates evals/results/embedding_pruning.md and its JSON twin. Resumable: each model is pruned into
 --work only when missing, and each evaluation stored in the JSON is skipped when present.
 
   python evals/embedding_pruning.py --work /tmp/ep --data-dir ../shared/data --models minilm mpnet-base \
-      --flops 0.5 --num-samples 512 [--bbc]
+      --flops 0.5 --num-samples 512 [--bbc] [--distill-steps 400 --distill-max-seq-length 64]
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def parse_args(argv):
     p.add_argument("--max-seq-length", type=int, default=None, help="calibration passages cut to this many tokens "
                    "(default 128)")
     p.add_argument("--search-steps", type=int, default=1)
+    p.add_argument("--distill-steps", type=int, default=None, help="then distil the pruned model this many steps")
+    p.add_argument("--distill-batch-size", type=int, default=32)
+    p.add_argument("--distill-max-seq-length", type=int, default=128, help="training passages cut to this length")
+    p.add_argument("--distill-lr", type=float, default=1e-4)
+    p.add_argument("--distill-relational", type=float, default=1.0)
     p.add_argument("--bbc", action="store_true", help="also BBC News 1-NN accuracy (minutes per model on a CPU)")
     p.add_argument("--results", default=str(RESULTS))
     return p.parse_args(argv)
@@ -47,6 +53,23 @@ def prune(args, model: str, num_samples: int) -> Path:
                        calib=args.calib, data_dir=args.data_dir, device="cpu", max_seq_length=args.max_seq_length,
                        search_steps=args.search_steps)
     return out
+
+
+def distill(args, model: str, pruned: Path) -> tuple[str, Path]:
+    """(row label, directory) of the pruned model distilled from `model` as --distill-* say (made when missing)."""
+    from compress.distill.embed_config import EmbedDistillConfig
+    from compress.distill.embedding import distill_embedding
+
+    defaults = {"batch_size": 32, "max_seq_length": 128, "lr": 1e-4, "relational": 1.0}
+    settings = {k: getattr(args, f"distill_{k}") for k in defaults}
+    extra = [f"{k.replace('_', '-')} {v}" for k, v in settings.items() if v != defaults[k]]
+    label = f"+ distilled {args.distill_steps} steps" + (f" ({', '.join(extra)})" if extra else "")
+    out = pruned.with_name(pruned.name + "-distill-" + "-".join([str(args.distill_steps)] + [e.replace(" ", "")
+                                                                                           for e in extra]))
+    if not (out / "distill.json").is_file():
+        distill_embedding(EmbedDistillConfig(student=str(pruned), teacher=model, output=str(out), steps=args.distill_steps,
+                                             data_dir=args.data_dir, calib=args.calib, device="cpu", **settings))
+    return label, out
 
 
 def _variant(args, num_samples: int = 512) -> list[str]:
@@ -75,17 +98,23 @@ def render(data: dict) -> str:
              "1-nearest-neighbour classification of the 445 dev articles among the 1,780 training articles "
              "(cosine, first 128 tokens). Pruned: `compress prune --objective embedding` (no labels; Fisher of "
              "the distillation loss between the masked and the dense embeddings) on passages of the data "
-             "directory's Wikipedia sample; CPU, fp32.", "",
+             "directory's Wikipedia sample; CPU, fp32. Distilled: `compress distill PRUNED --teacher DENSE` (no "
+             "labels; the pruned model learns the dense model's normalised embeddings and their in-batch cosine "
+             "similarities on fresh passages of the same text, 32 a step unless the row says otherwise, "
+             "compress/distill/embedding.py); its "
+             "seconds are the distillation's, on top of the pruning's.", "",
              "| model | variant | FLOPs ratio | calibration passages | seconds | STS-B Spearman | change | "
              "BBC News 1-NN | change |", "|---|---|---|---|---|---|---|---|---|"]
     for model, row in data["models"].items():
         dense, pruned = row["dense"], row["pruned"]
         for name, result in (("dense", dense), (f"pruned {row['flops']}", pruned)):
             lines.append(_row(model, name, row, result, dense, name == "dense"))
+        for label, result in row.get("distilled", {}).items():
+            lines.append(_row(model, f"pruned {row['flops']} {label}", row, result, dense, False, result["seconds"]))
     return "\n".join(lines) + "\n"
 
 
-def _row(model, name, row, result, dense, is_dense) -> str:
+def _row(model, name, row, result, dense, is_dense, seconds=None) -> str:
     def metric(task, key):
         if task not in result:
             return "-", "-"
@@ -95,7 +124,7 @@ def _row(model, name, row, result, dense, is_dense) -> str:
     bbc, bbc_change = metric("bbc-news-embed", "accuracy")
     ratio = "1.000" if is_dense else f"{row['flops_ratio']:.3f}"
     samples = "" if is_dense else str(row["num_samples"])
-    seconds = "" if is_dense else f"{row['seconds']:.0f}"
+    seconds = "" if is_dense else f"{row['seconds'] if seconds is None else seconds:.0f}"
     return f"| {model} | {name} | {ratio} | {samples} | {seconds} | {sts} | {sts_change} | {bbc} | {bbc_change} |"
 
 
@@ -119,6 +148,12 @@ def main(argv=None) -> int:
                    filters=record["intermediate_size_per_layer"])
         evaluate(row, "dense", model, args)
         evaluate(row, "pruned", out, args)
+        if args.distill_steps:
+            label, distilled = distill(args, model, out)
+            record = json.loads((distilled / "distill.json").read_text())
+            entry = row.setdefault("distilled", {}).setdefault(label, {})
+            entry.update(steps=record["steps_done"], seconds=record["seconds"], passages=record["passages"])
+            evaluate(row["distilled"], label, distilled, args)
         data = _read(json_path)  # other runs may have written rows meanwhile: add this one to theirs
         data["models"][key] = row
         data["commands"] = [c for c in data.get("commands", []) if c != command] + [command]

@@ -14,7 +14,9 @@ import argparse
 from compress.commands._common import add_data_flags, overrides
 from compress.commands.distill import (
     add_distill_flags,
+    add_embedding_flags,
     distill_overrides,
+    embedding_overrides,
     format_record,
 )
 from compress.pruning.config import DTYPES, FISHERS, METHODS, OBJECTIVES
@@ -99,6 +101,11 @@ def _add_encoder(g) -> None:
     g.add_argument("--filter-multiple", type=int, help="pad FFN widths with zero filters to a multiple of this "
                    "(same outputs, tensor-core friendly GEMMs; default 8, 1 = none)")
     g.add_argument("--eval", action="store_true", default=None, help="report the dev metric before and after")
+    g.add_argument("--distill-steps", type=int, metavar="N",
+                   help="--objective embedding: then recover the pruned encoder by distillation from --model's "
+                        "embeddings on the calibration text for N steps (`compress distill`; --distill-batch-size, "
+                        "--distill-lr, --distill-train-embeddings and --distill-relational apply)")
+    add_embedding_flags(g, "distill-")
 
 
 def _add_decoder(g) -> None:
@@ -131,4 +138,9 @@ def run(args) -> int:
         from compress.distill.trainer import distill_pruned
 
         print(format_record(distill_pruned(config, **distill_overrides(args, "distill-")), config.output))
+    if config.distill_steps:
+        from compress.distill.embedding import distill_pruned_embedding
+        from compress.distill.embedding import format_record as describe
+
+        print(describe(distill_pruned_embedding(config, **embedding_overrides(args, "distill-")), config.output))
     return 0

@@ -72,6 +72,8 @@ class PruneConfig:
     max_seq_length: int | None = _only(ENCODER)  # None: the task's default (128 for GLUE, 384 for SQuAD)
     filter_multiple: int | None = _only(ENCODER, 8)  # FFN widths padded with zero filters to a multiple
     eval: bool | None = _only(ENCODER, False)
+    distill_steps: int | None = _only(ENCODER)  # --objective embedding: then distil from the parent this many
+    # steps (compress.distill.embedding)
     # decoders
     seq_len: int | None = _only(DECODER)  # calibration window in tokens, BOS included; None: by device
     context_len: int | None = _only(DECODER, 2048)  # prefill length of the cost model
@@ -149,6 +151,8 @@ class PruneConfig:
         elif not self.task:
             raise UserError("an encoder needs --task: the task it was fine-tuned on (its train split calibrates), "
                             "or --objective embedding (label-free, on text)")
+        elif self.distill_steps is not None:
+            raise UserError("--distill-steps applies to --objective embedding (a decoder takes --distill-tokens)")
         elif self.calib is not None:
             raise UserError("--calib applies to decoders and to --objective embedding; an encoder pruned for --task "
                             "calibrates on that task's train split")
@@ -176,6 +180,7 @@ class PruneConfig:
                             "latency search)")
 
     def _validate_embedding(self) -> None:
+        require_positive(self, "distill_steps")
         if self.task:
             raise UserError("--objective embedding needs no labels: drop --task (calibrate on text with --calib)")
         if self.method != "fisher":
