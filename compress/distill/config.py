@@ -21,6 +21,15 @@ TRAINING_FIELDS = ("tokens", "seq_len", "batch_size", "lr", "min_lr_ratio", "war
                    "max_grad_norm", "seed", "calib", "sample", "train_embeddings")
 
 
+def fill_by_device(config, scale: dict) -> None:
+    """Set the fields of `config` left None from `scale["cuda"]` or `scale["cpu"]`, by the device it runs on."""
+    from compress.device import pick_device
+
+    for name, value in scale["cuda" if pick_device(config.device).type == "cuda" else "cpu"].items():
+        if getattr(config, name) is None:
+            setattr(config, name, value)
+
+
 @dataclass
 class DistillConfig:
     """Everything `compress distill` needs; `compress distill --help` gives the meaning of each field."""
@@ -52,12 +61,7 @@ class DistillConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        from compress.device import pick_device
-
-        scale = SCALE["cuda" if pick_device(self.device).type == "cuda" else "cpu"]
-        for name, value in scale.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        fill_by_device(self, SCALE)
 
     def validate(self) -> "DistillConfig":
         if not self.student or not self.teacher or not self.output:

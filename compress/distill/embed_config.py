@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from compress.distill.config import fill_by_device
 from compress.errors import UserError
 from compress.recipes import require_positive
 
@@ -42,12 +43,7 @@ class EmbedDistillConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        from compress.device import pick_device
-
-        scale = SCALE["cuda" if pick_device(self.device).type == "cuda" else "cpu"]
-        for name, value in scale.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        fill_by_device(self, SCALE)
 
     def validate(self) -> EmbedDistillConfig:
         if not self.student or not self.teacher or not self.output:
