@@ -223,6 +223,14 @@ class LLMEngine:
         graphs = self.runner.decode_graphs
         argmax = graphs.argmax if graphs is not None else None     # a decode graph's, else None
         self.scheduler.advance(batch)
+        finished = self._sample_and_append(sampling, logits, argmax)
+        self.metrics.num_steps += 1
+        return self._outputs(batch.seqs if self.stream_outputs else finished)
+
+    def _sample_and_append(self, sampling: list[Sequence], logits, argmax=None) -> list[Sequence]:
+        """Fork requests with n > 1, sample the rows of `sampling`, append their tokens; the scheduled
+        sequences that finished (children forked this step sit past the scheduled ones in `sampling` and
+        are not part of the batch: offline, only requests one of whose scheduled sequences finished move)."""
         num_scheduled = len(sampling)
         forked = self._fork_all(sampling, logits)
         if forked is not logits:
@@ -230,22 +238,14 @@ class LLMEngine:
         tokens, logprobs = self._sample(logits, sampling, argmax) if sampling else ([], [])
         finished = self._append_all(sampling, tokens, logprobs)
         self.metrics.generation_tokens += len(tokens)
-        self.metrics.num_steps += 1
-        # Offline: only requests a scheduled sequence of which just finished (children forked this step
-        # sit past num_scheduled in `sampling` and are not part of the batch).
-        moved = batch.seqs if self.stream_outputs else [sampling[i] for i in finished if i < num_scheduled]
-        return self._outputs(moved)
+        return [sampling[i] for i in finished if i < num_scheduled]
 
     def _step_speculative(self, batch: ScheduledBatch) -> list[RequestOutput]:
         """A step with drafts (serve/speculative/speculator.py): the sequences that do not speculate
         sample as in `_step_sync`; the others append their accepted tokens."""
         sampling, logits, drafts = self.speculator.run(batch)
         self.scheduler.advance(batch)
-        num_scheduled = len(sampling)
-        logits = self._fork_all(sampling, logits)
-        tokens, logprobs = self._sample(logits, sampling, None) if sampling else ([], [])
-        finished = [sampling[i] for i in self._append_all(sampling, tokens, logprobs) if i < num_scheduled]
-        self.metrics.generation_tokens += len(tokens)
+        finished = self._sample_and_append(sampling, logits)
         for draft in drafts:
             if self._append_draft(draft):
                 finished.append(draft.seq)
