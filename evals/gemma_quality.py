@@ -37,6 +37,8 @@ from compress.arch import get_adapter  # noqa: E402
 from evals.gemma_pruning import continuations, device_name, heldout_sets  # noqa: E402
 from evals.gemma_quality_report import WIKI  # noqa: E402
 
+MAX_DENSE_PERPLEXITY = 100.0  # gemma-3-270m reads the held-out Wikipedia at about 14; thousands mean noise
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -104,6 +106,10 @@ class Table:
             self.windows = self._windows()
         with phase("eval_dense"):
             self.add({"method": "dense", "flops": 1.0, "tokens": 0, **self.measure(self.dense)})
+        dense = self.result["rows"][0]["perplexity"][WIKI]
+        if dense > MAX_DENSE_PERPLEXITY:
+            sys.exit(f"the dense model's held-out Wikipedia perplexity is {dense:.0f}: the model or its tokenizer "
+                     f"is broken (see compress.models.convert); nothing else was run")
         self.result.update(device=device_name(self.dense), calibration=self.calib.source,
                            calib_config=pipe.config.settings(), distill_text=self.windows.source,
                            distill_sampled_windows=self.windows.num_sampled)

