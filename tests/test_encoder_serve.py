@@ -261,3 +261,29 @@ def test_startup_says_mean_pooling_without_a_config(tmp_path):
 
     encoder = Encoder(str(st_dir(tmp_path / "bare", "bert", pooling=None)))
     assert "mean pooling (the default: no sentence-transformers pooling config)" in startup_lines(encoder, "t", "h", 1)[1]
+
+
+@pytest.mark.parametrize("token_pruned", [False, True])
+def test_forwards_run_without_cudnn_attention(tmp_path, monkeypatch, token_pruned):
+    """cuDNN's SDPA builds a graph per new shape; the engine's forwards (embed and classify) run without it."""
+    from compress.models.checkpoint import load, load_tokenizer
+    from compress.token_pruning import PruningSpec, TokenPruningModel, checkpoint
+    from serve import Encoder
+
+    path = st_dir(tmp_path / "m", "bert", "mean", with_head=True, num_labels=2)
+    if token_pruned:
+        model = TokenPruningModel(load(path), PruningSpec("threshold", [0.08], [], 1e-3)).eval()
+        checkpoint.save(model, load_tokenizer(path), tmp_path / "tp", {}, source_dir=path)
+        path = tmp_path / "tp"
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    encoder = Encoder(str(path))
+    encoder.embed(TEXTS)
+    encoder.classify(TEXTS)
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored outside the forwards

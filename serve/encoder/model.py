@@ -8,6 +8,11 @@ checkpoint (compress.token_pruning) runs its token-dropping forward for both: th
 the embedding pools the tokens that survive the last layer. Weights are cast to the serving dtype
 once; everything a caller gets back is float32 on the CPU. Shapes: a batch is `[B, S]`; `embed` gives
 `[B, D]`, `classify` `[B, C]` (C = 1: a regression score).
+
+Forwards run with cuDNN's attention left out of PyTorch's SDPA choices (SDPA_BACKENDS): cuDNN builds an
+execution graph for each input shape it has not met (cached by shape), and a server's token-budget batches,
+like the layers of a token-pruned model, meet new shapes all the time; flash, memory-efficient and math
+attention set nothing up per shape.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import json
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from compress.embeddings.model import Embedder, max_length, model_inputs
 from compress.embeddings.pooling import read_pooling
 
 ENCODER_TYPES = ("bert", "roberta", "distilbert", "mpnet")
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def is_encoder(path: str | Path) -> bool:
@@ -65,11 +72,13 @@ class EncoderModel:
 
     @torch.inference_mode()
     def embed(self, batch: dict) -> torch.Tensor:
-        if self.token_pruned:
-            hidden, kept, *_ = self.model.hidden_states(**model_inputs(batch))
-            return self.pooling.pool(hidden, kept).cpu()
-        return self.embedder(**model_inputs(batch)).cpu()
+        with sdpa_kernel(SDPA_BACKENDS):
+            if self.token_pruned:
+                hidden, kept, *_ = self.model.hidden_states(**model_inputs(batch))
+                return self.pooling.pool(hidden, kept).cpu()
+            return self.embedder(**model_inputs(batch)).cpu()
 
     @torch.inference_mode()
     def classify(self, batch: dict) -> torch.Tensor:
-        return self.model(**model_inputs(batch)).logits.float().cpu()
+        with sdpa_kernel(SDPA_BACKENDS):
+            return self.model(**model_inputs(batch)).logits.float().cpu()
