@@ -9,6 +9,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,27 +28,32 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        # the caller's path stays (packages installed beside the repository); the log goes to a file, since
+        # a pipe nobody reads would stall a chatty server once its buffer is full
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench_embed_server_", suffix=".log")
         self.proc = subprocess.Popen([sys.executable, "-m", "compress", "serve", self.path, "--port", str(port),
                                       "--served-model-name", "m", *self.flags], env=env, cwd=REPO,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
         self.url = f"http://127.0.0.1:{port}"
-        asyncio.run(_wait_healthy(self.url, self.proc))
+        asyncio.run(_wait_healthy(self.url, self.proc, self.log))
         return self.url
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
+        self.log.close()
 
 
-async def _wait_healthy(url: str, proc, timeout: float = 300) -> None:
+async def _wait_healthy(url: str, proc, log, timeout: float = 300) -> None:
     import aiohttp
 
     deadline = time.time() + timeout
     async with aiohttp.ClientSession() as session:
         while time.time() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"compress serve exited: {proc.stdout.read()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"compress serve exited: {log.read()[-2000:]}")
             try:
                 async with session.get(url + "/health") as r:
                     if r.status == 200:
