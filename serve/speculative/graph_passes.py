@@ -55,8 +55,10 @@ def _next_span(draft, j: int, ids: list[int]) -> Span:
 
 
 def _chain_greedy(graphs, owners: list, rows: list[int], lengths: dict, num_passes: int) -> None:
-    """Passes 2..k fed from the device; one host read at the end."""
-    picked, members = [graphs.argmax[rows]], [list(range(len(owners)))]
+    """Passes 2..k fed from the device; one host read at the end. Each pass's whole argmax is copied
+    aside on the device (indexing it with a host list would wait for the device) and its rows are
+    picked on the host."""
+    picked, members = [graphs.argmax.clone()], [list(range(len(owners)))]
     source = dict(enumerate(rows))           # owner -> its row in the previous pass's argmax
     for j in range(2, num_passes + 1):
         keep = [i for i in members[-1] if lengths[owners[i].seq.seq_id] >= j]
@@ -64,10 +66,14 @@ def _chain_greedy(graphs, owners: list, rows: list[int], lengths: dict, num_pass
         picked.append(graphs.argmax.clone())     # the next pass overwrites the buffer
         members.append(keep)
         source = {i: row for row, i in enumerate(keep)}
-    tokens = iter(torch.cat(picked).tolist())
-    for keep in members:
-        for i in keep:
-            owners[i].tokens.append(next(tokens))
+    tokens = torch.cat(picked).tolist()
+    offset = len(picked[0])
+    for i, row in enumerate(rows):
+        owners[i].tokens.append(tokens[row])
+    for keep in members[1:]:
+        for row, i in enumerate(keep):
+            owners[i].tokens.append(tokens[offset + row])
+        offset += len(keep)
 
 
 def verify_pass(graphs, batch, drafts: dict) -> tuple[torch.Tensor, list[int], int]:
