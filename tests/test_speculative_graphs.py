@@ -19,6 +19,7 @@ from serve_fixtures import gemma2_config, gemma3_config, random_model, random_pr
 from test_engine_speculative import assert_all_free, pin_launch_bound, slim_child, token_ids
 
 from serve import LLM, SamplingParams
+from serve.metrics import render
 from serve.model_runner import Span
 
 NEW_TOKENS = 20
@@ -70,6 +71,7 @@ def test_greedy_on_graphs_equals_plain_greedy(tiny, k):
     stats = engine.speculator.stats
     assert stats.num_graph_steps > 0 and stats.num_eager_steps > 0      # prompts' catch-ups run eagerly
     assert f"{stats.num_graph_steps} steps on graphs" in stats.summary()
+    assert f"serve_spec_graph_steps_total {stats.num_graph_steps}\n" in render(engine)
     assert verified and all(2 <= q <= (8 if k == "auto" else k) + 1 for q, _ in verified)
     assert_all_free(llm)
 
