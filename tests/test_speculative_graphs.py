@@ -5,7 +5,7 @@ tokens without, through mixed batches, rows with different caps (max_tokens reac
 per-request max_speculative_tokens), preemption and prefix-cache hits; the padded verify pass gives
 run_spans' logits on its real rows; the draft's catch-up runs at query length 1 and 2 and greedy
 passes chain on the device; every block of both models is free at the end. The `gpu` test captures
-the real CUDA graphs.
+the real CUDA graphs; another test runs the padded steps through the Triton prefill kernel, interpreted.
 """
 
 import os
@@ -200,7 +200,7 @@ model = random_model(gemma3_config(), seed=3)
 target = save_model(model, {path!r} + "target")
 draft = slim_child(model, {path!r} + "slim", "gemma3")
 common = dict(block_size=4, max_num_batched_tokens=64, max_num_seqs=4, dtype="float32", attention_backend="triton",
-              fast_path="on")
+              fast_path="on", kv_cache_bytes=2**24)     # three engines in one process: each a small cache
 plain = [o.outputs[0].token_ids for o in LLM(target, **common).generate(prompts, params)]
 for k in (3, "auto"):
     llm = LLM(target, draft=str(draft), num_speculative_tokens=k, **common)
@@ -226,3 +226,40 @@ def test_gpu_speculative_graphs_match_plain_greedy(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("same tokens") == 2, proc.stdout
+
+
+INTERPRETER_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from serve_fixtures import gemma2_config, random_model, random_prompts, save_model
+from serve import LLM, SamplingParams
+path = save_model(random_model(gemma2_config(num_layers=2), seed=3), {path!r})
+prompts = random_prompts([3, 13, 20])
+params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, max_speculative_tokens=cap) for cap in (3, 1, 2)]
+common = dict(block_size=4, max_num_batched_tokens=32, fast_path="on", device="cpu")
+
+def run(llm):
+    engine, done = llm.engine, {{}}
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    while engine.has_unfinished_requests():
+        done.update({{o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished}})
+    return [done[i] for i in ids]
+
+plain = run(LLM(path, attention_backend="reference", **common))
+llm = LLM(path, draft=path, num_speculative_tokens=3, attention_backend="triton", **common)
+got = run(llm)
+assert got == plain, (got, plain)
+assert llm.engine.speculator.stats.num_graph_steps > 0 and llm.engine.block_manager.num_used_blocks() == 0
+print("same tokens", llm.engine.speculator.stats.summary())
+"""
+
+
+def test_padded_steps_on_the_triton_prefill_kernel(tmp_path):
+    """The graphs' padded verify and catch-up steps through the Triton paged prefill kernel (interpreted on
+    the CPU): padding past the real tokens, table rows zeroed past a sequence's blocks, a sliding window."""
+    pytest.importorskip("triton")
+    script = INTERPRETER_SCRIPT.format(tests=str(Path(__file__).parent), path=str(tmp_path / "m"))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "same tokens" in proc.stdout, proc.stdout
