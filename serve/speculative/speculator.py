@@ -16,12 +16,15 @@ Per step (the engine calls `run`, then scheduler.advance, then `accept` and `set
    Passes 2..k feed d_{j-1}.
 3. One target forward verifies: each speculating sequence computes [last token, d_1..d_k] (query length
    k+1 through the paged prefill path), the others their scheduled tokens.
-Steps that fit (pure decode, at most config.spec_graph_batch sequences) run their passes on CUDA graphs
-(graph_passes.py): the draft's decode graphs and the target's verify graphs; the others, and a draft
-pass 1 over a long lag, run eagerly through `ModelRunner.run_spans`. SpecStats counts both kinds.
 4. rejection.py keeps a prefix of the drafts and adds one target token; the engine appends them (a stop
    token, stop string or max_tokens ends the sequence there). `settle` moves the computed counts to the
    kept tokens and gives back the blocks of rejected ones (BlockManager.trim).
+
+Steps that fit (pure decode, at most config.spec_graph_batch sequences) run their passes on CUDA graphs
+(graph_passes.py: the draft's decode graphs, the target's verify graphs; on the CPU the same padded
+steps run eagerly); the others, and a draft pass 1 over a lag of more than 2, run eagerly through
+`ModelRunner.run_spans`. SpecStats counts verifying steps of both kinds; `auto` costs each step with
+the timings of the path it will take.
 """
 
 from __future__ import annotations
