@@ -50,6 +50,7 @@ from serve.speculative.graph_passes import draft_fits, draft_passes, verify_pass
 from serve.speculative.profile import measure, measure_decode, measure_graphs
 from serve.speculative.rejection import draw, greedy_accept, rejection_sample
 
+
 @dataclass
 class Draft:
     """One sequence's proposal and what the target made of it."""
@@ -221,7 +222,7 @@ class Speculator:
         self._copy_draft_blocks(batch.copies)
         drafts = {seq.seq_id: Draft(seq) for seq in batch.seqs if seq.seq_id in lengths}
         on_graphs = self._on_graphs(batch)
-        draft_on_graphs = on_graphs and spans and draft_fits(spans)
+        draft_on_graphs = on_graphs and bool(spans) and draft_fits(spans)
         if draft_on_graphs:
             self._draft_on_graphs(spans, lengths, drafts)
         else:
