@@ -134,9 +134,7 @@ class Speculator:
             # past the graphs' batch a draft pass runs eagerly
             self.draft_graph_time = BatchTimeModel({**{n: t for n, t in self.draft_time.points.items()
                                                        if n > self.graph_batch}, **graphs.points})
-            lens = target.verify_graphs.query_lens
-            self.verify_time = measure_graphs(target, target.verify_graphs, sorted({lens[0], lens[len(lens) // 2],
-                                                                                    lens[-1]}))
+            self.verify_time = measure_graphs(target, target.verify_graphs, target.verify_graphs.query_lens)
 
     def startup_lines(self) -> list[str]:
         mode = "auto (goodput)" if self.auto else str(self.k_max)
