@@ -188,6 +188,22 @@ def test_startup_line_says_where_passes_run(tiny):
     assert off.engine.speculator.stats.num_graph_steps == 0
 
 
+def test_a_failed_capture_of_the_speculative_graphs_is_a_start_up_error(tiny, monkeypatch):
+    """Never a silent fallback: the error names the graphs and the flag that avoids them."""
+    from serve.cuda_graphs import DecodeGraphs, GraphCaptureError
+    from serve.model_runner import ModelRunner
+
+    def capture(self):
+        if self.name != "decode":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(ModelRunner, "_use_graphs", lambda self: True)
+    monkeypatch.setattr(DecodeGraphs, "_capture", capture)
+    with pytest.raises(GraphCaptureError, match="speculative verify CUDA graphs.*out of memory.*--max-spec-graph-batch"):
+        speculative(tiny, k=2)
+    llm = speculative(tiny, k=2, max_spec_graph_batch=0)
+    assert "run eagerly" in llm.engine.startup_report[-1]
+
+
 GPU_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
