@@ -139,16 +139,16 @@ class DecodeGraphs:
         """Row i: lens[i] real tokens at positions starts[i].., then padding to q (slot -1)."""
         num, views, block_size = len(seqs), self.np, self.block_size
         bucket = next(b for b in self.buckets if b >= num)
-        flat = slice(0, bucket * q)
+        end = bucket * q                                        # tokens the graph computes
         if ids is not None:
             views["ids"][:num * q] = ids
         views["src_rows"][:num] = -1 if src_rows is None else src_rows
         views["src_rows"][num:bucket] = -1
         pos = starts[:, None] + np.arange(q)                    # [num, q]
-        real = np.arange(q) < lens[:, None]
-        views["positions"][:num * q] = np.where(real, pos, starts[:, None]).ravel()
+        real = np.arange(q) < lens[:, None] if q > 1 else None     # decode (q = 1) has no padding
+        views["positions"][:num * q] = (pos if real is None else np.where(real, pos, starts[:, None])).ravel()
         views["seq_lens"][:num] = starts + q
-        views["ids"][num * q:flat.stop], views["positions"][num * q:flat.stop], views["seq_lens"][num:bucket] = 0, 0, q
+        views["ids"][num * q:end], views["positions"][num * q:end], views["seq_lens"][num:bucket] = 0, 0, q
         rows = np.arange(num)[:, None]
         for key in self.keys:
             tables, stamps, name = views[("tables", key)], self.stamps[key], self.names[key]
@@ -159,8 +159,8 @@ class DecodeGraphs:
                     tables[i, :len(table)], tables[i, len(table):], stamps[i] = table, 0, stamp
                     self.tables_dirty = True
             slots = tables[rows, pos // block_size] * block_size + pos % block_size
-            views[("slots", key)][:num * q] = np.where(real, slots, -1).ravel()
-            views[("slots", key)][num * q:flat.stop] = -1
+            views[("slots", key)][:num * q] = (slots if real is None else np.where(real, slots, -1)).ravel()
+            views[("slots", key)][num * q:end] = -1
             if any(stamp is not None for stamp in stamps[num:bucket]):
                 tables[num:bucket] = 0
                 stamps[num:bucket] = [None] * (bucket - num)
