@@ -3,18 +3,19 @@ device, and the whole model step (embedding to soft-capped logits) replayed from
 ahead of time per batch-size bucket (the ahead-of-time idea of Nimble; the bucketing of vLLM).
 
 A decode batch of B sequences runs the graph of the smallest bucket >= B; rows past B are padding:
-token 0 at position 0, seq_len 1, slot -1 (nothing written), block-table entry 0 (a valid block, so
-the kernels read real memory). Block tables have a fixed width (the blocks of max_model_len tokens), so
+token 0 at position 0, seq_len 1, slot -1 (nothing written), a block-table row of zeros (a valid block,
+so the kernels read real memory). Block tables have a fixed width (the blocks of max_model_len tokens), so
 every graph sees the same shapes. The pinned buffer persists between steps and remembers, per row and
 group, which sequence's table it holds (seq id, table version, length): a row is rewritten only when
-another sequence lands there or its table grew or had an entry replaced (about one step in block_size
-per sequence), and the slots come from the packed rows in one numpy expression, so packing a step is
+another sequence lands there or its table grew or had an entry replaced or dropped (about one step in
+block_size per sequence), and the slots come from the packed rows in one numpy expression, so packing a step is
 a few list comprehensions, not per-sequence array writes. Entries of sliding-window blocks freed since a
 row was written stay stale there; the kernels never read blocks outside the window (team contract).
 
 Packed int32 layout (host and device): ids [M*Q] | positions [M*Q] | seq_lens [M] | src_rows [M] | per
-group: slots [M*Q] | per group: block_tables [M, W_g]; M = the largest bucket, Q the longest query. Inside the graph the int64 views
-the model needs are cast from it, so one memcpy moves a step's metadata. Without CUDA graphs (CPU, or
+group: slots [M*Q] | per group: block_tables [M, W_g]; M = the largest bucket, Q the longest query (1 for
+decode). Inside the graph the int64 views the model needs are cast from it, so one memcpy moves a step's
+metadata. Without CUDA graphs (CPU, or
 `enforce_eager`) the same packing and padding run eagerly, which is how CPU tests cover this file.
 
 A step launched ahead (serve/lookahead.py) does not know its input tokens on the host: they are the
@@ -36,7 +37,8 @@ target's verify pass ([last token, d_1..d_k] per row, q = k + 1) and the draft's
 2 tokens. Graphs are keyed by (bucket, q), over cu_seqlens = arange * q and max_seqlen_q = q. A row with
 fewer real tokens than q (a lower cap, a lag of 1) is padded after them: the padding has slot -1 (no KV
 written) and the row's own position, so the causal attention of the real tokens is unchanged and the
-padded logits are ignored; its table row is zero past the sequence's blocks (the padded queries read
+padded logits are ignored (padding rows past the batch get seq_len q); a table row is zero past its
+sequence's blocks (the padded queries read
 real memory), and tables are wide enough for q - 1 tokens past max_model_len. Such an instance copies
 its logits into one persistent buffer [M*Q, V], so its graphs share it instead of keeping one each.
 
