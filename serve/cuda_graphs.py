@@ -38,9 +38,9 @@ target's verify pass ([last token, d_1..d_k] per row, q = k + 1) and the draft's
 fewer real tokens than q (a lower cap, a lag of 1) is padded after them: the padding has slot -1 (no KV
 written) and the row's own position, so the causal attention of the real tokens is unchanged and the
 padded logits are ignored (padding rows past the batch get seq_len q); a table row is zero past its
-sequence's blocks (the padded queries read
-real memory), and tables are wide enough for q - 1 tokens past max_model_len. Such an instance copies
-its logits into one persistent buffer [M*Q, V], so its graphs share it instead of keeping one each.
+sequence's blocks (the padded queries read real memory), and tables are wide enough for q - 1 tokens
+past max_model_len. Such an instance copies its logits into one persistent buffer [M*Q, V], so its
+graphs share it instead of keeping one each.
 
 A capture that fails (out of memory, most likely) raises GraphCaptureError, a ValueError that
 `compress serve` reports in one line at start-up: decode never falls back to eager silently; eager is
