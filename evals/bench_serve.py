@@ -136,8 +136,8 @@ def run_latency(llm, vocab: int, copy_gbs: float, prompt_len: int = 512, output_
     step_s = statistics.median(steps[1:])
     replay_s = float("nan")
     graphs = engine.runner.decode_graphs
-    if graphs is not None and 1 in graphs.graphs:
-        replay_s = _time_replay(graphs.graphs[1])
+    if graphs is not None and (1, 1) in graphs.graphs:       # (batch bucket, query length)
+        replay_s = _time_replay(graphs.graphs[(1, 1)])
     weights, kv = floor_bytes(llm, prompt_len + output_len // 2)
     floor_s = (weights + kv) / (copy_gbs * 1e9)
     return {"step_ms": step_s * 1e3, "replay_ms": replay_s * 1e3, "floor_ms": floor_s * 1e3,

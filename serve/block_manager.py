@@ -285,10 +285,14 @@ class BlockManager:
 
     def trim(self, seq: Sequence) -> None:
         """Give back each group's blocks past its computed tokens (slots of rejected speculative tokens):
-        never hashed (not full of computed tokens) nor shared (appended fresh)."""
+        never hashed (not full of computed tokens) nor shared (appended fresh). The table's version moves:
+        the entries appended next may hold other blocks at the same length (serve/cuda_graphs.py keeps a
+        packed table until its sequence, version or length changes)."""
         for key, pool in self.pools.items():
             keep = -(-num_computed(seq, key) // self.block_size)
             table = seq.block_tables.get(key, [])
+            if len(table) > keep:
+                seq.block_table_version += 1
             while len(table) > keep:
                 pool.release(table.pop())
 

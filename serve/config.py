@@ -7,6 +7,9 @@ GPU the KV cache, one step's activations and the decode graphs share it: serve/m
 size of the KV cache in bytes (`kv_cache_bytes`); `parse_kv_cache_memory` reads the flag into either.
 With a `draft`, each step the draft proposes up to `num_speculative_tokens` tokens per decoding sequence
 (at most MAX_SPECULATIVE_TOKENS; "auto": chosen every step for goodput, serve/speculative/goodput.py).
+Speculative steps of up to `max_spec_graph_batch` sequences replay CUDA graphs for their draft and verify
+passes (on the fast path); past it speculation seldom pays (`auto` picks 0 at large batches), so more
+graphs would cost start-up time and memory for steps that do not draft.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_SPECULATIVE_TOKENS = 8      # past this, verify steps grow faster than acceptance pays for them
+SPEC_GRAPH_BATCH = 8            # default max_spec_graph_batch
 
 
 @dataclass
@@ -39,6 +43,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1           # > 1: one process per GPU (serve/distributed/)
     draft: str | None = None                # a draft model directory: speculative decoding (serve/speculative/)
     num_speculative_tokens: int | str = "auto"   # tokens the draft proposes per step, 0..MAX_SPECULATIVE_TOKENS or "auto"
+    max_spec_graph_batch: int = SPEC_GRAPH_BATCH  # largest speculative step on CUDA graphs (0: eager passes)
 
     def __post_init__(self):
         self._check_positive("block_size", "max_num_seqs", "max_num_batched_tokens", "max_n",
@@ -67,6 +72,9 @@ class EngineConfig:
         if k != "auto" and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_SPECULATIVE_TOKENS):
             raise ValueError(f"num_speculative_tokens must be 'auto' or an integer in 0..{MAX_SPECULATIVE_TOKENS}, "
                              f"got {k!r}")
+        if isinstance(self.max_spec_graph_batch, bool) or not isinstance(self.max_spec_graph_batch, int) \
+                or self.max_spec_graph_batch < 0:
+            raise ValueError(f"max_spec_graph_batch must be an integer >= 0, got {self.max_spec_graph_batch!r}")
         if self.draft is not None and self.tensor_parallel_size > 1:
             raise ValueError("speculative decoding (a draft model) runs on one device; drop --tensor-parallel-size")
 
@@ -74,6 +82,19 @@ class EngineConfig:
         for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """The most tokens a step may draft per sequence."""
+        k = self.num_speculative_tokens
+        return MAX_SPECULATIVE_TOKENS if k == "auto" else k
+
+    @property
+    def spec_graph_batch(self) -> int:
+        """Largest speculative step whose passes replay graphs (0: none, e.g. no draft or k = 0)."""
+        if self.draft is None or self.max_draft_tokens == 0:
+            return 0
+        return min(self.max_spec_graph_batch, self.max_num_seqs)
 
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -5,8 +5,10 @@ too little to capture its graphs (issue 33).
 
 On CUDA, ModelRunner runs: weights -> `profile` over a cache of a few blocks (one step of
 max_num_batched_tokens tokens in min(max_num_seqs, tokens) sequences that all sample with top-k, top-p
-and logprobs: the allocator's peak; then the decode graphs captured and dropped: the driver's free
-memory before and after) -> `kv_budget` -> the KV cache allocated -> the graphs captured for real.
+and logprobs: the allocator's peak; then the decode graphs, and serving a draft the verify graphs,
+captured and dropped: the driver's free memory before and after) -> `kv_budget` -> the KV cache
+allocated -> the graphs captured for real. A draft model's runner profiles only its own graphs, which
+come out of the KV share it is given (serve/speculative/proposer.py).
 `--kv-cache-memory` is a fraction (<= 1, default 0.9) of the memory free after the weights, which the
 KV cache, a step's activations and the graphs share; or an exact size of the KV cache alone (4GB,
 4GiB), refused at start-up when it leaves too little for the rest. On the CPU nothing is profiled: a
@@ -23,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from serve.config import EngineConfig
-from serve.cuda_graphs import DecodeGraphs
 from serve.kv_cache import allocate_caches, group_layers
 from serve.sampler import sample
 from serve.sampling_params import SamplingParams
@@ -44,13 +45,13 @@ def gib(num_bytes: int) -> str:
 class MemoryProfile:
     free_bytes: int          # device memory free with the weights loaded (the profile's buffers released)
     step_bytes: int          # allocator peak of one worst-case step and its sampling, over what it started with
-    graph_bytes: int = 0     # the decode graphs: their memory pool, buffers and executables
+    graph_bytes: int = 0     # the CUDA graphs: their memory pools, buffers and executables
 
 
 def kv_budget(config: EngineConfig, profile: MemoryProfile) -> int:
     """Bytes for the KV cache on a profiled device; ValueError when the settings leave it none."""
     reserved = profile.step_bytes + profile.graph_bytes
-    needs = f"one step needs {gib(profile.step_bytes)} and the decode graphs {gib(profile.graph_bytes)}"
+    needs = f"one step needs {gib(profile.step_bytes)} and the CUDA graphs {gib(profile.graph_bytes)}"
     if config.kv_cache_bytes is not None:
         if config.kv_cache_bytes + reserved > profile.free_bytes:
             raise ValueError(f"--kv-cache-memory {gib(config.kv_cache_bytes)} does not fit: {gib(profile.free_bytes)} "
@@ -92,16 +93,18 @@ def worst_step(config: EngineConfig, max_model_len: int, keys) -> ScheduledBatch
     return batch
 
 
-def profile(runner, max_graph_batch: int | None) -> MemoryProfile:
-    """Measure one worst-case step and, with `max_graph_batch`, the decode graphs, over a cache of a few
-    blocks freed again. Meanwhile runner.block_plan / kv_caches are the profile's."""
+def profile(runner, use_graphs: bool, step: bool = True) -> MemoryProfile:
+    """Measure one worst-case step (unless `step` is False: a draft's, whose steps are the target's
+    size or less) and, with `use_graphs`, the runner's graphs (runner.build_graphs: decode, and the
+    speculative verify or draft graphs), over a cache of a few blocks freed again. Meanwhile
+    runner.block_plan / kv_caches are the profile's."""
     config, device = runner.config, runner.device
     batch = worst_step(config, runner.max_model_len, group_layers(runner.spec))
     num_blocks = len(batch.seqs[0].block_tables[next(iter(group_layers(runner.spec)))])
     runner.block_plan = {key: num_blocks for key in group_layers(runner.spec)}
     runner.kv_caches, runner.kv_stacks = allocate_caches(runner.spec, runner.block_plan, config, runner.dtype, device)
-    step_bytes = _profile_step(runner, batch)
-    graph_bytes = 0 if max_graph_batch is None else _profile_graphs(runner, max_graph_batch)
+    step_bytes = _profile_step(runner, batch) if step else 0
+    graph_bytes = _profile_graphs(runner) if use_graphs else 0
     runner.kv_caches = runner.kv_stacks = None
     _release(device)
     return MemoryProfile(torch.cuda.mem_get_info(device)[0], step_bytes, graph_bytes)
@@ -120,15 +123,16 @@ def _profile_step(runner, batch: ScheduledBatch) -> int:
     return torch.cuda.max_memory_allocated(device) - start
 
 
-def _profile_graphs(runner, max_batch: int) -> int:
-    """Free memory the decode graphs take, captured over the profile's cache (their shapes do not depend
-    on the number of blocks). A capture that fails raises GraphCaptureError here, before the KV cache."""
+def _profile_graphs(runner) -> int:
+    """Free memory the graphs take, captured over the profile's cache (their shapes do not depend on the
+    number of blocks). A capture that fails raises GraphCaptureError here, before the KV cache."""
     _release(runner.device)
     before = torch.cuda.mem_get_info(runner.device)[0]
-    graphs = DecodeGraphs(runner, max_batch, use_graphs=True)
+    graphs = [g for g in runner.build_graphs(use_graphs=True) if g is not None]
     _release(runner.device)
     used = before - torch.cuda.mem_get_info(runner.device)[0]
-    graphs.release()
+    for g in graphs:
+        g.release()
     return used
 
 
@@ -148,7 +152,7 @@ def startup_report(runner) -> list[str]:
     if runner.memory is not None:
         m = runner.memory
         lines.append(f"memory: {gib(m.free_bytes)} free after the weights; one step needs {gib(m.step_bytes)}, "
-                     f"the decode graphs {gib(m.graph_bytes)}")
+                     f"the CUDA graphs {gib(m.graph_bytes)}")
     reason = runner.eager_reason()
     lines.append(f"decode: eager, no CUDA graphs ({reason})" if reason else
                  f"decode: CUDA graphs captured for {runner.num_graphs} batch sizes up to "

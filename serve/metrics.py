@@ -4,7 +4,8 @@ Counters accumulate in the engine; gauges (running/waiting requests, KV blocks) 
 scheduler and block manager when the page is rendered; the latency histograms (TTFT, TPOT, end to end)
 are filled by the async engine (serve/latency.py). With a draft model, the speculation counters
 (serve/speculative/speculator.py SpecStats) follow: drafted and accepted tokens, their ratio, the mean
-tokens per verify, and the steps that chose each speculation length.
+tokens per verify, the steps that chose each speculation length, and the verifying steps whose passes
+all ran on CUDA graphs or not.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ def _speculation(stats) -> str:
         ("serve_spec_acceptance_rate", "gauge", "Accepted over drafted tokens.", f"{stats.acceptance_rate:.6f}"),
         ("serve_spec_mean_accepted_length", "gauge", "Tokens per speculating sequence and step (accepted + 1).",
          f"{stats.mean_accepted_length:.6f}"),
+        ("serve_spec_graph_steps_total", "counter", "Verifying steps whose draft and verify passes ran on graphs.",
+         stats.num_graph_steps),
+        ("serve_spec_eager_steps_total", "counter", "Verifying steps with a pass run eagerly.", stats.num_eager_steps),
     ]
     name = "serve_spec_steps_by_length_total"
     lengths = "".join(f'{name}{{length="{k}"}} {n}\n' for k, n in sorted(stats.chosen.items()))

@@ -5,7 +5,8 @@ KV group a slot_mapping [T] and block_tables [B, M]) built on the host in one pa
 device; copy-on-write block copies run first; logits are computed only for the sequences that sample.
 The fast path (on CUDA by default, `fast_path="on"` elsewhere) fuses the model's projections and norms
 and sends pure decode steps through serve/cuda_graphs.py (CUDA graphs on the GPU, the same padded
-persistent buffers eagerly elsewhere); prefill and mixed steps run eagerly through `prepare`.
+persistent buffers eagerly elsewhere); prefill and mixed steps run eagerly through `prepare`. Serving a
+draft, the runner has verify graphs too (`verify_graphs`, used by serve/speculative/speculator.py).
 Start-up on CUDA: weights, fused fast path, memory profile (serve/memory.py), KV cache, decode graphs.
 """
 
@@ -104,6 +105,9 @@ def to_device(inputs: HostInputs, device) -> tuple[torch.Tensor, torch.Tensor, A
             tensor(inputs.rows, torch.int64))
 
 
+SPEC_REMEDY = "lower --max-spec-graph-batch (0: speculative passes run eagerly)"
+
+
 class ModelRunner:
     table_key = None        # the draft's runner names its groups' tables differently (serve/speculative/)
 
@@ -117,6 +121,7 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         self.backend = select_backend(config.attention_backend, self.device)
         self.decode_graphs: DecodeGraphs | None = None
+        self.verify_graphs: DecodeGraphs | None = None      # speculative verify passes (serving a draft)
         fast_path = self._fast_path_on()
         if fast_path:
             self.model.fuse(self.max_model_len)
@@ -126,7 +131,7 @@ class ModelRunner:
         check_plan(self.block_plan, config, self.max_model_len)
         self.kv_caches, self.kv_stacks = allocate_caches(self.spec, self.block_plan, config, self.dtype, self.device)
         if fast_path:
-            self.decode_graphs = DecodeGraphs(self, self._graph_batch(), use_graphs)
+            self.decode_graphs, self.verify_graphs = self.build_graphs(use_graphs)
 
     def _fast_path_on(self) -> bool:
         return self.config.fast_path == "on" or (self.config.fast_path == "auto" and self.device.type == "cuda")
@@ -138,11 +143,21 @@ class ModelRunner:
         """Largest decode batch of the fast path's buckets (captured as CUDA graphs where they are used)."""
         return min(self.config.max_graph_batch or self.config.max_num_seqs, self.config.max_num_seqs)
 
+    def build_graphs(self, use_graphs: bool) -> tuple[DecodeGraphs, DecodeGraphs | None]:
+        """(decode graphs, verify graphs): the latter, serving a draft, for speculative steps of up to
+        config.spec_graph_batch sequences verifying q = 2..k+1 tokens each (serve/cuda_graphs.py)."""
+        decode = DecodeGraphs(self, self._graph_batch(), use_graphs)
+        batch = self.config.spec_graph_batch
+        if not batch:
+            return decode, None
+        lens = tuple(range(2, self.config.max_draft_tokens + 2))
+        return decode, DecodeGraphs(self, batch, use_graphs, lens, name="speculative verify", remedy=SPEC_REMEDY)
+
     def _profile(self, use_graphs: bool) -> MemoryProfile | None:
-        """On CUDA: a worst-case step and the decode graphs, measured before the KV cache takes the rest."""
+        """On CUDA: a worst-case step and the graphs, measured before the KV cache takes the rest."""
         if self.device.type != "cuda" or self.config.num_kv_blocks is not None:
             return None
-        return profile(self, self._graph_batch() if use_graphs else None)
+        return profile(self, use_graphs)
 
     def _kv_budget(self) -> int | None:
         if self.config.num_kv_blocks is not None:

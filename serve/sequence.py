@@ -37,7 +37,7 @@ class Sequence:
         self.block_hashes: list[int] = []   # hash chain of the full blocks seen so far
         self.num_registered_blocks = 0      # leading blocks already offered to the prefix cache
         self.num_draft_registered_blocks = 0    # the same in the draft's groups (speculative decoding)
-        self.block_table_version = 0        # bumped when a table entry is replaced, not just appended
+        self.block_table_version = 0        # bumped when a table entry is replaced or dropped, not just appended
         self.forked = params.n == 1         # a parent with n > 1 forks once its prompt is done
         self.finish_reason: str | None = None
         self.logprobs: list[dict] = []

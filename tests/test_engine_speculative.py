@@ -96,6 +96,7 @@ def pin_launch_bound(speculator, draft_seconds=0.001, target_seconds=0.010):
     def flat(seconds):
         return BatchTimeModel({1 << i: seconds for i in range(10)}, weight=0.0)
     speculator.draft_time, speculator.target_time = flat(draft_seconds), flat(target_seconds)
+    speculator.draft_graph_time, speculator.verify_time = flat(draft_seconds), flat(target_seconds)
     speculator.decode_time = flat(target_seconds)
 
 

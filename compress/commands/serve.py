@@ -39,6 +39,9 @@ def register(subparsers) -> None:
     p.add_argument("--num-speculative-tokens", default="auto", metavar="K|auto",
                    help="tokens the draft proposes per step, 0..8 (serve/config.py MAX_SPECULATIVE_TOKENS); default "
                         "auto: chosen every step for the most tokens per second, 0 under high load")
+    p.add_argument("--max-spec-graph-batch", type=int, default=None, metavar="N",
+                   help="speculative steps of up to N sequences run their draft and verify passes on CUDA graphs "
+                        "(default 8; 0: eagerly, e.g. when capturing them fails)")
     p.set_defaults(func=run)
 
 
@@ -86,10 +89,11 @@ def _speculation(args) -> dict:
             raise ValueError(f"--num-speculative-tokens must be 'auto' or an integer in 0..{MAX_SPECULATIVE_TOKENS}, "
                              f"got {k!r}") from None
     if args.draft is None:
-        if args.num_speculative_tokens != "auto":
-            raise ValueError("--num-speculative-tokens needs --draft")
+        if args.num_speculative_tokens != "auto" or args.max_spec_graph_batch is not None:
+            raise ValueError("--num-speculative-tokens and --max-spec-graph-batch need --draft")
         return {}
-    return {"draft": str(resolve_model(args.draft)), "num_speculative_tokens": k}
+    graphs = {} if args.max_spec_graph_batch is None else {"max_spec_graph_batch": args.max_spec_graph_batch}
+    return {"draft": str(resolve_model(args.draft)), "num_speculative_tokens": k, **graphs}
 
 
 def _serve_encoder(args, path, name: str) -> int:

@@ -3,7 +3,8 @@ proposes tokens that the target verifies several at a time, with exact rejection
 
 speculator.py runs a step (draft passes, one verify forward, acceptance, rollback); rejection.py is the
 acceptance rule over plain tensors; goodput.py chooses the speculation length; proposer.py loads and
-checks the draft; profile.py times forwards for goodput.py at start-up.
+checks the draft; profile.py times forwards for goodput.py at start-up; graph_passes.py runs the draft
+and verify passes of small pure decode steps on CUDA graphs.
 """
 
 from serve.speculative.proposer import DraftRunner, make_runners

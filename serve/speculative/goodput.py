@@ -28,7 +28,9 @@ that maximises expected generated tokens per second of step time:
   stretch of k = 0 raises the charge by only about E_i / remaining_i per step, so the choice moves
   smoothly with load instead of flipping back and forth.
 - t_verify counts the batch's other tokens (prefill chunks) too. A pure decode step that drafts nothing
-  is the target's own decode step (CUDA graphs on the GPU), timed by its own model.
+  is the target's own decode step (CUDA graphs on the GPU), timed by its own model. A step whose passes
+  run on CUDA graphs (speculator.py) is costed with the timings of those graphs (the draft's decode
+  step, the target's verify step), the others with those of eager forwards.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """Start-up timing of draft and target forwards: the points of goodput.py's BatchTimeModel.
 
-`measure` times eager forwards (draft and verify passes), `measure_decode` the target's own decode step
-(CUDA graphs on the GPU), the cost of a step that drafts nothing. Each point is a forward of `num_tokens` tokens spread over min(num_tokens, max_num_seqs) placeholder
-sequences that share one block table (their KV is garbage written before any request arrives), timed
-after a warm-up, the device synchronised around it.
+`measure` times eager forwards (draft and verify passes of steps off the graphs), `measure_graphs` the
+graph replays that steps on graphs run (serve/speculative/graph_passes.py: the draft's decode step, the
+target's verify step per query length), `measure_decode` the target's own decode step (CUDA graphs on
+the GPU), the cost of a step that drafts nothing. Each point is a forward of `num_tokens` tokens spread
+over min(num_tokens, max_num_seqs) placeholder sequences that share one block table (their KV is garbage
+written before any request arrives), timed after a warm-up, the device synchronised around it.
 """
 
 from __future__ import annotations
@@ -85,3 +87,15 @@ def measure_decode(runner, max_num_seqs: int) -> BatchTimeModel:
         batch = _decode_batch(runner, n)
         points[n] = time_call(runner.device, lambda: runner.run(batch))          # noqa: B023 - called at once
     return BatchTimeModel(points)
+
+
+def measure_graphs(runner, graphs, query_lens) -> BatchTimeModel:
+    """Steps of `graphs` (a runner's DecodeGraphs) of n rows of q tokens, n = 1, 4, ... up to the graphs'
+    batch and q in `query_lens`: points at n * q tokens (the mean where two shapes meet)."""
+    times: dict[int, list[float]] = {}
+    for n in sorted({*profile_points(graphs.max_batch, graphs.max_batch), graphs.max_batch}):
+        for q in query_lens:
+            spans = _spans(runner, n * q, n)
+            seconds = time_call(runner.device, lambda: graphs.run_spans(spans, q))     # noqa: B023 - called at once
+            times.setdefault(n * q, []).append(seconds)
+    return BatchTimeModel({n: sum(t) / len(t) for n, t in times.items()})

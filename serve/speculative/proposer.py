@@ -4,7 +4,7 @@ The draft runs through the same ModelRunner as the target; its KV groups live in
 manager under ("draft", window) keys (serve/block_manager.py): allocated only when the lazy draft
 catches up, prefix-cached as far as the draft has computed, preempted and freed with its sequence's. Memory: the KV budget (serve/memory.py) is split between
 the two models in proportion to their KV bytes per token; on the GPU the draft's weights come out of
-the draft's share first. Its passes run eagerly (no CUDA graphs: the start-up log says so).
+the draft's share first, then its CUDA graphs (DraftRunner).
 """
 
 from __future__ import annotations
@@ -18,25 +18,47 @@ from safetensors import safe_open
 from serve.block_manager import draft_key
 from serve.config import EngineConfig
 from serve.kv_cache import KVCacheTooSmall
-from serve.model_runner import ModelRunner
+from serve.cuda_graphs import DecodeGraphs
+from serve.memory import MemoryProfile, gib, profile
+from serve.model_runner import SPEC_REMEDY, ModelRunner
 from serve.models.gemma_config import spec_from_config
 from serve.models.loader import read_config
 
 
 class DraftRunner(ModelRunner):
-    """A ModelRunner over the draft's groups: never profiled (its budget is given), no decode graphs."""
+    """A ModelRunner over the draft's groups. Its KV budget is given, not profiled; on the fast path its
+    decode graphs serve the draft passes of speculative steps of up to `graph_batch` sequences: query
+    length 1 (passes 2..k, and the catch-up over a lag of 1) and 2 (a catch-up over a lag of 2, after a
+    step that kept every draft). On CUDA their memory is measured first and comes out of that budget."""
 
     table_key = staticmethod(draft_key)
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, graph_batch: int):
+        self.graph_batch = graph_batch
         super().__init__(config)
-        self.decode_graphs = None       # every draft pass goes through run_spans
 
-    def _profile(self, use_graphs: bool):
-        return None
+    def _graph_batch(self) -> int:
+        return self.graph_batch
 
-    def _use_graphs(self) -> bool:
-        return False
+    def build_graphs(self, use_graphs: bool) -> tuple[DecodeGraphs | None, None]:
+        if not self.graph_batch:
+            return None, None
+        return DecodeGraphs(self, self.graph_batch, use_graphs, (1, 2), name="draft", remedy=SPEC_REMEDY), None
+
+    def _profile(self, use_graphs: bool) -> MemoryProfile | None:
+        if self.device.type != "cuda" or self.config.num_kv_blocks is not None or not use_graphs:
+            return None
+        return profile(self, use_graphs=bool(self.graph_batch), step=False)
+
+    def _kv_budget(self) -> int | None:
+        budget = super()._kv_budget()
+        if budget is None or self.memory is None:
+            return budget
+        self.kv_budget_bytes = budget - self.memory.graph_bytes
+        if self.kv_budget_bytes < 1:
+            raise ValueError(f"the draft's CUDA graphs ({gib(self.memory.graph_bytes)}) leave its KV cache no "
+                             f"memory; {SPEC_REMEDY}")
+        return self.kv_budget_bytes
 
     @property
     def table_plan(self) -> dict:
@@ -102,7 +124,7 @@ def make_runners(config: EngineConfig) -> tuple[ModelRunner, DraftRunner]:
             raise ValueError(f"the draft {config.draft} does not fit in memory beside the target")
         draft_config = dataclasses.replace(draft_config, kv_cache_bytes=int(budget), kv_cache_memory=None)
     try:
-        draft = DraftRunner(draft_config)
+        draft = DraftRunner(draft_config, config.spec_graph_batch)
     except torch.OutOfMemoryError:
         raise ValueError(f"the draft {config.draft} does not fit in memory beside the target") from None
     except KVCacheTooSmall as err:

@@ -19,12 +19,17 @@ Per step (the engine calls `run`, then scheduler.advance, then `accept` and `set
 4. rejection.py keeps a prefix of the drafts and adds one target token; the engine appends them (a stop
    token, stop string or max_tokens ends the sequence there). `settle` moves the computed counts to the
    kept tokens and gives back the blocks of rejected ones (BlockManager.trim).
+
+Steps that fit (pure decode, at most config.spec_graph_batch sequences) run their passes on CUDA graphs
+(graph_passes.py: the draft's decode graphs, the target's verify graphs; on the CPU the same padded
+steps run eagerly); the others, and a draft pass 1 over a lag of more than 2, run eagerly through
+`ModelRunner.run_spans`. SpecStats counts verifying steps of both kinds; `auto` costs each step with
+the timings of the path it will take.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass, field
 
@@ -41,10 +46,9 @@ from serve.speculative.goodput import (
     StepShape,
     choose_length,
 )
-from serve.speculative.profile import measure, measure_decode
+from serve.speculative.graph_passes import draft_fits, draft_passes, verify_pass
+from serve.speculative.profile import measure, measure_decode, measure_graphs
 from serve.speculative.rejection import draw, greedy_accept, rejection_sample
-
-log = logging.getLogger("serve")
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Draft:
     tokens: list[int] = field(default_factory=list)
     probs: list[torch.Tensor] = field(default_factory=list)     # q_j [V] per token (sampled rows)
     target_logits: torch.Tensor | None = None                   # [k+1, V]
+    target_argmax: list[int] | None = None                      # their argmax, read with the batch's
 
 
 @dataclass
@@ -62,6 +67,8 @@ class SpecStats:
     num_accepted: int = 0          # of them kept
     num_verified: int = 0          # sequence-steps that speculated
     chosen: dict = field(default_factory=dict)     # k -> steps that chose it
+    num_graph_steps: int = 0       # steps that verified with every pass on CUDA graphs
+    num_eager_steps: int = 0       # steps that verified with a pass or more run eagerly
 
     @property
     def acceptance_rate(self) -> float:
@@ -76,7 +83,8 @@ class SpecStats:
         chosen = ", ".join(f"k={k}: {n}" for k, n in sorted(self.chosen.items()))
         return (f"speculation: {self.num_accepted}/{self.num_drafted} drafted tokens accepted "
                 f"({self.acceptance_rate:.1%}), {self.mean_accepted_length:.2f} tokens per verify; "
-                f"steps by length: {chosen or 'none'}")
+                f"steps by length: {chosen or 'none'}; {self.num_graph_steps} steps on graphs, "
+                f"{self.num_eager_steps} eager")
 
 
 def _sync(device) -> None:
@@ -107,20 +115,43 @@ class Speculator:
         self.k_max = MAX_SPECULATIVE_TOKENS if self.auto else config.num_speculative_tokens
         self.stats = SpecStats()
         self.draft_time, self.target_time, self.decode_time = BatchTimeModel(), BatchTimeModel(), BatchTimeModel()
-        if target.device.type == "cuda":
-            log.warning("speculative decoding: draft and verify passes run eagerly (no CUDA graphs); only steps "
-                        "that draft nothing use the decode graphs")
+        # the passes of steps on graphs (graph_passes.py): the draft's decode step, the target's verify
+        self.draft_graph_time, self.verify_time = BatchTimeModel(), BatchTimeModel()
+        self.graph_batch = 0 if target.verify_graphs is None or draft.decode_graphs is None else \
+            target.verify_graphs.max_batch
         if self.auto:
-            tokens = config.max_num_batched_tokens
-            self.draft_time = measure(draft, config.max_num_seqs, tokens)
-            self.target_time = measure(target, config.max_num_seqs, tokens)
-            self.decode_time = measure_decode(target, config.max_num_seqs)
+            self._profile()
+
+    def _profile(self) -> None:
+        """Start-up timings of the passes steps will run (profile.py), eager and on graphs."""
+        config, target, draft = self.config, self.target, self.draft
+        tokens = config.max_num_batched_tokens
+        self.draft_time = measure(draft, config.max_num_seqs, tokens)
+        self.target_time = measure(target, config.max_num_seqs, tokens)
+        self.decode_time = measure_decode(target, config.max_num_seqs)
+        if self.graph_batch:
+            graphs = measure_graphs(draft, draft.decode_graphs, (1,))
+            # past the graphs' batch a draft pass runs eagerly
+            self.draft_graph_time = BatchTimeModel({**{n: t for n, t in self.draft_time.points.items()
+                                                       if n > self.graph_batch}, **graphs.points})
+            self.verify_time = measure_graphs(target, target.verify_graphs, target.verify_graphs.query_lens)
 
     def startup_lines(self) -> list[str]:
         mode = "auto (goodput)" if self.auto else str(self.k_max)
         line = (f"speculative decoding: draft {self.config.draft}, up to {self.k_max} tokens per step, length "
-                f"{mode}; draft and verify passes run eagerly (no CUDA graphs)")
+                f"{mode}; {self._graph_mode()}")
         return [line]
+
+    def _graph_mode(self) -> str:
+        verify = self.target.verify_graphs
+        if not self.graph_batch:
+            reason = "fast path off" if self.target.decode_graphs is None else "max_spec_graph_batch 0 or k = 0"
+            return f"draft and verify passes run eagerly ({reason})"
+        where = f"in steps of up to {self.graph_batch} sequences (verify query lengths 2..{verify.max_q})"
+        if verify.graphs and self.draft.decode_graphs.graphs:
+            return f"draft and verify passes replay CUDA graphs {where}"
+        return (f"draft and verify passes run the graphs' padded steps eagerly {where}, no CUDA graphs "
+                f"({self.target.eager_reason()})")
 
     # ---- before the model runs ----------------------------------------------------------------
     def _plan(self, batch: ScheduledBatch) -> tuple[dict[int, int], list[Span]]:
@@ -171,7 +202,13 @@ class Speculator:
         remaining = [seq.max_num_tokens - seq.num_tokens for seq in seqs]
         shape = StepShape(sum(batch.num_new_tokens) - len(seqs), batch.num_sampling - len(seqs), lags, remaining)
         decode = self.decode_time if batch.is_pure_decode else None
-        return choose_length(rates, caps, self.k_max, shape, self.draft_time, self.target_time, decode)
+        draft, target = (self.draft_graph_time, self.verify_time) if self._on_graphs(batch) else \
+            (self.draft_time, self.target_time)
+        return choose_length(rates, caps, self.k_max, shape, draft, target, decode)
+
+    def _on_graphs(self, batch: ScheduledBatch) -> bool:
+        """Whether the step's passes fit the graphs (a draft pass 1 over a long lag still runs eagerly)."""
+        return batch.is_pure_decode and len(batch) <= self.graph_batch
 
     def _copy_draft_blocks(self, copies: list[tuple]) -> None:
         self.draft.copy_blocks([(key[1], src, dst) for key, src, dst in copies if isinstance(key, tuple)])
@@ -182,11 +219,20 @@ class Speculator:
         lengths, spans = self._plan(batch)
         self._copy_draft_blocks(batch.copies)
         drafts = {seq.seq_id: Draft(seq) for seq in batch.seqs if seq.seq_id in lengths}
-        self._draft(spans, lengths, drafts)
+        on_graphs = self._on_graphs(batch)
+        draft_on_graphs = on_graphs and bool(spans) and draft_fits(spans)
+        if draft_on_graphs:
+            self._draft_on_graphs(spans, lengths, drafts)
+        else:
+            self._draft(spans, lengths, drafts)
         if not drafts:
             return self._plain(batch)
         self.target.copy_blocks(_target_copies(batch).copies)
-        return self._verify(batch, drafts)
+        if draft_on_graphs:
+            self.stats.num_graph_steps += 1
+        else:
+            self.stats.num_eager_steps += 1
+        return self._verify_on_graphs(batch, drafts) if on_graphs else self._verify(batch, drafts)
 
     def _plain(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor, list[Draft]]:
         """The target's own step (its decode graphs where they apply), timed for goodput.py."""
@@ -208,6 +254,24 @@ class Speculator:
             spans = [Span(d.seq, d.seq.num_tokens + j - 2, d.tokens[-1:], 1)
                      for d in drafts.values() if lengths[d.seq.seq_id] >= j]
             self._propose(spans, drafts)
+
+    def _draft_on_graphs(self, spans: list[Span], lengths: dict, drafts: dict) -> None:
+        """Passes 1..k on the draft's graphs (graph_passes.py); their time is split evenly between them."""
+        start = time.perf_counter()
+        num_passes = draft_passes(self.draft.decode_graphs, spans, lengths, drafts, self._sample_drafts)
+        for span in spans:
+            span.seq.num_draft_computed = span.start + len(span.ids)
+        _sync(self.draft.device)
+        self.draft_graph_time.observe(len(spans), (time.perf_counter() - start) / num_passes)
+
+    def _verify_on_graphs(self, batch: ScheduledBatch, drafts: dict) -> tuple[list[Sequence], torch.Tensor, list[Draft]]:
+        """The verify pass on the target's graphs: every row of the batch, padded (graph_passes.py)."""
+        begin = time.perf_counter()
+        logits, _, q = verify_pass(self.target.verify_graphs, batch, drafts)
+        plain = [(i, seq) for i, seq in enumerate(batch.seqs) if seq.seq_id not in drafts]
+        result = ([seq for _, seq in plain], logits[[i * q for i, _ in plain]], list(drafts.values()))
+        self.verify_time.observe(len(batch) * q, time.perf_counter() - begin)     # the argmax read synced
+        return result
 
     def _propose(self, spans: list[Span], drafts: dict) -> None:
         """Run a draft pass and append each logits row's proposal to its sequence's draft."""
@@ -253,6 +317,11 @@ class Speculator:
                 plain_rows.append(rows)
             rows += span.num_logits
         result = (plain, logits[plain_rows], list(drafts.values()))
+        greedy = [d for d in drafts.values() if d.seq.params.greedy]
+        if greedy:       # one host read for every greedy draft, not one each
+            argmax = torch.cat([d.target_logits for d in greedy]).argmax(dim=1).tolist()
+            for d in greedy:
+                d.target_argmax, argmax = argmax[:len(d.tokens) + 1], argmax[len(d.tokens) + 1:]
         _sync(self.target.device)
         self.target_time.observe(sum(len(span.ids) for span in spans), time.perf_counter() - begin)
         return result
@@ -262,7 +331,7 @@ class Speculator:
         """The tokens to append for one verified draft (1..k+1)."""
         logits = draft.target_logits
         if draft.seq.params.greedy:
-            return greedy_accept(draft.tokens, logits.argmax(dim=1).tolist())
+            return greedy_accept(draft.tokens, draft.target_argmax or logits.argmax(dim=1).tolist())
         k, generator = len(draft.tokens), draft.seq.generator
         target = filtered_probs(logits, [draft.seq.params] * (k + 1))
         uniform = torch.rand(k, generator=generator, device=logits.device)
