@@ -11,8 +11,15 @@ greedy continuations (without training and at the largest budget). Rows are writ
 every cell without training, then the distilled ones, in --flops order; `--time-limit` starts none past it.
 Writes `<out>.md` and `<out>.json`.
 
-GPU (the reported table; about 9 minutes on one H100 once the model is in the cache):
-  python -m evals.gemma_quality --data-dir DIR
+One GPU call runs at most 10 minutes, and the cells without training alone took 7.3 of them on an H100
+(2026-12-08: 17-35 s of scoring per method and draw, then ~25 s a cell, mostly least-squares tuning), so
+the run splits in two stages that write one table: `--stage prune` writes every cell without training
+and saves its slimmed models under --workdir; `--stage distill` (the next call, same --out and
+--workdir) reads them back and adds the distilled cells.
+
+GPU (the reported table; two calls once the model is in the cache):
+  python -m evals.gemma_quality --data-dir DIR --stage prune
+  python -m evals.gemma_quality --data-dir DIR --stage distill
 CPU check (the real 270M at a tiny scale, minutes):
   python -m evals.gemma_quality --quick --data-dir ../shared/data --out /tmp/gemma_quality_quick
 """
@@ -61,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--time-limit", type=float, default=None, help="minutes; no new cell starts past it")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="evals/results/gemma_quality")
+    p.add_argument("--stage", choices=["all", "prune", "distill"], default="all",
+                   help="prune: the cells without training, their models saved in --workdir; distill: the "
+                        "distilled cells from those models, added to the table at --out")
+    p.add_argument("--workdir", default="/tmp/gemma_quality_models", help="slimmed models between the stages")
     p.add_argument("--quick", action="store_true", help="tiny scale, to check the script on a CPU")
     args = p.parse_args(argv)
     args.command = "python -m evals.gemma_quality " + " ".join(shlex.quote(a) for a in
@@ -90,13 +101,20 @@ class Table:
         self.shared = Pipeline(self.base)
         self.result = {"rows": [], "stability": [], "command": args.command, "settings": vars(args)}
 
-    def setup(self) -> None:
-        """Dense model, teacher copy, calibration draws, held-out sets, distillation windows, dense row."""
+    def setup(self, calibrate: bool = True) -> None:
+        """Dense model, teacher copy, calibration draws, held-out sets, distillation windows, dense row
+        (without `calibrate`, for the distill stage: no calibration draws, the table so far read from --out)."""
         pipe, phase = self.shared, self.shared.phases
         with phase("load"):
             self.dense, self.tokenizer, _ = pipe.family.load(pipe.config, pipe.device)
             on_gpu = pipe.device.type == "cuda"  # the teacher in bf16 there; on the CPU the dense model itself
             self.teacher = copy.deepcopy(self.dense).to(torch.bfloat16) if on_gpu else self.dense
+        if not calibrate:
+            self.sets = heldout_sets(self.tokenizer, self.data_dir, self.args)
+            with phase("distill_windows"):
+                self.windows = self._windows()
+            self._read_earlier()
+            return
         with phase("calibration"):
             self.calib = pipe.family.calibrate(pipe.config, self.dense, self.tokenizer, True)
             second = dataclasses.replace(pipe.config, seed=pipe.config.seed + 1)
@@ -113,6 +131,18 @@ class Table:
         self.result.update(device=device_name(self.dense), calibration=self.calib.source,
                            calib_config=pipe.config.settings(), distill_text=self.windows.source,
                            distill_sampled_windows=self.windows.num_sampled)
+
+    def _read_earlier(self) -> None:
+        """The prune stage's table (rows, stability, settings) from --out, which this stage extends."""
+        path = Path(self.args.out).with_suffix(".json")
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            sys.exit(f"--stage distill extends the table of --stage prune, but {path} cannot be read ({err})")
+        prune_command = earlier["command"]
+        self.result.update({k: v for k, v in earlier.items() if k not in ("command", "settings", "stopped", "seconds")})
+        self.result["prune_stage_seconds"] = earlier.get("seconds")
+        self.result["command"] = f"{prune_command}; then {self.args.command}"
 
     def distill_config(self, tokens: int):
         from compress.distill.config import DistillConfig
@@ -215,30 +245,72 @@ def distill(table: Table, model, row: dict, tokens: int, with_text: bool) -> dic
     return result
 
 
+def cell_dir(args, method: str, flops: float) -> Path:
+    return Path(args.workdir) / f"{method}-{flops:g}"
+
+
+def save_pruned(table: Table, model, row: dict) -> None:
+    from compress.models.checkpoint import save
+    from compress.models.outputs import atomic_output_dir
+
+    with atomic_output_dir(cell_dir(table.args, row["method"], row["flops"]), overwrite=True) as tmp:
+        save(model, table.tokenizer, tmp)
+
+
+def load_pruned(table: Table, method: str, flops: float):
+    """The prune stage's slimmed model of a cell and its row (None where that stage did not reach it)."""
+    import compress
+
+    row = next((r for r in table.result["rows"] if r["method"] == method and r["flops"] == flops
+                and r["tokens"] == 0), None)
+    path = cell_dir(table.args, method, flops)
+    if row is None or not (path / "config.json").is_file():
+        return None
+    model = compress.load(path).to(torch.float32).eval()
+    keys = ("method", "flops", "tokens", "num_attention_heads_per_layer", "num_key_value_heads_per_layer",
+            "intermediate_size_per_layer", "flops_ratio", "prune_seconds")
+    return model, {k: row[k] for k in keys if k in row}
+
+
 def run(args) -> dict:
     """No-training rows for every cell first, then the distilled ones, each in --flops order: under a time
-    limit the table keeps the cells that matter most (the first FLOPs listed)."""
+    limit the table keeps the cells that matter most (the first FLOPs listed). `--stage` splits the two."""
     table = Table(args)
-    table.setup()
+    table.setup(calibrate=args.stage != "distill")
+    cells = [(flops, method) for flops in args.flops for method in args.methods]
+    if args.stage == "distill":
+        return distill_cells(table, cells, {cell: load_pruned(table, cell[1], cell[0]) for cell in cells})
     scores, pruned = {}, {}
     for method in args.methods:
         first, second, seconds = score(table, method)
         scores[method] = (first, second)
         table.result.setdefault("score_seconds", {})[method] = seconds
-    cells = [(flops, method) for flops in args.flops for method in args.methods]
     for cell in cells:
         if table.stop_before(f"pruning at FLOPs {cell[0]} with {cell[1]}"):
             return table.result
         model, row, stability = prune(table, cell[1], cell[0], *scores[cell[1]])
         table.result["stability"].append(stability)
         table.add({**row, **table.measure(model)})
-        pruned[cell] = (model.cpu(), row)  # the GPU keeps only the model in use
+        if args.stage == "prune":
+            save_pruned(table, model, row)
+        pruned[cell] = (model.cpu(), row) if args.stage == "all" else None  # the GPU keeps only the model in use
+    if args.stage == "prune":
+        table.result["pruned"] = True
+        table.write()
+        return table.result
+    return distill_cells(table, cells, pruned)
+
+
+def distill_cells(table: Table, cells: list, pruned: dict) -> dict:
+    args = table.args
     for (flops, method), tokens in [(cell, tokens) for cell in cells for tokens in args.budgets]:
+        if pruned.get((flops, method)) is None:
+            continue                     # not pruned (the prune stage stopped before it)
         if table.stop_before(f"distilling FLOPs {flops} {method} for {tokens:,} tokens"):
             return table.result
         model, row = pruned[(flops, method)]
         table.add(distill(table, model, row, tokens, with_text=tokens == max(args.budgets)))
-    table.result["complete"] = True
+    table.result["complete"] = all(pruned.get(cell) is not None for cell in cells)
     table.write()
     return table.result
 
