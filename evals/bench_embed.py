@@ -27,6 +27,7 @@ accuracy, is in evals/results/token_pruning.md. Every variant runs in fp16 on CU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shlex
@@ -38,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 SHAPE_FILES = ("config.json", "prune.json", "modules.json", "sentence_bert_config.json",
                "config_sentence_transformers.json")
@@ -124,21 +126,26 @@ def engine_rate(encoder, kind: str, texts: list[str], tokens: int) -> dict:
 
 
 def st_rate(path: Path, texts: list[str], tokens: int, batch_sizes, device: str) -> dict:
-    """sentence-transformers' `encode` at its best batch size (fp16 on CUDA), or why it did not run."""
+    """sentence-transformers' `encode` at its best batch size and attention choice (fp16 on CUDA), or why it
+    did not run."""
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as err:
         return {"skipped": f"sentence-transformers is not installed ({err})"}
+    from serve.encoder.model import SDPA_BACKENDS
+
     model = SentenceTransformer(str(path), device=device)
     if device.startswith("cuda"):
         model.half()
     best = None
-    for size in batch_sizes:
+    # its best: each batch size with PyTorch's own SDPA choice and with the engine's (no cuDNN attention)
+    for size, backends in [(size, backends) for size in batch_sizes for backends in ("default", "no-cudnn")]:
         encode = lambda t, b=size: model.encode(t, batch_size=b, convert_to_tensor=True)  # noqa: E731
-        seconds = _timed(lambda: encode(texts), lambda: encode(texts[:64]))
+        with contextlib.nullcontext() if backends == "default" else sdpa_kernel(SDPA_BACKENDS):
+            seconds = _timed(lambda: encode(texts), lambda: encode(texts[:64]))
         if best is None or seconds < best["seconds"]:
             best = {"inputs_per_s": len(texts) / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds,
-                    "batch_size": size}
+                    "batch_size": size, "attention": backends}
     return best
 
 
@@ -186,12 +193,13 @@ def render(results: dict) -> str:
              + ", ".join(f"{k} {v}" for k, v in meta["tokens"].items()) + " tokens); random weights of each model's shapes. Server: "
              f"{meta['clients']} concurrent clients, {meta['per_request']} texts a request; latency: one-text "
              f"requests at {meta['rate']} requests/s (Poisson) for {meta['duration']} s.", "",
-             "| model | engine emb/s | server emb/s | server tok/s | sentence-transformers emb/s (batch) | "
+             "| model | engine emb/s | server emb/s | server tok/s | sentence-transformers emb/s (batch, SDPA) | "
              "server / ST | server / dense parent | p50 ms | p90 ms | p99 ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     embed = results.get("embed", {})
     for name, row in embed.items():
         st = embed[row["parent"] or name].get("sentence_transformers") or {}
-        st_cell = f"{st['inputs_per_s']:.0f} ({st['batch_size']})" if "inputs_per_s" in st else st.get("skipped", "-")
+        st_cell = (f"{st['inputs_per_s']:.0f} ({st['batch_size']}, {st.get('attention', 'default')})"
+                   if "inputs_per_s" in st else st.get("skipped", "-"))
         vs_st = f"{row['server']['inputs_per_s'] / st['inputs_per_s']:.2f}x" if "inputs_per_s" in st else "-"
         server, lat = row["server"]["inputs_per_s"], row["latency"]
         vs_parent = f"{server / embed[row['parent']]['server']['inputs_per_s']:.2f}x" if row["parent"] else "-"
