@@ -60,6 +60,8 @@ def parse_args(argv):
     p.add_argument("--max-num-batched-tokens", type=int, default=4096)
     p.add_argument("--workdir", default="/tmp/bench_spec")
     p.add_argument("--device", default="auto")
+    p.add_argument("--fast-path", default="auto", choices=["auto", "on", "off"],
+                   help="the engine's fast path (CUDA graphs on a GPU; `on` runs its eager twin on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, a few requests (a smoke test)")
     p.add_argument("--out", default="evals/results/spec_decode.md", help="the table (.md) and its .json beside it")
@@ -104,7 +106,7 @@ def make_llm(args, target: Path, draft: Path, mode: str):
     from serve import LLM
     config = {"max_model_len": args.max_model_len, "max_num_seqs": max(map(int, args.batches.split(","))),
               "max_num_batched_tokens": args.max_num_batched_tokens, "enable_prefix_caching": False,
-              "device": args.device}
+              "device": args.device, "fast_path": args.fast_path}
     if mode == "off":
         return LLM(str(target), **config)
     k = mode if mode == "auto" else int(mode)
@@ -113,20 +115,26 @@ def make_llm(args, target: Path, draft: Path, mode: str):
 
 class Replay:
     """Replaces each drafted token by the target's greedy continuation, or by a wrong token with
-    probability 1 - acceptance, after the draft's own sampling has run."""
+    probability 1 - acceptance, once the draft's passes have run (eager or on graphs, where greedy passes
+    chain on the device and the host sees the tokens only at the end). The draft's later passes still
+    read its own tokens: the replay sets what the target verifies, while the draft's cost stays real."""
 
     def __init__(self, continuations: dict, acceptance: float, vocab: int, seed: int):
         self.continuations, self.acceptance, self.vocab = continuations, acceptance, vocab
         self.rng = random.Random(seed)
 
     def install(self, speculator) -> None:
-        sample = speculator._sample_drafts
+        for name in ("_draft", "_draft_on_graphs"):
+            self._wrap(speculator, name)
 
-        def replayed(logits, owners):
-            sample(logits, owners)
-            for draft in owners:
-                draft.tokens[-1] = self._token(draft.seq, len(draft.tokens) - 1)
-        speculator._sample_drafts = replayed
+    def _wrap(self, speculator, name: str) -> None:
+        passes = getattr(speculator, name)
+
+        def replayed(spans, lengths, drafts):
+            passes(spans, lengths, drafts)
+            for draft in drafts.values():
+                draft.tokens = [self._token(draft.seq, i) for i in range(len(draft.tokens))]
+        setattr(speculator, name, replayed)
 
     def _token(self, seq, offset: int) -> int:
         right = self.continuations[tuple(seq.token_ids[:seq.num_prompt_tokens])]
@@ -195,7 +203,8 @@ def measure_mode(llm, args, prompts) -> dict:
     if speculator is not None:
         stats = speculator.stats
         row.update(acceptance=stats.acceptance_rate, mean_accepted_length=stats.mean_accepted_length,
-                   chosen={str(k): n for k, n in sorted(stats.chosen.items())})
+                   chosen={str(k): n for k, n in sorted(stats.chosen.items())},
+                   graph_steps=stats.num_graph_steps, eager_steps=stats.num_eager_steps)
     return row
 
 

@@ -21,3 +21,19 @@ def test_bench_spec_quick(tmp_path):
     assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")][1:] == ["off", "2", "auto"]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert rows["2"]["acceptance"] > 0 and "acceptance" not in rows["off"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fast_path", ["off", "on"])
+def test_replayed_acceptance_is_what_the_target_verifies(tmp_path, fast_path):
+    """Acceptance 1 replays the target's own continuation: every drafted token is accepted, on the eager
+    passes and on the graph passes (fast path on: their CPU twin, greedy drafts chained on the device)."""
+    import bench_spec
+    out = tmp_path / "spec.md"
+    argv = ["--quick", "--modes", "off,3", "--batches", "2", "--rates", "1000", "--num-rate-requests", "2",
+            "--output-len", "16", "--acceptance", "1.0", "--fast-path", fast_path,
+            "--workdir", str(tmp_path / "models"), "--out", str(out)]
+    assert bench_spec.main(argv) == 0
+    row = json.loads(out.with_suffix(".json").read_text())["rows"]["3"]
+    assert row["acceptance"] == 1.0 and row["mean_accepted_length"] > 1.5
+    assert (row["graph_steps"] > 0) == (fast_path == "on")
