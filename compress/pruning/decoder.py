@@ -7,8 +7,10 @@ What differs from an encoder, stage by stage (compress.pruning.pipeline runs the
 - score: the Fisher of the language-modelling loss (compress.pruning.lm_scores); `fisher-group` costs each
   layer's feasible head masks by the Fisher of their exact effect through the post-norm
   (compress.pruning.group_fisher); `fisher-mlp` keeps every head (an ablation). Baselines: magnitude,
-  activation norms (FLAP-like), `activation-mlp`;
-- search: GQA-aware (compress.pruning.gqa): a layer keeps whole query groups of equal size per KV head,
+  activation norms (FLAP-like), `activation-mlp`. Depth (`block-influence` with `drop_layers`): each
+  layer's block influence on the residual stream (compress.pruning.depth);
+- search: depth drops the `drop_layers` layers of least influence whole (no width search); otherwise
+  GQA-aware (compress.pruning.gqa): a layer keeps whole query groups of equal size per KV head,
   under the decoder cost model (compress.pruning.decoder_cost: sliding windows bound attention, the LM
   head is not pruned). Baseline scores, whose scale differs between heads and filters, are made
   comparable first (`_per_flop`);
@@ -111,6 +113,13 @@ class DecoderFamily:
         from compress.pruning import baselines, lm_scores
         from compress.pruning.stages import Scores
 
+        if config.method == "block-influence":
+            from compress.pruning.depth import block_influence
+
+            influence = block_influence(adapter, calib.batches, device, progress)
+            record["block_influence"] = [round(float(v), 5) for v in influence]
+            return Scores([influence[i].expand(h) for i, h in enumerate(adapter.num_heads())],
+                          [influence[i].expand(f) for i, f in enumerate(adapter.num_filters())], layers=influence)
         if config.method in ("fisher-group", "fisher-width"):
             from compress.pruning.group_fisher import MLP_LEVELS, group_fisher_scores
 
@@ -133,6 +142,11 @@ class DecoderFamily:
 
         from compress.pruning import gqa
 
+        if config.method == "block-influence":
+            from compress.pruning.depth import depth_masks, layers_to_drop
+
+            record["dropped_layers"] = layers_to_drop(scores.layers, config.drop_layers, parent)
+            return depth_masks(parent, record["dropped_layers"])
         heads, filters = scores.heads, scores.filters
         if scores.head_grads is None:  # a baseline: heads and filters on one scale first
             heads, filters = _per_flop(heads, cost_model.q_cost), _per_flop(filters, cost_model.filter_cost)
