@@ -1,6 +1,6 @@
 """Speculative-decoding acceptance for real (issue 35): gemma-3-270m drafted by its own slimmed, distilled children.
 
-Children (--children): `drop:N` removes N whole layers by block influence (compress.pruning.depth), `flops:F`
+Children (--children): `drop:N` removes N whole layers by --depth-method (compress.pruning.depth), `flops:F`
 keeps a fraction F of the non-embedding FLOPs by `--width-method` (GQA search, tuning); each is pruned from the
 dense parent on the shared calibration windows, distilled from it for --distill-tokens tokens (KL, the same
 windows for every child; bf16 teacher on the GPU) and saved slimmed under --workdir. Top-1 agreement with the
@@ -40,7 +40,7 @@ from compress.arch import get_adapter  # noqa: E402
 from evals.spec_acceptance_report import write_markdown  # noqa: E402
 
 
-QUICK = {"children": ["drop:9", "flops:0.5"], "ks": ["2"], "num_samples": 4, "seq_len": 64, "batch_size": 2,
+QUICK = {"children": ["drop:9", "flops:0.5"], "depth_method": "block-influence", "ks": ["2"], "num_samples": 4, "seq_len": 64, "batch_size": 2,
          "distill_seq_len": 64, "distill_batch_size": 2, "eval_seq_len": 128, "eval_windows": 2, "num_prompts": 4,
          "prompt_len": 32, "output_len": 16, "timing_prompts": 1}
 
@@ -52,8 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--children", nargs="+", default=["drop:9", "drop:12", "flops:0.5"],
                    help="drop:N (remove N layers) or flops:F (keep FLOPs fraction F, --width-method)")
     p.add_argument("--width-method", default="fisher-group")
+    p.add_argument("--depth-method", default="greedy-kl", help="greedy-kl or block-influence (compress.pruning.depth)")
     p.add_argument("--ks", nargs="+", default=["2", "4"], help="draft lengths (integers or auto)")
-    p.add_argument("--num-samples", type=int, default=64, help="calibration windows")
+    p.add_argument("--num-samples", type=int, default=32, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=512, help="calibration window")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch")
     p.add_argument("--distill-tokens", type=int, help="per child (default 400,000 on a GPU, 256 on a CPU)")
@@ -82,13 +83,13 @@ def parse_args(argv=None):
     return args
 
 
-def child_settings(spec: str, width_method: str) -> dict:
+def child_settings(spec: str, args) -> dict:
     """PruneConfig fields of one --children entry."""
     kind, _, value = spec.partition(":")
     if kind == "drop":
-        return {"drop_layers": int(value), "flops": None, "method": "block-influence"}
+        return {"drop_layers": int(value), "flops": None, "method": args.depth_method}
     if kind == "flops":
-        return {"flops": float(value), "method": width_method}
+        return {"flops": float(value), "method": args.width_method}
     raise SystemExit(f"--children: {spec!r} is neither drop:N nor flops:F")
 
 
@@ -206,13 +207,13 @@ def make_child(run: Run, spec: str) -> dict:
     from compress.pruning.pipeline import Pipeline
     from compress.pruning.slim import slim_model
 
-    pipe = Pipeline(dataclasses.replace(run.base, **child_settings(spec, run.args.width_method)))
+    pipe = Pipeline(dataclasses.replace(run.base, **child_settings(spec, run.args)))
     model = copy.deepcopy(run.dense)
     adapter, t0 = get_adapter(model), time.perf_counter()
     parent, cost = pipe.family.parent_shape(adapter), pipe.family.cost_model(adapter, run.calib, pipe.config)
     slim_model(adapter, *pipe.masks(model, adapter, run.calib, cost, parent))
     row = {"name": spec, "method": pipe.config.method, "prune_seconds": round(time.perf_counter() - t0, 1),
-           **{k: pipe.record[k] for k in ("dropped_layers", "block_influence") if k in pipe.record},
+           **{k: pipe.record[k] for k in ("dropped_layers", "block_influence", "greedy_kl") if k in pipe.record},
            **shape(model), "pruned": run.agreement(model)}
     run.stage(f"{spec}: pruned to {row['layers']} layers, {row['heads']} heads, {row['filters']} filters; "
               f"agreement {row['pruned']['agreement']:.1%}")

@@ -18,7 +18,7 @@ def _setup(result: dict) -> str:
     s = result["settings"]
     state = "complete" if result.get("complete") else "run in progress or interrupted"
     return (f"Device: {result.get('device', '?')}. Calibration: {result.get('calibration', '?')}, {s['num_samples']} "
-            f"windows of {s['seq_len']} tokens. Children: `drop:N` removes N whole layers by block influence, "
+            f"windows of {s['seq_len']} tokens. Children: `drop:N` removes N whole layers by {s['depth_method']}, "
             f"`flops:F` keeps FLOPs fraction F by {s['width_method']}; each distilled from the parent for "
             f"{s['distill_tokens']:,} tokens (KL, lr {s['lr']}, on {result.get('distill_text', '?')}). Agreement: "
             f"top-1 agreement with the parent on {s['eval_windows']} held-out Wikipedia windows of "
@@ -44,7 +44,7 @@ def _children(result: dict) -> list[str]:
                      f"{_num(d.get('perplexity'), 2)} | {c['prune_seconds']} | {c.get('distill_seconds', '')} |")
     dropped = [f"{c['name']}: layers {c['dropped_layers']}" for c in result["children"] if "dropped_layers" in c]
     if dropped:
-        lines += ["", "Dropped layers (lowest block influence): " + "; ".join(dropped) + "."]
+        lines += ["", "Dropped layers: " + "; ".join(dropped) + "."]
     return lines
 
 

@@ -1,8 +1,8 @@
 """Depth pruning (compress.pruning.depth, `compress prune --drop-layers N`) on tiny seeded Gemma 2 / Gemma 3 decoders.
 
 Invariants: a layer left with 0 heads and 0 filters is exactly the identity on the residual stream (Gemma's
-sandwich norms turn an empty branch into post_norm(0) = 0); block influence ranks such a layer last and the
-pipeline drops the layers of least influence; the slimmed model equals the masked model and loads back; the
+sandwich norms turn an empty branch into post_norm(0) = 0); block influence ranks a layer that does nothing last
+and the greedy KL search drops it first; the slimmed model equals the masked model and loads back; the
 runtime skips the dropped layers (no KV cache, no launch) and gives `compress.load`'s greedy tokens, on the
 reference path and on the fast path.
 """
@@ -56,7 +56,7 @@ def test_an_empty_layer_is_the_identity_on_the_residual_stream(kind):
     assert torch.equal(seen["x"], seen["y"])
 
 
-def test_block_influence_finds_a_layer_that_does_nothing(kind):
+def test_both_criteria_find_a_layer_that_does_nothing(kind):
     model = _model(kind)
     adapter = GemmaAdapter(model)
     with torch.no_grad():  # post-norm weight -1: scale 1 + w = 0, both branches add exactly 0
@@ -70,6 +70,8 @@ def test_block_influence_finds_a_layer_that_does_nothing(kind):
     assert depth.layers_to_drop(influence, 1, parent) == [2]
     with pytest.raises(UserError, match="cannot drop 4"):
         depth.layers_to_drop(influence, NUM_LAYERS, parent)
+    dropped, trace = depth.greedy_kl(adapter, batches, torch.device("cpu"), 2, parent, progress=False)
+    assert dropped[0] == 2 and trace[0] < 1e-9 < trace[1]
 
 
 def test_already_empty_layers_are_not_chosen_again():
@@ -98,12 +100,14 @@ def _prune(kind, tmp_path, **settings):
     return model, pipe
 
 
-def test_depth_pruned_slimmed_model_equals_the_masked_model_and_loads_back(kind, tmp_path):
-    dense, pipe = _prune(kind, tmp_path, tune=False)
+@pytest.mark.parametrize("method", ["greedy-kl", "block-influence"])
+def test_depth_pruned_slimmed_model_equals_the_masked_model_and_loads_back(kind, tmp_path, method):
+    dense, pipe = _prune(kind, tmp_path, tune=False, method=method)
     pruned, tok = pipe.prune()
     dropped = pipe.record["dropped_layers"]
-    assert pipe.record["method"] == "block-influence" and pipe.record["constraint"] == {"drop_layers": 2}
-    assert len(dropped) == 2 and len(pipe.record["block_influence"]) == NUM_LAYERS
+    assert pipe.record["method"] == method and pipe.record["constraint"] == {"drop_layers": 2}
+    found = pipe.record["block_influence"] if method == "block-influence" else pipe.record["greedy_kl"]
+    assert len(dropped) == 2 and len(found) == (NUM_LAYERS if method == "block-influence" else 2)
     heads, filters = depth.depth_masks((GemmaAdapter(dense).num_heads(), None, GemmaAdapter(dense).num_filters()),
                                        dropped)
     ids = _ids()
@@ -126,6 +130,7 @@ def test_serve_skips_dropped_layers_and_matches_compress_load(kind, tmp_path, fa
 
     _, pipe = _prune(kind, tmp_path)  # tuned: the kept layers' scales differ from the parent's
     pipe.run()
+    assert pipe.record["method"] == "greedy-kl"  # the default with --drop-layers
     dropped = pipe.record["dropped_layers"]
     reference = compress.load(tmp_path / "depth")
     prompts = random_prompts([5, 19, 11], seed=3)
@@ -143,7 +148,7 @@ def test_serve_skips_dropped_layers_and_matches_compress_load(kind, tmp_path, fa
 @pytest.mark.parametrize("settings, match", [
     ({"drop_layers": 2, "flops": 0.5}, "not both"),
     ({"method": "block-influence", "flops": 0.5}, "needs --drop-layers"),
-    ({"drop_layers": 2, "method": "fisher"}, "chooses layers by block-influence"),
+    ({"drop_layers": 2, "method": "fisher"}, "chooses layers by greedy-kl or block-influence"),
     ({"drop_layers": 0}, "at least 1"),
 ])
 def test_bad_depth_settings_are_user_errors(settings, match):

@@ -119,9 +119,9 @@ def _add_decoder(g) -> None:
                         "map of module name: device (accelerate's format). The placement is printed and kept in "
                         "prune.json (default: off, one device)")
     g.add_argument("--drop-layers", type=int, metavar="N",
-                   help="depth pruning instead of --flops: remove N whole layers, those that change the residual "
-                        "stream least on the calibration text (block influence, ShortGPT); the runtime skips them "
-                        "(method block-influence)")
+                   help="depth pruning instead of --flops: remove N whole layers, one at a time the one whose removal "
+                        "changes the next-token distributions least (--method greedy-kl, the default), or those that "
+                        "turn the residual stream least (--method block-influence, ShortGPT); the runtime skips them")
     g.add_argument("--distill-tokens", type=int, metavar="N",
                    help="then recover the pruned decoder by distillation from --model on the calibration text for N "
                         "tokens (`compress distill`; its flags as --distill-*)")

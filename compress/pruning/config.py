@@ -22,8 +22,9 @@ ENCODER, DECODER = "encoder", "decoder"
 FAMILIES = (ENCODER, DECODER)
 METHODS = {ENCODER: ("fisher", "magnitude", "random"),
            DECODER: ("fisher", "fisher-group", "fisher-width", "fisher-mlp", "magnitude", "activation",
-                     "activation-mlp", "block-influence")}
-DEPTH = "block-influence"  # whole layers, with drop_layers instead of flops (compress.pruning.depth)
+                     "activation-mlp", "block-influence", "greedy-kl")}
+DEPTH_METHODS = ("greedy-kl", "block-influence")  # whole layers, with drop_layers instead of flops
+# (compress.pruning.depth); the first is the default
 FISHERS = ("empirical", "model")  # the Fishers of compress.pruning.fisher.mask_gradients
 TASK, EMBEDDING = "task", "embedding"  # encoder objectives: a fine-tuned task's loss, or the pooled embedding
 OBJECTIVES = (TASK, EMBEDDING)
@@ -94,7 +95,7 @@ class PruneConfig:
         if self.tune_weights is None:
             self.tune_weights = TUNE_WEIGHTS[self.family]
         if self.method is None:
-            self.method = DEPTH if self.drop_layers is not None else DEFAULT_METHOD[self.family]
+            self.method = DEPTH_METHODS[0] if self.drop_layers is not None else DEFAULT_METHOD[self.family]
         if self.family == DECODER:  # the calibration scale follows the device (compress.data.calib.SCALE)
             from compress.data.calib import default_scale
 
@@ -190,7 +191,7 @@ class PruneConfig:
 
     def _validate_decoder(self) -> None:
         self._validate_method()
-        if self.method == DEPTH or self.drop_layers is not None:
+        if self.method in DEPTH_METHODS or self.drop_layers is not None:
             self._validate_depth()
         elif self.flops is None:
             raise UserError(f"--flops must be in (0, 1], got {self.flops}")
@@ -203,10 +204,10 @@ class PruneConfig:
             self._validate_device_map()
 
     def _validate_depth(self) -> None:
-        if self.method != DEPTH:
-            raise UserError(f"--drop-layers chooses layers by {DEPTH}, not --method {self.method}")
+        if self.method not in DEPTH_METHODS:
+            raise UserError(f"--drop-layers chooses layers by {' or '.join(DEPTH_METHODS)}, not --method {self.method}")
         if self.drop_layers is None:
-            raise UserError(f"--method {DEPTH} needs --drop-layers N (the number of layers to remove)")
+            raise UserError(f"--method {self.method} needs --drop-layers N (the number of layers to remove)")
         if self.flops is not None:
             raise UserError("give --drop-layers or --flops, not both (prune the depth-pruned model again for both)")
 

@@ -7,9 +7,9 @@ What differs from an encoder, stage by stage (compress.pruning.pipeline runs the
 - score: the Fisher of the language-modelling loss (compress.pruning.lm_scores); `fisher-group` costs each
   layer's feasible head masks by the Fisher of their exact effect through the post-norm
   (compress.pruning.group_fisher); `fisher-mlp` keeps every head (an ablation). Baselines: magnitude,
-  activation norms (FLAP-like), `activation-mlp`. Depth (`block-influence` with `drop_layers`): each
-  layer's block influence on the residual stream (compress.pruning.depth);
-- search: depth drops the `drop_layers` layers of least influence whole (no width search); otherwise
+  activation norms (FLAP-like), `activation-mlp`. Depth (with `drop_layers`): one score per layer, from
+  `block-influence` or `greedy-kl` (compress.pruning.depth);
+- search: depth drops `drop_layers` whole layers (least influence, or greedily by KL to the dense model); otherwise
   GQA-aware (compress.pruning.gqa): a layer keeps whole query groups of equal size per KV head,
   under the decoder cost model (compress.pruning.decoder_cost: sliding windows bound attention, the LM
   head is not pruned). Baseline scores, whose scale differs between heads and filters, are made
@@ -24,7 +24,7 @@ What differs from an encoder, stage by stage (compress.pruning.pipeline runs the
 from __future__ import annotations
 
 from compress.errors import UserError
-from compress.pruning.config import DECODER
+from compress.pruning.config import DECODER, DEPTH_METHODS
 
 
 def is_decoder(name_or_dir: str) -> bool:
@@ -113,13 +113,12 @@ class DecoderFamily:
         from compress.pruning import baselines, lm_scores
         from compress.pruning.stages import Scores
 
-        if config.method == "block-influence":
-            from compress.pruning.depth import block_influence
+        if config.method in DEPTH_METHODS:
+            from compress.pruning.depth import layer_scores
 
-            influence = block_influence(adapter, calib.batches, device, progress)
-            record["block_influence"] = [round(float(v), 5) for v in influence]
-            return Scores([influence[i].expand(h) for i, h in enumerate(adapter.num_heads())],
-                          [influence[i].expand(f) for i, f in enumerate(adapter.num_filters())], layers=influence)
+            layers = layer_scores(config.method, adapter, calib.batches, device, config.drop_layers, progress, record)
+            return Scores([layers[i].expand(h) for i, h in enumerate(adapter.num_heads())],
+                          [layers[i].expand(f) for i, f in enumerate(adapter.num_filters())], layers=layers)
         if config.method in ("fisher-group", "fisher-width"):
             from compress.pruning.group_fisher import MLP_LEVELS, group_fisher_scores
 
@@ -142,7 +141,7 @@ class DecoderFamily:
 
         from compress.pruning import gqa
 
-        if config.method == "block-influence":
+        if config.method in DEPTH_METHODS:
             from compress.pruning.depth import depth_masks, layers_to_drop
 
             record["dropped_layers"] = layers_to_drop(scores.layers, config.drop_layers, parent)
