@@ -138,11 +138,9 @@ class Run:
 
     def setup(self) -> None:
         from compress.distill.data import distill_windows, text_windows
-        from compress.models import checkpoint
 
         pipe = self.pipe
-        self.dense, self.tokenizer, self.target_dir = pipe.family.load(pipe.config, pipe.device)
-        self.target_dir = checkpoint.resolve(self.args.model)
+        self.dense, self.tokenizer, self.target_dir = pipe.family.load(pipe.config, pipe.device)  # the runtime's target
         self.teacher = copy.deepcopy(self.dense).to(torch.bfloat16) if pipe.device.type == "cuda" else self.dense
         self.stage(f"loaded {self.args.model} on {pipe.device}")
         self.calib = pipe.family.calibrate(pipe.config, self.dense, self.tokenizer, True)

@@ -5,7 +5,8 @@ entering and leaving it, averaged over the calibration tokens; the `drop_layers`
 one forward pass. `greedy-kl`: layers go one at a time, each time the one whose removal (on top of those already
 removed) moves the next-token distributions least from the dense model's, KL(dense || pruned) on the calibration
 windows; about L * N masked forward passes. Block influence misses that a late layer which turns the stream little
-can still decide the next token; the KL search measures exactly what a draft is judged by.
+can still decide the next token; the KL search measures the next-token distributions themselves, which is what
+a draft (or a distilled student) is judged by.
 Dropped layers get all-zero head and filter masks; slimming then leaves them with 0 heads and 0 filters. With Gemma's
 sandwich norms such a layer is the identity on the residual stream (each branch adds post_norm(0) = 0, since
 Gemma has no attention or MLP bias), so the runtime skips it (serve.models.gemma) and a model with half its
@@ -70,12 +71,18 @@ def empty_layers(parent) -> list[int]:
     return [i for i, (h, f) in enumerate(zip(parent[0], parent[2])) if h == 0 and f == 0]
 
 
+def candidates(num_drop: int, parent) -> list[int]:
+    """The layers that may be dropped (those not already empty); a UserError unless `num_drop` of them can go and
+    one stays."""
+    found = [i for i in range(len(parent[0])) if i not in empty_layers(parent)]
+    if not 0 < num_drop < len(found):
+        raise UserError(f"cannot drop {num_drop} of the {len(found)} non-empty layers (keep at least one)")
+    return found
+
+
 def layers_to_drop(influence: torch.Tensor, num_drop: int, parent) -> list[int]:
     """The `num_drop` layers of lowest influence among those not already empty, in layer order."""
-    candidates = [i for i in range(len(influence)) if i not in empty_layers(parent)]
-    if not 0 < num_drop < len(candidates):
-        raise UserError(f"cannot drop {num_drop} of the {len(candidates)} non-empty layers (keep at least one)")
-    ranked = sorted(candidates, key=lambda i: float(influence[i]))
+    ranked = sorted(candidates(num_drop, parent), key=lambda i: float(influence[i]))
     return sorted(ranked[:num_drop])
 
 
@@ -89,18 +96,16 @@ def depth_masks(parent, dropped: list[int]) -> tuple[list[torch.Tensor], list[to
 @torch.no_grad()
 def greedy_kl(adapter, batches, device, num_drop: int, parent, progress: bool = True) -> tuple[list[int], list[float]]:
     """(layers in the order dropped, the calibration KL after each step)."""
-    candidates = [i for i in range(len(parent[0])) if i not in empty_layers(parent)]
-    if not 0 < num_drop < len(candidates):
-        raise UserError(f"cannot drop {num_drop} of the {len(candidates)} non-empty layers (keep at least one)")
+    layers = candidates(num_drop, parent)
     ids = [batch["input_ids"].to(device) for batch in batches]
     with autocast(device):
         dense = [adapter.final_hidden(x) for x in ids]                    # [B, S, hidden] per batch
     dropped, trace = [], []
-    bar = tqdm(total=sum(len(candidates) - n for n in range(num_drop)), desc="greedy KL", unit="pass",
+    bar = tqdm(total=sum(len(layers) - n for n in range(num_drop)), desc="greedy KL", unit="pass",
                disable=not progress)
     for _ in range(num_drop):
         found = []
-        for layer in (c for c in candidates if c not in dropped):
+        for layer in (c for c in layers if c not in dropped):
             found.append((_kl(adapter, ids, dense, depth_masks(parent, dropped + [layer])), layer))
             bar.update(1)
         kl, layer = min(found)
