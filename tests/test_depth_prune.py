@@ -154,3 +154,16 @@ def test_serve_skips_dropped_layers_and_matches_compress_load(kind, tmp_path, fa
 def test_bad_depth_settings_are_user_errors(settings, match):
     with pytest.raises(UserError, match=match):
         PruneConfig(model="m", output="o", **settings).for_family("decoder")
+
+
+def test_cli_drop_layers_writes_a_depth_pruned_decoder(tmp_path, capsys):
+    from compress.cli import main
+
+    _model("gemma3", seed=5).save_pretrained(tmp_path / "dense")
+    build_tokenizer().save_pretrained(tmp_path / "dense")
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(tmp_path / "dense"), "--drop-layers", "1", "--calib", str(_calib_text(tmp_path)),
+                 "-o", str(out), "--num-samples", "4", "--seq-len", "16", "--device", "cpu"]) == 0
+    record = json.loads((out / "prune.json").read_text())
+    assert record["method"] == "greedy-kl" and len(record["dropped_layers"]) == 1 and record["flops_ratio"] < 1
+    assert "greedy-kl, {'drop_layers': 1}" in capsys.readouterr().out
