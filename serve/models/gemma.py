@@ -229,9 +229,9 @@ class GemmaForCausalLM(nn.Module):
 
     def fuse(self, max_model_len: int) -> None:
         """Switch to the fast path: fused projections, fused-norm kernels, a RoPE table per base."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+        for i in self.layer_ids:    # the skipped layers are never run
+            self.model.layers[i].self_attn.fuse()
+            self.model.layers[i].mlp.fuse()
         device = self.model.embed_tokens.weight.device
         self.rope_tables = {key: rope_table(max_model_len, self.spec.head_dim, *key, device)
                             for key in zip(self.spec.rope_theta, self.spec.rope_linear_factor)}
