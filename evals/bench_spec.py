@@ -10,6 +10,7 @@ Measured per mode: batch-1 time per output token; output tokens/s with 8, 32, 12
 submitted at once; and at two Poisson request rates, tokens/s and mean time per output token.
 
   python evals/bench_spec.py --acceptance 0.8 --out evals/results/spec_decode.md       # GPU machine
+  python evals/bench_spec.py --acceptance-from evals/results/spec_acceptance.json        # the rate measured for real
   python evals/bench_spec.py --quick --out /tmp/spec_quick.md                           # CPU smoke, tiny shapes
 """
 
@@ -50,6 +51,10 @@ def parse_args(argv):
     p.add_argument("--target", default="gemma-3-4b", help="shape name of evals/serve_models.py")
     p.add_argument("--draft", default="gemma-3-270m", help="shape name; given the target's vocabulary")
     p.add_argument("--acceptance", type=float, default=0.8, help="replayed acceptance rate per drafted token")
+    p.add_argument("--acceptance-from", metavar="JSON",
+                   help="take --acceptance from evals/spec_acceptance.py's JSON: the per-token acceptance of its best "
+                        "child at --acceptance-k")
+    p.add_argument("--acceptance-k", type=int, help="the K read by --acceptance-from (default: the largest measured)")
     p.add_argument("--modes", default="off,1,2,3,4,5,auto", help="off (no draft), fixed K values and auto")
     p.add_argument("--batches", default="8,32,128,256")
     p.add_argument("--rates", default="4,16", help="Poisson request rates, requests/s")
@@ -67,7 +72,27 @@ def parse_args(argv):
     p.add_argument("--out", default="evals/results/spec_decode.md", help="the table (.md) and its .json beside it")
     if "--quick" in argv:
         p.set_defaults(**QUICK_DEFAULTS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.acceptance_source = None
+    if args.acceptance_from:
+        args.acceptance, args.acceptance_source = measured_acceptance(args.acceptance_from, args.acceptance_k)
+    return args
+
+
+def measured_acceptance(path: str, k: int | None) -> tuple[float, str]:
+    """(per-token acceptance, where it came from): the best child's at K in a spec_acceptance.py JSON."""
+    result = json.loads(Path(path).read_text())
+    found = [(int(key), run["per_token_acceptance"], child["name"]) for child in result["children"]
+             for key, run in child.get("runs", {}).items() if key.isdigit() and "per_token_acceptance" in run]
+    if not found:
+        raise SystemExit(f"{path} has no measured acceptance (no child was run at a fixed K)")
+    k = max(f[0] for f in found) if k is None else k
+    at_k = [f for f in found if f[0] == k]
+    if not at_k:
+        raise SystemExit(f"{path} has no run at K={k} (measured: {sorted({f[0] for f in found})})")
+    _, p, name = max(at_k, key=lambda f: f[1])
+    return p, (f"per-token acceptance {p} of draft {name} at K={k}, measured on {result['settings']['model']} "
+               f"({result.get('device', '?')}) by `{result['command']}`, from {path}")
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -240,14 +265,17 @@ def table(rows: dict, args) -> str:
 def write_report(rows: dict, args, argv, device: str) -> str:
     command = "python evals/bench_spec.py " + " ".join(argv)
     models = "tiny test shapes" if args.quick else f"target {args.target}, draft {args.draft} (target's vocabulary)"
-    text = (f"`{command}`\n\n{models}; {device}; seeded random bf16 weights; acceptance {args.acceptance} set by "
+    source = f" ({args.acceptance_source})" if args.acceptance_source else ""
+    text = (f"`{command}`\n\n{models}; {device}; seeded random bf16 weights; acceptance {args.acceptance}{source} set by "
             f"replaying the target's greedy continuation, each drafted token corrupted with probability "
             f"{1 - args.acceptance:.2f}, the draft model run for its real cost; prompts {args.prompt_len} tokens, "
             f"{args.output_len} output tokens, greedy.\n\n{table(rows, args)}\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "device": device, "rows": rows}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "device": device, "acceptance": args.acceptance,
+                                                    "acceptance_source": args.acceptance_source, "rows": rows},
+                                                   indent=1))
     return text
 
 

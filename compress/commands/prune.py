@@ -118,6 +118,10 @@ def _add_decoder(g) -> None:
                         "fit one: 'auto' fills each GPU in turn, 'balanced' spreads the layers evenly, FILE is a JSON "
                         "map of module name: device (accelerate's format). The placement is printed and kept in "
                         "prune.json (default: off, one device)")
+    g.add_argument("--drop-layers", type=int, metavar="N",
+                   help="depth pruning instead of --flops: remove N whole layers, one at a time the one whose removal "
+                        "changes the next-token distributions least (--method greedy-kl, the default), or those that "
+                        "turn the residual stream least (--method block-influence, ShortGPT); the runtime skips them")
     g.add_argument("--distill-tokens", type=int, metavar="N",
                    help="then recover the pruned decoder by distillation from --model on the calibration text for N "
                         "tokens (`compress distill`; its flags as --distill-*)")

@@ -22,7 +22,9 @@ ENCODER, DECODER = "encoder", "decoder"
 FAMILIES = (ENCODER, DECODER)
 METHODS = {ENCODER: ("fisher", "magnitude", "random"),
            DECODER: ("fisher", "fisher-group", "fisher-width", "fisher-mlp", "magnitude", "activation",
-                     "activation-mlp")}
+                     "activation-mlp", "block-influence", "greedy-kl")}
+DEPTH_METHODS = ("greedy-kl", "block-influence")  # whole layers, with drop_layers instead of flops
+# (compress.pruning.depth); the first is the default
 FISHERS = ("empirical", "model")  # the Fishers of compress.pruning.fisher.mask_gradients
 TASK, EMBEDDING = "task", "embedding"  # encoder objectives: a fine-tuned task's loss, or the pooled embedding
 OBJECTIVES = (TASK, EMBEDDING)
@@ -79,6 +81,7 @@ class PruneConfig:
     context_len: int | None = _only(DECODER, 2048)  # prefill length of the cost model
     dtype: str | None = _only(DECODER, "float32")
     max_filter_swaps: int | None = _only(DECODER, 128)  # per layer; each swap is O(filters^2)
+    drop_layers: int | None = _only(DECODER)  # depth pruning: remove this many whole layers (method DEPTH)
     distill_tokens: int | None = _only(DECODER)  # then distil from the parent this many tokens (compress.distill)
     device_map: str | None = _only(DECODER)  # auto, balanced or a JSON file: spread over GPUs (compress.pruning.spread)
 
@@ -92,7 +95,7 @@ class PruneConfig:
         if self.tune_weights is None:
             self.tune_weights = TUNE_WEIGHTS[self.family]
         if self.method is None:
-            self.method = DEFAULT_METHOD[self.family]
+            self.method = DEPTH_METHODS[0] if self.drop_layers is not None else DEFAULT_METHOD[self.family]
         if self.family == DECODER:  # the calibration scale follows the device (compress.data.calib.SCALE)
             from compress.data.calib import default_scale
 
@@ -187,16 +190,26 @@ class PruneConfig:
             raise UserError(f"--objective embedding scores with the Fisher only, not --method {self.method}")
 
     def _validate_decoder(self) -> None:
-        if self.flops is None:
-            raise UserError(f"--flops must be in (0, 1], got {self.flops}")
         self._validate_method()
-        require_positive(self, "context_len", "max_filter_swaps", "distill_tokens")
+        if self.method in DEPTH_METHODS or self.drop_layers is not None:
+            self._validate_depth()
+        elif self.flops is None:
+            raise UserError(f"--flops must be in (0, 1], got {self.flops}")
+        require_positive(self, "context_len", "max_filter_swaps", "distill_tokens", "drop_layers")
         if self.seq_len is not None and self.seq_len < 2:
             raise UserError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be {', '.join(DTYPES[:-1])} or {DTYPES[-1]}, got {self.dtype}")
         if self.device_map is not None:
             self._validate_device_map()
+
+    def _validate_depth(self) -> None:
+        if self.method not in DEPTH_METHODS:
+            raise UserError(f"--drop-layers chooses layers by {' or '.join(DEPTH_METHODS)}, not --method {self.method}")
+        if self.drop_layers is None:
+            raise UserError(f"--method {self.method} needs --drop-layers N (the number of layers to remove)")
+        if self.flops is not None:
+            raise UserError("give --drop-layers or --flops, not both (prune the depth-pruned model again for both)")
 
     def _validate_device_map(self) -> None:
         from compress.pruning.spread import check_spec

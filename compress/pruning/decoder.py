@@ -7,8 +7,10 @@ What differs from an encoder, stage by stage (compress.pruning.pipeline runs the
 - score: the Fisher of the language-modelling loss (compress.pruning.lm_scores); `fisher-group` costs each
   layer's feasible head masks by the Fisher of their exact effect through the post-norm
   (compress.pruning.group_fisher); `fisher-mlp` keeps every head (an ablation). Baselines: magnitude,
-  activation norms (FLAP-like), `activation-mlp`;
-- search: GQA-aware (compress.pruning.gqa): a layer keeps whole query groups of equal size per KV head,
+  activation norms (FLAP-like), `activation-mlp`. Depth (with `drop_layers`): one score per layer, from
+  `block-influence` or `greedy-kl` (compress.pruning.depth);
+- search: depth drops `drop_layers` whole layers (least influence, or greedily by KL to the dense model); otherwise
+  GQA-aware (compress.pruning.gqa): a layer keeps whole query groups of equal size per KV head,
   under the decoder cost model (compress.pruning.decoder_cost: sliding windows bound attention, the LM
   head is not pruned). Baseline scores, whose scale differs between heads and filters, are made
   comparable first (`_per_flop`);
@@ -22,7 +24,7 @@ What differs from an encoder, stage by stage (compress.pruning.pipeline runs the
 from __future__ import annotations
 
 from compress.errors import UserError
-from compress.pruning.config import DECODER
+from compress.pruning.config import DECODER, DEPTH_METHODS
 
 
 def is_decoder(name_or_dir: str) -> bool:
@@ -111,6 +113,12 @@ class DecoderFamily:
         from compress.pruning import baselines, lm_scores
         from compress.pruning.stages import Scores
 
+        if config.method in DEPTH_METHODS:
+            from compress.pruning.depth import layer_scores
+
+            layers = layer_scores(config.method, adapter, calib.batches, device, config.drop_layers, progress, record)
+            return Scores([layers[i].expand(h) for i, h in enumerate(adapter.num_heads())],
+                          [layers[i].expand(f) for i, f in enumerate(adapter.num_filters())], layers=layers)
         if config.method in ("fisher-group", "fisher-width"):
             from compress.pruning.group_fisher import MLP_LEVELS, group_fisher_scores
 
@@ -133,6 +141,11 @@ class DecoderFamily:
 
         from compress.pruning import gqa
 
+        if config.method in DEPTH_METHODS:
+            from compress.pruning.depth import depth_masks, layers_to_drop
+
+            record["dropped_layers"] = layers_to_drop(scores.layers, config.drop_layers, parent)
+            return depth_masks(parent, record["dropped_layers"])
         heads, filters = scores.heads, scores.filters
         if scores.head_grads is None:  # a baseline: heads and filters on one scale first
             heads, filters = _per_flop(heads, cost_model.q_cost), _per_flop(filters, cost_model.filter_cost)

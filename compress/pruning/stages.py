@@ -25,6 +25,7 @@ class Scores:
     filter_grads: list[torch.Tensor] | None = None
     head_options: list | None = None  # per layer: (heads, kv heads, value, mask [H]) for the GQA search (fisher-group)
     filter_options: list | None = None  # per layer: (filters, value, mask [F]) (fisher-width)
+    layers: torch.Tensor | None = None  # [L]: importance of each whole layer (depth pruning, block-influence)
 
 
 class Phases:

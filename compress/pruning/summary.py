@@ -9,7 +9,7 @@ after; decoders add the cost model's context_len, the kept KV heads per layer an
 
 from __future__ import annotations
 
-CONSTRAINTS = ("flops", "latency_ms", "speedup")
+CONSTRAINTS = ("flops", "latency_ms", "speedup", "drop_layers")
 
 
 def shape_record(config, shape: dict, phases) -> dict:

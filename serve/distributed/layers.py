@@ -53,6 +53,8 @@ class TensorParallelGemma(GemmaForCausalLM):
     def __init__(self, local_spec: GemmaSpec, full_vocab: int, world: int, rank: int):
         super().__init__(local_spec)
         self.full_vocab, self.world = full_vocab, world
+        # every rank runs every layer: one whose local share is empty still joins its layers' all-reduces
+        self.layer_ids = list(range(local_spec.num_hidden_layers))
         embed = self.model.embed_tokens
         embed.__class__ = VocabParallelEmbedding
         rows = vocab_range(full_vocab, world, rank)

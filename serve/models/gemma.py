@@ -6,7 +6,9 @@ embedding times sqrt(hidden) rounded to the compute dtype; RMSNorm in fp32 with 
 norms per layer; scale query_pre_attn_scalar ** -0.5; attention and final-logit tanh soft-capping;
 Gemma 3 QK-norm and separate RoPE bases for sliding (local) and full (global) layers; tanh-GELU GeGLU;
 tied embeddings. Layer shapes come per layer from `GemmaSpec` (slimmed models are uneven; a layer with
-0 heads contributes only its output bias, one with 0 filters only zeros).
+0 heads contributes only its output bias, one with 0 filters only zeros). A layer with 0 heads, 0 filters and
+no bias (depth pruning, compress.pruning.depth) is the identity on the residual stream, each branch adding
+post_norm(0) = 0, so both paths skip it (`GemmaForCausalLM.layer_ids`): it costs no launch at all.
 
 Fast path (`GemmaForCausalLM.fuse`, used on the GPU): q/k/v and gate/up become one GEMM each; a
 branch's post-norm, the residual add and the next pre-norm run as one kernel (kernels.rms_norm_pair:
@@ -200,6 +202,11 @@ class GemmaDecoderLayer(nn.Module):
                                      next_norm.weight, next_norm.eps, residual, residual_settled=True)
 
 
+def is_identity_layer(spec: GemmaSpec, layer: int) -> bool:
+    """Whether `layer` leaves the residual stream unchanged: no heads, no filters, no output bias."""
+    return spec.num_attention_heads[layer] == 0 and spec.intermediate_size[layer] == 0 and not spec.attention_bias
+
+
 class GemmaModel(nn.Module):
     def __init__(self, spec: GemmaSpec):
         super().__init__()
@@ -218,12 +225,13 @@ class GemmaForCausalLM(nn.Module):
         if not spec.tie_word_embeddings:
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rope_tables: dict | None = None     # set by fuse(): the fast path is on
+        self.layer_ids = [i for i in range(spec.num_hidden_layers) if not is_identity_layer(spec, i)]
 
     def fuse(self, max_model_len: int) -> None:
         """Switch to the fast path: fused projections, fused-norm kernels, a RoPE table per base."""
-        for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+        for i in self.layer_ids:    # the skipped layers are never run
+            self.model.layers[i].self_attn.fuse()
+            self.model.layers[i].mlp.fuse()
         device = self.model.embed_tokens.weight.device
         self.rope_tables = {key: rope_table(max_model_len, self.spec.head_dim, *key, device)
                             for key in zip(self.spec.rope_theta, self.spec.rope_linear_factor)}
@@ -247,24 +255,25 @@ class GemmaForCausalLM(nn.Module):
             raise ValueError("src_rows needs the fast path (fuse())")
         x = self._embed(input_ids)
         rope = {}
-        for i, layer in enumerate(self.model.layers):
+        for i in self.layer_ids:
             key = (self.spec.rope_theta[i], self.spec.rope_linear_factor[i])
             if key not in rope:
                 rope[key] = rope_cos_sin(positions, self.spec.head_dim, *key, x.dtype)
-            x = layer(x, *rope[key], meta, kv_caches[i], backend)
+            x = self.model.layers[i](x, *rope[key], meta, kv_caches[i], backend)
         return self.model.norm(x)
 
     def _forward_fused(self, input_ids, positions, meta, kv_caches, backend, src_rows, prev_tokens) -> torch.Tensor:
-        layers = self.model.layers
-        table, first_norm = self.model.embed_tokens.weight, layers[0].input_layernorm
+        layers, ids = self.model.layers, self.layer_ids
+        first_norm = layers[ids[0]].input_layernorm if ids else self.model.norm
+        table = self.model.embed_tokens.weight
         scale = self._embed_scale(table.dtype).item()
         h, residual = kernels.embed_rms_norm(input_ids, table, scale, first_norm.weight, first_norm.eps,
                                              src_rows=src_rows, prev_tokens=prev_tokens)
-        for i, layer in enumerate(layers):
+        for n, i in enumerate(ids):
             rope = self.rope_tables[(self.spec.rope_theta[i], self.spec.rope_linear_factor[i])]
-            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
-            h, residual = layer.forward_fused(h, residual, next_norm, positions, rope, meta, kv_caches[i],
-                                              backend)
+            next_norm = layers[ids[n + 1]].input_layernorm if n + 1 < len(ids) else self.model.norm
+            h, residual = layers[i].forward_fused(h, residual, next_norm, positions, rope, meta, kv_caches[i],
+                                                  backend)
         return h
 
     def compute_logits(self, hidden: torch.Tensor, argmax_out: torch.Tensor | None = None) -> torch.Tensor:
