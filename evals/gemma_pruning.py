@@ -64,6 +64,21 @@ def parse_args(argv=None):
     return args
 
 
+def decoder_base(args, **fields):
+    """(the shared data directory, the base PruneConfig of a decoder evaluation: `args`' model, calibration
+    and device, at FLOPs 1.0); exits in one line without the shared text."""
+    from compress.data.calib import wikipedia_path
+    from compress.pruning.config import PruneConfig
+
+    wiki = wikipedia_path(args.data_dir)
+    if wiki is None:
+        sys.exit("needs the shared text data: pass --data-dir DIR or set COMPRESS_DATA_DIR")
+    data_dir = wiki.parents[1]
+    return data_dir, PruneConfig(model=args.model, output="-", flops=1.0, data_dir=str(data_dir),
+                                 num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                                 device=args.device, family="decoder", **fields)
+
+
 def heldout_sets(tokenizer, data_dir: Path, args) -> dict:
     from compress.data.calib import CALIB_FRACTION, bos_token_id
     from compress.data.perplexity import heldout_ids, make_windows

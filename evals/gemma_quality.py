@@ -41,7 +41,7 @@ if not __package__:  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.arch import get_adapter  # noqa: E402
-from evals.gemma_pruning import continuations, device_name, heldout_sets  # noqa: E402
+from evals.gemma_pruning import continuations, decoder_base, device_name, heldout_sets  # noqa: E402
 from evals.gemma_quality_report import WIKI  # noqa: E402
 
 
@@ -88,17 +88,10 @@ class Table:
     """The run's state: shared models and data, rows so far, and where they are written."""
 
     def __init__(self, args):
-        from compress.data.calib import wikipedia_path
-        from compress.pruning.config import PruneConfig
         from compress.pruning.pipeline import Pipeline
 
-        wiki = wikipedia_path(args.data_dir)
-        if wiki is None:
-            sys.exit("needs the shared text data: pass --data-dir DIR or set COMPRESS_DATA_DIR")
-        self.args, self.data_dir, self.t0 = args, wiki.parents[1], time.perf_counter()
-        self.base = PruneConfig(model=args.model, output="-", flops=1.0, data_dir=str(self.data_dir),
-                                num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                                context_len=args.context_len, device=args.device, family="decoder")
+        self.args, self.t0 = args, time.perf_counter()
+        self.data_dir, self.base = decoder_base(args, context_len=args.context_len)
         self.shared = Pipeline(self.base)
         self.result = {"rows": [], "stability": [], "command": args.command, "settings": vars(args)}
 

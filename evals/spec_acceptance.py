@@ -37,6 +37,7 @@ if not __package__:  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.arch import get_adapter  # noqa: E402
+from evals.gemma_pruning import decoder_base  # noqa: E402
 from evals.spec_acceptance_report import write_markdown  # noqa: E402
 
 
@@ -109,17 +110,10 @@ class Run:
     """The run's state: the parent, shared calibration, distillation windows, prompts, and the result so far."""
 
     def __init__(self, args):
-        from compress.data.calib import wikipedia_path
-        from compress.pruning.config import PruneConfig
         from compress.pruning.pipeline import Pipeline
 
-        wiki = wikipedia_path(args.data_dir)
-        if wiki is None:
-            sys.exit("needs the shared text data: pass --data-dir DIR or set COMPRESS_DATA_DIR")
-        self.args, self.data_dir, self.t0 = args, wiki.parents[1], time.perf_counter()
-        self.base = PruneConfig(model=args.model, output="-", flops=1.0, data_dir=str(self.data_dir),
-                                num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                                device=args.device, family="decoder")
+        self.args, self.t0 = args, time.perf_counter()
+        self.data_dir, self.base = decoder_base(args)
         self.pipe = Pipeline(self.base)
         self.result = {"command": args.command, "settings": vars(args), "progress": [], "children": []}
 
