@@ -14,12 +14,13 @@ accuracy, is in evals/results/token_pruning.md. Every variant runs in fp16 on CU
   # here: stage dense models from the cache and slimmed ones from `compress prune --objective embedding`
   python evals/bench_embed.py stage -o evals/bench_embed_stage --model minilm --model mpnet-base \
       --slimmed /tmp/ep/minilm-emb-0.5-512 --slimmed /tmp/ep/mpnet-base-emb-0.5-256
-  # GPU machine: one command, minutes (the staged folder is in the repository)
-  PYTHONPATH=. python3 evals/bench_embed.py run --stage evals/bench_embed_stage --out $OUT/embed_gpu
-  # sentence-transformers is on the GPU image (6.0.1, with scikit-learn); where it is not, carry its wheel:
-  #   here: python -m pip download --no-deps sentence-transformers -d .whl   (.whl/ is git-ignored; carry it)
-  #   there, first: python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/sentence_transformers-*.whl
-  #                 && export PYTHONPATH=/tmp/site:.   (without it the sentence-transformers column says "skipped")
+  # GPU machine: one command, about 6 minutes on an H100 (the staged folder is in the repository). The image
+  # lacks pydantic, which the server imports: carry its wheels (here: python -m pip download --no-deps -d .whl
+  # pydantic pydantic-core annotated-types typing-inspection, for that machine's Python; .whl/ is git-ignored)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=.:/tmp/site
+  python3 evals/bench_embed.py run --stage evals/bench_embed_stage --out $OUT/embed_gpu
+  # sentence-transformers is on the GPU image (6.0.1, with scikit-learn); where it is not, download its wheel
+  # into .whl the same way (without it the sentence-transformers column says "skipped")
   # CPU smoke test of the whole script
   python evals/bench_embed.py run --stage evals/bench_embed_stage --out /tmp/embed_cpu --quick
 """
