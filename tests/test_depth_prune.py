@@ -167,3 +167,17 @@ def test_cli_drop_layers_writes_a_depth_pruned_decoder(tmp_path, capsys):
     record = json.loads((out / "prune.json").read_text())
     assert record["method"] == "greedy-kl" and len(record["dropped_layers"]) == 1 and record["flops_ratio"] < 1
     assert "greedy-kl, {'drop_layers': 1}" in capsys.readouterr().out
+
+
+def test_too_many_layers_to_drop_is_refused_before_calibration(tmp_path, monkeypatch):
+    """Dropping every layer is a one-line error before any calibration text is read or sampled."""
+    from compress.data import calib
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran before the layer count was checked")
+
+    monkeypatch.setattr(calib, "resolve_calibration", no_calibration)
+    _, pipe = _prune("gemma3", tmp_path)
+    pipe.config.drop_layers = NUM_LAYERS
+    with pytest.raises(UserError, match=f"cannot drop {NUM_LAYERS} of the {NUM_LAYERS} non-empty layers"):
+        pipe.prune()

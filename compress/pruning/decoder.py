@@ -85,6 +85,10 @@ class DecoderFamily:
         from compress.data.calib import resolve_calibration
         from compress.pruning.stages import Calibration
 
+        if config.drop_layers:  # too many layers to drop: say so before minutes of calibration text
+            from compress.arch import get_adapter
+            from compress.pruning.depth import candidates
+            candidates(config.drop_layers, self.parent_shape(get_adapter(model)))
         calib = resolve_calibration(model, tokenizer, config.calib, config.data_dir, config.num_samples,
                                     config.seq_len, config.seed)
         ids, size = calib.input_ids, config.batch_size
