@@ -104,6 +104,31 @@ def assert_all_free(llm):
     assert llm.engine.block_manager.num_used_blocks() == 0
 
 
+def run_requests(engine, prompts, params) -> list:
+    """One request per (prompt, params), stepped until all finish: their final outputs, in request order."""
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    return [done[i] for i in ids]
+
+
+def mixed_requests_under_preemption(llm, prompts, expected, new_tokens: int) -> list:
+    """Greedy, sampled n=2 and logprobs rows (which do not speculate) in one batch of `llm`, whose KV pool is
+    small enough to preempt: greedy rows keep their tokens, sampled rows run to the end, every block comes
+    back. Returns the outputs in request order."""
+    greedy = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.9, top_p=0.8, n=2, max_tokens=new_tokens, ignore_eos=True, seed=3)
+    logprobs = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=2)
+    outputs = run_requests(llm.engine, prompts, [greedy, sampled, logprobs, greedy, sampled])
+    for i in (0, 2, 3):
+        assert outputs[i].outputs[0].token_ids == expected[i]
+    assert [len(o.token_ids) for o in outputs[1].outputs] == [new_tokens] * 2
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert_all_free(llm)
+    return outputs
+
+
 @pytest.mark.parametrize("k", [1, 3, "auto"])
 def test_greedy_with_a_slimmed_draft_equals_plain_greedy(tiny, k):
     _, _, prompts, expected, _ = tiny
@@ -338,20 +363,8 @@ def test_mixed_requests_under_preemption(tiny):
     batch under a KV pool small enough to preempt: greedy rows keep their tokens, every block comes back."""
     _, _, prompts, expected, _ = tiny
     llm = speculative(tiny, "self", k=4, num_kv_blocks=20, max_model_len=48, kv_cache_bytes=None, max_num_seqs=4)
-    engine = llm.engine
-    sampled = SamplingParams(temperature=0.9, top_p=0.8, n=2, max_tokens=NEW_TOKENS, ignore_eos=True, seed=3)
-    logprobs = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
-    kinds = [GREEDY, sampled, logprobs, GREEDY, sampled]
-    ids = [engine.add_request(p, params) for p, params in zip(prompts, kinds)]
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-    for i in (0, 2, 3):
-        assert done[ids[i]].outputs[0].token_ids == expected[i]
-    assert [len(o.token_ids) for o in done[ids[1]].outputs] == [NEW_TOKENS] * 2
-    assert len(done[ids[2]].outputs[0].logprobs) == NEW_TOKENS
-    assert engine.scheduler.num_preemptions > 0
-    assert_all_free(llm)
+    outputs = mixed_requests_under_preemption(llm, prompts, expected, NEW_TOKENS)
+    assert len(outputs[2].outputs[0].logprobs) == NEW_TOKENS
 
 
 def test_server_streams_speculative_greedy_text_and_metrics(tiny):

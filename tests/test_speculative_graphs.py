@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 from serve_fixtures import gemma2_config, gemma3_config, random_model, random_prompts, save_model
-from test_engine_speculative import assert_all_free, pin_launch_bound, slim_child, token_ids
+from test_engine_speculative import SMALL as EAGER
+from test_engine_speculative import assert_all_free, mixed_requests_under_preemption, run_requests, slim_child, token_ids
+from test_engine_speculative import speculative as eager_speculative
 
 from serve import LLM, SamplingParams
 from serve.metrics import render
@@ -25,8 +27,8 @@ from serve.model_runner import Span
 NEW_TOKENS = 20
 LENGTHS = [3, 30, 12, 21, 9]
 GREEDY = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-SMALL = {"block_size": 4, "max_num_batched_tokens": 32, "max_num_seqs": 8, "kv_cache_bytes": 2**22,
-         "fast_path": "on", "device": "cpu"}
+ON_GRAPHS = {"max_num_batched_tokens": 32, "fast_path": "on", "device": "cpu"}
+SMALL = {**EAGER, **ON_GRAPHS}
 
 
 @pytest.fixture(scope="module", params=["gemma2", "gemma3"])
@@ -42,11 +44,7 @@ def tiny(request, tmp_path_factory):
 
 
 def speculative(tiny, draft="slim", k="auto", **config):
-    target, drafts, *_ = tiny
-    llm = LLM(target, draft=drafts[draft], num_speculative_tokens=k, **{**SMALL, **config})
-    if k == "auto":
-        pin_launch_bound(llm.engine.speculator)
-    return llm
+    return eager_speculative(tiny, draft, k, **{**ON_GRAPHS, **config})
 
 
 def record_query_lens(graphs) -> list:
@@ -96,12 +94,8 @@ def test_rows_with_different_caps(tiny):
     engine = llm.engine
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, max_speculative_tokens=cap)
               for m, cap in ((NEW_TOKENS, 0), (7, None), (NEW_TOKENS, 1), (11, 2), (NEW_TOKENS, None))]
-    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-    for i, sp in zip(ids, params):
-        assert done[i].outputs[0].token_ids == expected[ids.index(i)][:sp.max_tokens]
+    for output, want, sp in zip(run_requests(engine, prompts, params), expected, params):
+        assert output.outputs[0].token_ids == want[:sp.max_tokens]
     assert engine.speculator.stats.num_graph_steps > 0
     assert_all_free(llm)
 
@@ -111,19 +105,8 @@ def test_mixed_sampling_and_preemption_on_graphs(tiny):
     under a KV pool small enough to preempt: greedy rows keep their tokens, every block comes back."""
     _, _, prompts, expected, _ = tiny
     llm = speculative(tiny, "self", k=3, num_kv_blocks=24, max_model_len=64, kv_cache_bytes=None, max_num_seqs=4)
-    engine = llm.engine
-    sampled = SamplingParams(temperature=0.9, top_p=0.8, n=2, max_tokens=NEW_TOKENS, ignore_eos=True, seed=3)
-    logprobs = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2)
-    kinds = [GREEDY, sampled, logprobs, GREEDY, sampled]
-    ids = [engine.add_request(p, params) for p, params in zip(prompts, kinds)]
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-    for i in (0, 2, 3):
-        assert done[ids[i]].outputs[0].token_ids == expected[i]
-    assert [len(o.token_ids) for o in done[ids[1]].outputs] == [NEW_TOKENS] * 2
-    assert engine.scheduler.num_preemptions > 0 and engine.speculator.stats.num_graph_steps > 0
-    assert_all_free(llm)
+    mixed_requests_under_preemption(llm, prompts, expected, NEW_TOKENS)
+    assert llm.engine.speculator.stats.num_graph_steps > 0
 
 
 def test_preemption_and_prefix_cache_hits_on_graphs(tiny):
