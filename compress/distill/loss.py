@@ -28,6 +28,17 @@ def kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return (t.exp() * (t - student_logits.float().log_softmax(-1))).sum(-1)
 
 
+def logit_chunks(student, teacher, s_hidden: torch.Tensor, t_hidden: torch.Tensor):
+    """(row slice, student logits, teacher logits), fp32, of `[N, hidden]` final hidden states through the
+    two LM heads (`student`, `teacher`: architecture adapters), `LOSS_ROWS` rows at a time (no gradient kept
+    unless the caller's context keeps one)."""
+    for r0 in range(0, len(s_hidden), LOSS_ROWS):
+        rows = slice(r0, r0 + LOSS_ROWS)
+        with autocast(s_hidden.device):
+            s, t = student.lm_logits(s_hidden[rows]).float(), teacher.lm_logits(t_hidden[rows]).float()
+        yield rows, s, t
+
+
 def kd_loss_grad(student, teacher, s_hidden: torch.Tensor, t_hidden: torch.Tensor):
     """(gradient of the mean KL w.r.t. `s_hidden` `[B, S, hidden]`, mean KL) through the two LM heads
     (`student`, `teacher`: architecture adapters), chunked over positions."""
@@ -61,10 +72,7 @@ def compare(student, teacher, windows: torch.Tensor, batch_size: int) -> dict:
             s_hidden = s_adapter.final_hidden(ids)[:, :-1].flatten(0, 1)  # [B*(L-1), hidden]
             t_hidden = t_adapter.final_hidden(ids)[:, :-1].flatten(0, 1)
         targets = ids[:, 1:].flatten()
-        for r0 in range(0, len(targets), LOSS_ROWS):
-            rows = slice(r0, r0 + LOSS_ROWS)
-            with autocast(device):
-                s, t = s_adapter.lm_logits(s_hidden[rows]).float(), t_adapter.lm_logits(t_hidden[rows]).float()
+        for rows, s, t in logit_chunks(s_adapter, t_adapter, s_hidden, t_hidden):
             nll += float(torch.nn.functional.cross_entropy(s, targets[rows], reduction="sum"))
             kl += float(kl_rows(s, t).sum())
             agree += float((s.argmax(-1) == t.argmax(-1)).sum())

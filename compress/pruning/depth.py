@@ -22,8 +22,6 @@ from tqdm.auto import tqdm
 from compress.device import autocast
 from compress.errors import UserError
 
-KL_ROWS = 1024  # positions per LM-head chunk of the KL search: bounds the [rows, vocab] logits
-
 
 def layer_scores(method: str, adapter, batches, device, num_drop: int, progress: bool, record: dict) -> torch.Tensor:
     """[L] importance of each layer (lowest: dropped first) by `method`, what it found kept in `record`.
@@ -117,7 +115,7 @@ def greedy_kl(adapter, batches, device, num_drop: int, parent, progress: bool = 
 
 def _kl(adapter, ids, dense, masks) -> float:
     """Mean KL(dense || masked) of the next-token distributions over every calibration position."""
-    from compress.distill.loss import kl_rows
+    from compress.distill.loss import kl_rows, logit_chunks
 
     device = ids[0].device
     heads, filters = ([m.to(d) for m, d in zip(ms, devs)]
@@ -126,11 +124,7 @@ def _kl(adapter, ids, dense, masks) -> float:
     for x, t_hidden in zip(ids, dense):
         with adapter.masks(heads, filters), autocast(device):
             s_hidden = adapter.final_hidden(x).flatten(0, 1)
-        t_hidden = t_hidden.flatten(0, 1)
-        for r0 in range(0, len(s_hidden), KL_ROWS):
-            with autocast(device):
-                s = adapter.lm_logits(s_hidden[r0:r0 + KL_ROWS]).float()
-                t = adapter.lm_logits(t_hidden[r0:r0 + KL_ROWS]).float()
+        for _, s, t in logit_chunks(adapter, adapter, s_hidden, t_hidden.flatten(0, 1)):
             total += float(kl_rows(s, t).sum())
         count += len(s_hidden)
     return total / count
