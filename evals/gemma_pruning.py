@@ -79,6 +79,16 @@ def decoder_base(args, **fields):
                                  device=args.device, family="decoder", **fields)
 
 
+def decoder_distill_config(args, data_dir: Path, tokens: int):
+    """The DistillConfig of a decoder evaluation's distillation runs (`args`' window, batch, lr and device;
+    no held-out evaluation during training: the evaluation measures afterwards)."""
+    from compress.distill.config import DistillConfig
+
+    return DistillConfig(student="-", teacher="-", output="-", tokens=tokens, data_dir=str(data_dir),
+                         seq_len=args.distill_seq_len, batch_size=args.distill_batch_size, lr=args.lr,
+                         eval_every=10 ** 9, device=args.device).validate()
+
+
 def heldout_sets(tokenizer, data_dir: Path, args) -> dict:
     from compress.data.calib import CALIB_FRACTION, bos_token_id
     from compress.data.perplexity import heldout_ids, make_windows
@@ -167,8 +177,9 @@ def prune_one(dense, tokenizer, calib, scores, config, method, flops, sets, args
     return {"method": method, "flops": flops, **{k: shape[k] for k in keep}, **result}
 
 
-def device_name(model) -> str:
-    device = next(model.parameters()).device
+def device_name(model_or_device) -> str:
+    """The GPU's name, or "cpu", of a device or of the device a model's parameters are on."""
+    device = model_or_device if isinstance(model_or_device, torch.device) else next(model_or_device.parameters()).device
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 

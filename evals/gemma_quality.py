@@ -41,7 +41,8 @@ if not __package__:  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.arch import get_adapter  # noqa: E402
-from evals.gemma_pruning import continuations, decoder_base, device_name, heldout_sets  # noqa: E402
+from evals.gemma_pruning import (continuations, decoder_base, decoder_distill_config,  # noqa: E402
+                                 device_name, heldout_sets)
 from evals.gemma_quality_report import WIKI  # noqa: E402
 
 
@@ -139,12 +140,7 @@ class Table:
         self.result["command"] = f"{prune_command}; then {self.args.command}"
 
     def distill_config(self, tokens: int):
-        from compress.distill.config import DistillConfig
-
-        a = self.args
-        return DistillConfig(student="-", teacher="-", output="-", tokens=tokens, data_dir=str(self.data_dir),
-                             seq_len=a.distill_seq_len, batch_size=a.distill_batch_size, lr=a.lr,
-                             eval_every=10 ** 9, device=a.device).validate()
+        return decoder_distill_config(self.args, self.data_dir, tokens)
 
     def _windows(self):
         from compress.distill.data import distill_windows, text_windows

@@ -37,7 +37,7 @@ if not __package__:  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.arch import get_adapter  # noqa: E402
-from evals.gemma_pruning import decoder_base  # noqa: E402
+from evals.gemma_pruning import decoder_base, decoder_distill_config, device_name  # noqa: E402
 from evals.spec_acceptance_report import write_markdown  # noqa: E402
 
 
@@ -147,12 +147,7 @@ class Run:
                    f"{len(self.prompts)} held-out prompts")
 
     def distill_config(self):
-        from compress.distill.config import DistillConfig
-
-        a = self.args
-        return DistillConfig(student="-", teacher="-", output="-", tokens=a.distill_tokens, data_dir=str(self.data_dir),
-                             seq_len=a.distill_seq_len, batch_size=a.distill_batch_size, lr=a.lr,
-                             eval_every=10 ** 9, device=a.device).validate()
+        return decoder_distill_config(self.args, self.data_dir, self.args.distill_tokens)
 
     def agreement(self, model) -> dict:
         from compress.distill.loss import compare
@@ -175,10 +170,6 @@ def heldout(tokenizer, data_dir: Path, args) -> tuple[torch.Tensor, list[list[in
     if len(prompts) < args.num_prompts:
         raise SystemExit(f"the held-out text has room for {len(prompts)} prompts, fewer than --num-prompts")
     return windows, prompts.tolist()
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def shape(model) -> dict:
