@@ -158,16 +158,21 @@ def test_preemption_with_drafts(tiny):
     assert_all_free(llm)
 
 
-def test_prefix_cache_hits_with_drafts(tiny):
+def prefix_cache_hits(tiny, llm, greedy):
+    """A prompt again and one sharing its first 26 tokens: both hit the prefix cache (24 tokens each, whole
+    blocks) and give the target's own greedy tokens; every block comes back."""
     _, _, prompts, expected, plain = tiny
-    llm = speculative(tiny, k=2)
-    llm.generate(prompts[1], GREEDY)
+    llm.generate(prompts[1], greedy)
     shared = prompts[1][:26] + [7, 8, 9]
     before = llm.engine.scheduler.num_cached_tokens
-    outputs = llm.generate([prompts[1], shared], GREEDY)
+    outputs = llm.generate([prompts[1], shared], greedy)
     assert llm.engine.scheduler.num_cached_tokens - before >= 24 + 24
-    assert token_ids(outputs) == [expected[1], token_ids(plain.generate(shared, GREEDY))[0]]
+    assert token_ids(outputs) == [expected[1], token_ids(plain.generate(shared, greedy))[0]]
     assert_all_free(llm)
+
+
+def test_prefix_cache_hits_with_drafts(tiny):
+    prefix_cache_hits(tiny, speculative(tiny, k=2), GREEDY)
 
 
 def test_stops_inside_a_draft(tiny):

@@ -17,7 +17,8 @@ import pytest
 import torch
 from serve_fixtures import gemma2_config, gemma3_config, random_model, random_prompts, save_model
 from test_engine_speculative import SMALL as EAGER
-from test_engine_speculative import assert_all_free, mixed_requests_under_preemption, run_requests, slim_child, token_ids
+from test_engine_speculative import (assert_all_free, mixed_requests_under_preemption, prefix_cache_hits, run_requests,
+                                     slim_child, token_ids)
 from test_engine_speculative import speculative as eager_speculative
 
 from serve import LLM, SamplingParams
@@ -110,20 +111,14 @@ def test_mixed_sampling_and_preemption_on_graphs(tiny):
 
 
 def test_preemption_and_prefix_cache_hits_on_graphs(tiny):
-    _, _, prompts, expected, plain = tiny
+    _, _, prompts, expected, _ = tiny
     llm = speculative(tiny, "slim", k=2, num_kv_blocks=20, max_model_len=64, kv_cache_bytes=None)
     assert token_ids(llm.generate(prompts, GREEDY)) == expected
     assert llm.engine.scheduler.num_preemptions > 0
     assert_all_free(llm)
     llm = speculative(tiny, k=2)
-    llm.generate(prompts[1], GREEDY)
-    shared = prompts[1][:26] + [7, 8, 9]
-    before = llm.engine.scheduler.num_cached_tokens
-    outputs = llm.generate([prompts[1], shared], GREEDY)
-    assert llm.engine.scheduler.num_cached_tokens - before >= 24 + 24
-    assert token_ids(outputs) == [expected[1], token_ids(plain.generate(shared, GREEDY))[0]]
+    prefix_cache_hits(tiny, llm, GREEDY)
     assert llm.engine.speculator.stats.num_graph_steps > 0
-    assert_all_free(llm)
 
 
 def test_padded_verify_logits_equal_run_spans(tiny):
